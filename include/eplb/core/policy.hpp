@@ -1,0 +1,41 @@
+// Placement policies: from a logical load to a new phy2log.
+#pragma once
+
+#include <optional>
+#include <string_view>
+
+#include "eplb/core/matrix.hpp"
+#include "eplb/core/placement.hpp"
+
+namespace eplb {
+
+enum class policy_kind { deepseek_default };
+
+/// Parses "default"; anything else is error(errc::invalid_argument) listing the known names.
+[[nodiscard]] policy_kind parse_policy(std::string_view name, std::string_view field = "policy");
+[[nodiscard]] std::string_view to_string(policy_kind kind) noexcept;
+
+struct rebalance_input {
+  const matrix<double>& load;                      ///< layers x logical experts, finite and >= 0
+  int num_replicas;                                ///< physical slots per layer, a multiple of num_ranks, >= experts
+  int num_groups;                                  ///< expert groups (group-limited routing); divides the expert count
+  int num_nodes;                                   ///< nodes; hierarchical balancing when num_groups % num_nodes == 0
+  int num_ranks;                                   ///< EP ranks, a multiple of num_nodes in hierarchical mode
+  const matrix<expert_id>* old_phy2log = nullptr;  ///< optional: keep experts in their old slots
+};
+
+/// Checks the input; throws error(errc::invalid_argument) naming the field and the rule.
+void validate(const rebalance_input& in);
+
+/// DeepSeek's EPLB as vLLM's DefaultEplbPolicy runs it, bit for bit: loads are rounded to float32
+/// and summed per group in float32 (numpy's pairwise order); per-replica loads are float32 / count
+/// in float64. Ties break stably, lower index first (sorts are stable, argmin/argmax take the first).
+/// Hierarchical (groups -> nodes, replicate per node, pack per node's GPUs) when
+/// num_groups % num_nodes == 0, else global (one group, one node). With an old placement, experts a
+/// rank keeps stay in their old slots (vLLM's preserve_intragpu_slots).
+[[nodiscard]] matrix<expert_id> rebalance_default(const rebalance_input& in);
+
+/// Dispatches on the policy kind.
+[[nodiscard]] matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in);
+
+}  // namespace eplb

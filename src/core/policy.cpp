@@ -1,0 +1,292 @@
+// The default policy reproduces vLLM's DefaultEplbPolicy (itself DeepSeek's EPLB in numpy) so that
+// both give the same phy2log for the same load. The numeric details that make that hold are noted
+// where they occur: float32 loads, numpy's pairwise float32 sum, float64 per-replica loads.
+#include "eplb/core/policy.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "util/fail.hpp"
+
+namespace eplb {
+
+policy_kind parse_policy(std::string_view name, std::string_view field) {
+  if (name == "default") return policy_kind::deepseek_default;
+  fail(errc::invalid_argument, "{}: unknown policy \"{}\" (allowed: \"default\")", field, name);
+}
+
+std::string_view to_string(policy_kind kind) noexcept {
+  switch (kind) {
+    case policy_kind::deepseek_default:
+      return "default";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// numpy's float32 add-reduce over a contiguous axis: pairwise summation with 8 accumulators in
+// blocks of up to 128 elements. Reproduced so group sums round exactly as vLLM's do.
+float pairwise_sum(const float* a, std::size_t n) {
+  if (n < 8) {
+    float res = 0.0F;
+    for (std::size_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    float r[8];
+    for (std::size_t j = 0; j < 8; ++j) r[j] = a[j];
+    std::size_t i = 8;
+    for (; i < n - n % 8; i += 8) {
+      for (std::size_t j = 0; j < 8; ++j) r[j] += a[i + j];
+    }
+    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  std::size_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+// Scratch space reused across layers so the policy allocates once per call.
+struct scratch {
+  std::vector<int> order;
+  std::vector<double> pack_weight;
+  std::vector<int> pack_items;
+  std::vector<std::pair<double, int>> heap;
+};
+
+// Packs n weighted items into num_packs packs of exactly n / num_packs items: heaviest first, each
+// into the lightest pack that still has room (lowest index on ties; items of equal weight in index
+// order, i.e. a stable descending sort).
+template <typename W>
+void balanced_packing(std::span<const W> weight, int num_packs, std::span<int> pack, std::span<int> rank_in_pack,
+                      scratch& s) {
+  const auto n = static_cast<int>(weight.size());
+  const int per_pack = n / num_packs;
+  if (per_pack == 1) {
+    std::iota(pack.begin(), pack.end(), 0);
+    std::fill(rank_in_pack.begin(), rank_in_pack.end(), 0);
+    return;
+  }
+  s.order.resize(static_cast<std::size_t>(n));
+  std::iota(s.order.begin(), s.order.end(), 0);
+  std::stable_sort(s.order.begin(), s.order.end(), [&](int a, int b) { return weight[a] > weight[b]; });
+  s.pack_weight.assign(static_cast<std::size_t>(num_packs), 0.0);
+  s.pack_items.assign(static_cast<std::size_t>(num_packs), 0);
+  for (int item : s.order) {
+    int best = 0;
+    for (int k = 1; k < num_packs; ++k) {
+      if (s.pack_weight[k] < s.pack_weight[best]) best = k;
+    }
+    pack[item] = best;
+    rank_in_pack[item] = s.pack_items[best];
+    s.pack_weight[best] += static_cast<double>(weight[item]);
+    if (++s.pack_items[best] == per_pack) s.pack_weight[best] = std::numeric_limits<double>::infinity();
+  }
+}
+
+// Gives num_phy - num_log extra replicas, one at a time, to the expert with the highest load per
+// replica (float32 load / count in float64, lowest index on ties). phy2log[i] = i for i < num_log.
+void replicate_experts(std::span<const float> weight, std::span<int> phy2log, std::span<int> count, scratch& s) {
+  const auto num_log = static_cast<int>(weight.size());
+  const auto num_phy = static_cast<int>(phy2log.size());
+  std::iota(phy2log.begin(), phy2log.begin() + num_log, 0);
+  std::fill(count.begin(), count.end(), 1);
+  if (num_phy == num_log) return;
+  // Max-heap on (load per replica, -index): the top is numpy's argmax.
+  const auto before = [](const std::pair<double, int>& a, const std::pair<double, int>& b) {
+    return a.first < b.first || (a.first == b.first && a.second > b.second);
+  };
+  s.heap.clear();
+  for (int e = 0; e < num_log; ++e) s.heap.emplace_back(static_cast<double>(weight[e]), e);
+  std::make_heap(s.heap.begin(), s.heap.end(), before);
+  for (int i = num_log; i < num_phy; ++i) {
+    std::pop_heap(s.heap.begin(), s.heap.end(), before);
+    const int e = s.heap.back().second;
+    phy2log[i] = e;
+    ++count[e];
+    s.heap.back().first = static_cast<double>(weight[e]) / static_cast<double>(count[e]);
+    std::push_heap(s.heap.begin(), s.heap.end(), before);
+  }
+}
+
+void invert(std::span<const int> perm, std::span<int> inverse) {
+  for (std::size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int>(i);
+}
+
+// One layer of DeepSeek's hierarchical balancing; global balancing is num_groups = num_nodes = 1.
+struct hierarchical_layer {
+  hierarchical_layer(int experts_, int groups_, int nodes_, int gpus_, int replicas_)
+      : experts(experts_), groups(groups_), nodes(nodes_), gpus(gpus_), replicas(replicas_) {}
+  int experts, groups, nodes, gpus, replicas;
+  int group_size() const { return experts / groups; }
+  int groups_per_node() const { return groups / nodes; }
+  int experts_per_node() const { return experts / nodes; }
+  int replicas_per_node() const { return replicas / nodes; }
+  int replicas_per_gpu() const { return replicas / gpus; }
+  int gpus_per_node() const { return gpus / nodes; }
+
+  std::vector<float> group_load, node_load;
+  std::vector<double> replica_load;
+  std::vector<int> group_pack, group_rank, log2mlog, mlog2log;
+  std::vector<int> phy2mlog, mlog_count, pack, rank, phy2pphy, pphy2phy;
+  scratch s;
+
+  void run(std::span<const float> w, std::span<expert_id> out) {
+    const int gs = group_size();
+    // Step 1: groups -> nodes. Each node gets groups_per_node whole groups.
+    group_load.resize(groups);
+    for (int g = 0; g < groups; ++g) group_load[g] = pairwise_sum(w.data() + g * gs, static_cast<std::size_t>(gs));
+    group_pack.resize(groups);
+    group_rank.resize(groups);
+    balanced_packing<float>(group_load, nodes, group_pack, group_rank, s);
+    log2mlog.resize(experts);
+    mlog2log.resize(experts);
+    for (int e = 0; e < experts; ++e) {
+      const int g = e / gs;
+      log2mlog[e] = (group_pack[g] * groups_per_node() + group_rank[g]) * gs + e % gs;
+    }
+    invert(log2mlog, mlog2log);
+
+    const int epn = experts_per_node();
+    const int rpn = replicas_per_node();
+    node_load.resize(epn);
+    phy2mlog.resize(rpn);
+    mlog_count.resize(epn);
+    replica_load.resize(rpn);
+    pack.resize(rpn);
+    rank.resize(rpn);
+    phy2pphy.resize(rpn);
+    pphy2phy.resize(rpn);
+    for (int n = 0; n < nodes; ++n) {
+      // Step 2: replicate within the node, over the node's experts only.
+      for (int m = 0; m < epn; ++m) node_load[m] = w[mlog2log[n * epn + m]];
+      replicate_experts(node_load, phy2mlog, mlog_count, s);
+      // Step 3: pack the node's replicas onto its GPUs by load per replica.
+      for (int i = 0; i < rpn; ++i) {
+        const int m = phy2mlog[i];
+        replica_load[i] = static_cast<double>(node_load[m]) / static_cast<double>(mlog_count[m]);
+      }
+      balanced_packing<double>(replica_load, gpus_per_node(), pack, rank, s);
+      for (int i = 0; i < rpn; ++i) phy2pphy[i] = pack[i] * replicas_per_gpu() + rank[i];
+      invert(phy2pphy, pphy2phy);
+      for (int j = 0; j < rpn; ++j) out[n * rpn + j] = mlog2log[phy2mlog[pphy2phy[j]] + n * epn];
+    }
+  }
+};
+
+// Puts experts a rank keeps back into the slots they occupied before (first matching slot, in slot
+// order); experts new to the rank fill the remaining slots in order.
+void preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks) {
+  const auto per_rank = static_cast<int>(row.size()) / num_ranks;
+  std::vector<expert_id> fresh(static_cast<std::size_t>(per_rank));
+  std::vector<char> used(static_cast<std::size_t>(per_rank));
+  std::vector<char> kept(static_cast<std::size_t>(per_rank));
+  for (int r = 0; r < num_ranks; ++r) {
+    const auto base = static_cast<std::size_t>(r * per_rank);
+    std::copy_n(row.begin() + static_cast<std::ptrdiff_t>(base), per_rank, fresh.begin());
+    std::fill(used.begin(), used.end(), 0);
+    std::fill(kept.begin(), kept.end(), 0);
+    for (int slot = 0; slot < per_rank; ++slot) {
+      for (int j = 0; j < per_rank; ++j) {
+        if (!used[j] && fresh[j] == old_row[base + slot]) {
+          row[base + slot] = fresh[j];
+          used[j] = 1;
+          kept[slot] = 1;
+          break;
+        }
+      }
+    }
+    int next_fresh = 0;
+    for (int slot = 0; slot < per_rank; ++slot) {
+      if (kept[slot]) continue;
+      while (used[next_fresh]) ++next_fresh;
+      row[base + slot] = fresh[next_fresh++];
+    }
+  }
+}
+
+}  // namespace
+
+void validate(const rebalance_input& in) {
+  const auto layers = in.load.rows();
+  const auto experts = static_cast<int>(in.load.cols());
+  if (layers == 0) fail(errc::invalid_argument, "load: needs at least one layer");
+  if (experts == 0) fail(errc::invalid_argument, "load: needs at least one expert per layer");
+  for (std::size_t l = 0; l < layers; ++l) {
+    for (int e = 0; e < experts; ++e) {
+      const double v = in.load(l, e);
+      if (!std::isfinite(v) || v < 0.0) {
+        fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, v);
+      }
+      if (!std::isfinite(static_cast<float>(v))) {
+        fail(errc::invalid_argument, "load[{}][{}]: {} does not fit in float32", l, e, v);
+      }
+    }
+  }
+  if (in.num_ranks <= 0) fail(errc::invalid_argument, "num_ranks: must be > 0, got {}", in.num_ranks);
+  if (in.num_groups <= 0) fail(errc::invalid_argument, "num_groups: must be > 0, got {}", in.num_groups);
+  if (in.num_nodes <= 0) fail(errc::invalid_argument, "num_nodes: must be > 0, got {}", in.num_nodes);
+  if (in.num_replicas < experts) {
+    fail(errc::invalid_argument, "num_replicas: {} is fewer than the {} logical experts", in.num_replicas, experts);
+  }
+  if (in.num_replicas % in.num_ranks != 0) {
+    fail(errc::invalid_argument, "num_replicas: {} is not divisible by num_ranks {}", in.num_replicas, in.num_ranks);
+  }
+  if (in.num_groups % in.num_nodes == 0) {  // hierarchical
+    if (experts % in.num_groups != 0) {
+      fail(errc::invalid_argument, "num_groups: {} does not divide the {} logical experts", in.num_groups, experts);
+    }
+    if (in.num_ranks % in.num_nodes != 0) {
+      fail(errc::invalid_argument, "num_nodes: {} does not divide num_ranks {} (hierarchical balancing)", in.num_nodes,
+           in.num_ranks);
+    }
+  }
+  if (in.old_phy2log != nullptr) {
+    const auto& old = *in.old_phy2log;
+    if (old.rows() != layers || old.cols() != static_cast<std::size_t>(in.num_replicas)) {
+      fail(errc::invalid_argument, "old_phy2log: shape {}x{} does not match layers x num_replicas = {}x{}", old.rows(),
+           old.cols(), layers, in.num_replicas);
+    }
+    for (std::size_t l = 0; l < layers; ++l) {
+      for (std::size_t p = 0; p < old.cols(); ++p) {
+        if (old(l, p) < empty_slot || old(l, p) >= experts) {
+          fail(errc::invalid_argument, "old_phy2log[{}][{}]: expert id {} is out of range (-1..{})", l, p, old(l, p),
+               experts - 1);
+        }
+      }
+    }
+  }
+}
+
+matrix<expert_id> rebalance_default(const rebalance_input& in) {
+  validate(in);
+  const auto layers = in.load.rows();
+  const auto experts = static_cast<int>(in.load.cols());
+  const bool hierarchical = in.num_groups % in.num_nodes == 0;
+  hierarchical_layer h(experts, hierarchical ? in.num_groups : 1, hierarchical ? in.num_nodes : 1, in.num_ranks,
+                       in.num_replicas);
+  matrix<expert_id> out(layers, static_cast<std::size_t>(in.num_replicas));
+  std::vector<float> w32(static_cast<std::size_t>(experts));
+  for (std::size_t l = 0; l < layers; ++l) {
+    const auto src = in.load.row(l);
+    std::transform(src.begin(), src.end(), w32.begin(), [](double v) { return static_cast<float>(v); });
+    h.run(w32, out.row(l));
+    if (in.old_phy2log != nullptr) preserve_rank_slots(out.row(l), in.old_phy2log->row(l), in.num_ranks);
+  }
+  return out;
+}
+
+matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in) {
+  switch (kind) {
+    case policy_kind::deepseek_default:
+      return rebalance_default(in);
+  }
+  fail(errc::internal, "rebalance: unhandled policy kind {}", static_cast<int>(kind));
+}
+
+}  // namespace eplb

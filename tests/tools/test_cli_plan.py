@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""End-to-end checks of `eplb plan`: output shape, stdin, and exit status 2 with one clear line."""
+import json
+import subprocess
+import sys
+
+eplb, data = sys.argv[1], sys.argv[2]
+failures = []
+
+
+def run(args, stdin=None):
+    return subprocess.run([eplb, *args], input=stdin, capture_output=True, text=True, timeout=30)
+
+
+def expect(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+r = run(["plan", f"{data}/readme_example.json"])
+expect(r.returncode == 0, f"plan exit {r.returncode}: {r.stderr}")
+out = json.loads(r.stdout)
+expect(out["phy2log"][0] == [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], "phy2log layer 0")
+expect(out["phy2log"][1] == [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1], "phy2log layer 1")
+expect(set(out) == {"phy2log", "log2phy", "replica_count", "balancedness", "moved_experts"}, f"keys {set(out)}")
+
+with open(f"{data}/readme_example.json") as f:
+    r2 = run(["plan", "-"], stdin=f.read())
+expect(r2.returncode == 0 and json.loads(r2.stdout) == out, "stdin gives the same answer")
+
+bad = {
+    "not json": "input: not valid JSON",
+    '{"load": [[1, NaN]]}': "input: not valid JSON",
+    '{"load": [[1, -1]], "num_replicas": 2, "num_groups": 1, "num_nodes": 1, "num_ranks": 1}':
+        "load[0][1]: must be a finite number >= 0",
+    '{"load": [[1, 2]], "num_replicas": 3, "num_groups": 1, "num_nodes": 1, "num_ranks": 2}':
+        "num_replicas: 3 is not divisible by num_ranks 2",
+}
+for text, message in bad.items():
+    r = run(["plan", "-"], stdin=text)
+    expect(r.returncode == 2, f"{text!r}: exit {r.returncode}, want 2")
+    expect(r.stdout == "", f"{text!r}: stdout not empty: {r.stdout!r}")
+    lines = r.stderr.strip().splitlines()
+    expect(len(lines) == 1 and message in lines[0], f"{text!r}: stderr {r.stderr!r} lacks {message!r}")
+
+r = run(["plan", "/nonexistent/file.json"])
+expect(r.returncode == 2 and "cannot open" in r.stderr, f"missing file: {r.returncode} {r.stderr!r}")
+
+r = run(["plan", "--text", f"{data}/readme_example.json"])
+expect(r.returncode == 0 and "rank   0" in r.stdout and "balancedness" in r.stdout, "text output")
+
+if failures:
+    print("\n".join(failures))
+    sys.exit(1)
+print("cli plan: all checks passed")
