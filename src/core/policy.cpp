@@ -4,7 +4,9 @@
 #include "eplb/core/policy.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 
@@ -51,12 +53,27 @@ float pairwise_sum(const float* a, std::size_t n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
+// Loads here are finite and >= +0.0, so their IEEE bit patterns order like their values: comparing
+// integers instead of doubles makes the hot loops branch-free. A 128-bit key appends the index for
+// the tie-break, so one integer compare gives "larger first, lower index on ties".
+using key128 = unsigned __int128;
+std::uint64_t bits(double v) {
+  return std::bit_cast<std::uint64_t>(v);
+}
+key128 argmax_key(double v, int index) {
+  return (static_cast<key128>(bits(v)) << 64) | static_cast<std::uint32_t>(~static_cast<std::uint32_t>(index));
+}
+int argmax_index(key128 key) {
+  return static_cast<int>(~static_cast<std::uint32_t>(key));
+}
+
 // Scratch space reused across layers so the policy allocates once per call.
 struct scratch {
-  std::vector<int> order;
-  std::vector<double> pack_weight;
+  std::vector<std::uint64_t> order;
+  std::vector<std::uint64_t> pack_weight;  // bit patterns of non-negative doubles
+  std::vector<double> pack_sum;
   std::vector<int> pack_items;
-  std::vector<std::pair<double, int>> heap;
+  std::vector<key128> heap;
 };
 
 // Packs n weighted items into num_packs packs of exactly n / num_packs items: heaviest first, each
@@ -72,20 +89,40 @@ void balanced_packing(std::span<const W> weight, int num_packs, std::span<int> p
     std::fill(rank_in_pack.begin(), rank_in_pack.end(), 0);
     return;
   }
+  // Heaviest first, index order among equals (a stable descending sort). Sorted as 64-bit keys:
+  // the inverted weight bits with the low bits replaced by the index. Where that truncation makes
+  // weights collide, the run is re-sorted on the exact weights, so the order is exact.
+  const int index_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<unsigned>(n - 1))));
+  const std::uint64_t index_mask = (std::uint64_t{1} << index_bits) - 1;
   s.order.resize(static_cast<std::size_t>(n));
-  std::iota(s.order.begin(), s.order.end(), 0);
-  std::stable_sort(s.order.begin(), s.order.end(), [&](int a, int b) { return weight[a] > weight[b]; });
-  s.pack_weight.assign(static_cast<std::size_t>(num_packs), 0.0);
-  s.pack_items.assign(static_cast<std::size_t>(num_packs), 0);
-  for (int item : s.order) {
-    int best = 0;
-    for (int k = 1; k < num_packs; ++k) {
-      if (s.pack_weight[k] < s.pack_weight[best]) best = k;
+  for (int i = 0; i < n; ++i) {
+    s.order[i] = (~bits(static_cast<double>(weight[i])) & ~index_mask) | static_cast<std::uint64_t>(i);
+  }
+  std::sort(s.order.begin(), s.order.end());
+  for (int a = 0; a < n;) {
+    int b = a + 1;
+    while (b < n && (s.order[b] & ~index_mask) == (s.order[a] & ~index_mask)) ++b;
+    if (b - a > 1) {
+      std::sort(s.order.begin() + a, s.order.begin() + b, [&](std::uint64_t x, std::uint64_t y) {
+        const double wx = weight[x & index_mask];
+        const double wy = weight[y & index_mask];
+        return wx > wy || (wx == wy && (x & index_mask) < (y & index_mask));
+      });
     }
+    a = b;
+  }
+  s.pack_sum.assign(static_cast<std::size_t>(num_packs), 0.0);
+  s.pack_weight.assign(static_cast<std::size_t>(num_packs), bits(0.0));
+  s.pack_items.assign(static_cast<std::size_t>(num_packs), 0);
+  const std::uint64_t full = bits(std::numeric_limits<double>::infinity());
+  for (const std::uint64_t key : s.order) {
+    const auto item = static_cast<int>(key & index_mask);
+    int best = 0;
+    for (int k = 1; k < num_packs; ++k) best = s.pack_weight[k] < s.pack_weight[best] ? k : best;
     pack[item] = best;
     rank_in_pack[item] = s.pack_items[best];
-    s.pack_weight[best] += static_cast<double>(weight[item]);
-    if (++s.pack_items[best] == per_pack) s.pack_weight[best] = std::numeric_limits<double>::infinity();
+    s.pack_sum[best] += static_cast<double>(weight[item]);
+    s.pack_weight[best] = ++s.pack_items[best] == per_pack ? full : bits(s.pack_sum[best]);
   }
 }
 
@@ -97,20 +134,17 @@ void replicate_experts(std::span<const float> weight, std::span<int> phy2log, st
   std::iota(phy2log.begin(), phy2log.begin() + num_log, 0);
   std::fill(count.begin(), count.end(), 1);
   if (num_phy == num_log) return;
-  // Max-heap on (load per replica, -index): the top is numpy's argmax.
-  const auto before = [](const std::pair<double, int>& a, const std::pair<double, int>& b) {
-    return a.first < b.first || (a.first == b.first && a.second > b.second);
-  };
-  s.heap.clear();
-  for (int e = 0; e < num_log; ++e) s.heap.emplace_back(static_cast<double>(weight[e]), e);
-  std::make_heap(s.heap.begin(), s.heap.end(), before);
+  // Max-heap on (load per replica, lowest index): the top is numpy's argmax.
+  s.heap.resize(static_cast<std::size_t>(num_log));
+  for (int e = 0; e < num_log; ++e) s.heap[e] = argmax_key(static_cast<double>(weight[e]), e);
+  std::make_heap(s.heap.begin(), s.heap.end());
   for (int i = num_log; i < num_phy; ++i) {
-    std::pop_heap(s.heap.begin(), s.heap.end(), before);
-    const int e = s.heap.back().second;
+    std::pop_heap(s.heap.begin(), s.heap.end());
+    const int e = argmax_index(s.heap.back());
     phy2log[i] = e;
     ++count[e];
-    s.heap.back().first = static_cast<double>(weight[e]) / static_cast<double>(count[e]);
-    std::push_heap(s.heap.begin(), s.heap.end(), before);
+    s.heap.back() = argmax_key(static_cast<double>(weight[e]) / static_cast<double>(count[e]), e);
+    std::push_heap(s.heap.begin(), s.heap.end());
   }
 }
 
@@ -179,23 +213,33 @@ struct hierarchical_layer {
   }
 };
 
-// Puts experts a rank keeps back into the slots they occupied before (first matching slot, in slot
-// order); experts new to the rank fill the remaining slots in order.
-void preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks) {
+// Puts experts a rank keeps back into the slots they occupied before (for each old slot in order,
+// the first unused new slot with that expert); experts new to the rank fill the remaining slots in
+// order. "Unused" is a bit mask over the rank's slots so each match is a branch-free scan.
+void preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks,
+                         std::vector<expert_id>& fresh, std::vector<std::uint64_t>& used, std::vector<char>& kept) {
   const auto per_rank = static_cast<int>(row.size()) / num_ranks;
-  std::vector<expert_id> fresh(static_cast<std::size_t>(per_rank));
-  std::vector<char> used(static_cast<std::size_t>(per_rank));
-  std::vector<char> kept(static_cast<std::size_t>(per_rank));
+  const int words = (per_rank + 63) / 64;
+  fresh.resize(static_cast<std::size_t>(per_rank));
+  used.resize(static_cast<std::size_t>(words));
+  kept.resize(static_cast<std::size_t>(per_rank));
+  const auto is_used = [&](int j) { return (used[j / 64] >> (j % 64)) & 1U; };
   for (int r = 0; r < num_ranks; ++r) {
     const auto base = static_cast<std::size_t>(r * per_rank);
     std::copy_n(row.begin() + static_cast<std::ptrdiff_t>(base), per_rank, fresh.begin());
     std::fill(used.begin(), used.end(), 0);
     std::fill(kept.begin(), kept.end(), 0);
     for (int slot = 0; slot < per_rank; ++slot) {
-      for (int j = 0; j < per_rank; ++j) {
-        if (!used[j] && fresh[j] == old_row[base + slot]) {
-          row[base + slot] = fresh[j];
-          used[j] = 1;
+      const expert_id want = old_row[base + slot];
+      for (int w = 0; w < words; ++w) {
+        std::uint64_t match = 0;
+        const int end = std::min(64, per_rank - w * 64);
+        for (int j = 0; j < end; ++j) match |= static_cast<std::uint64_t>(fresh[w * 64 + j] == want) << j;
+        match &= ~used[w];
+        if (match != 0) {
+          const int j = std::countr_zero(match);
+          used[w] |= std::uint64_t{1} << j;
+          row[base + slot] = want;
           kept[slot] = 1;
           break;
         }
@@ -204,7 +248,7 @@ void preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> ol
     int next_fresh = 0;
     for (int slot = 0; slot < per_rank; ++slot) {
       if (kept[slot]) continue;
-      while (used[next_fresh]) ++next_fresh;
+      while (is_used(next_fresh)) ++next_fresh;
       row[base + slot] = fresh[next_fresh++];
     }
   }
@@ -220,12 +264,11 @@ void validate(const rebalance_input& in) {
   for (std::size_t l = 0; l < layers; ++l) {
     for (int e = 0; e < experts; ++e) {
       const double v = in.load(l, e);
+      if (v >= 0.0 && v <= std::numeric_limits<float>::max()) continue;  // false for NaN too
       if (!std::isfinite(v) || v < 0.0) {
         fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, v);
       }
-      if (!std::isfinite(static_cast<float>(v))) {
-        fail(errc::invalid_argument, "load[{}][{}]: {} does not fit in float32", l, e, v);
-      }
+      fail(errc::invalid_argument, "load[{}][{}]: {} does not fit in float32", l, e, v);
     }
   }
   if (in.num_ranks <= 0) fail(errc::invalid_argument, "num_ranks: must be > 0, got {}", in.num_ranks);
@@ -272,11 +315,18 @@ matrix<expert_id> rebalance_default(const rebalance_input& in) {
                        in.num_replicas);
   matrix<expert_id> out(layers, static_cast<std::size_t>(in.num_replicas));
   std::vector<float> w32(static_cast<std::size_t>(experts));
+  std::vector<expert_id> fresh;
+  std::vector<std::uint64_t> used;
+  std::vector<char> kept;
   for (std::size_t l = 0; l < layers; ++l) {
     const auto src = in.load.row(l);
-    std::transform(src.begin(), src.end(), w32.begin(), [](double v) { return static_cast<float>(v); });
+    // -0.0 becomes +0.0 so that bit patterns order like values (see heavier_first_key).
+    std::transform(src.begin(), src.end(), w32.begin(),
+                   [](double v) { return v == 0.0 ? 0.0F : static_cast<float>(v); });
     h.run(w32, out.row(l));
-    if (in.old_phy2log != nullptr) preserve_rank_slots(out.row(l), in.old_phy2log->row(l), in.num_ranks);
+    if (in.old_phy2log != nullptr) {
+      preserve_rank_slots(out.row(l), in.old_phy2log->row(l), in.num_ranks, fresh, used, kept);
+    }
   }
   return out;
 }
