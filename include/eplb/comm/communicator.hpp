@@ -1,0 +1,129 @@
+// Point-to-point exchange of raw bytes between the ranks of an EP group: queue sends and receives,
+// then execute() them as one batch. Peers are EP-group ranks. Between any two ranks, sends and
+// receives match in the order they were added; sizes must agree. Backends: loopback (threads),
+// gloo (TCP, staged through pinned host memory), nccl and stateless_nccl (GPU only).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "eplb/comm/store.hpp"
+#include "eplb/device/device.hpp"
+
+namespace eplb::comm {
+
+enum class backend { loopback, gloo, nccl, stateless_nccl };
+
+[[nodiscard]] std::string_view to_string(backend b) noexcept;
+/// Parses a backend name; error(errc::invalid_argument) listing the known names otherwise.
+[[nodiscard]] backend parse_backend(std::string_view name);
+
+/// What a backend promises; the runtime and the config decide from these, never from names.
+struct capabilities {
+  bool stream_ordered = false;   ///< execute() only enqueues; data is in place in stream order
+  bool host_complete = false;    ///< execute() returns once every byte is in place
+  bool background_safe = false;  ///< launches no NCCL kernels: safe beside the serving loop's NCCL
+  bool crosses_nodes = false;    ///< ranks may live on different hosts
+  bool device_memory = false;    ///< accepts device memory
+  bool host_memory = false;      ///< accepts host memory
+};
+
+struct options {
+  milliseconds timeout{30'000};            ///< every wait of one execute(); a silent peer fails after this
+  std::size_t chunk_bytes = 4U << 20;      ///< gloo: messages move in chunks of this size
+  int lanes = 4;                           ///< gloo: parallel TCP connections per pair of ranks
+  std::size_t staging_bytes = 256U << 20;  ///< gloo: cap on pinned staging memory per rank
+  std::string hostname = "127.0.0.1";      ///< gloo: address this rank listens on
+};
+
+class communicator {
+ public:
+  communicator(int rank, int size);
+  virtual ~communicator();
+  communicator(const communicator&) = delete;
+  communicator& operator=(const communicator&) = delete;
+
+  [[nodiscard]] int rank() const noexcept { return rank_; }
+  [[nodiscard]] int size() const noexcept { return size_; }
+  [[nodiscard]] virtual backend kind() const noexcept = 0;
+  [[nodiscard]] virtual capabilities caps() const noexcept = 0;
+
+  /// Queues a send of `data` to `peer`. error(errc::invalid_argument) for a peer out of range or self.
+  void add_send(std::span<const std::byte> data, int peer);
+  /// Queues a receive into `data` from `peer`; the matching send must have the same size.
+  void add_recv(std::span<std::byte> data, int peer);
+  [[nodiscard]] std::size_t pending() const noexcept { return ops_.size(); }
+
+  /// Runs every queued operation as one batch and clears the queue (also on failure). Errors name
+  /// the peer: errc::timeout for a silent peer, errc::peer_failure for a dead one.
+  void execute();
+  /// execute() on this communicator's worker thread; `done` runs there when the batch completes
+  /// (stream-ordered backends: when its stream work completes) and must only post elsewhere.
+  void execute_async(std::function<void(std::exception_ptr)> done);
+
+  /// The stream that orders the transfers against other work (device memory); not owned.
+  void set_stream(device::stream* s) noexcept { stream_ = s; }
+  [[nodiscard]] device::stream* stream() const noexcept { return stream_; }
+
+ protected:
+  struct op {
+    bool is_send;
+    std::byte* data;
+    std::size_t bytes;
+    int peer;
+  };
+  /// Runs one batch. Sends and receives appear in the order they were added.
+  virtual void run(std::span<const op> ops) = 0;
+  /// Finishes queued execute_async() batches. Every backend's destructor calls it first, while
+  /// run() can still be called.
+  void finish_async() noexcept;
+
+ private:
+  void check_peer(int peer, const char* what) const;
+  struct worker;
+
+  int rank_;
+  int size_;
+  std::vector<op> ops_;
+  device::stream* stream_ = nullptr;
+  std::unique_ptr<worker> worker_;
+};
+
+/// Shared state of a loopback group: its ranks are threads of this process.
+class loopback_world;
+[[nodiscard]] std::shared_ptr<loopback_world> make_loopback_world(int size);
+/// Marks `rank` dead: peers waiting on it fail with errc::peer_failure naming it (fault injection).
+void mark_dead(loopback_world& world, int rank);
+
+/// Everything a backend may need to start; each backend reads what it uses.
+struct setup {
+  int rank = 0;
+  int size = 1;
+  std::shared_ptr<store> rendezvous;        ///< gloo, stateless_nccl: where ranks meet
+  std::shared_ptr<loopback_world> world;    ///< loopback: the shared group
+  device::device* dev = nullptr;            ///< staging memory and streams (gloo), GPU (nccl)
+  void* external_nccl_comm = nullptr;       ///< nccl: an ncclComm_t owned by the host engine
+  options opts;
+};
+
+/// Creates a communicator. error(errc::backend_unavailable) when `b` was not built or cannot run
+/// here (no GPU for nccl...), error(errc::invalid_argument) when `s` lacks what `b` needs.
+[[nodiscard]] std::unique_ptr<communicator> make_communicator(backend b, const setup& s);
+
+struct backend_status {
+  backend kind;
+  bool built;
+  bool runnable;
+  std::string reason;  ///< why it is not built or cannot run here
+};
+/// Every backend eplb knows, whether it was compiled in and whether it can run on this machine.
+[[nodiscard]] std::vector<backend_status> backend_report();
+
+}  // namespace eplb::comm

@@ -1,0 +1,52 @@
+// Rendezvous key-value stores: how ranks find each other (Gloo addresses, NCCL unique ids, flags).
+// In-process (threads), file-based (processes sharing a directory) and TCP (one rank or launcher
+// serves, everyone connects; works across hosts). Every wait has a timeout.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace eplb::comm {
+
+using std::chrono::milliseconds;
+
+class store {
+ public:
+  virtual ~store() = default;
+  virtual void set(const std::string& key, const std::string& value) = 0;
+  /// The value of `key`, waiting for it to be set; error(errc::timeout) naming the key after `timeout`.
+  [[nodiscard]] virtual std::string get(const std::string& key, milliseconds timeout) = 0;
+  /// Atomically adds `delta` to the integer at `key` (0 when absent) and returns the new value.
+  virtual std::int64_t add(const std::string& key, std::int64_t delta) = 0;
+};
+
+[[nodiscard]] std::shared_ptr<store> make_memory_store();
+/// Keys are files in `directory` (created if missing), written atomically.
+[[nodiscard]] std::shared_ptr<store> make_file_store(const std::string& directory);
+/// Connects to a TCP store server; retries until `connect_timeout` while the server starts.
+[[nodiscard]] std::shared_ptr<store> make_tcp_store(const std::string& host, std::uint16_t port,
+                                                   milliseconds connect_timeout);
+/// All keys of `inner` seen through `prefix` + "/" (separates runs and communicators).
+[[nodiscard]] std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::string prefix);
+
+/// Serves a TCP store on a background thread until destroyed.
+class tcp_store_server {
+ public:
+  /// Listens on `bind_address`:`port` (port 0 picks a free one; see port()).
+  explicit tcp_store_server(const std::string& bind_address = "127.0.0.1", std::uint16_t port = 0);
+  ~tcp_store_server();
+  tcp_store_server(const tcp_store_server&) = delete;
+  tcp_store_server& operator=(const tcp_store_server&) = delete;
+  [[nodiscard]] std::uint16_t port() const noexcept;
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+/// Blocks until `count` ranks called barrier with the same name, or error(errc::timeout).
+void store_barrier(store& s, const std::string& name, int count, milliseconds timeout);
+
+}  // namespace eplb::comm

@@ -1,0 +1,131 @@
+// Devices, streams, events and buffers: the host backend (always built; streams are in-order worker
+// threads, memory is host memory, faults can be injected) and the CUDA backend. No CUDA types here.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string_view>
+
+namespace eplb::device {
+
+using std::chrono::milliseconds;
+
+enum class backend_kind { host, cuda };
+enum class memory_kind { host, pinned, device };
+
+[[nodiscard]] std::string_view to_string(backend_kind kind) noexcept;
+/// "host" or "cuda"; anything else is error(errc::invalid_argument) listing the allowed names.
+[[nodiscard]] backend_kind parse_backend_kind(std::string_view name);
+
+/// Owning handle of device, pinned or host memory; frees it on destruction. Move-only.
+class buffer {
+ public:
+  using deleter = void (*)(std::byte*, int ordinal) noexcept;
+  buffer() = default;
+  buffer(std::byte* data, std::size_t size, memory_kind kind, int ordinal, deleter free) noexcept
+      : data_(data), size_(size), kind_(kind), ordinal_(ordinal), free_(free) {}
+  buffer(buffer&& other) noexcept { swap(other); }
+  buffer& operator=(buffer&& other) noexcept {
+    buffer(std::move(other)).swap(*this);
+    return *this;
+  }
+  buffer(const buffer&) = delete;
+  buffer& operator=(const buffer&) = delete;
+  ~buffer() {
+    if (data_ != nullptr && free_ != nullptr) free_(data_, ordinal_);
+  }
+
+  [[nodiscard]] std::byte* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] memory_kind kind() const noexcept { return kind_; }
+  [[nodiscard]] std::span<std::byte> span() const noexcept { return {data_, size_}; }
+
+ private:
+  void swap(buffer& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+    std::swap(kind_, o.kind_);
+    std::swap(ordinal_, o.ordinal_);
+    std::swap(free_, o.free_);
+  }
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+  memory_kind kind_ = memory_kind::host;
+  int ordinal_ = 0;
+  deleter free_ = nullptr;
+};
+
+namespace detail {
+class event_state;
+}
+
+/// Marks a point in a stream. Cheap to copy (shared state). Completes when all work enqueued on its
+/// stream before record() has finished; fails when that work failed.
+class event {
+ public:
+  event() = default;
+  explicit event(std::shared_ptr<detail::event_state> state) : state_(std::move(state)) {}
+
+  /// True once complete; throws error(errc::device) if the work before it failed.
+  [[nodiscard]] bool query() const;
+  /// Blocks until complete or `timeout` passes (error(errc::timeout)); rethrows device errors.
+  void wait(milliseconds timeout) const;
+  /// Calls `fn` once, when the event completes (with the failure, if any). It runs on a stream or
+  /// driver thread, or inline when already complete: it must only post work elsewhere and return.
+  void notify(std::function<void(std::exception_ptr)> fn) const;
+  [[nodiscard]] bool valid() const noexcept { return state_ != nullptr; }
+  [[nodiscard]] detail::event_state* state() const noexcept { return state_.get(); }
+
+ private:
+  std::shared_ptr<detail::event_state> state_;
+};
+
+/// An in-order queue of device work. Enqueueing is thread-safe and never blocks on the work.
+class stream {
+ public:
+  virtual ~stream() = default;
+  /// Copies `bytes` from src to dst in stream order (host, pinned or device memory, either way).
+  virtual void copy(void* dst, const void* src, std::size_t bytes) = 0;
+  /// Sets `bytes` at dst to `value` in stream order.
+  virtual void fill(void* dst, std::byte value, std::size_t bytes) = 0;
+  /// Records an event after all work enqueued so far.
+  [[nodiscard]] virtual event record() = 0;
+  /// Makes later work on this stream wait for `e` (which may belong to another stream).
+  virtual void wait(const event& e) = 0;
+  /// Blocks until all enqueued work is done; error(errc::timeout) after `timeout`.
+  void synchronize(milliseconds timeout) { record().wait(timeout); }
+  /// cudaStream_t for the CUDA backend, nullptr for host streams.
+  [[nodiscard]] virtual void* native_handle() const noexcept = 0;
+};
+
+class device {
+ public:
+  virtual ~device() = default;
+  [[nodiscard]] virtual backend_kind kind() const noexcept = 0;
+  [[nodiscard]] virtual int ordinal() const noexcept = 0;
+  /// A new stream that does not synchronise with the legacy default stream.
+  [[nodiscard]] virtual std::unique_ptr<stream> create_stream() = 0;
+  [[nodiscard]] virtual buffer allocate(std::size_t bytes, memory_kind kind) = 0;
+};
+
+/// Faults and delays the host backend injects into its streams (tests and demonstrations).
+struct host_faults {
+  milliseconds max_delay{0};       ///< each stream operation sleeps a random time up to this
+  std::int64_t fail_at_op = -1;    ///< the Nth operation (0-based, per device) fails; later work is skipped
+  std::int64_t stall_at_op = -1;   ///< the Nth operation never finishes (until the stream is destroyed)
+  std::uint64_t seed = 1;
+};
+
+[[nodiscard]] std::unique_ptr<device> make_host_device(host_faults faults = {});
+/// The CUDA device `ordinal`; error(errc::backend_unavailable) when CUDA was not built or no such GPU.
+[[nodiscard]] std::unique_ptr<device> make_cuda_device(int ordinal);
+[[nodiscard]] std::unique_ptr<device> make_device(backend_kind kind, int ordinal = 0);
+/// Number of usable GPUs: 0 when CUDA was not built or no driver/GPU is present.
+[[nodiscard]] int cuda_device_count() noexcept;
+
+}  // namespace eplb::device

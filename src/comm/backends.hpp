@@ -1,0 +1,14 @@
+// Constructors of the individual backends, called only by the registry (src/comm/registry.cpp).
+#pragma once
+
+#include "eplb/comm/communicator.hpp"
+
+namespace eplb::comm {
+
+std::unique_ptr<communicator> make_loopback(const setup& s);
+std::unique_ptr<communicator> make_gloo(const setup& s);
+std::unique_ptr<communicator> make_nccl(const setup& s, bool stateless);
+/// Why NCCL cannot run here, or empty when it can.
+std::string nccl_unavailable_reason();
+
+}  // namespace eplb::comm

@@ -1,0 +1,122 @@
+#include "eplb/comm/communicator.hpp"
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "util/fail.hpp"
+
+namespace eplb::comm {
+
+std::string_view to_string(backend b) noexcept {
+  switch (b) {
+    case backend::loopback: return "loopback";
+    case backend::gloo: return "gloo";
+    case backend::nccl: return "nccl";
+    case backend::stateless_nccl: return "stateless_nccl";
+  }
+  return "unknown";
+}
+
+backend parse_backend(std::string_view name) {
+  for (auto b : {backend::loopback, backend::gloo, backend::nccl, backend::stateless_nccl}) {
+    if (name == to_string(b)) return b;
+  }
+  fail(errc::invalid_argument, "communicator: unknown backend \"{}\" (allowed: loopback, gloo, nccl, stateless_nccl)",
+       name);
+}
+
+// One thread per communicator runs execute_async() batches in order, so a caller's thread never
+// blocks on the network.
+struct communicator::worker {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> jobs;
+  bool stopping = false;
+  std::thread thread{[this] { loop(); }};
+
+  ~worker() {
+    {
+      std::lock_guard lock(mutex);
+      stopping = true;
+    }
+    cv.notify_all();
+    thread.join();
+  }
+  void post(std::function<void()> job) {
+    {
+      std::lock_guard lock(mutex);
+      jobs.push_back(std::move(job));
+    }
+    cv.notify_one();
+  }
+  void loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock lock(mutex);
+        cv.wait(lock, [&] { return stopping || !jobs.empty(); });
+        if (jobs.empty()) return;  // stopping, and every queued batch has run
+        job = std::move(jobs.front());
+        jobs.pop_front();
+      }
+      job();
+    }
+  }
+};
+
+communicator::communicator(int rank, int size) : rank_(rank), size_(size) {
+  if (size <= 0) fail(errc::invalid_argument, "communicator: size must be > 0, got {}", size);
+  if (rank < 0 || rank >= size) fail(errc::invalid_argument, "communicator: rank {} out of range 0..{}", rank, size - 1);
+}
+
+communicator::~communicator() = default;
+
+void communicator::finish_async() noexcept { worker_.reset(); }
+
+void communicator::check_peer(int peer, const char* what) const {
+  if (peer < 0 || peer >= size_) {
+    fail(errc::invalid_argument, "{}: peer {} is out of range for {} ranks (rank {})", what, peer, size_, rank_);
+  }
+  if (peer == rank_) fail(errc::invalid_argument, "{}: rank {} cannot exchange with itself", what, rank_);
+}
+
+void communicator::add_send(std::span<const std::byte> data, int peer) {
+  check_peer(peer, "add_send");
+  // The backend only reads through this pointer.
+  ops_.push_back({true, const_cast<std::byte*>(data.data()), data.size(), peer});
+}
+
+void communicator::add_recv(std::span<std::byte> data, int peer) {
+  check_peer(peer, "add_recv");
+  ops_.push_back({false, data.data(), data.size(), peer});
+}
+
+void communicator::execute() {
+  std::vector<op> batch;
+  batch.swap(ops_);
+  if (batch.empty()) return;
+  run(batch);
+}
+
+void communicator::execute_async(std::function<void(std::exception_ptr)> done) {
+  if (!worker_) worker_ = std::make_unique<worker>();
+  auto batch = std::make_shared<std::vector<op>>();
+  batch->swap(ops_);
+  worker_->post([this, batch, done = std::move(done)] {
+    std::exception_ptr failure;
+    try {
+      if (!batch->empty()) run(*batch);
+      if (caps().stream_ordered && stream_ != nullptr) {
+        stream_->record().notify(done);
+        return;
+      }
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    done(failure);
+  });
+}
+
+}  // namespace eplb::comm

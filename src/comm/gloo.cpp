@@ -1,0 +1,380 @@
+// Gloo: point-to-point over TCP. Device memory is staged through pinned host memory on the stream
+// given by set_stream(): per peer and direction a worker moves the peer's messages as a FIFO of
+// chunks, keeping a window of chunks in flight over several TCP lanes (one Gloo context and device
+// each, because one TCP stream moves only 3-4 GB/s), so that the D2H copy of chunk k+1 overlaps the
+// send of chunk k and the receive of chunk k overlaps the H2D copy of chunk k-1. Without a stream,
+// buffers must be host memory and chunks move in place.
+//
+// Each execute() starts with a manifest per peer (the sizes each side will send and expects), so a
+// size mismatch is a clear error on both sides instead of a hang. Workers depend only on their own
+// peer, and each has a fixed share of the staging cap, so no cycle of waits can form.
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/prefix_store.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include <fmt/ranges.h>
+
+#include "comm/backends.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::comm {
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+// Gloo's Store over ours, so Gloo's rendezvous uses the same store (file, TCP, memory) as the rest.
+class gloo_store_adapter final : public gloo::rendezvous::Store {
+ public:
+  gloo_store_adapter(std::shared_ptr<store> inner, milliseconds timeout) : inner_(std::move(inner)), timeout_(timeout) {}
+  void set(const std::string& key, const std::vector<char>& data) override {
+    inner_->set(key, std::string(data.begin(), data.end()));
+  }
+  std::vector<char> get(const std::string& key) override {
+    const auto v = inner_->get(key, timeout_);
+    return {v.begin(), v.end()};
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    for (const auto& k : keys) (void)inner_->get(k, timeout);
+  }
+
+ private:
+  std::shared_ptr<store> inner_;
+  milliseconds timeout_;
+};
+
+constexpr std::uint64_t slot_manifest = 0;
+constexpr std::uint64_t slot_data = 1;
+
+struct chunk {
+  std::byte* data;
+  std::size_t bytes;
+};
+
+// Splits one peer's messages (in order) into chunks of at most chunk_bytes; empty messages vanish.
+std::vector<chunk> chunks_of(const std::vector<const void*>& ops_data, const std::vector<std::size_t>& sizes,
+                             std::size_t chunk_bytes) {
+  std::vector<chunk> out;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    auto* base = static_cast<std::byte*>(const_cast<void*>(ops_data[i]));
+    for (std::size_t off = 0; off < sizes[i]; off += chunk_bytes) {
+      out.push_back({base + off, std::min(chunk_bytes, sizes[i] - off)});
+    }
+  }
+  return out;
+}
+
+class gloo_communicator final : public communicator {
+ public:
+  gloo_communicator(const setup& s)
+      : communicator(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
+    if (!store_) fail(errc::invalid_argument, "gloo communicator: setup.rendezvous (a store) is missing");
+    if (opts_.lanes <= 0 || opts_.lanes > 64) fail(errc::invalid_argument, "gloo: lanes must be in 1..64, got {}", opts_.lanes);
+    if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
+    // Both ends of a pair must cut messages identically, so the chunk size depends only on values
+    // every rank shares; it also lets the cap hold one chunk per peer and direction at worst.
+    chunk_bytes_ = std::max<std::size_t>(
+        1, std::min(opts_.chunk_bytes, opts_.staging_bytes / (2 * static_cast<std::size_t>(std::max(1, size() - 1)))));
+    connect();
+  }
+  ~gloo_communicator() override { finish_async(); }
+
+  backend kind() const noexcept override { return backend::gloo; }
+  capabilities caps() const noexcept override {
+    return {.host_complete = true, .background_safe = true, .crosses_nodes = true, .device_memory = true, .host_memory = true};
+  }
+
+ protected:
+  void run(std::span<const op> ops) override {
+    if (broken_) {
+      fail(errc::transport, "gloo rank {}: communicator is unusable after an earlier failure ({}); create a new one",
+           rank(), broken_reason_);
+    }
+    const bool staged = stream() != nullptr;
+    if (staged && dev_ == nullptr) fail(errc::invalid_argument, "gloo: a stream is set but setup.dev is missing");
+
+    // Per peer, in order: what we send and what we expect.
+    std::map<int, peer_plan> peers;
+    for (const auto& o : ops) {
+      auto& p = peers[o.peer];
+      (o.is_send ? p.send_data : p.recv_data).push_back(o.data);
+      (o.is_send ? p.send_sizes : p.recv_sizes).push_back(o.bytes);
+    }
+    const auto deadline = clock::now() + opts_.timeout;
+    std::size_t window_bytes = 0;
+    if (staged) window_bytes = prepare_staging(peers);
+
+    std::vector<std::thread> workers;
+    std::mutex failure_mutex;
+    std::exception_ptr failure;
+    const auto guard = [&](auto fn) {
+      return [&, fn] {
+        try {
+          fn();
+        } catch (...) {
+          std::lock_guard lock(failure_mutex);
+          if (!failure) failure = std::current_exception();
+        }
+      };
+    };
+    std::size_t staging_offset = 0;
+    for (auto& [peer, plan] : peers) {
+      plan.generation = ++generation_[peer];
+      std::byte* send_area = staged ? staging_.data() + staging_offset : nullptr;
+      std::byte* recv_area = staged ? staging_.data() + staging_offset + window_bytes : nullptr;
+      staging_offset += 2 * window_bytes;
+      workers.emplace_back(guard([this, peer, &plan, send_area, recv_area, window_bytes, deadline] {
+        exchange_manifest(peer, plan, deadline);
+        std::exception_ptr send_failure;
+        std::thread sender([&] {
+          try {
+            send_all(peer, plan, send_area, window_bytes, deadline);
+          } catch (...) {
+            send_failure = std::current_exception();
+          }
+        });
+        try {
+          receive_all(peer, plan, recv_area, window_bytes, deadline);
+        } catch (...) {
+          sender.join();
+          throw;
+        }
+        sender.join();
+        if (send_failure) std::rethrow_exception(send_failure);
+      }));
+    }
+    for (auto& t : workers) t.join();
+    if (failure) {
+      // Ops may still be posted in Gloo; closing every lane guarantees no late write lands.
+      break_lanes(failure);
+      std::rethrow_exception(failure);
+    }
+  }
+
+ private:
+  struct peer_plan {
+    std::vector<const void*> send_data;
+    std::vector<std::size_t> send_sizes;
+    std::vector<const void*> recv_data;
+    std::vector<std::size_t> recv_sizes;
+    std::uint64_t generation = 0;
+  };
+
+  void connect() {
+    auto adapter = std::make_shared<gloo_store_adapter>(store_, opts_.timeout);
+    for (int lane = 0; lane < opts_.lanes; ++lane) {
+      gloo::transport::tcp::attr attr;
+      attr.hostname = opts_.hostname;
+      attr.ai_family = AF_UNSPEC;
+      auto device = gloo::transport::tcp::CreateDevice(attr);
+      auto context = std::make_shared<gloo::rendezvous::Context>(rank(), size());
+      context->setTimeout(opts_.timeout);
+      gloo::rendezvous::PrefixStore prefixed(fmt::format("gloo-lane-{}", lane), *adapter);
+      try {
+        context->connectFullMesh(prefixed, device);
+      } catch (const std::exception& e) {
+        fail(errc::timeout, "gloo rank {}: could not connect lane {} to all {} ranks within {} ms: {}", rank(), lane,
+             size(), opts_.timeout.count(), e.what());
+      }
+      devices_.push_back(std::move(device));
+      lanes_.push_back(std::move(context));
+    }
+  }
+
+  // Splits the staging cap evenly over peers and directions; returns each worker's window in bytes
+  // (a whole number of chunks, at least one).
+  std::size_t prepare_staging(const std::map<int, peer_plan>& peers) {
+    const std::size_t parts = 2 * std::max<std::size_t>(peers.size(), 1);
+    const std::size_t per_part = std::max(opts_.staging_bytes / parts, std::size_t{1});
+    const std::size_t window = std::max<std::size_t>(per_part / chunk_bytes_, 1) * chunk_bytes_;
+    if (staging_.size() < window * parts) {
+      staging_ = dev_->allocate(window * parts, device::memory_kind::pinned);
+    }
+    return window;
+  }
+
+  gloo::rendezvous::Context& lane(std::size_t k) { return *lanes_[k % lanes_.size()]; }
+  std::uint64_t tag(std::uint64_t generation, std::uint64_t kind) const { return generation * 2 + kind; }
+
+  [[noreturn]] void peer_failed(int peer, const char* what, const std::exception& e) {
+    const std::string msg = e.what();
+    if (msg.find("Timed out") != std::string::npos) {
+      fail(errc::timeout, "gloo rank {}: {} rank {} timed out after {} ms", rank(), what, peer, opts_.timeout.count());
+    }
+    fail(errc::peer_failure, "gloo rank {}: {} rank {} failed (peer died or closed the connection): {}", rank(), what,
+         peer, msg);
+  }
+
+  milliseconds left(clock::time_point deadline, int peer, const char* what) {
+    const auto ms = std::chrono::duration_cast<milliseconds>(deadline - clock::now());
+    if (ms.count() <= 0) fail(errc::timeout, "gloo rank {}: {} rank {} timed out after {} ms", rank(), what, peer, opts_.timeout.count());
+    return ms;
+  }
+
+  void wait_send(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
+    try {
+      if (!b.waitSend(nullptr, left(deadline, peer, "sending to"))) fail(errc::cancelled, "gloo: send to rank {} aborted", peer);
+    } catch (const eplb::error&) {
+      throw;
+    } catch (const std::exception& e) {
+      peer_failed(peer, "sending to", e);
+    }
+  }
+  void wait_recv(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
+    try {
+      if (!b.waitRecv(nullptr, left(deadline, peer, "receiving from"))) fail(errc::cancelled, "gloo: receive from rank {} aborted", peer);
+    } catch (const eplb::error&) {
+      throw;
+    } catch (const std::exception& e) {
+      peer_failed(peer, "receiving from", e);
+    }
+  }
+
+  void exchange_manifest(int peer, const peer_plan& plan, clock::time_point deadline) {
+    std::vector<std::uint64_t> mine{plan.send_sizes.size(), plan.recv_sizes.size()};
+    mine.insert(mine.end(), plan.send_sizes.begin(), plan.send_sizes.end());
+    mine.insert(mine.end(), plan.recv_sizes.begin(), plan.recv_sizes.end());
+    std::uint64_t my_counts[2] = {mine[0], mine[1]};
+    std::uint64_t their_counts[2] = {};
+    auto& ctx = lane(0);
+    const auto t = tag(plan.generation, slot_manifest);
+    auto out_counts = ctx.createUnboundBuffer(my_counts, sizeof my_counts);
+    auto in_counts = ctx.createUnboundBuffer(their_counts, sizeof their_counts);
+    in_counts->recv(peer, t);
+    out_counts->send(peer, t);
+    wait_recv(*in_counts, peer, deadline);
+    wait_send(*out_counts, peer, deadline);
+    std::vector<std::uint64_t> theirs(2 + their_counts[0] + their_counts[1]);
+    auto out = ctx.createUnboundBuffer(mine.data(), mine.size() * sizeof(std::uint64_t));
+    auto in = ctx.createUnboundBuffer(theirs.data(), theirs.size() * sizeof(std::uint64_t));
+    in->recv(peer, t);
+    out->send(peer, t);
+    wait_recv(*in, peer, deadline);
+    wait_send(*out, peer, deadline);
+    const std::vector<std::uint64_t> they_send(theirs.begin() + 2, theirs.begin() + 2 + static_cast<std::ptrdiff_t>(their_counts[0]));
+    const std::vector<std::uint64_t> they_expect(theirs.begin() + 2 + static_cast<std::ptrdiff_t>(their_counts[0]), theirs.end());
+    const std::vector<std::uint64_t> i_expect(plan.recv_sizes.begin(), plan.recv_sizes.end());
+    const std::vector<std::uint64_t> i_send(plan.send_sizes.begin(), plan.send_sizes.end());
+    if (they_send != i_expect || they_expect != i_send) {
+      fail(errc::invalid_argument,
+           "gloo rank {}: transfers with rank {} do not match: it sends [{}] and expects [{}]; this rank expects [{}] and "
+           "sends [{}] (bytes per message, in order)",
+           rank(), peer, fmt::join(they_send, ","), fmt::join(they_expect, ","), fmt::join(i_expect, ","),
+           fmt::join(i_send, ","));
+    }
+  }
+
+  void send_all(int peer, const peer_plan& plan, std::byte* area, std::size_t window, clock::time_point deadline) {
+    const auto chunks = chunks_of(plan.send_data, plan.send_sizes, chunk_bytes_);
+    const std::size_t slots = stream() ? window / chunk_bytes_ : chunks.size();
+    const auto t = tag(plan.generation, slot_data);
+    struct in_flight {
+      std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
+      device::event staged;
+    };
+    std::deque<in_flight> staged_q, posted_q;
+    std::size_t next_stage = 0;
+    std::size_t next_post = 0;
+    while (next_post < chunks.size()) {
+      // Enqueue D2H copies for every free staging slot, then post the oldest staged chunk.
+      while (next_stage < chunks.size() && staged_q.size() + posted_q.size() < slots) {
+        const auto& c = chunks[next_stage];
+        void* src = c.data;
+        if (stream()) {
+          std::byte* slot = area + (next_stage % slots) * chunk_bytes_;
+          stream()->copy(slot, c.data, c.bytes);
+          src = slot;
+        }
+        staged_q.push_back({lane(next_stage).createUnboundBuffer(src, c.bytes), stream() ? stream()->record() : device::event()});
+        ++next_stage;
+      }
+      auto f = std::move(staged_q.front());
+      staged_q.pop_front();
+      if (f.staged.valid()) f.staged.wait(left(deadline, peer, "staging for"));
+      f.buffer->send(peer, t);
+      posted_q.push_back(std::move(f));
+      ++next_post;
+      if (staged_q.empty() || posted_q.size() >= slots) {
+        wait_send(*posted_q.front().buffer, peer, deadline);
+        posted_q.pop_front();
+      }
+    }
+    for (auto& f : posted_q) wait_send(*f.buffer, peer, deadline);
+  }
+
+  void receive_all(int peer, const peer_plan& plan, std::byte* area, std::size_t window, clock::time_point deadline) {
+    const auto chunks = chunks_of(plan.recv_data, plan.recv_sizes, chunk_bytes_);
+    const std::size_t slots = stream() ? window / chunk_bytes_ : chunks.size();
+    const auto t = tag(plan.generation, slot_data);
+    std::deque<std::unique_ptr<gloo::transport::UnboundBuffer>> posted;
+    std::vector<device::event> drained(slots);  // H2D done: the staging slot may be reused
+    std::size_t next_post = 0;
+    for (std::size_t k = 0; k < chunks.size(); ++k) {
+      while (next_post < chunks.size() && posted.size() < slots) {
+        const auto& c = chunks[next_post];
+        void* dst = c.data;
+        if (stream()) {
+          const std::size_t s = next_post % slots;
+          if (drained[s].valid()) drained[s].wait(left(deadline, peer, "draining staging for"));
+          dst = area + s * chunk_bytes_;
+        }
+        posted.push_back(lane(next_post).createUnboundBuffer(dst, c.bytes));
+        posted.back()->recv(peer, t);
+        ++next_post;
+      }
+      wait_recv(*posted.front(), peer, deadline);
+      posted.pop_front();
+      if (stream()) {
+        const std::size_t s = k % slots;
+        stream()->copy(chunks[k].data, area + s * chunk_bytes_, chunks[k].bytes);
+        drained[s] = stream()->record();
+      }
+    }
+    // Host-complete: every received byte is in place before execute() returns.
+    for (auto& e : drained) {
+      if (e.valid()) e.wait(left(deadline, peer, "draining staging for"));
+    }
+  }
+
+  void break_lanes(std::exception_ptr why) noexcept {
+    broken_ = true;
+    try {
+      std::rethrow_exception(why);
+    } catch (const std::exception& e) {
+      broken_reason_ = e.what();
+    } catch (...) {
+      broken_reason_ = "unknown error";
+    }
+    for (auto& ctx : lanes_) {
+      try {
+        ctx->closeConnections();
+      } catch (...) {
+      }
+    }
+  }
+
+  options opts_;
+  device::device* dev_;
+  std::shared_ptr<store> store_;
+  std::vector<std::shared_ptr<gloo::transport::Device>> devices_;
+  std::vector<std::shared_ptr<gloo::rendezvous::Context>> lanes_;
+  std::map<int, std::uint64_t> generation_;  // per peer: both sides count the executes they share
+  device::buffer staging_;
+  std::size_t chunk_bytes_ = 0;
+  bool broken_ = false;
+  std::string broken_reason_;
+};
+
+}  // namespace
+
+std::unique_ptr<communicator> make_gloo(const setup& s) { return std::make_unique<gloo_communicator>(s); }
+
+}  // namespace eplb::comm

@@ -1,0 +1,175 @@
+// NCCL: every execute() is one ncclGroupStart/End of ncclSend/ncclRecv on the stream given by
+// set_stream(). Communicators are non-blocking (config.blocking = 0) so that creation and transfers
+// can be polled with a deadline: a peer that never arrives, dies or stalls is reported, after which
+// the communicator is aborted (ncclCommAbort) so no kernel is left spinning. The stateless flavour
+// always creates its own ncclComm from a unique id exchanged through the store, independent of any
+// framework group; a new rank set (elastic EP) is a new communicator under a new store prefix.
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "comm/backends.hpp"
+#include "device/cuda_check.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::comm {
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+class nccl_communicator final : public communicator {
+ public:
+  nccl_communicator(const setup& s, bool stateless) : communicator(s.rank, s.size), opts_(s.opts), stateless_(stateless) {
+    if (s.dev == nullptr || s.dev->kind() != device::backend_kind::cuda) {
+      fail(errc::invalid_argument, "{}: setup.dev must be a CUDA device", name());
+    }
+    ordinal_ = s.dev->ordinal();
+    device::cuda::use_device(ordinal_);
+    if (!stateless && s.external_nccl_comm != nullptr) {
+      comm_ = static_cast<ncclComm_t>(s.external_nccl_comm);
+      owned_ = false;
+      int n = 0, r = 0;
+      check(ncclCommCount(comm_, &n), "ncclCommCount");
+      check(ncclCommUserRank(comm_, &r), "ncclCommUserRank");
+      if (n != size() || r != rank()) {
+        fail(errc::invalid_argument, "nccl: the external communicator is rank {} of {}, setup says {} of {}", r, n, rank(), size());
+      }
+      return;
+    }
+    if (!s.rendezvous) fail(errc::invalid_argument, "{}: setup.rendezvous (a store) is missing", name());
+    ncclUniqueId id{};
+    const std::string key = "nccl-unique-id";
+    if (rank() == 0) {
+      check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      s.rendezvous->set(key, std::string(reinterpret_cast<const char*>(&id), sizeof id));
+    } else {
+      const auto v = s.rendezvous->get(key, opts_.timeout);
+      if (v.size() != sizeof id) fail(errc::transport, "{}: unique id in the store has {} bytes", name(), v.size());
+      std::memcpy(&id, v.data(), sizeof id);
+    }
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const ncclResult_t r = ncclCommInitRankConfig(&comm_, size(), id, rank(), &config);
+    if (r != ncclSuccess && r != ncclInProgress) check(r, "ncclCommInitRankConfig");
+    await_comm(clock::now() + opts_.timeout, "joining the communicator (a rank never arrived?)");
+  }
+
+  ~nccl_communicator() override {
+    finish_async();
+    if (!owned_ || comm_ == nullptr) return;
+    (void)cudaSetDevice(ordinal_);
+    // Finalize flushes outstanding work; a peer that is gone can keep it pending, so bound the
+    // wait and abort instead of hanging in a destructor.
+    ncclResult_t state = ncclCommFinalize(comm_);
+    const auto deadline = clock::now() + opts_.timeout;
+    while (state == ncclInProgress && clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+      if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) break;
+    }
+    if (state == ncclSuccess) {
+      (void)ncclCommDestroy(comm_);
+    } else {
+      (void)ncclCommAbort(comm_);
+    }
+  }
+
+  backend kind() const noexcept override { return stateless_ ? backend::stateless_nccl : backend::nccl; }
+  capabilities caps() const noexcept override {
+    return {.stream_ordered = true, .host_complete = true, .crosses_nodes = true, .device_memory = true};
+  }
+
+ protected:
+  void run(std::span<const op> ops) override {
+    if (aborted_) fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
+    if (stream() == nullptr) fail(errc::invalid_argument, "{}: set_stream() must be called before execute()", name());
+    device::cuda::use_device(ordinal_);
+    auto* s = static_cast<cudaStream_t>(stream()->native_handle());
+    const auto deadline = clock::now() + opts_.timeout;
+    check(ncclGroupStart(), "ncclGroupStart");
+    for (const auto& o : ops) {
+      const ncclResult_t r = o.is_send ? ncclSend(o.data, o.bytes, ncclUint8, o.peer, comm_, s)
+                                       : ncclRecv(o.data, o.bytes, ncclUint8, o.peer, comm_, s);
+      if (r != ncclSuccess && r != ncclInProgress) {
+        (void)ncclGroupEnd();
+        check(r, o.is_send ? "ncclSend" : "ncclRecv");
+      }
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    if (end != ncclSuccess && end != ncclInProgress) check(end, "ncclGroupEnd");
+    await_comm(deadline, "enqueueing the batch");
+    // Wait for the transfers themselves, polling NCCL's asynchronous errors so a dead peer surfaces.
+    const auto done = stream()->record();
+    auto step = std::chrono::microseconds(20);
+    while (!done.query()) {
+      ncclResult_t async = ncclSuccess;
+      check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
+      if (async != ncclSuccess && async != ncclInProgress) abort_with(errc::peer_failure, fmt::format("asynchronous NCCL error: {}", ncclGetErrorString(async)));
+      if (clock::now() >= deadline) {
+        abort_with(errc::timeout, fmt::format("transfers with peers {} did not finish within {} ms", peers_of(ops), opts_.timeout.count()));
+      }
+      std::this_thread::sleep_for(step);
+      step = std::min(step * 2, std::chrono::microseconds(1000));
+    }
+  }
+
+ private:
+  const char* name() const { return stateless_ ? "stateless_nccl" : "nccl"; }
+
+  static std::string peers_of(std::span<const op> ops) {
+    std::vector<int> peers;
+    for (const auto& o : ops) {
+      if (std::find(peers.begin(), peers.end(), o.peer) == peers.end()) peers.push_back(o.peer);
+    }
+    return fmt::format("{}", fmt::join(peers, ","));
+  }
+
+  void check(ncclResult_t r, const char* what) {
+    if (r == ncclSuccess) return;
+    fail(errc::transport, "{} rank {}: {} failed: {} ({})", name(), rank(), what, ncclGetErrorString(r), ncclGetLastError(comm_));
+  }
+
+  void await_comm(clock::time_point deadline, const char* what) {
+    for (;;) {
+      ncclResult_t state = ncclSuccess;
+      check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress) abort_with(errc::peer_failure, fmt::format("{}: {}", what, ncclGetErrorString(state)));
+      if (clock::now() >= deadline) abort_with(errc::timeout, fmt::format("{}: not done within {} ms", what, opts_.timeout.count()));
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+
+  [[noreturn]] void abort_with(errc code, const std::string& why) {
+    if (!aborted_ && comm_ != nullptr) {
+      aborted_ = true;
+      (void)ncclCommAbort(comm_);  // frees the communicator; the engine must rebuild one it lent us
+      comm_ = nullptr;
+    }
+    fail(code, "{} rank {}: {}; communicator aborted", name(), rank(), why);
+  }
+
+  options opts_;
+  bool stateless_;
+  int ordinal_ = 0;
+  ncclComm_t comm_ = nullptr;
+  bool owned_ = true;
+  bool aborted_ = false;
+};
+
+}  // namespace
+
+std::string nccl_unavailable_reason() {
+  const int n = device::cuda_device_count();
+  return n > 0 ? std::string() : std::string("no usable GPU on this machine");
+}
+
+std::unique_ptr<communicator> make_nccl(const setup& s, bool stateless) {
+  return std::make_unique<nccl_communicator>(s, stateless);
+}
+
+}  // namespace eplb::comm

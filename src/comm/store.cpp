@@ -1,0 +1,165 @@
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "eplb/comm/store.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::comm {
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+class memory_store final : public store {
+ public:
+  void set(const std::string& key, const std::string& value) override {
+    {
+      std::lock_guard lock(mutex_);
+      values_[key] = value;
+    }
+    cv_.notify_all();
+  }
+  std::string get(const std::string& key, milliseconds timeout) override {
+    std::unique_lock lock(mutex_);
+    if (!cv_.wait_for(lock, timeout, [&] { return values_.count(key) != 0; })) {
+      fail(errc::timeout, "store: key \"{}\" not set within {} ms", key, timeout.count());
+    }
+    return values_[key];
+  }
+  std::int64_t add(const std::string& key, std::int64_t delta) override {
+    std::int64_t now = 0;
+    {
+      std::lock_guard lock(mutex_);
+      auto& v = values_[key];
+      now = (v.empty() ? 0 : std::stoll(v)) + delta;
+      v = std::to_string(now);
+    }
+    cv_.notify_all();
+    return now;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::map<std::string, std::string> values_;
+};
+
+namespace fs = std::filesystem;
+
+// Keys become file names: every byte outside [A-Za-z0-9._-] is written as %XX.
+std::string file_name(const std::string& key) {
+  std::string out;
+  for (unsigned char c : key) {
+    if (std::isalnum(c) || c == '.' || c == '_' || c == '-') {
+      out += static_cast<char>(c);
+    } else {
+      out += fmt::format("%{:02X}", c);
+    }
+  }
+  return out;
+}
+
+class file_store final : public store {
+ public:
+  explicit file_store(fs::path dir) : dir_(std::move(dir)) {
+    std::error_code ec;
+    fs::create_directories(dir_, ec);
+    if (ec) fail(errc::invalid_argument, "file store: cannot create directory {}: {}", dir_.string(), ec.message());
+  }
+  void set(const std::string& key, const std::string& value) override {
+    const auto path = dir_ / file_name(key);
+    // Write then rename: readers see the whole value or nothing.
+    const auto tmp = path.string() + fmt::format(".tmp.{}.{}", ::getpid(), std::hash<std::thread::id>{}(std::this_thread::get_id()));
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << value;
+      if (!out) fail(errc::transport, "file store: cannot write {}", tmp);
+    }
+    std::error_code ec;
+    fs::rename(tmp, path, ec);
+    if (ec) fail(errc::transport, "file store: cannot rename {} to {}: {}", tmp, path.string(), ec.message());
+  }
+  std::string get(const std::string& key, milliseconds timeout) override {
+    const auto path = dir_ / file_name(key);
+    const auto deadline = clock::now() + timeout;
+    auto step = milliseconds(1);
+    for (;;) {
+      std::ifstream in(path, std::ios::binary);
+      if (in) {
+        std::ostringstream text;
+        text << in.rdbuf();
+        return text.str();
+      }
+      if (clock::now() >= deadline) {
+        fail(errc::timeout, "store: key \"{}\" not set within {} ms (file store {})", key, timeout.count(),
+             dir_.string());
+      }
+      std::this_thread::sleep_for(step);
+      step = std::min(step * 2, milliseconds(20));
+    }
+  }
+  std::int64_t add(const std::string& key, std::int64_t delta) override {
+    const auto path = dir_ / (file_name(key) + ".counter");
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT, 0644);
+    if (fd < 0) fail(errc::transport, "file store: cannot open {}", path.string());
+    ::flock(fd, LOCK_EX);  // processes serialise on the counter file
+    char buf[32] = {};
+    const auto n = ::pread(fd, buf, sizeof buf - 1, 0);
+    const std::int64_t now = (n > 0 ? std::stoll(std::string(buf, static_cast<std::size_t>(n))) : 0) + delta;
+    const auto text = std::to_string(now);
+    const bool ok = ::ftruncate(fd, 0) == 0 &&
+                    ::pwrite(fd, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size());
+    ::flock(fd, LOCK_UN);
+    ::close(fd);
+    if (!ok) fail(errc::transport, "file store: cannot update {}", path.string());
+    set(key, text);  // so that get() sees counters too
+    return now;
+  }
+
+ private:
+  fs::path dir_;
+};
+
+class prefix_store final : public store {
+ public:
+  prefix_store(std::shared_ptr<store> inner, std::string prefix) : inner_(std::move(inner)), prefix_(std::move(prefix) + "/") {}
+  void set(const std::string& key, const std::string& value) override { inner_->set(prefix_ + key, value); }
+  std::string get(const std::string& key, milliseconds timeout) override { return inner_->get(prefix_ + key, timeout); }
+  std::int64_t add(const std::string& key, std::int64_t delta) override { return inner_->add(prefix_ + key, delta); }
+
+ private:
+  std::shared_ptr<store> inner_;
+  std::string prefix_;
+};
+
+}  // namespace
+
+std::shared_ptr<store> make_memory_store() { return std::make_shared<memory_store>(); }
+std::shared_ptr<store> make_file_store(const std::string& directory) { return std::make_shared<file_store>(directory); }
+std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::string prefix) {
+  return std::make_shared<prefix_store>(std::move(inner), std::move(prefix));
+}
+
+void store_barrier(store& s, const std::string& name, int count, milliseconds timeout) {
+  const auto deadline = clock::now() + timeout;
+  std::int64_t seen = s.add(name, 1);
+  auto step = milliseconds(1);
+  while (seen < count) {
+    if (clock::now() >= deadline) {
+      fail(errc::timeout, "barrier \"{}\": {} of {} ranks arrived within {} ms", name, seen, count, timeout.count());
+    }
+    std::this_thread::sleep_for(step);
+    step = std::min(step * 2, milliseconds(20));
+    seen = s.add(name, 0);
+  }
+}
+
+}  // namespace eplb::comm

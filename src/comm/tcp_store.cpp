@@ -1,0 +1,209 @@
+// A TCP rendezvous store. The server is a coroutine per connection on one io_context thread, so its
+// map needs no lock; a GET for a missing key parks on a timer that a later SET cancels. Clients talk
+// synchronously with a deadline on every exchange; after a timeout the connection is dropped (its
+// late reply must not be read as the answer to the next request) and reopened on next use.
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "eplb/comm/store.hpp"
+#include "util/asio.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::comm {
+namespace {
+
+using tcp = asio::ip::tcp;
+using clock = std::chrono::steady_clock;
+
+enum : char { op_set = 'S', op_get = 'G', op_add = 'A' };
+
+struct wire_header {
+  char op;
+  std::uint32_t key_size;
+  std::uint32_t value_size;
+};
+
+}  // namespace
+
+struct tcp_store_server::impl {
+  asio::io_context io;
+  tcp::acceptor acceptor{io};
+  std::map<std::string, std::string> values;
+  std::multimap<std::string, asio::steady_timer*> waiters;
+  std::thread thread;
+
+  asio::awaitable<void> serve(tcp::socket socket) {
+    try {
+      for (;;) {
+        wire_header h{};
+        co_await asio::async_read(socket, asio::buffer(&h, sizeof h), asio::use_awaitable);
+        if (h.key_size > (1U << 20) || h.value_size > (1U << 30)) co_return;  // not our protocol
+        std::string key(h.key_size, '\0');
+        std::string value(h.value_size, '\0');
+        co_await asio::async_read(socket, asio::buffer(key), asio::use_awaitable);
+        co_await asio::async_read(socket, asio::buffer(value), asio::use_awaitable);
+        std::string reply;
+        if (h.op == op_set) {
+          values[key] = std::move(value);
+          wake(key);
+        } else if (h.op == op_add) {
+          auto& v = values[key];
+          v = std::to_string((v.empty() ? 0 : std::stoll(v)) + std::stoll(value));
+          reply = v;
+          wake(key);
+        } else if (h.op == op_get) {
+          while (values.count(key) == 0) {
+            asio::steady_timer timer(io, clock::time_point::max());
+            auto it = waiters.emplace(key, &timer);
+            boost::system::error_code ec;
+            co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+            waiters.erase(it);
+            if (!socket.is_open()) co_return;
+          }
+          reply = values[key];
+        } else {
+          co_return;
+        }
+        const auto size = static_cast<std::uint32_t>(reply.size());
+        std::array<asio::const_buffer, 2> out{asio::buffer(&size, sizeof size), asio::buffer(reply)};
+        co_await asio::async_write(socket, out, asio::use_awaitable);
+      }
+    } catch (const std::exception&) {
+      // The client went away; its requests die with the connection.
+    }
+  }
+
+  void wake(const std::string& key) {
+    auto [first, last] = waiters.equal_range(key);
+    for (auto it = first; it != last; ++it) it->second->cancel();
+  }
+
+  asio::awaitable<void> accept_loop() {
+    for (;;) {
+      auto socket = co_await acceptor.async_accept(asio::use_awaitable);
+      socket.set_option(tcp::no_delay(true));
+      asio::co_spawn(io, serve(std::move(socket)), [](std::exception_ptr) {});  // serve() catches its own errors
+    }
+  }
+};
+
+tcp_store_server::tcp_store_server(const std::string& bind_address, std::uint16_t port) : impl_(std::make_unique<impl>()) {
+  try {
+    const tcp::endpoint ep(asio::ip::make_address(bind_address), port);
+    impl_->acceptor.open(ep.protocol());
+    impl_->acceptor.set_option(tcp::acceptor::reuse_address(true));
+    impl_->acceptor.bind(ep);
+    impl_->acceptor.listen();
+  } catch (const std::exception& e) {
+    fail(errc::transport, "tcp store server: cannot listen on {}:{}: {}", bind_address, port, e.what());
+  }
+  asio::co_spawn(impl_->io, impl_->accept_loop(), [](std::exception_ptr) {});  // ends when the acceptor closes
+  impl_->thread = std::thread([this] { impl_->io.run(); });
+}
+
+tcp_store_server::~tcp_store_server() {
+  impl_->io.stop();
+  impl_->thread.join();
+}
+
+std::uint16_t tcp_store_server::port() const noexcept { return impl_->acceptor.local_endpoint().port(); }
+
+namespace {
+
+class tcp_store final : public store {
+ public:
+  tcp_store(std::string host, std::uint16_t port, milliseconds connect_timeout)
+      : host_(std::move(host)), port_(port), connect_timeout_(connect_timeout) {
+    std::lock_guard lock(mutex_);
+    connect(clock::now() + connect_timeout_);
+  }
+
+  void set(const std::string& key, const std::string& value) override {
+    (void)exchange(op_set, key, value, connect_timeout_);
+  }
+  std::string get(const std::string& key, milliseconds timeout) override { return exchange(op_get, key, {}, timeout); }
+  std::int64_t add(const std::string& key, std::int64_t delta) override {
+    return std::stoll(exchange(op_add, key, std::to_string(delta), connect_timeout_));
+  }
+
+ private:
+  void connect(clock::time_point deadline) {
+    auto step = milliseconds(5);
+    for (;;) {
+      socket_ = tcp::socket(io_);
+      boost::system::error_code ec;
+      tcp::resolver resolver(io_);
+      const auto endpoints = resolver.resolve(host_, std::to_string(port_), ec);
+      if (!ec) asio::connect(socket_, endpoints, ec);
+      if (!ec) {
+        socket_.set_option(tcp::no_delay(true));
+        return;
+      }
+      if (clock::now() + step >= deadline) {
+        fail(errc::timeout, "tcp store: cannot connect to {}:{} ({})", host_, port_, ec.message());
+      }
+      std::this_thread::sleep_for(step);
+      step = std::min(step * 2, milliseconds(200));
+    }
+  }
+
+  std::string exchange(char op, const std::string& key, const std::string& value, milliseconds timeout) {
+    std::lock_guard lock(mutex_);
+    const auto deadline = clock::now() + timeout;
+    if (!socket_.is_open()) connect(deadline);
+    const wire_header h{op, static_cast<std::uint32_t>(key.size()), static_cast<std::uint32_t>(value.size())};
+    std::array<asio::const_buffer, 3> out{asio::buffer(&h, sizeof h), asio::buffer(key), asio::buffer(value)};
+    std::uint32_t size = 0;
+    std::string reply;
+    boost::system::error_code failure;
+    bool done = false;
+    asio::async_write(socket_, out, [&](boost::system::error_code ec, std::size_t) {
+      if (ec) {
+        failure = ec;
+        done = true;
+        return;
+      }
+      asio::async_read(socket_, asio::buffer(&size, sizeof size), [&](boost::system::error_code ec2, std::size_t) {
+        if (ec2 || size == 0) {
+          failure = ec2;
+          done = true;
+          return;
+        }
+        reply.resize(size);
+        asio::async_read(socket_, asio::buffer(reply), [&](boost::system::error_code ec3, std::size_t) {
+          failure = ec3;
+          done = true;
+        });
+      });
+    });
+    io_.restart();
+    io_.run_until(deadline);
+    if (!done) {
+      socket_.close();  // drop the connection: its late reply belongs to this request
+      io_.restart();
+      io_.run();
+      fail(errc::timeout, "tcp store {}:{}: no reply for key \"{}\" within {} ms", host_, port_, key, timeout.count());
+    }
+    if (failure) {
+      socket_.close();
+      fail(errc::transport, "tcp store {}:{}: {} (key \"{}\")", host_, port_, failure.message(), key);
+    }
+    return reply;
+  }
+
+  std::string host_;
+  std::uint16_t port_;
+  milliseconds connect_timeout_;
+  std::mutex mutex_;
+  asio::io_context io_;
+  tcp::socket socket_{io_};
+};
+
+}  // namespace
+
+std::shared_ptr<store> make_tcp_store(const std::string& host, std::uint16_t port, milliseconds connect_timeout) {
+  return std::make_shared<tcp_store>(host, port, connect_timeout);
+}
+
+}  // namespace eplb::comm
