@@ -1,7 +1,7 @@
 // A TCP rendezvous store. The server is a coroutine per connection on one io_context thread, so its
 // map needs no lock; a GET for a missing key parks on a timer that a later SET cancels. Clients talk
 // synchronously with a deadline on every exchange; after a timeout the connection is dropped (its
-// late reply must not be read as the answer to the next request) and reopened on next use.
+// late reply must not be read as the answer to the next request).
 #include <map>
 #include <mutex>
 #include <thread>
@@ -111,12 +111,13 @@ std::uint16_t tcp_store_server::port() const noexcept { return impl_->acceptor.l
 
 namespace {
 
+// Threads share the store: each request borrows an idle connection (or opens one), so a GET that
+// waits for a key never blocks another thread's SET.
 class tcp_store final : public store {
  public:
   tcp_store(std::string host, std::uint16_t port, milliseconds connect_timeout)
       : host_(std::move(host)), port_(port), connect_timeout_(connect_timeout) {
-    std::lock_guard lock(mutex_);
-    connect(clock::now() + connect_timeout_);
+    give_back(connect(clock::now() + connect_timeout_));
   }
 
   void set(const std::string& key, const std::string& value) override {
@@ -128,17 +129,22 @@ class tcp_store final : public store {
   }
 
  private:
-  void connect(clock::time_point deadline) {
+  struct connection {
+    asio::io_context io;
+    tcp::socket socket{io};
+  };
+
+  std::unique_ptr<connection> connect(clock::time_point deadline) {
     auto step = milliseconds(5);
     for (;;) {
-      socket_ = tcp::socket(io_);
+      auto c = std::make_unique<connection>();
       boost::system::error_code ec;
-      tcp::resolver resolver(io_);
+      tcp::resolver resolver(c->io);
       const auto endpoints = resolver.resolve(host_, std::to_string(port_), ec);
-      if (!ec) asio::connect(socket_, endpoints, ec);
+      if (!ec) asio::connect(c->socket, endpoints, ec);
       if (!ec) {
-        socket_.set_option(tcp::no_delay(true));
-        return;
+        c->socket.set_option(tcp::no_delay(true));
+        return c;
       }
       if (clock::now() + step >= deadline) {
         fail(errc::timeout, "tcp store: cannot connect to {}:{} ({})", host_, port_, ec.message());
@@ -148,47 +154,63 @@ class tcp_store final : public store {
     }
   }
 
-  std::string exchange(char op, const std::string& key, const std::string& value, milliseconds timeout) {
+  std::unique_ptr<connection> borrow(clock::time_point deadline) {
+    {
+      std::lock_guard lock(mutex_);
+      if (!idle_.empty()) {
+        auto c = std::move(idle_.back());
+        idle_.pop_back();
+        return c;
+      }
+    }
+    return connect(deadline);
+  }
+
+  void give_back(std::unique_ptr<connection> c) {
     std::lock_guard lock(mutex_);
+    idle_.push_back(std::move(c));
+  }
+
+  std::string exchange(char op, const std::string& key, const std::string& value, milliseconds timeout) {
     const auto deadline = clock::now() + timeout;
-    if (!socket_.is_open()) connect(deadline);
+    auto c = borrow(deadline);
+    auto& socket = c->socket;
     const wire_header h{op, static_cast<std::uint32_t>(key.size()), static_cast<std::uint32_t>(value.size())};
     std::array<asio::const_buffer, 3> out{asio::buffer(&h, sizeof h), asio::buffer(key), asio::buffer(value)};
     std::uint32_t size = 0;
     std::string reply;
     boost::system::error_code failure;
     bool done = false;
-    asio::async_write(socket_, out, [&](boost::system::error_code ec, std::size_t) {
+    asio::async_write(socket, out, [&](boost::system::error_code ec, std::size_t) {
       if (ec) {
         failure = ec;
         done = true;
         return;
       }
-      asio::async_read(socket_, asio::buffer(&size, sizeof size), [&](boost::system::error_code ec2, std::size_t) {
+      asio::async_read(socket, asio::buffer(&size, sizeof size), [&](boost::system::error_code ec2, std::size_t) {
         if (ec2 || size == 0) {
           failure = ec2;
           done = true;
           return;
         }
         reply.resize(size);
-        asio::async_read(socket_, asio::buffer(reply), [&](boost::system::error_code ec3, std::size_t) {
+        asio::async_read(socket, asio::buffer(reply), [&](boost::system::error_code ec3, std::size_t) {
           failure = ec3;
           done = true;
         });
       });
     });
-    io_.restart();
-    io_.run_until(deadline);
+    c->io.run_until(deadline);
     if (!done) {
-      socket_.close();  // drop the connection: its late reply belongs to this request
-      io_.restart();
-      io_.run();
+      // Drop the connection: its late reply belongs to this request.
+      socket.close();
+      c->io.restart();
+      c->io.run();
       fail(errc::timeout, "tcp store {}:{}: no reply for key \"{}\" within {} ms", host_, port_, key, timeout.count());
     }
-    if (failure) {
-      socket_.close();
-      fail(errc::transport, "tcp store {}:{}: {} (key \"{}\")", host_, port_, failure.message(), key);
-    }
+    if (failure) fail(errc::transport, "tcp store {}:{}: {} (key \"{}\")", host_, port_, failure.message(), key);
+    c->io.restart();
+    give_back(std::move(c));
     return reply;
   }
 
@@ -196,8 +218,7 @@ class tcp_store final : public store {
   std::uint16_t port_;
   milliseconds connect_timeout_;
   std::mutex mutex_;
-  asio::io_context io_;
-  tcp::socket socket_{io_};
+  std::vector<std::unique_ptr<connection>> idle_;
 };
 
 }  // namespace

@@ -1,0 +1,133 @@
+// One rank of a multi-process communicator test (gloo between processes, nccl on GPUs). The
+// launcher (run_ranks.py) starts one per rank. Modes: conformance (random batches, every byte
+// verified), mismatch (rank 1 expects more than rank 0 sends), die (rank 1 exits after connecting),
+// recreate (stateless_nccl: a second communicator over a subset of the ranks).
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <iostream>
+
+#include "comm/conformance.hpp"
+#include "eplb/comm/communicator.hpp"
+#include "eplb/comm/store.hpp"
+#include "eplb/error.hpp"
+
+using namespace eplb;
+
+namespace {
+
+std::shared_ptr<comm::store> open_store(const std::string& spec, std::unique_ptr<comm::tcp_store_server>& server) {
+  const auto colon = spec.find(':');
+  const auto kind = spec.substr(0, colon);
+  const auto rest = colon == std::string::npos ? std::string() : spec.substr(colon + 1);
+  if (kind == "file") return comm::make_file_store(rest);
+  if (kind == "tcp-serve") {
+    server = std::make_unique<comm::tcp_store_server>("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)));
+    return comm::make_tcp_store("127.0.0.1", server->port(), std::chrono::seconds(30));
+  }
+  if (kind == "tcp") return comm::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)), std::chrono::seconds(30));
+  throw error(errc::invalid_argument, "--store: expected file:DIR, tcp:PORT or tcp-serve:PORT, got " + spec);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"eplb communicator test rank"};
+  std::string backend_name = "gloo", store_spec, device_name = "host", mode = "conformance", expect;
+  int rank = 0, size = 2, rounds = 3, lanes = 2, timeout_ms = 30000;
+  std::uint64_t seed = 1;
+  std::size_t chunk = 4096, staging = 1 << 20;
+  bool staged = false;
+  app.add_option("--backend", backend_name);
+  app.add_option("--rank", rank)->required();
+  app.add_option("--size", size)->required();
+  app.add_option("--store", store_spec)->required();
+  app.add_option("--device", device_name);
+  app.add_option("--mode", mode);
+  app.add_option("--expect", expect, "the error text this rank must report (error modes)");
+  app.add_option("--rounds", rounds);
+  app.add_option("--seed", seed);
+  app.add_option("--chunk", chunk);
+  app.add_option("--lanes", lanes);
+  app.add_option("--staging-bytes", staging);
+  app.add_option("--timeout-ms", timeout_ms);
+  app.add_flag("--staged", staged, "buffers in device memory, staged through the stream");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const auto kind = device::parse_backend_kind(device_name);
+    const int gpus = device::cuda_device_count();
+    if (kind == device::backend_kind::cuda && gpus < size) {
+      std::cout << fmt::format("rank {}: skip: {} ranks need {} GPUs, found {}\n", rank, size, size, gpus);
+      return 77;
+    }
+    auto dev = device::make_device(kind, kind == device::backend_kind::cuda ? rank % std::max(gpus, 1) : 0);
+    auto stream = dev->create_stream();
+    std::unique_ptr<comm::tcp_store_server> server;
+    auto store = open_store(store_spec, server);
+    comm::setup s;
+    s.rank = rank;
+    s.size = size;
+    s.rendezvous = comm::make_prefix_store(store, "comm");
+    s.dev = dev.get();
+    s.opts.timeout = std::chrono::milliseconds(timeout_ms);
+    s.opts.chunk_bytes = chunk;
+    s.opts.lanes = lanes;
+    s.opts.staging_bytes = staging;
+    const auto backend = comm::parse_backend(backend_name);
+    auto c = comm::make_communicator(backend, s);
+    const bool use_stream = staged || kind == device::backend_kind::cuda;
+
+    if (mode == "conformance") {
+      const auto result = testing::run_conformance(*c, *dev, use_stream ? stream.get() : nullptr,
+                                                   {.seed = seed, .rounds = rounds, .chunk_bytes = chunk});
+      if (!result.empty()) {
+        std::cout << "FAIL " << result << '\n';
+        return 1;
+      }
+      if (backend == comm::backend::stateless_nccl && size > 2) {
+        // Elastic EP: ranks 0..size-2 build a new communicator without the last rank, and use it.
+        c.reset();
+        if (rank < size - 1) {
+          comm::setup smaller = s;
+          smaller.size = size - 1;
+          smaller.rendezvous = comm::make_prefix_store(store, "comm-shrunk");
+          auto c2 = comm::make_communicator(backend, smaller);
+          const auto r2 = testing::run_conformance(*c2, *dev, stream.get(), {.seed = seed + 9, .rounds = 2, .chunk_bytes = chunk});
+          if (!r2.empty()) {
+            std::cout << "FAIL after re-creation: " << r2 << '\n';
+            return 1;
+          }
+        }
+      }
+      std::cout << fmt::format("rank {}: {} conformance ok ({} rounds)\n", rank, backend_name, rounds);
+      return 0;
+    }
+
+    std::vector<std::byte> small(8), large(16);
+    auto dev_small = dev->allocate(8, use_stream ? device::memory_kind::device : device::memory_kind::host);
+    auto dev_large = dev->allocate(16, use_stream ? device::memory_kind::device : device::memory_kind::host);
+    c->set_stream(use_stream ? stream.get() : nullptr);
+    if (mode == "mismatch") {
+      if (rank == 0) c->add_send(std::span<const std::byte>(dev_small.data(), 8), 1);
+      if (rank == 1) c->add_recv(std::span<std::byte>(dev_large.data(), 16), 0);
+    } else if (mode == "die") {
+      if (rank == 1) std::_Exit(0);  // connected, then gone without a word
+      c->add_send(std::span<const std::byte>(dev_small.data(), 8), 1);
+      c->add_recv(std::span<std::byte>(dev_small.data(), 8), 1);
+    } else {
+      throw error(errc::invalid_argument, "--mode: unknown mode " + mode);
+    }
+    c->execute();
+    std::cout << fmt::format("rank {}: FAIL: mode {} finished without an error\n", rank, mode);
+    return 1;
+  } catch (const error& e) {
+    std::cout << fmt::format("rank {}: error [{}] {}\n", rank, to_string(e.code()), e.what());
+    if (!expect.empty() && std::string(e.what()).find(expect) != std::string::npos) return 0;
+    return 1;
+  } catch (const std::exception& e) {
+    std::cout << fmt::format("rank {}: unexpected exception {}\n", rank, e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,183 @@
+// In-process communicator tests: loopback conformance (threads), error cases, stores.
+#include <doctest/doctest.h>
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <future>
+#include <thread>
+
+#include "check_error.hpp"
+#include "comm/conformance.hpp"
+#include "eplb/comm/communicator.hpp"
+#include "eplb/comm/store.hpp"
+
+using namespace eplb;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Runs fn(rank) on `size` threads and returns each rank's result.
+template <typename Fn>
+auto on_ranks(int size, Fn fn) {
+  std::vector<std::future<decltype(fn(0))>> futures;
+  for (int r = 0; r < size; ++r) futures.push_back(std::async(std::launch::async, fn, r));
+  std::vector<decltype(fn(0))> out;
+  for (auto& f : futures) out.push_back(f.get());
+  return out;
+}
+
+comm::setup loopback_setup(const std::shared_ptr<comm::loopback_world>& world, int rank, int size,
+                           std::chrono::milliseconds timeout = 10s) {
+  comm::setup s;
+  s.rank = rank;
+  s.size = size;
+  s.world = world;
+  s.opts.timeout = timeout;
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("loopback conformance on 2, 3 and 4 ranks, plain and stream-ordered") {
+  for (int size : {2, 3, 4}) {
+    for (bool staged : {false, true}) {
+      CAPTURE(size);
+      CAPTURE(staged);
+      auto world = comm::make_loopback_world(size);
+      const auto results = on_ranks(size, [&](int rank) {
+        auto dev = device::make_host_device({.max_delay = staged ? 1ms : 0ms, .seed = 5U + static_cast<unsigned>(rank)});
+        auto stream = dev->create_stream();
+        auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, rank, size));
+        return testing::run_conformance(*c, *dev, staged ? stream.get() : nullptr,
+                                        {.seed = static_cast<std::uint64_t>(size), .rounds = 4});
+      });
+      for (const auto& r : results) CHECK_MESSAGE(r.empty(), r);
+    }
+  }
+}
+
+TEST_CASE("communicator argument errors") {
+  auto world = comm::make_loopback_world(2);
+  auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, 0, 2));
+  std::byte b[4] = {};
+  CHECK_EPLB_ERROR(c->add_send(b, 0), errc::invalid_argument, "rank 0 cannot exchange with itself");
+  CHECK_EPLB_ERROR(c->add_recv(b, 2), errc::invalid_argument, "peer 2 is out of range for 2 ranks");
+  CHECK_EPLB_ERROR(c->add_send(b, -1), errc::invalid_argument, "peer -1 is out of range");
+  CHECK(c->pending() == 0);
+  CHECK_EPLB_ERROR(comm::parse_backend("mpi"), errc::invalid_argument, "unknown backend \"mpi\"");
+  CHECK_EPLB_ERROR(comm::make_communicator(comm::backend::loopback, comm::setup{}), errc::invalid_argument,
+                   "setup.world is missing");
+  CHECK(comm::parse_backend("stateless_nccl") == comm::backend::stateless_nccl);
+}
+
+TEST_CASE("loopback: size mismatch, silent peer and dead peer are clear errors") {
+  auto world = comm::make_loopback_world(2);
+  SUBCASE("receive larger than the send") {
+    const auto results = on_ranks(2, [&](int rank) -> std::string {
+      auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, rank, 2, 2s));
+      std::vector<std::byte> buf(rank == 0 ? 8 : 16);
+      if (rank == 0) c->add_send(buf, 1);
+      if (rank == 1) c->add_recv(buf, 0);
+      try {
+        c->execute();
+      } catch (const error& e) {
+        return e.what();
+      }
+      return "no error";
+    });
+    CHECK(results[0].find("rank 1 expected 16 bytes from rank 0, which sent 8") != std::string::npos);
+    CHECK(results[1].find("rank 1 expected 16 bytes from rank 0, which sent 8") != std::string::npos);
+  }
+  SUBCASE("silent peer times out naming it") {
+    auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, 0, 2, 200ms));
+    std::vector<std::byte> buf(8);
+    c->add_recv(buf, 1);
+    CHECK_EPLB_ERROR(c->execute(), errc::timeout, "no message from rank 1 within 200 ms");
+  }
+  SUBCASE("dead peer fails fast naming it") {
+    auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, 0, 2, 10s));
+    std::vector<std::byte> buf(8);
+    c->add_send(buf, 1);
+    std::thread killer([&] {
+      std::this_thread::sleep_for(50ms);
+      comm::mark_dead(*world, 1);
+    });
+    const auto start = std::chrono::steady_clock::now();
+    CHECK_EPLB_ERROR(c->execute(), errc::peer_failure, "peer rank 1 died");
+    killer.join();
+    CHECK(std::chrono::steady_clock::now() - start < 5s);
+  }
+}
+
+TEST_CASE("execute_async completes on the worker and reports failures") {
+  auto world = comm::make_loopback_world(2);
+  const auto results = on_ranks(2, [&](int rank) {
+    auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, rank, 2));
+    std::vector<std::byte> buf(64, std::byte{static_cast<unsigned char>(rank + 1)});
+    if (rank == 0) c->add_send(buf, 1);
+    if (rank == 1) c->add_recv(buf, 0);
+    std::promise<std::exception_ptr> done;
+    c->execute_async([&](std::exception_ptr e) { done.set_value(e); });
+    auto f = done.get_future();
+    REQUIRE(f.wait_for(10s) == std::future_status::ready);
+    return f.get() == nullptr && buf[63] == std::byte{1};
+  });
+  CHECK(results[0]);
+  CHECK(results[1]);
+}
+
+TEST_CASE("stores: memory, file, tcp and prefix") {
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-store-{}", ::getpid());
+  comm::tcp_store_server server("127.0.0.1", 0);
+  std::vector<std::shared_ptr<comm::store>> stores{comm::make_memory_store(), comm::make_file_store(dir.string()),
+                                                   comm::make_tcp_store("127.0.0.1", server.port(), 5s)};
+  for (auto& s : stores) {
+    s->set("a/b", std::string("x\0y", 3));
+    CHECK(s->get("a/b", 1s) == std::string("x\0y", 3));
+    CHECK(s->add("n", 2) == 2);
+    CHECK(s->add("n", 3) == 5);
+    CHECK_EPLB_ERROR(s->get("missing", 50ms), errc::timeout, "\"missing\"");
+    // A get that waits is answered by a later set from another thread.
+    std::thread setter([&] {
+      std::this_thread::sleep_for(30ms);
+      s->set("late", "v");
+    });
+    auto other = s;
+    CHECK(other->get("late", 5s) == "v");
+    setter.join();
+    auto p = comm::make_prefix_store(s, "run1");
+    p->set("k", "1");
+    CHECK(s->get("run1/k", 1s) == "1");
+    // Barrier over threads.
+    on_ranks(3, [&](int) {
+      comm::store_barrier(*s, "barrier", 3, 5s);
+      return 0;
+    });
+    CHECK_EPLB_ERROR(comm::store_barrier(*s, "lonely", 2, 50ms), errc::timeout, "1 of 2 ranks");
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("tcp store: a get that timed out does not confuse the next request") {
+  comm::tcp_store_server server("127.0.0.1", 0);
+  auto s = comm::make_tcp_store("127.0.0.1", server.port(), 5s);
+  CHECK_EPLB_ERROR(s->get("never", 50ms), errc::timeout, "\"never\"");
+  s->set("x", "1");
+  CHECK(s->get("x", 1s) == "1");
+  CHECK_EPLB_ERROR(comm::make_tcp_store("127.0.0.1", 1, 100ms), errc::timeout, "cannot connect");
+}
+
+TEST_CASE("backend report lists every backend with a reason when absent") {
+  const auto report = comm::backend_report();
+  REQUIRE(report.size() == 4);
+  CHECK(report[0].kind == comm::backend::loopback);
+  CHECK(report[0].runnable);
+  for (const auto& r : report) {
+    if (!r.runnable) CHECK_FALSE(r.reason.empty());
+  }
+  if (device::cuda_device_count() == 0) {
+    CHECK_EPLB_ERROR(comm::make_communicator(comm::backend::nccl, comm::setup{}), errc::backend_unavailable, "nccl");
+  }
+}
