@@ -35,7 +35,8 @@ namespace comm {
 
 std::unique_ptr<communicator> make_communicator(backend b, const setup& s) {
   switch (b) {
-    case backend::loopback: return make_loopback(s);
+    case backend::loopback:
+      return make_loopback(s);
     case backend::gloo:
 #if EPLB_HAVE_GLOO
       return make_gloo(s);

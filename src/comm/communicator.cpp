@@ -11,10 +11,14 @@ namespace eplb::comm {
 
 std::string_view to_string(backend b) noexcept {
   switch (b) {
-    case backend::loopback: return "loopback";
-    case backend::gloo: return "gloo";
-    case backend::nccl: return "nccl";
-    case backend::stateless_nccl: return "stateless_nccl";
+    case backend::loopback:
+      return "loopback";
+    case backend::gloo:
+      return "gloo";
+    case backend::nccl:
+      return "nccl";
+    case backend::stateless_nccl:
+      return "stateless_nccl";
   }
   return "unknown";
 }
@@ -68,12 +72,15 @@ struct communicator::worker {
 
 communicator::communicator(int rank, int size) : rank_(rank), size_(size) {
   if (size <= 0) fail(errc::invalid_argument, "communicator: size must be > 0, got {}", size);
-  if (rank < 0 || rank >= size) fail(errc::invalid_argument, "communicator: rank {} out of range 0..{}", rank, size - 1);
+  if (rank < 0 || rank >= size)
+    fail(errc::invalid_argument, "communicator: rank {} out of range 0..{}", rank, size - 1);
 }
 
 communicator::~communicator() = default;
 
-void communicator::finish_async() noexcept { worker_.reset(); }
+void communicator::finish_async() noexcept {
+  worker_.reset();
+}
 
 void communicator::check_peer(int peer, const char* what) const {
   if (peer < 0 || peer >= size_) {

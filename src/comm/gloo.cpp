@@ -33,7 +33,8 @@ using clock = std::chrono::steady_clock;
 // Gloo's Store over ours, so Gloo's rendezvous uses the same store (file, TCP, memory) as the rest.
 class gloo_store_adapter final : public gloo::rendezvous::Store {
  public:
-  gloo_store_adapter(std::shared_ptr<store> inner, milliseconds timeout) : inner_(std::move(inner)), timeout_(timeout) {}
+  gloo_store_adapter(std::shared_ptr<store> inner, milliseconds timeout)
+      : inner_(std::move(inner)), timeout_(timeout) {}
   void set(const std::string& key, const std::vector<char>& data) override {
     inner_->set(key, std::string(data.begin(), data.end()));
   }
@@ -74,10 +75,10 @@ std::vector<chunk> chunks_of(const std::vector<const void*>& ops_data, const std
 
 class gloo_communicator final : public communicator {
  public:
-  gloo_communicator(const setup& s)
-      : communicator(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
+  gloo_communicator(const setup& s) : communicator(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
     if (!store_) fail(errc::invalid_argument, "gloo communicator: setup.rendezvous (a store) is missing");
-    if (opts_.lanes <= 0 || opts_.lanes > 64) fail(errc::invalid_argument, "gloo: lanes must be in 1..64, got {}", opts_.lanes);
+    if (opts_.lanes <= 0 || opts_.lanes > 64)
+      fail(errc::invalid_argument, "gloo: lanes must be in 1..64, got {}", opts_.lanes);
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
     // Both ends of a pair must cut messages identically, so the chunk size depends only on values
     // every rank shares; it also lets the cap hold one chunk per peer and direction at worst.
@@ -89,7 +90,11 @@ class gloo_communicator final : public communicator {
 
   backend kind() const noexcept override { return backend::gloo; }
   capabilities caps() const noexcept override {
-    return {.host_complete = true, .background_safe = true, .crosses_nodes = true, .device_memory = true, .host_memory = true};
+    return {.host_complete = true,
+            .background_safe = true,
+            .crosses_nodes = true,
+            .device_memory = true,
+            .host_memory = true};
   }
 
  protected:
@@ -215,13 +220,15 @@ class gloo_communicator final : public communicator {
 
   milliseconds left(clock::time_point deadline, int peer, const char* what) {
     const auto ms = std::chrono::duration_cast<milliseconds>(deadline - clock::now());
-    if (ms.count() <= 0) fail(errc::timeout, "gloo rank {}: {} rank {} timed out after {} ms", rank(), what, peer, opts_.timeout.count());
+    if (ms.count() <= 0)
+      fail(errc::timeout, "gloo rank {}: {} rank {} timed out after {} ms", rank(), what, peer, opts_.timeout.count());
     return ms;
   }
 
   void wait_send(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
     try {
-      if (!b.waitSend(nullptr, left(deadline, peer, "sending to"))) fail(errc::cancelled, "gloo: send to rank {} aborted", peer);
+      if (!b.waitSend(nullptr, left(deadline, peer, "sending to")))
+        fail(errc::cancelled, "gloo: send to rank {} aborted", peer);
     } catch (const eplb::error&) {
       throw;
     } catch (const std::exception& e) {
@@ -230,7 +237,8 @@ class gloo_communicator final : public communicator {
   }
   void wait_recv(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
     try {
-      if (!b.waitRecv(nullptr, left(deadline, peer, "receiving from"))) fail(errc::cancelled, "gloo: receive from rank {} aborted", peer);
+      if (!b.waitRecv(nullptr, left(deadline, peer, "receiving from")))
+        fail(errc::cancelled, "gloo: receive from rank {} aborted", peer);
     } catch (const eplb::error&) {
       throw;
     } catch (const std::exception& e) {
@@ -259,13 +267,16 @@ class gloo_communicator final : public communicator {
     out->send(peer, t);
     wait_recv(*in, peer, deadline);
     wait_send(*out, peer, deadline);
-    const std::vector<std::uint64_t> they_send(theirs.begin() + 2, theirs.begin() + 2 + static_cast<std::ptrdiff_t>(their_counts[0]));
-    const std::vector<std::uint64_t> they_expect(theirs.begin() + 2 + static_cast<std::ptrdiff_t>(their_counts[0]), theirs.end());
+    const std::vector<std::uint64_t> they_send(theirs.begin() + 2,
+                                               theirs.begin() + 2 + static_cast<std::ptrdiff_t>(their_counts[0]));
+    const std::vector<std::uint64_t> they_expect(theirs.begin() + 2 + static_cast<std::ptrdiff_t>(their_counts[0]),
+                                                 theirs.end());
     const std::vector<std::uint64_t> i_expect(plan.recv_sizes.begin(), plan.recv_sizes.end());
     const std::vector<std::uint64_t> i_send(plan.send_sizes.begin(), plan.send_sizes.end());
     if (they_send != i_expect || they_expect != i_send) {
       fail(errc::invalid_argument,
-           "gloo rank {}: transfers with rank {} do not match: it sends [{}] and expects [{}]; this rank expects [{}] and "
+           "gloo rank {}: transfers with rank {} do not match: it sends [{}] and expects [{}]; this rank expects [{}] "
+           "and "
            "sends [{}] (bytes per message, in order)",
            rank(), peer, fmt::join(they_send, ","), fmt::join(they_expect, ","), fmt::join(i_expect, ","),
            fmt::join(i_send, ","));
@@ -293,7 +304,8 @@ class gloo_communicator final : public communicator {
           stream()->copy(slot, c.data, c.bytes);
           src = slot;
         }
-        staged_q.push_back({lane(next_stage).createUnboundBuffer(src, c.bytes), stream() ? stream()->record() : device::event()});
+        staged_q.push_back(
+            {lane(next_stage).createUnboundBuffer(src, c.bytes), stream() ? stream()->record() : device::event()});
         ++next_stage;
       }
       auto f = std::move(staged_q.front());
@@ -375,6 +387,8 @@ class gloo_communicator final : public communicator {
 
 }  // namespace
 
-std::unique_ptr<communicator> make_gloo(const setup& s) { return std::make_unique<gloo_communicator>(s); }
+std::unique_ptr<communicator> make_gloo(const setup& s) {
+  return std::make_unique<gloo_communicator>(s);
+}
 
 }  // namespace eplb::comm

@@ -2,9 +2,9 @@
 // the (sender, receiver) queue; the receiver copies straight from it and marks it consumed. Before
 // returning (also on failure) a sender withdraws what was not taken and waits for copies in
 // progress, so no peer ever reads memory the sender may free.
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
-#include <algorithm>
 #include <deque>
 #include <mutex>
 
@@ -28,7 +28,9 @@ class loopback_world {
   int size() const { return size_; }
   std::mutex mutex;
   std::condition_variable cv;
-  std::deque<std::shared_ptr<message>>& queue(int src, int dst) { return queues_[static_cast<std::size_t>(src * size_ + dst)]; }
+  std::deque<std::shared_ptr<message>>& queue(int src, int dst) {
+    return queues_[static_cast<std::size_t>(src * size_ + dst)];
+  }
   bool dead(int rank) const { return dead_[static_cast<std::size_t>(rank)]; }
   void set_dead(int rank) {
     {
@@ -49,7 +51,9 @@ std::shared_ptr<loopback_world> make_loopback_world(int size) {
   return std::make_shared<loopback_world>(size);
 }
 
-void mark_dead(loopback_world& world, int rank) { world.set_dead(rank); }
+void mark_dead(loopback_world& world, int rank) {
+  world.set_dead(rank);
+}
 
 namespace {
 
@@ -108,7 +112,8 @@ class loopback_communicator final : public communicator {
     q.pop_front();
     if (m->bytes != o.bytes) {
       m->status = message::state::failed;
-      m->failure = fmt::format("rank {} expected {} bytes from rank {}, which sent {}", rank(), o.bytes, o.peer, m->bytes);
+      m->failure =
+          fmt::format("rank {} expected {} bytes from rank {}, which sent {}", rank(), o.bytes, o.peer, m->bytes);
       w.cv.notify_all();
       fail(errc::invalid_argument, "loopback: {}", m->failure);
     }
@@ -128,10 +133,12 @@ class loopback_communicator final : public communicator {
       if (!w.cv.wait_until(lock, deadline, [&] {
             return m->status == message::state::done || m->status == message::state::failed || w.dead(peer);
           })) {
-        fail(errc::timeout, "loopback rank {}: rank {} did not receive within {} ms", rank(), peer, opts_.timeout.count());
+        fail(errc::timeout, "loopback rank {}: rank {} did not receive within {} ms", rank(), peer,
+             opts_.timeout.count());
       }
       if (m->status == message::state::failed) fail(errc::invalid_argument, "loopback: {}", m->failure);
-      if (m->status != message::state::done) fail(errc::peer_failure, "loopback rank {}: peer rank {} died", rank(), peer);
+      if (m->status != message::state::done)
+        fail(errc::peer_failure, "loopback rank {}: peer rank {} died", rank(), peer);
     }
   }
 
@@ -158,7 +165,8 @@ class loopback_communicator final : public communicator {
 std::unique_ptr<communicator> make_loopback(const setup& s) {
   if (!s.world) fail(errc::invalid_argument, "loopback communicator: setup.world is missing (make_loopback_world)");
   if (s.world->size() != s.size) {
-    fail(errc::invalid_argument, "loopback communicator: world has {} ranks, setup.size is {}", s.world->size(), s.size);
+    fail(errc::invalid_argument, "loopback communicator: world has {} ranks, setup.size is {}", s.world->size(),
+         s.size);
   }
   return std::make_unique<loopback_communicator>(s.rank, s.world, s.opts);
 }

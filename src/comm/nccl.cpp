@@ -24,7 +24,8 @@ using clock = std::chrono::steady_clock;
 
 class nccl_communicator final : public communicator {
  public:
-  nccl_communicator(const setup& s, bool stateless) : communicator(s.rank, s.size), opts_(s.opts), stateless_(stateless) {
+  nccl_communicator(const setup& s, bool stateless)
+      : communicator(s.rank, s.size), opts_(s.opts), stateless_(stateless) {
     if (s.dev == nullptr || s.dev->kind() != device::backend_kind::cuda) {
       fail(errc::invalid_argument, "{}: setup.dev must be a CUDA device", name());
     }
@@ -37,7 +38,8 @@ class nccl_communicator final : public communicator {
       check(ncclCommCount(comm_, &n), "ncclCommCount");
       check(ncclCommUserRank(comm_, &r), "ncclCommUserRank");
       if (n != size() || r != rank()) {
-        fail(errc::invalid_argument, "nccl: the external communicator is rank {} of {}, setup says {} of {}", r, n, rank(), size());
+        fail(errc::invalid_argument, "nccl: the external communicator is rank {} of {}, setup says {} of {}", r, n,
+             rank(), size());
       }
       return;
     }
@@ -85,7 +87,8 @@ class nccl_communicator final : public communicator {
 
  protected:
   void run(std::span<const op> ops) override {
-    if (aborted_) fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
+    if (aborted_)
+      fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
     if (stream() == nullptr) fail(errc::invalid_argument, "{}: set_stream() must be called before execute()", name());
     device::cuda::use_device(ordinal_);
     auto* s = static_cast<cudaStream_t>(stream()->native_handle());
@@ -108,9 +111,11 @@ class nccl_communicator final : public communicator {
     while (!done.query()) {
       ncclResult_t async = ncclSuccess;
       check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
-      if (async != ncclSuccess && async != ncclInProgress) abort_with(errc::peer_failure, fmt::format("asynchronous NCCL error: {}", ncclGetErrorString(async)));
+      if (async != ncclSuccess && async != ncclInProgress)
+        abort_with(errc::peer_failure, fmt::format("asynchronous NCCL error: {}", ncclGetErrorString(async)));
       if (clock::now() >= deadline) {
-        abort_with(errc::timeout, fmt::format("transfers with peers {} did not finish within {} ms", peers_of(ops), opts_.timeout.count()));
+        abort_with(errc::timeout, fmt::format("transfers with peers {} did not finish within {} ms", peers_of(ops),
+                                              opts_.timeout.count()));
       }
       std::this_thread::sleep_for(step);
       step = std::min(step * 2, std::chrono::microseconds(1000));
@@ -130,7 +135,8 @@ class nccl_communicator final : public communicator {
 
   void check(ncclResult_t r, const char* what) {
     if (r == ncclSuccess) return;
-    fail(errc::transport, "{} rank {}: {} failed: {} ({})", name(), rank(), what, ncclGetErrorString(r), ncclGetLastError(comm_));
+    fail(errc::transport, "{} rank {}: {} failed: {} ({})", name(), rank(), what, ncclGetErrorString(r),
+         ncclGetLastError(comm_));
   }
 
   void await_comm(clock::time_point deadline, const char* what) {
@@ -138,8 +144,10 @@ class nccl_communicator final : public communicator {
       ncclResult_t state = ncclSuccess;
       check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
       if (state == ncclSuccess) return;
-      if (state != ncclInProgress) abort_with(errc::peer_failure, fmt::format("{}: {}", what, ncclGetErrorString(state)));
-      if (clock::now() >= deadline) abort_with(errc::timeout, fmt::format("{}: not done within {} ms", what, opts_.timeout.count()));
+      if (state != ncclInProgress)
+        abort_with(errc::peer_failure, fmt::format("{}: {}", what, ncclGetErrorString(state)));
+      if (clock::now() >= deadline)
+        abort_with(errc::timeout, fmt::format("{}: not done within {} ms", what, opts_.timeout.count()));
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }

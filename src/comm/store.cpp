@@ -77,7 +77,8 @@ class file_store final : public store {
   void set(const std::string& key, const std::string& value) override {
     const auto path = dir_ / file_name(key);
     // Write then rename: readers see the whole value or nothing.
-    const auto tmp = path.string() + fmt::format(".tmp.{}.{}", ::getpid(), std::hash<std::thread::id>{}(std::this_thread::get_id()));
+    const auto tmp =
+        path.string() + fmt::format(".tmp.{}.{}", ::getpid(), std::hash<std::thread::id>{}(std::this_thread::get_id()));
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
       out << value;
@@ -115,8 +116,8 @@ class file_store final : public store {
     const auto n = ::pread(fd, buf, sizeof buf - 1, 0);
     const std::int64_t now = (n > 0 ? std::stoll(std::string(buf, static_cast<std::size_t>(n))) : 0) + delta;
     const auto text = std::to_string(now);
-    const bool ok = ::ftruncate(fd, 0) == 0 &&
-                    ::pwrite(fd, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size());
+    const bool ok =
+        ::ftruncate(fd, 0) == 0 && ::pwrite(fd, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size());
     ::flock(fd, LOCK_UN);
     ::close(fd);
     if (!ok) fail(errc::transport, "file store: cannot update {}", path.string());
@@ -130,7 +131,8 @@ class file_store final : public store {
 
 class prefix_store final : public store {
  public:
-  prefix_store(std::shared_ptr<store> inner, std::string prefix) : inner_(std::move(inner)), prefix_(std::move(prefix) + "/") {}
+  prefix_store(std::shared_ptr<store> inner, std::string prefix)
+      : inner_(std::move(inner)), prefix_(std::move(prefix) + "/") {}
   void set(const std::string& key, const std::string& value) override { inner_->set(prefix_ + key, value); }
   std::string get(const std::string& key, milliseconds timeout) override { return inner_->get(prefix_ + key, timeout); }
   std::int64_t add(const std::string& key, std::int64_t delta) override { return inner_->add(prefix_ + key, delta); }
@@ -142,8 +144,12 @@ class prefix_store final : public store {
 
 }  // namespace
 
-std::shared_ptr<store> make_memory_store() { return std::make_shared<memory_store>(); }
-std::shared_ptr<store> make_file_store(const std::string& directory) { return std::make_shared<file_store>(directory); }
+std::shared_ptr<store> make_memory_store() {
+  return std::make_shared<memory_store>();
+}
+std::shared_ptr<store> make_file_store(const std::string& directory) {
+  return std::make_shared<file_store>(directory);
+}
 std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::string prefix) {
   return std::make_shared<prefix_store>(std::move(inner), std::move(prefix));
 }

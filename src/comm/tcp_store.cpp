@@ -88,7 +88,8 @@ struct tcp_store_server::impl {
   }
 };
 
-tcp_store_server::tcp_store_server(const std::string& bind_address, std::uint16_t port) : impl_(std::make_unique<impl>()) {
+tcp_store_server::tcp_store_server(const std::string& bind_address, std::uint16_t port)
+    : impl_(std::make_unique<impl>()) {
   try {
     const tcp::endpoint ep(asio::ip::make_address(bind_address), port);
     impl_->acceptor.open(ep.protocol());
@@ -107,7 +108,9 @@ tcp_store_server::~tcp_store_server() {
   impl_->thread.join();
 }
 
-std::uint16_t tcp_store_server::port() const noexcept { return impl_->acceptor.local_endpoint().port(); }
+std::uint16_t tcp_store_server::port() const noexcept {
+  return impl_->acceptor.local_endpoint().port();
+}
 
 namespace {
 

@@ -16,6 +16,8 @@ inline void check(cudaError_t status, const char* what) {
 }
 
 /// Makes `ordinal` current for the calling thread (current devices are per thread).
-inline void use_device(int ordinal) { check(cudaSetDevice(ordinal), "cudaSetDevice"); }
+inline void use_device(int ordinal) {
+  check(cudaSetDevice(ordinal), "cudaSetDevice");
+}
 
 }  // namespace eplb::device::cuda

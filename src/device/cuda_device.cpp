@@ -31,8 +31,8 @@ class cuda_event_state final : public detail::event_state {
       complete(nullptr);
     } else {
       (void)cudaGetLastError();
-      complete(std::make_exception_ptr(error(errc::device, fmt::format("CUDA work before the event failed: {}",
-                                                                        cudaGetErrorString(status)))));
+      complete(std::make_exception_ptr(
+          error(errc::device, fmt::format("CUDA work before the event failed: {}", cudaGetErrorString(status)))));
     }
     return true;
   }
@@ -101,8 +101,12 @@ void free_device(std::byte* p, int ordinal) noexcept {
   (void)cudaSetDevice(ordinal);
   (void)cudaFree(p);
 }
-void free_pinned(std::byte* p, int) noexcept { (void)cudaFreeHost(p); }
-void free_plain(std::byte* p, int) noexcept { std::free(p); }
+void free_pinned(std::byte* p, int) noexcept {
+  (void)cudaFreeHost(p);
+}
+void free_plain(std::byte* p, int) noexcept {
+  std::free(p);
+}
 
 class cuda_device final : public device {
  public:

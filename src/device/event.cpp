@@ -78,7 +78,9 @@ void event::notify(std::function<void(std::exception_ptr)> fn) const {
   state_->add_callback(std::move(fn));
 }
 
-std::string_view to_string(backend_kind kind) noexcept { return kind == backend_kind::cuda ? "cuda" : "host"; }
+std::string_view to_string(backend_kind kind) noexcept {
+  return kind == backend_kind::cuda ? "cuda" : "host";
+}
 
 backend_kind parse_backend_kind(std::string_view name) {
   if (name == "host") return backend_kind::host;

@@ -107,7 +107,8 @@ class host_stream final : public stream {
     }
     if (const auto d = plan_->delay(); d.count() > 0) std::this_thread::sleep_for(d);
     if (!failure_ && n == plan_->faults.fail_at_op) {
-      failure_ = std::make_exception_ptr(error(errc::device, fmt::format("host stream: injected fault at operation {}", n)));
+      failure_ =
+          std::make_exception_ptr(error(errc::device, fmt::format("host stream: injected fault at operation {}", n)));
     }
     if (o.wait_for.valid()) {
       // Waiting on another stream's event: poll so that destruction can interrupt it.
@@ -129,7 +130,9 @@ class host_stream final : public stream {
   std::thread worker_;
 };
 
-void free_host(std::byte* p, int) noexcept { std::free(p); }
+void free_host(std::byte* p, int) noexcept {
+  std::free(p);
+}
 
 class host_device final : public device {
  public:
@@ -151,6 +154,8 @@ class host_device final : public device {
 
 }  // namespace
 
-std::unique_ptr<device> make_host_device(host_faults faults) { return std::make_unique<host_device>(faults); }
+std::unique_ptr<device> make_host_device(host_faults faults) {
+  return std::make_unique<host_device>(faults);
+}
 
 }  // namespace eplb::device

@@ -2,8 +2,8 @@
 // launcher (run_ranks.py) starts one per rank. Modes: conformance (random batches, every byte
 // verified), mismatch (rank 1 expects more than rank 0 sends), die (rank 1 exits after connecting),
 // recreate (stateless_nccl: a second communicator over a subset of the ranks).
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <cstdlib>
 #include <iostream>
@@ -26,7 +26,8 @@ std::shared_ptr<comm::store> open_store(const std::string& spec, std::unique_ptr
     server = std::make_unique<comm::tcp_store_server>("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)));
     return comm::make_tcp_store("127.0.0.1", server->port(), std::chrono::seconds(30));
   }
-  if (kind == "tcp") return comm::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)), std::chrono::seconds(30));
+  if (kind == "tcp")
+    return comm::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)), std::chrono::seconds(30));
   throw error(errc::invalid_argument, "--store: expected file:DIR, tcp:PORT or tcp-serve:PORT, got " + spec);
 }
 
@@ -94,7 +95,8 @@ int main(int argc, char** argv) {
           smaller.size = size - 1;
           smaller.rendezvous = comm::make_prefix_store(store, "comm-shrunk");
           auto c2 = comm::make_communicator(backend, smaller);
-          const auto r2 = testing::run_conformance(*c2, *dev, stream.get(), {.seed = seed + 9, .rounds = 2, .chunk_bytes = chunk});
+          const auto r2 =
+              testing::run_conformance(*c2, *dev, stream.get(), {.seed = seed + 9, .rounds = 2, .chunk_bytes = chunk});
           if (!r2.empty()) {
             std::cout << "FAIL after re-creation: " << r2 << '\n';
             return 1;

@@ -47,7 +47,8 @@ TEST_CASE("loopback conformance on 2, 3 and 4 ranks, plain and stream-ordered") 
       CAPTURE(staged);
       auto world = comm::make_loopback_world(size);
       const auto results = on_ranks(size, [&](int rank) {
-        auto dev = device::make_host_device({.max_delay = staged ? 1ms : 0ms, .seed = 5U + static_cast<unsigned>(rank)});
+        auto dev =
+            device::make_host_device({.max_delay = staged ? 1ms : 0ms, .seed = 5U + static_cast<unsigned>(rank)});
         auto stream = dev->create_stream();
         auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, rank, size));
         return testing::run_conformance(*c, *dev, staged ? stream.get() : nullptr,

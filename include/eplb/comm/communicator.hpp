@@ -106,10 +106,10 @@ void mark_dead(loopback_world& world, int rank);
 struct setup {
   int rank = 0;
   int size = 1;
-  std::shared_ptr<store> rendezvous;        ///< gloo, stateless_nccl: where ranks meet
-  std::shared_ptr<loopback_world> world;    ///< loopback: the shared group
-  device::device* dev = nullptr;            ///< staging memory and streams (gloo), GPU (nccl)
-  void* external_nccl_comm = nullptr;       ///< nccl: an ncclComm_t owned by the host engine
+  std::shared_ptr<store> rendezvous;      ///< gloo, stateless_nccl: where ranks meet
+  std::shared_ptr<loopback_world> world;  ///< loopback: the shared group
+  device::device* dev = nullptr;          ///< staging memory and streams (gloo), GPU (nccl)
+  void* external_nccl_comm = nullptr;     ///< nccl: an ncclComm_t owned by the host engine
   options opts;
 };
 

@@ -27,7 +27,7 @@ class store {
 [[nodiscard]] std::shared_ptr<store> make_file_store(const std::string& directory);
 /// Connects to a TCP store server; retries until `connect_timeout` while the server starts.
 [[nodiscard]] std::shared_ptr<store> make_tcp_store(const std::string& host, std::uint16_t port,
-                                                   milliseconds connect_timeout);
+                                                    milliseconds connect_timeout);
 /// All keys of `inner` seen through `prefix` + "/" (separates runs and communicators).
 [[nodiscard]] std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::string prefix);
 

@@ -115,9 +115,9 @@ class device {
 
 /// Faults and delays the host backend injects into its streams (tests and demonstrations).
 struct host_faults {
-  milliseconds max_delay{0};       ///< each stream operation sleeps a random time up to this
-  std::int64_t fail_at_op = -1;    ///< the Nth operation (0-based, per device) fails; later work is skipped
-  std::int64_t stall_at_op = -1;   ///< the Nth operation never finishes (until the stream is destroyed)
+  milliseconds max_delay{0};      ///< each stream operation sleeps a random time up to this
+  std::int64_t fail_at_op = -1;   ///< the Nth operation (0-based, per device) fails; later work is skipped
+  std::int64_t stall_at_op = -1;  ///< the Nth operation never finishes (until the stream is destroyed)
   std::uint64_t seed = 1;
 };
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a GPU machine runs in one call: unpack the carried Debian packages, build with CUDA,
+# NCCL (pip wheel) and Gloo, run the gpu and multiproc test suites, then the benchmarks (limits, our
+# exchange per backend, the PyTorch peer) in the same run. Results go to $OUT (or ./gpu-out).
+# usage: bench/gpu/run.sh [tests|bench|all]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+what=${1:-all}
+out=${OUT:-$PWD/gpu-out}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+
+prefix=/tmp/eplb-deps
+python3 bench/gpu/unpack_debs.py deps/debs "$prefix" || exit 1
+P=$prefix/usr
+nccl_root=$(python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])')
+export CPLUS_INCLUDE_PATH=$P/include PATH=/usr/local/cuda/bin:$PATH
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nproc; ldd --version | head -1; g++ --version | head -1; meson --version
+} 2>&1 | tee "$out/machine.txt"
+
+if [ ! -f build-gpu/build.ninja ]; then
+  meson setup build-gpu -Dgloo_root="$P" -Dnccl_root="$nccl_root" -Dgpu_arch=9.0 -Dbuildtype=release \
+    >"$out/setup.log" 2>&1 || { tail -40 "$out/setup.log"; exit 1; }
+fi
+grep -A6 "Backends and parts" "$out/setup.log" || true
+meson compile -C build-gpu >"$out/build.log" 2>&1 || { grep -E "error|FAILED" -A5 "$out/build.log" | head -60; exit 1; }
+export LD_LIBRARY_PATH=$nccl_root/lib:${LD_LIBRARY_PATH:-}
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  meson test -C build-gpu --suite gpu --suite multiproc --suite comm --print-errorlogs >"$out/tests.log" 2>&1
+  grep -E "^ *[0-9]+/[0-9]+ |^(Ok|Fail|Skipped|Timeout):" "$out/tests.log"
+fi
+
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  res=$out/bench.jsonl
+  : >"$res"
+  ngpu=$(nvidia-smi -L | wc -l)
+  build-gpu/bench/gpu_limits | tee -a "$res"
+  # name expert-bytes experts-moved-per-rank: Qwen3-30B-A3B bf16, Qwen3-235B-A22B bf16, DeepSeek-V3 fp8.
+  for shape in "qwen3-30b 9437184 16" "qwen3-235b 37748736 16" "deepseek-v3 44040192 32"; do
+    set -- $shape
+    for ranks in 2 4; do
+      [ "$ranks" -le "$ngpu" ] || continue
+      for backend in nccl gloo; do
+        python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 300 -- \
+          --backend "$backend" --label "$1" --expert-bytes "$2" --moved "$3" --reps 10 \
+          | grep '^{' | tee -a "$res"
+      done
+      timeout 300 python3 bench/peers/torch_exchange.py "$ranks" "$2" "$3" 9 "$1" 2>&1 | grep '^{' | tee -a "$res"
+    done
+  done
+fi
