@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""Turns bench.jsonl lines (from bench/gpu/run.sh) into the markdown rows of bench/RESULTS.md.
+
+For every shape and rank count: GB/s per rank (mean over ranks) for each implementation, and the
+ratios of ours to the PyTorch peer and to the measured limits."""
+import collections
+import json
+import sys
+
+def objects(text):
+    # Ranks print concurrently, so one line may hold several JSON objects.
+    dec, i = json.JSONDecoder(), 0
+    while (i := text.find("{", i)) >= 0:
+        obj, end = dec.raw_decode(text, i)
+        yield obj
+        i = end
+
+
+rows = list(objects(open(sys.argv[1]).read()))
+limits = {r["path"]: r["gbps"] for r in rows if r["bench"] == "limit"}
+ex = collections.defaultdict(list)
+for r in rows:
+    if r["bench"] == "exchange":
+        ex[(r["label"], r["ranks"], r["backend"])].append(r)
+
+print("| shape | ranks | MB moved per rank | eplb nccl | torch nccl | nccl ratio | eplb gloo | torch gloo | gloo ratio | eplb nccl / NVLink limit | eplb gloo / PCIe D2H limit |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for (label, ranks) in sorted({(k[0], k[1]) for k in ex}, key=lambda x: (x[0], x[1])):
+    def gbps(backend):
+        v = ex.get((label, ranks, backend))
+        return sum(r["gbps"] for r in v) / len(v) if v else float("nan")
+    any_row = next(iter(ex[(label, ranks, "nccl")] or ex[(label, ranks, "torch_nccl")]))
+    mb = any_row["expert_bytes"] * any_row["moved"] / 1e6
+    n, tn, g, tg = gbps("nccl"), gbps("torch_nccl"), gbps("gloo"), gbps("torch_gloo")
+    print(f"| {label} | {ranks} | {mb:.0f} | {n:.1f} | {tn:.1f} | {n / tn:.2f}x | {g:.2f} | {tg:.2f} | {g / tg:.2f}x | "
+          f"{n / limits.get('peer_0_to_1', float('nan')):.2f} | {g / limits.get('d2h_pinned', float('nan')):.3f} |")
+print()
+print("limits (GB/s): " + ", ".join(f"{k} {v}" for k, v in limits.items()))
