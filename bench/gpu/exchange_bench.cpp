@@ -18,8 +18,8 @@ using clock_type = std::chrono::steady_clock;
 int main(int argc, char** argv) {
   CLI::App app{"eplb exchange benchmark rank"};
   std::string backend_name = "nccl", store_spec, label;
-  int rank = 0, size = 2, moved = 16, reps = 10, lanes = 8;
-  std::size_t expert_bytes = 9'437'184, chunk = 8U << 20, staging = 1U << 30;
+  int rank = 0, size = 2, moved = 16, reps = 10, lanes = comm::options{}.lanes;
+XX
   app.add_option("--backend", backend_name);
   app.add_option("--rank", rank)->required();
   app.add_option("--size", size)->required();

@@ -35,8 +35,8 @@ fi
 
 if [ "$what" = sweep ]; then
   # Gloo staging parameters: lanes x chunk size on the DeepSeek-V3 exchange between 2 ranks.
-  for lanes in 4 8 16 32; do
-    for chunk in 2097152 8388608 33554432; do
+  for lanes in 4 8 16; do
+    for chunk in 8388608 16777216 33554432; do
       python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench 2 --deadline 300 -- \
         --backend gloo --label "sweep-l$lanes-c$chunk" --expert-bytes 44040192 --moved 32 --reps 4 \
         --lanes "$lanes" --chunk "$chunk" | grep '^{' | tee -a "$out/sweep.jsonl"

@@ -81,9 +81,9 @@ class gloo_communicator final : public communicator {
       fail(errc::invalid_argument, "gloo: lanes must be in 1..64, got {}", opts_.lanes);
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
     // Both ends of a pair must cut messages identically, so the chunk size depends only on values
-    // every rank shares; it also lets the cap hold one chunk per peer and direction at worst.
-    chunk_bytes_ = std::max<std::size_t>(
-        1, std::min(opts_.chunk_bytes, opts_.staging_bytes / (2 * static_cast<std::size_t>(std::max(1, size() - 1)))));
+    // every rank shares; it also lets the cap hold one chunk per peer, direction and lane at worst.
+    const auto worst_case_slots = 2 * static_cast<std::size_t>(std::max(1, size() - 1)) * static_cast<std::size_t>(opts_.lanes);
+    chunk_bytes_ = std::max<std::size_t>(1, std::min(opts_.chunk_bytes, opts_.staging_bytes / worst_case_slots));
     connect();
   }
   ~gloo_communicator() override { finish_async(); }
@@ -195,11 +195,12 @@ class gloo_communicator final : public communicator {
   }
 
   // Splits the staging cap evenly over peers and directions; returns each worker's window in bytes
-  // (a whole number of chunks, at least one).
+  // (a whole number of chunks per lane, at least one).
   std::size_t prepare_staging(const std::map<int, peer_plan>& peers) {
     const std::size_t parts = 2 * std::max<std::size_t>(peers.size(), 1);
     const std::size_t per_part = std::max(opts_.staging_bytes / parts, std::size_t{1});
-    const std::size_t window = std::max<std::size_t>(per_part / chunk_bytes_, 1) * chunk_bytes_;
+    const std::size_t per_lane = chunk_bytes_ * lanes_.size();
+    const std::size_t window = std::max<std::size_t>(per_part / per_lane, 1) * per_lane;
     if (staging_.size() < window * parts) {
       staging_ = dev_->allocate(window * parts, device::memory_kind::pinned);
     }
@@ -283,29 +284,54 @@ class gloo_communicator final : public communicator {
     }
   }
 
+  // One thread per lane: Gloo writes to the socket on the thread that posts a send, so a single
+  // sender would serialise every lane behind one copy into the kernel (measured: lanes did not add
+  // bandwidth until sends were posted from a thread per lane).
   void send_all(int peer, const peer_plan& plan, std::byte* area, std::size_t window, clock::time_point deadline) {
     const auto chunks = chunks_of(plan.send_data, plan.send_sizes, chunk_bytes_);
-    const std::size_t slots = stream() ? window / chunk_bytes_ : chunks.size();
+    const std::size_t n = std::min(lanes_.size(), chunks.size());
+    std::vector<std::exception_ptr> failures(n);
+    std::vector<std::thread> threads;
+    for (std::size_t l = 0; l < n; ++l) {
+      threads.emplace_back([&, l] {
+        try {
+          send_lane(peer, plan, chunks, l, area + l * (window / lanes_.size()), window / lanes_.size(), deadline);
+        } catch (...) {
+          failures[l] = std::current_exception();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (auto& f : failures) {
+      if (f) std::rethrow_exception(f);
+    }
+  }
+
+  // Chunks lane, lane + L, lane + 2L... of one peer: D2H into a free staging slot, then send once
+  // the copy is done, keeping the lane's slots busy.
+  void send_lane(int peer, const peer_plan& plan, const std::vector<chunk>& chunks, std::size_t lane_index,
+                 std::byte* area, std::size_t lane_window, clock::time_point deadline) {
+    std::vector<std::size_t> mine;
+    for (std::size_t k = lane_index; k < chunks.size(); k += lanes_.size()) mine.push_back(k);
+    const std::size_t slots = stream() ? lane_window / chunk_bytes_ : mine.size();
     const auto t = tag(plan.generation, slot_data);
+    auto& ctx = *lanes_[lane_index];
     struct in_flight {
       std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
       device::event staged;
     };
     std::deque<in_flight> staged_q, posted_q;
     std::size_t next_stage = 0;
-    std::size_t next_post = 0;
-    while (next_post < chunks.size()) {
-      // Enqueue D2H copies for every free staging slot, then post the oldest staged chunk.
-      while (next_stage < chunks.size() && staged_q.size() + posted_q.size() < slots) {
-        const auto& c = chunks[next_stage];
+    for (std::size_t next_post = 0; next_post < mine.size(); ++next_post) {
+      while (next_stage < mine.size() && staged_q.size() + posted_q.size() < slots) {
+        const auto& c = chunks[mine[next_stage]];
         void* src = c.data;
         if (stream()) {
           std::byte* slot = area + (next_stage % slots) * chunk_bytes_;
           stream()->copy(slot, c.data, c.bytes);
           src = slot;
         }
-        staged_q.push_back(
-            {lane(next_stage).createUnboundBuffer(src, c.bytes), stream() ? stream()->record() : device::event()});
+        staged_q.push_back({ctx.createUnboundBuffer(src, c.bytes), stream() ? stream()->record() : device::event()});
         ++next_stage;
       }
       auto f = std::move(staged_q.front());
@@ -313,7 +339,6 @@ class gloo_communicator final : public communicator {
       if (f.staged.valid()) f.staged.wait(left(deadline, peer, "staging for"));
       f.buffer->send(peer, t);
       posted_q.push_back(std::move(f));
-      ++next_post;
       if (staged_q.empty() || posted_q.size() >= slots) {
         wait_send(*posted_q.front().buffer, peer, deadline);
         posted_q.pop_front();

@@ -37,8 +37,8 @@ struct capabilities {
 
 struct options {
   milliseconds timeout{30'000};            ///< every wait of one execute(); a silent peer fails after this
-  std::size_t chunk_bytes = 4U << 20;      ///< gloo: messages move in chunks of this size
-  int lanes = 4;                           ///< gloo: parallel TCP connections per pair of ranks
+  std::size_t chunk_bytes = 16U << 20;     ///< gloo: messages move in chunks of at most this size
+  int lanes = 8;                           ///< gloo: parallel TCP connections (and sender threads) per pair
   std::size_t staging_bytes = 256U << 20;  ///< gloo: cap on pinned staging memory per rank
   std::string hostname = "127.0.0.1";      ///< gloo: address this rank listens on
 };
