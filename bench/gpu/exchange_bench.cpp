@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   CLI::App app{"eplb exchange benchmark rank"};
   std::string backend_name = "nccl", store_spec, label;
   int rank = 0, size = 2, moved = 16, reps = 10, lanes = comm::options{}.lanes;
-XX
+  std::size_t expert_bytes = 9'437'184, chunk = comm::options{}.chunk_bytes, staging = 1U << 30;
   app.add_option("--backend", backend_name);
   app.add_option("--rank", rank)->required();
   app.add_option("--size", size)->required();
