@@ -77,8 +77,14 @@ class gloo_communicator final : public communicator {
  public:
   gloo_communicator(const setup& s) : communicator(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
     if (!store_) fail(errc::invalid_argument, "gloo communicator: setup.rendezvous (a store) is missing");
-    if (opts_.lanes <= 0 || opts_.lanes > 64)
-      fail(errc::invalid_argument, "gloo: lanes must be in 1..64, got {}", opts_.lanes);
+    if (opts_.lanes < 0 || opts_.lanes > 64) {
+      fail(errc::invalid_argument, "gloo: lanes must be in 0..64 (0 = automatic), got {}", opts_.lanes);
+    }
+    if (opts_.lanes == 0) {
+      // Enough lanes to fill the host's TCP bandwidth between few ranks (16 measured best between
+      // 2 H200 ranks), fewer as peers multiply so sender threads stay near 64 per rank.
+      opts_.lanes = std::min(16, std::max(2, 64 / std::max(1, size() - 1)));
+    }
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
     // Both ends of a pair must cut messages identically, so the chunk size depends only on values
     // every rank shares; it also lets the cap hold one chunk per peer, direction and lane at worst.

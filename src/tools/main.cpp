@@ -10,6 +10,8 @@
 #include "eplb/device/device.hpp"
 #include "eplb/error.hpp"
 #include "eplb_build_config.hpp"
+#include "eplb/comm/store.hpp"
+#include "tools/exchange.hpp"
 #include "tools/plan_json.hpp"
 
 namespace {
@@ -54,6 +56,85 @@ int run_info() {
   return 0;
 }
 
+std::vector<std::size_t> parse_sizes(const std::string& text) {
+  std::vector<std::size_t> out;
+  std::stringstream in(text);
+  for (std::string part; std::getline(in, part, ',');) {
+    try {
+      std::size_t used = 0;
+      out.push_back(std::stoull(part, &used));
+      if (used != part.size()) throw std::invalid_argument(part);
+    } catch (const std::exception&) {
+      throw eplb::error(eplb::errc::invalid_argument, fmt::format("--tensor-bytes: \"{}\" is not a byte count", part));
+    }
+  }
+  return out;
+}
+
+struct exchange_flags {
+  eplb::tools::exchange_config cfg;
+  std::string tensor_bytes = "4096,1024", backend = "loopback", device = "host", store, result;
+  int rank = -1;
+  long timeout_ms = 30000;
+  long delay_ms = 0;
+  long fail_op = -1;
+  bool json = false;
+};
+
+// One rank of a multi-process exchange (started by the parent `eplb exchange`).
+int run_exchange_child(const exchange_flags& f) {
+  using namespace eplb;
+  const auto& cfg = f.cfg;
+  tools::exchange_result res;
+  try {
+    const bool faulty = cfg.fault_rank < 0 || cfg.fault_rank == f.rank;
+    auto dev = cfg.device == device::backend_kind::cuda
+                   ? device::make_cuda_device(f.rank % std::max(1, device::cuda_device_count()))
+                   : device::make_host_device(faulty ? cfg.faults : device::host_faults{});
+    comm::setup s;
+    s.rank = f.rank;
+    s.size = cfg.ranks;
+    s.rendezvous = comm::make_file_store(f.store);
+    s.dev = dev.get();
+    s.opts.timeout = cfg.timeout;
+    auto c = comm::make_communicator(cfg.backend, s);
+    res = tools::run_exchange_rank(cfg, f.rank, *c, *dev);
+  } catch (const error& e) {
+    res.failure = fmt::format("rank {}: [{}] {}", f.rank, to_string(e.code()), e.what());
+  }
+  std::ofstream out(f.result);
+  out << (res.verified ? 1 : 0) << ' ' << res.rounds << ' ' << res.bytes_moved << ' ' << res.seconds << '\n'
+      << res.failure << '\n';
+  return res.verified ? 0 : 1;
+}
+
+int run_exchange(exchange_flags& f, const std::vector<std::string>& child_args) {
+  using namespace eplb;
+  auto& cfg = f.cfg;
+  cfg.tensor_bytes = parse_sizes(f.tensor_bytes);
+  cfg.backend = comm::parse_backend(f.backend);
+  cfg.device = device::parse_backend_kind(f.device);
+  cfg.timeout = std::chrono::milliseconds(f.timeout_ms);
+  cfg.faults.max_delay = std::chrono::milliseconds(f.delay_ms);
+  cfg.faults.fail_at_op = f.fail_op;
+  cfg.faults.seed = cfg.seed;
+  tools::validate(cfg);
+  if (f.rank >= 0) return run_exchange_child(f);
+  const auto res = tools::run_exchange(cfg, "/proc/self/exe", child_args);
+  if (f.json) {
+    nlohmann::json out = {{"verified", res.verified}, {"rounds", res.rounds}, {"bytes_moved", res.bytes_moved},
+                          {"seconds", res.seconds}, {"ranks", cfg.ranks}, {"backend", f.backend}};
+    if (!res.failure.empty()) out["failure"] = res.failure;
+    std::cout << out.dump() << '\n';
+  } else {
+    std::cout << fmt::format("{} ranks over {}, {} layers x {} slots, {} rounds: {} bytes moved in {:.3f} s, {}\n",
+                             cfg.ranks, f.backend, cfg.layers, cfg.experts + cfg.redundant, res.rounds,
+                             res.bytes_moved, res.seconds, res.verified ? "every byte verified" : "FAILED");
+    if (!res.failure.empty()) std::cout << "  " << res.failure << '\n';
+  }
+  return res.verified ? 0 : 1;
+}
+
 bool is_bad_input(eplb::errc code) {
   using eplb::errc;
   return code == errc::invalid_argument || code == errc::invalid_json || code == errc::invalid_map ||
@@ -74,10 +155,36 @@ int main(int argc, char** argv) {
 
   auto* info = app.add_subcommand("info", "Show which device and communicator backends were built and can run here");
 
+  exchange_flags ex;
+  auto* exchange = app.add_subcommand("exchange", "Rearrange a random model with recognisable bytes and verify every byte");
+  exchange->add_option("--ranks", ex.cfg.ranks, "EP ranks (threads for loopback, processes otherwise)");
+  exchange->add_option("--layers", ex.cfg.layers);
+  exchange->add_option("--experts", ex.cfg.experts, "logical experts per layer");
+  exchange->add_option("--redundant", ex.cfg.redundant, "extra physical slots per layer");
+  exchange->add_option("--tensor-bytes", ex.tensor_bytes, "bytes per expert of each bundle tensor, comma separated");
+  exchange->add_option("--backend", ex.backend, "loopback | gloo | nccl | stateless_nccl");
+  exchange->add_option("--device", ex.device, "host | cuda");
+  exchange->add_option("--seed", ex.cfg.seed);
+  exchange->add_option("--rounds", ex.cfg.rounds);
+  exchange->add_option("--staging-bytes", ex.cfg.staging_bytes, "staging cap (0 = one layer)");
+  exchange->add_option("--timeout-ms", ex.timeout_ms);
+  exchange->add_option("--inject-delay-ms", ex.delay_ms, "host device: random delay up to this per stream operation");
+  exchange->add_option("--inject-fail-op", ex.fail_op, "host device: the Nth stream operation fails");
+  exchange->add_option("--fault-rank", ex.cfg.fault_rank, "the rank whose device gets the injected faults");
+  exchange->add_flag("--json", ex.json, "print one JSON object");
+  exchange->add_option("--rank", ex.rank)->group("");  // set by the parent for its child processes
+  exchange->add_option("--store", ex.store)->group("");
+  exchange->add_option("--result", ex.result)->group("");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (plan->parsed()) return run_plan(plan_path, plan_text);
     if (info->parsed()) return run_info();
+    if (exchange->parsed()) {
+      std::vector<std::string> child_args;
+      for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);
+      return run_exchange(ex, child_args);
+    }
   } catch (const eplb::error& e) {
     std::cerr << "eplb: " << e.what() << '\n';
     return is_bad_input(e.code()) ? exit_bad_input : 1;

@@ -1,0 +1,72 @@
+// The transfer plan of one layer for one rank: pure, deterministic, identical on every rank for the
+// same maps (vLLM's move_to_buffer / move_from_buffer rules), plus the split of a layer into chunks
+// of experts when it does not fit the staging cap, and the elastic-EP rank mappings.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "eplb/core/matrix.hpp"
+#include "eplb/core/placement.hpp"
+
+namespace eplb::exec {
+
+/// One expert on the wire: `slot` is the local source slot (send) or the local buffer row, which is
+/// the first destination slot (recv).
+struct transfer {
+  expert_id expert;
+  int peer;
+  int slot;
+};
+
+struct layer_plan {
+  int rank = 0;
+  int slots = 0;                  ///< slots per rank
+  std::vector<char> unchanged;    ///< per local slot: keeps its expert
+  std::vector<char> from_local;   ///< changed slot whose new expert this rank already holds
+  std::vector<char> primary;      ///< changed slot that receives its expert from a peer
+  std::vector<int> local_source;  ///< per local slot with from_local: the old local slot to copy
+  std::vector<int> primary_of;    ///< per duplicate slot: the primary slot it copies, else -1
+  std::vector<transfer> sends;    ///< ascending expert, then ascending receiver
+  std::vector<transfer> recvs;    ///< ascending expert
+  std::vector<expert_id> old_local, new_local;
+
+  /// Slots that go through the staging buffer (from_local or primary), ascending.
+  [[nodiscard]] std::vector<int> buffer_slots() const;
+  [[nodiscard]] bool is_noop() const;
+};
+
+/// Plans one layer for `rank`: old and new rows of phy2log over all ranks (-1 = empty slot).
+/// Senders for expert e: the ranks holding it in `old_row` (ascending); receivers: ranks holding it
+/// in `new_row` but not in `old_row` (ascending); receivers are split over senders in blocks, the
+/// remainder round-robin, so every rank derives the same pairs.
+[[nodiscard]] layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                    int num_ranks, int rank);
+
+/// A range of logical experts [first, last) exchanged in one communicator batch.
+struct expert_chunk {
+  expert_id first;
+  expert_id last;
+};
+
+/// Splits a layer into ascending ranges of experts so that, on every rank, the staging rows a range
+/// needs (plus rows still held for writes deferred until their slot's old expert has been sent)
+/// fit in `buffer_rows`. One chunk when everything fits. error(errc::invalid_argument) naming the
+/// layer and the smallest workable row count when even one expert does not fit.
+[[nodiscard]] std::vector<expert_chunk> plan_chunks(std::span<const expert_id> old_row,
+                                                    std::span<const expert_id> new_row, int num_ranks,
+                                                    int num_logical, std::size_t buffer_rows, int layer);
+
+/// Elastic EP, scale-down: `survivors` is a placement over the ranks that stay; `mapping[r]` is the
+/// new rank of old rank r or -1 when it leaves. Returns the same placement over the old ranks, with
+/// -1 in the slots of leaving ranks, so their experts are moved out while they are still alive.
+[[nodiscard]] matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors,
+                                                      std::span<const int> mapping, int slots_per_rank);
+/// Elastic EP, scale-up: `old_map` over the old ranks; `mapping[r]` is old rank r's new rank.
+/// Returns the old placement over `new_ranks` ranks, new ranks' slots empty (-1).
+[[nodiscard]] matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map, std::span<const int> mapping,
+                                                    int new_ranks, int slots_per_rank);
+
+}  // namespace eplb::exec

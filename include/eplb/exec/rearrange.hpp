@@ -1,0 +1,83 @@
+// Synchronous, in-place rearrangement of expert weights on any communicator: local copies and
+// receives into a staging buffer, sends from the live slots, then buffer -> live slots (and
+// duplicates), then the layer's maps. Live weights keep their addresses (captured CUDA graphs stay
+// valid).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "eplb/comm/communicator.hpp"
+#include "eplb/core/placement.hpp"
+#include "eplb/device/device.hpp"
+#include "eplb/exec/model.hpp"
+#include "eplb/exec/plan.hpp"
+
+namespace eplb::exec {
+
+/// The checksum verification compares against: the expected checksum of `tensor` of `expert` in
+/// `layer` (see checksum()).
+using checksum_fn = std::function<std::uint64_t(int layer, expert_id expert, int tensor)>;
+
+/// 64-bit checksum of host bytes (the one verification uses).
+[[nodiscard]] std::uint64_t checksum(std::span<const std::byte> bytes) noexcept;
+
+struct rearrange_options {
+  std::size_t staging_bytes = 0;        ///< cap on the staging buffer; 0 = one layer of this rank's slots
+  std::chrono::milliseconds timeout{60'000};  ///< every wait on the device
+  checksum_fn verify;                   ///< when set, every slot is checked after its layer moves
+};
+
+struct layer_stats {
+  int layer = 0;
+  int chunks = 0;
+  std::uint64_t bytes_sent = 0;
+  std::uint64_t bytes_received = 0;
+  std::uint64_t bytes_copied_locally = 0;  ///< through the staging buffer, and duplicates
+  std::uint64_t bytes_same_node = 0;       ///< sent + received with peers on this rank's node
+  std::uint64_t bytes_cross_node = 0;
+  double seconds = 0.0;
+};
+
+class rearranger {
+ public:
+  /// `weights` are this rank's live slots; `stream` orders every copy (the communicator's stream is
+  /// set to it). Throws error(errc::invalid_argument) for an inconsistent shape.
+  rearranger(model_shape shape, int rank, device::device& dev, device::stream& stream, comm::communicator& comm,
+             rearrange_options opts = {});
+
+  /// Moves one layer to `new_row` and commits the layer's maps in `maps`. If it fails (error or
+  /// timeout) and the layer fit the staging cap in one chunk, the live slots and maps of the layer
+  /// are exactly as before; the error names the layer. With several chunks a failure after the
+  /// first chunk leaves the layer partly moved, which the error says.
+  layer_stats rearrange_layer(int layer, const rank_weights& weights, placement& maps,
+                              std::span<const expert_id> new_row);
+  /// All layers in order; layers already committed stay committed when a later one fails.
+  std::vector<layer_stats> rearrange(const rank_weights& weights, placement& maps, const matrix<expert_id>& new_map);
+
+  /// Checks every local slot of `layer` against `expected`; error(errc::verification_failed) naming
+  /// the first mismatch (layer, slot, tensor, expert).
+  void verify_layer(int layer, const rank_weights& weights, const placement& maps, const checksum_fn& expected);
+
+  [[nodiscard]] std::size_t staging_rows() const noexcept { return rows_; }
+
+ private:
+  std::byte* row(std::size_t r, int tensor) const;
+  layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
+                   std::span<const expert_id> new_row);
+
+  model_shape shape_;
+  int rank_;
+  device::device& dev_;
+  device::stream& stream_;
+  comm::communicator& comm_;
+  rearrange_options opts_;
+  std::vector<std::size_t> offsets_;  // of each tensor inside a staging row
+  std::size_t row_bytes_ = 0;
+  std::size_t rows_ = 0;
+  device::buffer staging_;
+};
+
+}  // namespace eplb::exec

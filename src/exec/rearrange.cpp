@@ -1,0 +1,244 @@
+#include "eplb/exec/rearrange.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "util/fail.hpp"
+
+namespace eplb::exec {
+
+std::size_t model_shape::expert_bytes() const {
+  std::size_t n = 0;
+  for (const auto& t : bundle) n += t.bytes_per_expert;
+  return n;
+}
+
+void model_shape::validate() const {
+  if (layers <= 0) fail(errc::invalid_argument, "model.layers: must be > 0, got {}", layers);
+  if (num_logical <= 0) fail(errc::invalid_argument, "model.num_logical: must be > 0, got {}", num_logical);
+  if (num_ranks <= 0) fail(errc::invalid_argument, "model.num_ranks: must be > 0, got {}", num_ranks);
+  if (num_physical < num_logical || num_physical % num_ranks != 0) {
+    fail(errc::invalid_argument, "model.num_physical: {} must be >= {} experts and divisible by {} ranks", num_physical,
+         num_logical, num_ranks);
+  }
+  if (ranks_per_node < 0) fail(errc::invalid_argument, "model.ranks_per_node: must be >= 0, got {}", ranks_per_node);
+  if (bundle.empty()) fail(errc::invalid_argument, "model.bundle: needs at least one tensor");
+  for (std::size_t t = 0; t < bundle.size(); ++t) {
+    if (bundle[t].bytes_per_expert == 0) fail(errc::invalid_argument, "model.bundle[{}] ({}): bytes_per_expert must be > 0", t, bundle[t].name);
+    if (bundle[t].stride < bundle[t].bytes_per_expert) {
+      fail(errc::invalid_argument, "model.bundle[{}] ({}): stride {} is smaller than bytes_per_expert {}", t,
+           bundle[t].name, bundle[t].stride, bundle[t].bytes_per_expert);
+    }
+  }
+}
+
+std::uint64_t checksum(std::span<const std::byte> bytes) noexcept {
+  // FNV-1a over 8-byte words (then the tail), with a final avalanche: fast enough to check weights.
+  std::uint64_t h = 0xcbf29ce484222325ULL ^ bytes.size();
+  std::size_t i = 0;
+  for (; i + 8 <= bytes.size(); i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, bytes.data() + i, 8);
+    h = (h ^ w) * 0x100000001b3ULL;
+  }
+  for (; i < bytes.size(); ++i) h = (h ^ static_cast<std::uint64_t>(bytes[i])) * 0x100000001b3ULL;
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  return h;
+}
+
+rearranger::rearranger(model_shape shape, int rank, device::device& dev, device::stream& stream,
+                       comm::communicator& comm, rearrange_options opts)
+    : shape_(std::move(shape)), rank_(rank), dev_(dev), stream_(stream), comm_(comm), opts_(std::move(opts)) {
+  shape_.validate();
+  if (comm_.size() != shape_.num_ranks || comm_.rank() != rank_) {
+    fail(errc::invalid_argument, "rearranger: communicator is rank {} of {}, model says rank {} of {}", comm_.rank(),
+         comm_.size(), rank_, shape_.num_ranks);
+  }
+  for (const auto& t : shape_.bundle) {
+    offsets_.push_back(row_bytes_);
+    row_bytes_ += t.bytes_per_expert;
+  }
+  const auto layer_rows = static_cast<std::size_t>(shape_.slots_per_rank());
+  rows_ = opts_.staging_bytes == 0 ? layer_rows : std::min(layer_rows, opts_.staging_bytes / row_bytes_);
+  if (rows_ == 0) {
+    fail(errc::invalid_argument, "staging_bytes: {} is smaller than one expert bundle ({} bytes)", opts_.staging_bytes,
+         row_bytes_);
+  }
+  const bool any_device = std::any_of(shape_.bundle.begin(), shape_.bundle.end(),
+                                      [](const auto& t) { return t.memory == device::memory_kind::device; });
+  staging_ = dev_.allocate(rows_ * row_bytes_, any_device ? device::memory_kind::device : device::memory_kind::host);
+  comm_.set_stream(&stream_);
+}
+
+std::byte* rearranger::row(std::size_t r, int tensor) const {
+  return staging_.data() + r * row_bytes_ + offsets_[static_cast<std::size_t>(tensor)];
+}
+
+layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placement& maps,
+                                        std::span<const expert_id> new_row) {
+  if (layer < 0 || layer >= shape_.layers || layer >= maps.layers()) {
+    fail(errc::invalid_argument, "rearrange_layer: layer {} out of range 0..{}", layer, shape_.layers - 1);
+  }
+  if (maps.num_physical() != shape_.num_physical || maps.num_ranks() != shape_.num_ranks) {
+    fail(errc::invalid_argument, "rearrange_layer: maps are {} slots over {} ranks, the model {} over {}",
+         maps.num_physical(), maps.num_ranks(), shape_.num_physical, shape_.num_ranks);
+  }
+  if (new_row.size() != static_cast<std::size_t>(shape_.num_physical)) {
+    fail(errc::invalid_map, "new phy2log[{}]: has {} slots, expected {}", layer, new_row.size(), shape_.num_physical);
+  }
+  validate_phy2log_row(new_row, shape_.num_logical, layer, "new phy2log");
+  if (w.base.size() != static_cast<std::size_t>(shape_.layers) ||
+      w.base[static_cast<std::size_t>(layer)].size() != shape_.bundle.size()) {
+    fail(errc::invalid_argument, "rearrange_layer: weights describe {} layers, the model {} layers of {} tensors",
+         w.base.size(), shape_.layers, shape_.bundle.size());
+  }
+  const std::vector<expert_id> old_row(maps.phy2log(layer).begin(), maps.phy2log(layer).end());
+  layer_stats stats;
+  try {
+    stats = move(layer, w, old_row, new_row);
+  } catch (const error& e) {
+    fail(e.code(), "layer {}: {}", layer, e.what());
+  }
+  maps.set_layer(layer, new_row);
+  if (opts_.verify) verify_layer(layer, w, maps, opts_.verify);
+  return stats;
+}
+
+std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement& maps, const matrix<expert_id>& new_map) {
+  if (new_map.rows() != static_cast<std::size_t>(shape_.layers)) {
+    fail(errc::invalid_map, "new phy2log: has {} layers, the model {}", new_map.rows(), shape_.layers);
+  }
+  std::vector<layer_stats> out;
+  for (int l = 0; l < shape_.layers; ++l) out.push_back(rearrange_layer(l, w, maps, new_map.row(static_cast<std::size_t>(l))));
+  return out;
+}
+
+layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
+                             std::span<const expert_id> new_row) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto p = plan_layer(old_row, new_row, shape_.num_ranks, rank_);
+  layer_stats stats;
+  stats.layer = layer;
+  if (p.is_noop()) return stats;
+  const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+  stats.chunks = static_cast<int>(chunks.size());
+  const int tensors = static_cast<int>(shape_.bundle.size());
+  const auto eb = shape_.expert_bytes();
+  const int rpn = shape_.ranks_per_node > 0 ? shape_.ranks_per_node : shape_.num_ranks;
+  const auto account = [&](int peer, std::uint64_t bytes) {
+    (peer / rpn == rank_ / rpn ? stats.bytes_same_node : stats.bytes_cross_node) += bytes;
+  };
+
+  // Staging rows in use: local slot -> row, and the expert after whose chunk each write may happen
+  // (a slot is overwritten only once its old expert's chunk is done; see plan_chunks).
+  std::vector<int> row_of(static_cast<std::size_t>(p.slots), -1);
+  std::vector<std::size_t> free_rows(rows_);
+  std::iota(free_rows.rbegin(), free_rows.rend(), 0);
+  struct pending_write {
+    int slot;       // live slot to write
+    int from_slot;  // the staged slot whose row holds its bytes
+    expert_id ready_after;
+  };
+  std::vector<pending_write> writes;
+  for (int s = 0; s < p.slots; ++s) {
+    if (p.from_local[s] || p.primary[s]) writes.push_back({s, s, std::max(p.new_local[s], p.old_local[s])});
+    if (p.primary_of[s] >= 0) writes.push_back({s, p.primary_of[s], std::max(p.new_local[s], p.old_local[s])});
+  }
+
+  for (std::size_t c = 0; c < chunks.size(); ++c) {
+    const auto [lo, hi] = chunks[c];
+    const auto in_chunk = [&](expert_id e) { return e >= lo && e < hi; };
+    for (int s : p.buffer_slots()) {
+      if (!in_chunk(p.new_local[s])) continue;
+      if (free_rows.empty()) fail(errc::internal, "staging rows exhausted in chunk {} (plan_chunks broke its promise)", c);
+      row_of[static_cast<std::size_t>(s)] = static_cast<int>(free_rows.back());
+      free_rows.pop_back();
+      if (p.from_local[s]) {
+        for (int t = 0; t < tensors; ++t) {
+          stream_.copy(row(static_cast<std::size_t>(row_of[s]), t), w.slot(shape_, layer, t, p.local_source[s]),
+                       shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
+        }
+        stats.bytes_copied_locally += eb;
+      }
+    }
+    for (const auto& r : p.recvs) {
+      if (!in_chunk(r.expert)) continue;
+      for (int t = 0; t < tensors; ++t) {
+        comm_.add_recv({row(static_cast<std::size_t>(row_of[static_cast<std::size_t>(r.slot)]), t),
+                        shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert},
+                       r.peer);
+      }
+      stats.bytes_received += eb;
+      account(r.peer, eb);
+    }
+    for (const auto& s : p.sends) {
+      if (!in_chunk(s.expert)) continue;
+      for (int t = 0; t < tensors; ++t) {
+        comm_.add_send({w.slot(shape_, layer, t, s.slot), shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert},
+                       s.peer);
+      }
+      stats.bytes_sent += eb;
+      account(s.peer, eb);
+    }
+    try {
+      comm_.execute();
+    } catch (const error& e) {
+      if (c == 0) throw;
+      fail(e.code(), "failed in chunk {} of {} after earlier chunks were written: the layer is partly moved ({})",
+           c + 1, chunks.size(), e.what());
+    }
+    // Writes whose expert and whose slot's old expert are both done; then free rows no write needs.
+    std::erase_if(writes, [&](const pending_write& wr) {
+      if (wr.ready_after >= hi) return false;
+      const auto r = static_cast<std::size_t>(row_of[static_cast<std::size_t>(wr.from_slot)]);
+      for (int t = 0; t < tensors; ++t) {
+        stream_.copy(w.slot(shape_, layer, t, wr.slot), row(r, t), shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
+      }
+      if (wr.slot != wr.from_slot) stats.bytes_copied_locally += eb;
+      return true;
+    });
+    for (int s : p.buffer_slots()) {
+      auto& r = row_of[static_cast<std::size_t>(s)];
+      if (r < 0) continue;
+      const bool needed = std::any_of(writes.begin(), writes.end(), [&](const auto& wr) { return wr.from_slot == s; });
+      if (!needed) {
+        free_rows.push_back(static_cast<std::size_t>(r));
+        r = -2;  // released for good
+      }
+    }
+  }
+  if (!writes.empty()) fail(errc::internal, "{} writes left after the last chunk", writes.size());
+  // Surface any device error before the maps commit.
+  stream_.synchronize(opts_.timeout);
+  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return stats;
+}
+
+void rearranger::verify_layer(int layer, const rank_weights& w, const placement& maps, const checksum_fn& expected) {
+  const auto row_map = maps.phy2log(layer);
+  const int base = rank_ * shape_.slots_per_rank();
+  std::size_t largest = 0;
+  for (const auto& t : shape_.bundle) largest = std::max(largest, t.bytes_per_expert);
+  auto host = dev_.allocate(largest, device::memory_kind::pinned);
+  for (int s = 0; s < shape_.slots_per_rank(); ++s) {
+    const expert_id e = row_map[base + s];
+    if (e < 0) continue;
+    for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+      const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
+      stream_.copy(host.data(), w.slot(shape_, layer, t, s), bytes);
+      stream_.synchronize(opts_.timeout);
+      const auto have = checksum({host.data(), bytes});
+      const auto want = expected(layer, e, t);
+      if (have != want) {
+        fail(errc::verification_failed,
+             "layer {} rank {} slot {} tensor {} ({}): checksum {:016x}, expert {} should give {:016x}", layer, rank_,
+             s, t, shape_.bundle[static_cast<std::size_t>(t)].name, have, e, want);
+      }
+    }
+  }
+}
+
+}  // namespace eplb::exec

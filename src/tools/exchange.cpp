@@ -1,0 +1,244 @@
+#include "tools/exchange.hpp"
+
+#include <fmt/format.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "eplb/comm/store.hpp"
+#include "eplb/exec/rearrange.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::tools {
+
+void validate(const exchange_config& c) {
+  if (c.ranks < 2 || c.ranks > 64) fail(errc::invalid_argument, "--ranks: must be in 2..64, got {}", c.ranks);
+  if (c.layers < 1) fail(errc::invalid_argument, "--layers: must be >= 1, got {}", c.layers);
+  if (c.experts < 1) fail(errc::invalid_argument, "--experts: must be >= 1, got {}", c.experts);
+  if (c.redundant < 0) fail(errc::invalid_argument, "--redundant: must be >= 0, got {}", c.redundant);
+  if ((c.experts + c.redundant) % c.ranks != 0) {
+    fail(errc::invalid_argument, "--experts + --redundant = {} must be divisible by --ranks {}", c.experts + c.redundant,
+         c.ranks);
+  }
+  if (c.tensor_bytes.empty() || c.tensor_bytes.size() > 8) {
+    fail(errc::invalid_argument, "--tensor-bytes: give 1 to 8 sizes, got {}", c.tensor_bytes.size());
+  }
+  for (auto b : c.tensor_bytes) {
+    if (b == 0) fail(errc::invalid_argument, "--tensor-bytes: sizes must be > 0");
+  }
+  if (c.rounds < 0) fail(errc::invalid_argument, "--rounds: must be >= 0, got {}", c.rounds);
+}
+
+std::byte weight_byte(int layer, expert_id expert, int tensor, std::size_t offset) noexcept {
+  std::uint64_t x = (static_cast<std::uint64_t>(layer) << 44) ^ (static_cast<std::uint64_t>(expert + 1) << 24) ^
+                    (static_cast<std::uint64_t>(tensor) << 56) ^ (offset * 0x9E3779B97F4A7C15ULL);
+  x ^= x >> 31;
+  x *= 0xD6E8FEB86659FD93ULL;
+  x ^= x >> 32;
+  return static_cast<std::byte>(x);
+}
+
+matrix<expert_id> round_placement(const exchange_config& cfg, int round, const matrix<expert_id>& prev) {
+  const int slots = cfg.experts + cfg.redundant;
+  if (round == 0) return placement::initial(cfg.layers, cfg.experts, slots, cfg.ranks).phy2log();
+  std::mt19937_64 rng(cfg.seed * 7919 + static_cast<std::uint64_t>(round));
+  matrix<expert_id> out = prev;
+  const int per_rank = slots / cfg.ranks;
+  for (int l = 0; l < cfg.layers; ++l) {
+    auto row = out.row(static_cast<std::size_t>(l));
+    switch ((round + l) % 4) {
+      case 0: {  // random: every expert once, the rest replicas or empty slots, shuffled
+        for (int e = 0; e < cfg.experts; ++e) row[e] = e;
+        for (int p = cfg.experts; p < slots; ++p) {
+          row[p] = std::uniform_int_distribution<int>(0, 3)(rng) == 0
+                       ? empty_slot
+                       : std::uniform_int_distribution<expert_id>(0, cfg.experts - 1)(rng);
+        }
+        std::shuffle(row.begin(), row.end(), rng);
+        break;
+      }
+      case 1:  // permutation within each rank
+        for (int r = 0; r < cfg.ranks; ++r) std::shuffle(row.begin() + r * per_rank, row.begin() + (r + 1) * per_rank, rng);
+        break;
+      case 2:  // full reshuffle of the previous row across ranks
+        std::shuffle(row.begin(), row.end(), rng);
+        break;
+      default:  // no-op
+        break;
+    }
+  }
+  return out;
+}
+
+exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::communicator& c, device::device& dev) {
+  validate(cfg);
+  exchange_result res;
+  const auto start = std::chrono::steady_clock::now();
+  const int slots = cfg.experts + cfg.redundant;
+  exec::model_shape shape;
+  shape.layers = cfg.layers;
+  shape.num_logical = cfg.experts;
+  shape.num_physical = slots;
+  shape.num_ranks = cfg.ranks;
+  const auto mem = cfg.device == device::backend_kind::cuda ? device::memory_kind::device : device::memory_kind::host;
+  for (std::size_t t = 0; t < cfg.tensor_bytes.size(); ++t) {
+    // Odd strides: slots are not packed, so a stride bug shows up as corruption.
+    shape.bundle.push_back({fmt::format("t{}", t), cfg.tensor_bytes[t], cfg.tensor_bytes[t] + 64 * t, mem});
+  }
+  const int local = shape.slots_per_rank();
+  auto stream = dev.create_stream();
+  // Live weights and the reference checksums of every (layer, expert, tensor).
+  std::vector<device::buffer> storage;
+  exec::rank_weights weights;
+  weights.base.resize(static_cast<std::size_t>(cfg.layers));
+  std::map<std::tuple<int, int, int>, std::uint64_t> reference;
+  std::vector<std::byte> host;
+  auto current = round_placement(cfg, 0, {});
+  placement maps(current, cfg.experts, cfg.ranks);
+  for (int l = 0; l < cfg.layers; ++l) {
+    for (int t = 0; t < static_cast<int>(shape.bundle.size()); ++t) {
+      const auto& ts = shape.bundle[static_cast<std::size_t>(t)];
+      storage.push_back(dev.allocate(ts.stride * static_cast<std::size_t>(local), mem));
+      weights.base[static_cast<std::size_t>(l)].push_back(storage.back().data());
+      for (expert_id e = 0; e < cfg.experts; ++e) {
+        host.resize(ts.bytes_per_expert);
+        for (std::size_t k = 0; k < host.size(); ++k) host[k] = weight_byte(l, e, t, k);
+        reference[{l, e, t}] = exec::checksum(host);
+      }
+      for (int s = 0; s < local; ++s) {
+        const expert_id e = current(static_cast<std::size_t>(l), static_cast<std::size_t>(rank * local + s));
+        host.resize(ts.bytes_per_expert);
+        for (std::size_t k = 0; k < host.size(); ++k) host[k] = e >= 0 ? weight_byte(l, e, t, k) : std::byte{0xAB};
+        stream->copy(weights.base[static_cast<std::size_t>(l)].back() + static_cast<std::size_t>(s) * ts.stride,
+                     host.data(), host.size());
+        stream->synchronize(cfg.timeout);  // `host` is reused
+      }
+    }
+  }
+  exec::rearrange_options opts;
+  opts.staging_bytes = cfg.staging_bytes;
+  opts.timeout = cfg.timeout;
+  opts.verify = [&](int layer, expert_id e, int tensor) { return reference.at({layer, e, tensor}); };
+  exec::rearranger r(shape, rank, dev, *stream, c, opts);
+  try {
+    for (int round = 1; round <= cfg.rounds; ++round) {
+      const auto next = round_placement(cfg, round, current);
+      for (const auto& st : r.rearrange(weights, maps, next)) res.bytes_moved += st.bytes_received;
+      current = next;
+      res.rounds = round;
+    }
+    res.verified = true;
+  } catch (const error& e) {
+    res.failure = fmt::format("rank {}: [{}] {}", rank, to_string(e.code()), e.what());
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return res;
+}
+
+namespace {
+
+exchange_result merge(const std::vector<exchange_result>& parts) {
+  exchange_result out;
+  out.verified = true;
+  out.rounds = parts.empty() ? 0 : parts.front().rounds;
+  for (const auto& p : parts) {
+    out.verified = out.verified && p.verified;
+    out.rounds = std::min(out.rounds, p.rounds);
+    out.bytes_moved += p.bytes_moved;
+    out.seconds = std::max(out.seconds, p.seconds);
+    if (!p.failure.empty() && out.failure.empty()) out.failure = p.failure;
+  }
+  return out;
+}
+
+}  // namespace
+
+exchange_result run_exchange(const exchange_config& cfg, const std::string& self_exe,
+                             const std::vector<std::string>& child_args) {
+  validate(cfg);
+  if (cfg.backend == comm::backend::loopback) {
+    auto world = comm::make_loopback_world(cfg.ranks);
+    std::vector<std::future<exchange_result>> ranks;
+    for (int r = 0; r < cfg.ranks; ++r) {
+      ranks.push_back(std::async(std::launch::async, [&, r] {
+        const bool faulty = cfg.fault_rank < 0 || cfg.fault_rank == r;
+        auto dev = cfg.device == device::backend_kind::host ? device::make_host_device(faulty ? cfg.faults : device::host_faults{})
+                                                            : device::make_cuda_device(r);
+        comm::setup s;
+        s.rank = r;
+        s.size = cfg.ranks;
+        s.world = world;
+        s.opts.timeout = cfg.timeout;
+        auto c = comm::make_communicator(comm::backend::loopback, s);
+        auto res = run_exchange_rank(cfg, r, *c, *dev);
+        if (!res.failure.empty()) comm::mark_dead(*world, r);  // peers fail fast instead of timing out
+        return res;
+      }));
+    }
+    std::vector<exchange_result> parts;
+    for (auto& f : ranks) parts.push_back(f.get());
+    return merge(parts);
+  }
+  // Other backends: one process per rank, meeting through a file store in a fresh directory.
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-exchange-{}-{}", ::getpid(), cfg.seed);
+  std::filesystem::create_directories(dir);
+  std::vector<pid_t> children;
+  std::vector<std::string> result_files;
+  for (int r = 0; r < cfg.ranks; ++r) {
+    result_files.push_back((dir / fmt::format("result-{}.json", r)).string());
+    std::vector<std::string> args{self_exe};
+    args.insert(args.end(), child_args.begin(), child_args.end());
+    for (const auto& a : {std::string("--rank"), std::to_string(r), std::string("--store"), dir.string(),
+                          std::string("--result"), result_files.back()}) {
+      args.push_back(a);
+    }
+    const pid_t pid = ::fork();
+    if (pid < 0) fail(errc::internal, "exchange: fork failed");
+    if (pid == 0) {
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(self_exe.c_str(), argv.data());
+      std::_Exit(127);
+    }
+    children.push_back(pid);
+  }
+  // Every rank has its own timeouts; this deadline only guards against a wedged child.
+  const auto deadline = std::chrono::steady_clock::now() + cfg.timeout * (cfg.rounds + 2) * cfg.layers + std::chrono::seconds(30);
+  std::vector<exchange_result> parts(static_cast<std::size_t>(cfg.ranks));
+  for (int r = 0; r < cfg.ranks; ++r) {
+    int status = 0;
+    while (::waitpid(children[static_cast<std::size_t>(r)], &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        for (pid_t p : children) ::kill(p, SIGKILL);
+        ::waitpid(children[static_cast<std::size_t>(r)], &status, 0);
+        parts[static_cast<std::size_t>(r)].failure = fmt::format("rank {}: did not finish in time (killed)", r);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    auto& part = parts[static_cast<std::size_t>(r)];
+    if (!part.failure.empty()) continue;
+    std::ifstream in(result_files[static_cast<std::size_t>(r)]);
+    std::string verified, failure;
+    if (!(in >> verified >> part.rounds >> part.bytes_moved >> part.seconds)) {
+      part.failure = fmt::format("rank {}: exited with status {} without a result", r, WEXITSTATUS(status));
+      continue;
+    }
+    std::getline(in >> std::ws, failure);
+    part.verified = verified == "1";
+    part.failure = failure;
+  }
+  std::filesystem::remove_all(dir);
+  return merge(parts);
+}
+
+}  // namespace eplb::tools

@@ -1,0 +1,58 @@
+// `eplb exchange`: a random model whose slots hold recognisable bytes, rounds of random new
+// placements, every byte verified after each layer moves. Shared by the command and the tests.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "eplb/comm/communicator.hpp"
+#include "eplb/core/matrix.hpp"
+#include "eplb/core/placement.hpp"
+#include "eplb/device/device.hpp"
+
+namespace eplb::tools {
+
+struct exchange_config {
+  int ranks = 2;
+  int layers = 2;
+  int experts = 8;
+  int redundant = 2;
+  std::vector<std::size_t> tensor_bytes{4096, 1024};
+  comm::backend backend = comm::backend::loopback;
+  device::backend_kind device = device::backend_kind::host;
+  std::uint64_t seed = 1;
+  int rounds = 4;
+  std::size_t staging_bytes = 0;
+  std::chrono::milliseconds timeout{30'000};
+  device::host_faults faults;  ///< host device only
+  int fault_rank = -1;         ///< the rank whose device gets `faults` (-1: every rank)
+};
+
+/// Validates the config; error(errc::invalid_argument) naming the flag.
+void validate(const exchange_config& cfg);
+
+struct exchange_result {
+  bool verified = false;
+  int rounds = 0;
+  std::uint64_t bytes_moved = 0;  ///< bytes this rank received (summed over ranks by the caller)
+  double seconds = 0.0;
+  std::string failure;            ///< empty when everything verified
+};
+
+/// The placement of round `round` (0 = the initial one). Identical on every rank for the same seed:
+/// random maps with replicas and empty slots, permutations within ranks, full reshuffles, no-ops.
+[[nodiscard]] matrix<expert_id> round_placement(const exchange_config& cfg, int round, const matrix<expert_id>& prev);
+
+/// The recognisable byte at `offset` of `tensor` of `expert` in `layer`.
+[[nodiscard]] std::byte weight_byte(int layer, expert_id expert, int tensor, std::size_t offset) noexcept;
+
+/// One rank's whole run on an existing communicator.
+[[nodiscard]] exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::communicator& c,
+                                                device::device& dev);
+
+/// Runs every rank: threads for loopback, processes of `self_exe` for other backends.
+[[nodiscard]] exchange_result run_exchange(const exchange_config& cfg, const std::string& self_exe,
+                                           const std::vector<std::string>& child_args);
+
+}  // namespace eplb::tools
