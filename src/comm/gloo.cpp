@@ -88,7 +88,8 @@ class gloo_communicator final : public communicator {
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
     // Both ends of a pair must cut messages identically, so the chunk size depends only on values
     // every rank shares; it also lets the cap hold one chunk per peer, direction and lane at worst.
-    const auto worst_case_slots = 2 * static_cast<std::size_t>(std::max(1, size() - 1)) * static_cast<std::size_t>(opts_.lanes);
+    const auto worst_case_slots =
+        2 * static_cast<std::size_t>(std::max(1, size() - 1)) * static_cast<std::size_t>(opts_.lanes);
     chunk_bytes_ = std::max<std::size_t>(1, std::min(opts_.chunk_bytes, opts_.staging_bytes / worst_case_slots));
     connect();
   }

@@ -35,6 +35,12 @@ int index_of(const std::vector<int>& v, int x) {
 
 }  // namespace
 
+expert_id layer_plan::read_until(int slot) const {
+  const bool source = std::any_of(sends.begin(), sends.end(), [&](const transfer& t) { return t.slot == slot; }) ||
+                      std::find(local_source.begin(), local_source.end(), slot) != local_source.end();
+  return source ? old_local[static_cast<std::size_t>(slot)] : -1;
+}
+
 std::vector<int> layer_plan::buffer_slots() const {
   std::vector<int> out;
   for (int s = 0; s < slots; ++s) {
@@ -47,8 +53,7 @@ bool layer_plan::is_noop() const {
   return sends.empty() && recvs.empty() && std::all_of(unchanged.begin(), unchanged.end(), [](char c) { return c; });
 }
 
-layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
-                      int rank) {
+layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks, int rank) {
   if (old_row.size() != new_row.size()) {
     fail(errc::invalid_map, "plan_layer: old row has {} slots, new row {}", old_row.size(), new_row.size());
   }
@@ -130,55 +135,87 @@ layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert
   return p;
 }
 
-std::vector<expert_chunk> plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                      int num_ranks, int num_logical, std::size_t buffer_rows, int layer) {
-  // Per rank and staging row: the expert it stages (Y) and the last expert whose chunk must end
-  // before the row can be released (Z): a slot is overwritten only once its old expert's chunk is
-  // done, so every source stays intact while it may still be read.
-  struct row_span {
-    expert_id y, z;
+int chunk_plan::chunk_of(expert_id e) const {
+  const int pos = position[static_cast<std::size_t>(e)];
+  for (std::size_t c = 0; c < ranges.size(); ++c) {
+    if (pos >= ranges[c].first && pos < ranges[c].second) return static_cast<int>(c);
+  }
+  return -1;
+}
+
+chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
+                       int num_logical, std::size_t buffer_rows, int layer) {
+  // Per rank and staging row: the expert it stages (y) and the experts whose batches must be done
+  // before the row is released (the old experts its target slots are still read as).
+  struct staged_row {
+    expert_id y;
+    std::vector<expert_id> waits;
   };
-  std::vector<std::vector<row_span>> rows(static_cast<std::size_t>(num_ranks));
+  std::vector<std::vector<staged_row>> rows(static_cast<std::size_t>(num_ranks));
+  // X -> Y: slot read as X is rewritten with Y; X should come first.
+  std::vector<std::vector<expert_id>> before(static_cast<std::size_t>(num_logical));
   for (int r = 0; r < num_ranks; ++r) {
     const auto p = plan_layer(old_row, new_row, num_ranks, r);
     for (int s : p.buffer_slots()) {
-      const expert_id y = p.new_local[s];
-      expert_id z = std::max(y, p.old_local[s]);
+      staged_row row{p.new_local[static_cast<std::size_t>(s)], {}};
       for (int d = 0; d < p.slots; ++d) {
-        if (p.primary_of[d] == s) z = std::max(z, p.old_local[d]);
+        if (d != s && p.primary_of[static_cast<std::size_t>(d)] != s) continue;
+        const expert_id x = p.read_until(d);
+        if (x >= 0 && x != row.y) {
+          row.waits.push_back(x);
+          before[static_cast<std::size_t>(row.y)].push_back(x);
+        }
       }
-      rows[static_cast<std::size_t>(r)].push_back({y, z});
+      rows[static_cast<std::size_t>(r)].push_back(std::move(row));
     }
   }
-  const auto occupancy_fits = [&](expert_id lo, expert_id hi) {
+  // Kahn's order, lowest id first; on a cycle, the lowest id among the fewest unmet dependencies.
+  chunk_plan out;
+  out.position.assign(static_cast<std::size_t>(num_logical), -1);
+  std::vector<int> unmet(static_cast<std::size_t>(num_logical), 0);
+  std::vector<std::vector<expert_id>> after(static_cast<std::size_t>(num_logical));
+  for (expert_id y = 0; y < num_logical; ++y) {
+    for (expert_id x : before[static_cast<std::size_t>(y)]) {
+      ++unmet[static_cast<std::size_t>(y)];
+      after[static_cast<std::size_t>(x)].push_back(y);
+    }
+  }
+  for (int placed = 0; placed < num_logical; ++placed) {
+    expert_id pick = -1;
+    for (expert_id e = 0; e < num_logical; ++e) {
+      if (out.position[static_cast<std::size_t>(e)] >= 0) continue;
+      if (pick < 0 || unmet[static_cast<std::size_t>(e)] < unmet[static_cast<std::size_t>(pick)]) pick = e;
+      if (unmet[static_cast<std::size_t>(pick)] == 0) break;
+    }
+    out.position[static_cast<std::size_t>(pick)] = placed;
+    for (expert_id y : after[static_cast<std::size_t>(pick)]) --unmet[static_cast<std::size_t>(y)];
+  }
+  // Greedy cut: extend the current range while every rank's rows in use fit.
+  const auto rows_in_use = [&](int lo, int hi) {
+    std::size_t worst = 0;
     for (const auto& rank_rows : rows) {
       std::size_t used = 0;
-      for (const auto& row : rank_rows) used += row.y < hi && row.z >= lo;
-      if (used > buffer_rows) return false;
-    }
-    return true;
-  };
-  std::vector<expert_chunk> out;
-  expert_id lo = 0;
-  while (lo < num_logical) {
-    if (!occupancy_fits(lo, lo + 1)) {
-      std::size_t need = 0;
-      for (const auto& rank_rows : rows) {
-        std::size_t used = 0;
-        for (const auto& row : rank_rows) used += row.y < lo + 1 && row.z >= lo;
-        need = std::max(need, used);
+      for (const auto& row : rank_rows) {
+        const int py = out.position[static_cast<std::size_t>(row.y)];
+        int release = py;
+        for (expert_id x : row.waits) release = std::max(release, out.position[static_cast<std::size_t>(x)]);
+        used += py < hi && release >= lo;
       }
-      fail(errc::invalid_argument,
-           "staging_bytes: layer {} needs at least {} staging rows (one expert bundle each) at expert {}, the cap "
-           "allows {}",
-           layer, need, lo, buffer_rows);
+      worst = std::max(worst, used);
     }
-    expert_id hi = lo + 1;
-    while (hi < num_logical && occupancy_fits(lo, hi + 1)) ++hi;
-    out.push_back({lo, hi});
+    return worst;
+  };
+  for (int lo = 0; lo < num_logical;) {
+    if (const auto need = rows_in_use(lo, lo + 1); need > buffer_rows) {
+      fail(errc::invalid_argument,
+           "staging_bytes: layer {} needs at least {} staging rows (one expert bundle each) here, the cap allows {}",
+           layer, need, buffer_rows);
+    }
+    int hi = lo + 1;
+    while (hi < num_logical && rows_in_use(lo, hi + 1) <= buffer_rows) ++hi;
+    out.ranges.emplace_back(lo, hi);
     lo = hi;
   }
-  if (out.empty()) out.push_back({0, 0});
   return out;
 }
 
@@ -194,7 +231,8 @@ matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors, std:
   matrix<expert_id> out(survivors.rows(), static_cast<std::size_t>(old_ranks * slots_per_rank), empty_slot);
   for (int r = 0; r < old_ranks; ++r) {
     const int nr = mapping[static_cast<std::size_t>(r)];
-    if (nr < -1 || nr >= new_ranks) fail(errc::invalid_map, "rank_mapping[{}] = {} is out of range -1..{}", r, nr, new_ranks - 1);
+    if (nr < -1 || nr >= new_ranks)
+      fail(errc::invalid_map, "rank_mapping[{}] = {} is out of range -1..{}", r, nr, new_ranks - 1);
     if (nr < 0) continue;
     for (std::size_t l = 0; l < survivors.rows(); ++l) {
       for (int s = 0; s < slots_per_rank; ++s) out(l, r * slots_per_rank + s) = survivors(l, nr * slots_per_rank + s);
@@ -213,7 +251,8 @@ matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map, std::spa
   matrix<expert_id> out(old_map.rows(), static_cast<std::size_t>(new_ranks * slots_per_rank), empty_slot);
   for (int r = 0; r < old_ranks; ++r) {
     const int nr = mapping[static_cast<std::size_t>(r)];
-    if (nr < 0 || nr >= new_ranks) fail(errc::invalid_map, "rank_mapping[{}] = {} is out of range 0..{}", r, nr, new_ranks - 1);
+    if (nr < 0 || nr >= new_ranks)
+      fail(errc::invalid_map, "rank_mapping[{}] = {} is out of range 0..{}", r, nr, new_ranks - 1);
     for (std::size_t l = 0; l < old_map.rows(); ++l) {
       for (int s = 0; s < slots_per_rank; ++s) out(l, nr * slots_per_rank + s) = old_map(l, r * slots_per_rank + s);
     }

@@ -25,7 +25,8 @@ void model_shape::validate() const {
   if (ranks_per_node < 0) fail(errc::invalid_argument, "model.ranks_per_node: must be >= 0, got {}", ranks_per_node);
   if (bundle.empty()) fail(errc::invalid_argument, "model.bundle: needs at least one tensor");
   for (std::size_t t = 0; t < bundle.size(); ++t) {
-    if (bundle[t].bytes_per_expert == 0) fail(errc::invalid_argument, "model.bundle[{}] ({}): bytes_per_expert must be > 0", t, bundle[t].name);
+    if (bundle[t].bytes_per_expert == 0)
+      fail(errc::invalid_argument, "model.bundle[{}] ({}): bytes_per_expert must be > 0", t, bundle[t].name);
     if (bundle[t].stride < bundle[t].bytes_per_expert) {
       fail(errc::invalid_argument, "model.bundle[{}] ({}): stride {} is smaller than bytes_per_expert {}", t,
            bundle[t].name, bundle[t].stride, bundle[t].bytes_per_expert);
@@ -107,12 +108,14 @@ layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placem
   return stats;
 }
 
-std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement& maps, const matrix<expert_id>& new_map) {
+std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement& maps,
+                                               const matrix<expert_id>& new_map) {
   if (new_map.rows() != static_cast<std::size_t>(shape_.layers)) {
     fail(errc::invalid_map, "new phy2log: has {} layers, the model {}", new_map.rows(), shape_.layers);
   }
   std::vector<layer_stats> out;
-  for (int l = 0; l < shape_.layers; ++l) out.push_back(rearrange_layer(l, w, maps, new_map.row(static_cast<std::size_t>(l))));
+  for (int l = 0; l < shape_.layers; ++l)
+    out.push_back(rearrange_layer(l, w, maps, new_map.row(static_cast<std::size_t>(l))));
   return out;
 }
 
@@ -124,7 +127,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   stats.layer = layer;
   if (p.is_noop()) return stats;
   const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
-  stats.chunks = static_cast<int>(chunks.size());
+  stats.chunks = static_cast<int>(chunks.ranges.size());
   const int tensors = static_cast<int>(shape_.bundle.size());
   const auto eb = shape_.expert_bytes();
   const int rpn = shape_.ranks_per_node > 0 ? shape_.ranks_per_node : shape_.num_ranks;
@@ -133,27 +136,35 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   };
 
   // Staging rows in use: local slot -> row, and the expert after whose chunk each write may happen
-  // (a slot is overwritten only once its old expert's chunk is done; see plan_chunks).
+  // (a slot still read as a source is overwritten only once its old expert's chunk is done).
   std::vector<int> row_of(static_cast<std::size_t>(p.slots), -1);
   std::vector<std::size_t> free_rows(rows_);
   std::iota(free_rows.rbegin(), free_rows.rend(), 0);
   struct pending_write {
-    int slot;       // live slot to write
-    int from_slot;  // the staged slot whose row holds its bytes
-    expert_id ready_after;
+    int slot;         // live slot to write
+    int from_slot;    // the staged slot whose row holds its bytes
+    int ready_after;  // position in the chunk order after which the write may happen
   };
   std::vector<pending_write> writes;
   for (int s = 0; s < p.slots; ++s) {
-    if (p.from_local[s] || p.primary[s]) writes.push_back({s, s, std::max(p.new_local[s], p.old_local[s])});
-    if (p.primary_of[s] >= 0) writes.push_back({s, p.primary_of[s], std::max(p.new_local[s], p.old_local[s])});
+    if (!p.from_local[s] && !p.primary[s] && p.primary_of[s] < 0) continue;  // nothing to write
+    int ready = chunks.position[static_cast<std::size_t>(p.new_local[s])];
+    if (const expert_id x = p.read_until(s); x >= 0)
+      ready = std::max(ready, chunks.position[static_cast<std::size_t>(x)]);
+    if (p.from_local[s] || p.primary[s]) writes.push_back({s, s, ready});
+    if (p.primary_of[s] >= 0) writes.push_back({s, p.primary_of[s], ready});
   }
 
-  for (std::size_t c = 0; c < chunks.size(); ++c) {
-    const auto [lo, hi] = chunks[c];
-    const auto in_chunk = [&](expert_id e) { return e >= lo && e < hi; };
+  for (std::size_t c = 0; c < chunks.ranges.size(); ++c) {
+    const auto [lo, hi] = chunks.ranges[c];
+    const auto in_chunk = [&](expert_id e) {
+      const int pos = chunks.position[static_cast<std::size_t>(e)];
+      return pos >= lo && pos < hi;
+    };
     for (int s : p.buffer_slots()) {
       if (!in_chunk(p.new_local[s])) continue;
-      if (free_rows.empty()) fail(errc::internal, "staging rows exhausted in chunk {} (plan_chunks broke its promise)", c);
+      if (free_rows.empty())
+        fail(errc::internal, "staging rows exhausted in chunk {} (plan_chunks broke its promise)", c);
       row_of[static_cast<std::size_t>(s)] = static_cast<int>(free_rows.back());
       free_rows.pop_back();
       if (p.from_local[s]) {
@@ -188,14 +199,15 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
     } catch (const error& e) {
       if (c == 0) throw;
       fail(e.code(), "failed in chunk {} of {} after earlier chunks were written: the layer is partly moved ({})",
-           c + 1, chunks.size(), e.what());
+           c + 1, chunks.ranges.size(), e.what());
     }
     // Writes whose expert and whose slot's old expert are both done; then free rows no write needs.
     std::erase_if(writes, [&](const pending_write& wr) {
       if (wr.ready_after >= hi) return false;
       const auto r = static_cast<std::size_t>(row_of[static_cast<std::size_t>(wr.from_slot)]);
       for (int t = 0; t < tensors; ++t) {
-        stream_.copy(w.slot(shape_, layer, t, wr.slot), row(r, t), shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
+        stream_.copy(w.slot(shape_, layer, t, wr.slot), row(r, t),
+                     shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
       }
       if (wr.slot != wr.from_slot) stats.bytes_copied_locally += eb;
       return true;

@@ -14,7 +14,6 @@
 #include <thread>
 
 #include "eplb/comm/store.hpp"
-#include "eplb/exec/rearrange.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::tools {
@@ -25,8 +24,8 @@ void validate(const exchange_config& c) {
   if (c.experts < 1) fail(errc::invalid_argument, "--experts: must be >= 1, got {}", c.experts);
   if (c.redundant < 0) fail(errc::invalid_argument, "--redundant: must be >= 0, got {}", c.redundant);
   if ((c.experts + c.redundant) % c.ranks != 0) {
-    fail(errc::invalid_argument, "--experts + --redundant = {} must be divisible by --ranks {}", c.experts + c.redundant,
-         c.ranks);
+    fail(errc::invalid_argument, "--experts + --redundant = {} must be divisible by --ranks {}",
+         c.experts + c.redundant, c.ranks);
   }
   if (c.tensor_bytes.empty() || c.tensor_bytes.size() > 8) {
     fail(errc::invalid_argument, "--tensor-bytes: give 1 to 8 sizes, got {}", c.tensor_bytes.size());
@@ -66,7 +65,8 @@ matrix<expert_id> round_placement(const exchange_config& cfg, int round, const m
         break;
       }
       case 1:  // permutation within each rank
-        for (int r = 0; r < cfg.ranks; ++r) std::shuffle(row.begin() + r * per_rank, row.begin() + (r + 1) * per_rank, rng);
+        for (int r = 0; r < cfg.ranks; ++r)
+          std::shuffle(row.begin() + r * per_rank, row.begin() + (r + 1) * per_rank, rng);
         break;
       case 2:  // full reshuffle of the previous row across ranks
         std::shuffle(row.begin(), row.end(), rng);
@@ -78,60 +78,82 @@ matrix<expert_id> round_placement(const exchange_config& cfg, int round, const m
   return out;
 }
 
-exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::communicator& c, device::device& dev) {
-  validate(cfg);
-  exchange_result res;
-  const auto start = std::chrono::steady_clock::now();
-  const int slots = cfg.experts + cfg.redundant;
+exec::model_shape pattern_shape(const exchange_config& cfg) {
   exec::model_shape shape;
   shape.layers = cfg.layers;
   shape.num_logical = cfg.experts;
-  shape.num_physical = slots;
+  shape.num_physical = cfg.experts + cfg.redundant;
   shape.num_ranks = cfg.ranks;
   const auto mem = cfg.device == device::backend_kind::cuda ? device::memory_kind::device : device::memory_kind::host;
   for (std::size_t t = 0; t < cfg.tensor_bytes.size(); ++t) {
     // Odd strides: slots are not packed, so a stride bug shows up as corruption.
     shape.bundle.push_back({fmt::format("t{}", t), cfg.tensor_bytes[t], cfg.tensor_bytes[t] + 64 * t, mem});
   }
-  const int local = shape.slots_per_rank();
-  auto stream = dev.create_stream();
-  // Live weights and the reference checksums of every (layer, expert, tensor).
-  std::vector<device::buffer> storage;
-  exec::rank_weights weights;
-  weights.base.resize(static_cast<std::size_t>(cfg.layers));
-  std::map<std::tuple<int, int, int>, std::uint64_t> reference;
+  return shape;
+}
+
+pattern_model::pattern_model(exec::model_shape shape, int rank, device::device& dev, device::stream& stream,
+                             const matrix<expert_id>& map, std::chrono::milliseconds timeout)
+    : shape_(std::move(shape)), stream_(stream), timeout_(timeout) {
+  shape_.validate();
+  const int local = shape_.slots_per_rank();
+  weights_.base.resize(static_cast<std::size_t>(shape_.layers));
   std::vector<std::byte> host;
-  auto current = round_placement(cfg, 0, {});
-  placement maps(current, cfg.experts, cfg.ranks);
-  for (int l = 0; l < cfg.layers; ++l) {
-    for (int t = 0; t < static_cast<int>(shape.bundle.size()); ++t) {
-      const auto& ts = shape.bundle[static_cast<std::size_t>(t)];
-      storage.push_back(dev.allocate(ts.stride * static_cast<std::size_t>(local), mem));
-      weights.base[static_cast<std::size_t>(l)].push_back(storage.back().data());
-      for (expert_id e = 0; e < cfg.experts; ++e) {
-        host.resize(ts.bytes_per_expert);
+  for (int l = 0; l < shape_.layers; ++l) {
+    for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+      const auto& ts = shape_.bundle[static_cast<std::size_t>(t)];
+      storage_.push_back(dev.allocate(ts.stride * static_cast<std::size_t>(local), ts.memory));
+      weights_.base[static_cast<std::size_t>(l)].push_back(storage_.back().data());
+      host.resize(ts.bytes_per_expert);
+      for (expert_id e = 0; e < shape_.num_logical; ++e) {
         for (std::size_t k = 0; k < host.size(); ++k) host[k] = weight_byte(l, e, t, k);
-        reference[{l, e, t}] = exec::checksum(host);
+        reference_[{l, e, t}] = exec::checksum(host);
       }
       for (int s = 0; s < local; ++s) {
-        const expert_id e = current(static_cast<std::size_t>(l), static_cast<std::size_t>(rank * local + s));
-        host.resize(ts.bytes_per_expert);
+        const expert_id e = map(static_cast<std::size_t>(l), static_cast<std::size_t>(rank * local + s));
         for (std::size_t k = 0; k < host.size(); ++k) host[k] = e >= 0 ? weight_byte(l, e, t, k) : std::byte{0xAB};
-        stream->copy(weights.base[static_cast<std::size_t>(l)].back() + static_cast<std::size_t>(s) * ts.stride,
-                     host.data(), host.size());
-        stream->synchronize(cfg.timeout);  // `host` is reused
+        stream_.copy(weights_.slot(shape_, l, t, s), host.data(), host.size());
+        stream_.synchronize(timeout_);  // `host` is reused
       }
     }
   }
+}
+
+exec::checksum_fn pattern_model::reference() const {
+  return [this](int layer, expert_id e, int tensor) { return reference_.at({layer, e, tensor}); };
+}
+
+std::vector<std::byte> pattern_model::snapshot(int layer) {
+  std::vector<std::byte> out;
+  for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+    const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
+    for (int s = 0; s < shape_.slots_per_rank(); ++s) {
+      const auto at = out.size();
+      out.resize(at + bytes);
+      stream_.copy(out.data() + at, weights_.slot(shape_, layer, t, s), bytes);
+      stream_.synchronize(timeout_);
+    }
+  }
+  return out;
+}
+
+exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::communicator& c, device::device& dev) {
+  validate(cfg);
+  exchange_result res;
+  const auto start = std::chrono::steady_clock::now();
+  auto stream = dev.create_stream();
+  auto current = round_placement(cfg, 0, {});
+  placement maps(current, cfg.experts, cfg.ranks);
+  pattern_model model(pattern_shape(cfg), rank, dev, *stream, current, cfg.timeout);
   exec::rearrange_options opts;
   opts.staging_bytes = cfg.staging_bytes;
   opts.timeout = cfg.timeout;
-  opts.verify = [&](int layer, expert_id e, int tensor) { return reference.at({layer, e, tensor}); };
-  exec::rearranger r(shape, rank, dev, *stream, c, opts);
+  opts.verify = model.reference();
   try {
+    exec::rearranger r(model.shape(), rank, dev, *stream, c, opts);
     for (int round = 1; round <= cfg.rounds; ++round) {
       const auto next = round_placement(cfg, round, current);
-      for (const auto& st : r.rearrange(weights, maps, next)) res.bytes_moved += st.bytes_received;
+      for (const auto& st : r.rearrange(model.weights(), maps, next)) res.bytes_moved += st.bytes_received;
       current = next;
       res.rounds = round;
     }
@@ -170,8 +192,9 @@ exchange_result run_exchange(const exchange_config& cfg, const std::string& self
     for (int r = 0; r < cfg.ranks; ++r) {
       ranks.push_back(std::async(std::launch::async, [&, r] {
         const bool faulty = cfg.fault_rank < 0 || cfg.fault_rank == r;
-        auto dev = cfg.device == device::backend_kind::host ? device::make_host_device(faulty ? cfg.faults : device::host_faults{})
-                                                            : device::make_cuda_device(r);
+        auto dev = cfg.device == device::backend_kind::host
+                       ? device::make_host_device(faulty ? cfg.faults : device::host_faults{})
+                       : device::make_cuda_device(r);
         comm::setup s;
         s.rank = r;
         s.size = cfg.ranks;
@@ -212,7 +235,8 @@ exchange_result run_exchange(const exchange_config& cfg, const std::string& self
     children.push_back(pid);
   }
   // Every rank has its own timeouts; this deadline only guards against a wedged child.
-  const auto deadline = std::chrono::steady_clock::now() + cfg.timeout * (cfg.rounds + 2) * cfg.layers + std::chrono::seconds(30);
+  const auto deadline =
+      std::chrono::steady_clock::now() + cfg.timeout * (cfg.rounds + 2) * cfg.layers + std::chrono::seconds(30);
   std::vector<exchange_result> parts(static_cast<std::size_t>(cfg.ranks));
   for (int r = 0; r < cfg.ranks; ++r) {
     int status = 0;

@@ -3,13 +3,16 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "eplb/comm/communicator.hpp"
 #include "eplb/core/matrix.hpp"
 #include "eplb/core/placement.hpp"
 #include "eplb/device/device.hpp"
+#include "eplb/exec/rearrange.hpp"
 
 namespace eplb::tools {
 
@@ -37,7 +40,7 @@ struct exchange_result {
   int rounds = 0;
   std::uint64_t bytes_moved = 0;  ///< bytes this rank received (summed over ranks by the caller)
   double seconds = 0.0;
-  std::string failure;            ///< empty when everything verified
+  std::string failure;  ///< empty when everything verified
 };
 
 /// The placement of round `round` (0 = the initial one). Identical on every rank for the same seed:
@@ -46,6 +49,30 @@ struct exchange_result {
 
 /// The recognisable byte at `offset` of `tensor` of `expert` in `layer`.
 [[nodiscard]] std::byte weight_byte(int layer, expert_id expert, int tensor, std::size_t offset) noexcept;
+
+/// One rank's live weights filled with weight_byte() for a placement (empty slots get 0xAB), and
+/// the reference checksums verification compares against.
+class pattern_model {
+ public:
+  pattern_model(exec::model_shape shape, int rank, device::device& dev, device::stream& stream,
+                const matrix<expert_id>& placement_map, std::chrono::milliseconds timeout);
+  [[nodiscard]] const exec::rank_weights& weights() const noexcept { return weights_; }
+  [[nodiscard]] const exec::model_shape& shape() const noexcept { return shape_; }
+  [[nodiscard]] exec::checksum_fn reference() const;
+  /// Every byte of this rank's slots of `layer` (tensor by tensor, slot by slot), for comparisons.
+  [[nodiscard]] std::vector<std::byte> snapshot(int layer);
+
+ private:
+  exec::model_shape shape_;
+  device::stream& stream_;
+  std::chrono::milliseconds timeout_;
+  std::vector<device::buffer> storage_;
+  exec::rank_weights weights_;
+  std::map<std::tuple<int, int, int>, std::uint64_t> reference_;
+};
+
+/// The bundle exchange runs use: tensors of the given sizes with odd strides, in `memory`.
+[[nodiscard]] exec::model_shape pattern_shape(const exchange_config& cfg);
 
 /// One rank's whole run on an existing communicator.
 [[nodiscard]] exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::communicator& c,

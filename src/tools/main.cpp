@@ -7,10 +7,10 @@
 #include <sstream>
 
 #include "eplb/comm/communicator.hpp"
+#include "eplb/comm/store.hpp"
 #include "eplb/device/device.hpp"
 #include "eplb/error.hpp"
 #include "eplb_build_config.hpp"
-#include "eplb/comm/store.hpp"
 #include "tools/exchange.hpp"
 #include "tools/plan_json.hpp"
 
@@ -123,13 +123,13 @@ int run_exchange(exchange_flags& f, const std::vector<std::string>& child_args) 
   const auto res = tools::run_exchange(cfg, "/proc/self/exe", child_args);
   if (f.json) {
     nlohmann::json out = {{"verified", res.verified}, {"rounds", res.rounds}, {"bytes_moved", res.bytes_moved},
-                          {"seconds", res.seconds}, {"ranks", cfg.ranks}, {"backend", f.backend}};
+                          {"seconds", res.seconds},   {"ranks", cfg.ranks},   {"backend", f.backend}};
     if (!res.failure.empty()) out["failure"] = res.failure;
     std::cout << out.dump() << '\n';
   } else {
     std::cout << fmt::format("{} ranks over {}, {} layers x {} slots, {} rounds: {} bytes moved in {:.3f} s, {}\n",
-                             cfg.ranks, f.backend, cfg.layers, cfg.experts + cfg.redundant, res.rounds,
-                             res.bytes_moved, res.seconds, res.verified ? "every byte verified" : "FAILED");
+                             cfg.ranks, f.backend, cfg.layers, cfg.experts + cfg.redundant, res.rounds, res.bytes_moved,
+                             res.seconds, res.verified ? "every byte verified" : "FAILED");
     if (!res.failure.empty()) std::cout << "  " << res.failure << '\n';
   }
   return res.verified ? 0 : 1;
@@ -156,7 +156,8 @@ int main(int argc, char** argv) {
   auto* info = app.add_subcommand("info", "Show which device and communicator backends were built and can run here");
 
   exchange_flags ex;
-  auto* exchange = app.add_subcommand("exchange", "Rearrange a random model with recognisable bytes and verify every byte");
+  auto* exchange =
+      app.add_subcommand("exchange", "Rearrange a random model with recognisable bytes and verify every byte");
   exchange->add_option("--ranks", ex.cfg.ranks, "EP ranks (threads for loopback, processes otherwise)");
   exchange->add_option("--layers", ex.cfg.layers);
   exchange->add_option("--experts", ex.cfg.experts, "logical experts per layer");

@@ -33,6 +33,10 @@ struct layer_plan {
   std::vector<transfer> recvs;    ///< ascending expert
   std::vector<expert_id> old_local, new_local;
 
+  /// The old expert of `slot` when this rank still reads that slot during the layer (it is the
+  /// source of a send or of a local copy), else -1. The slot may be overwritten only after the chunk
+  /// holding that expert.
+  [[nodiscard]] expert_id read_until(int slot) const;
   /// Slots that go through the staging buffer (from_local or primary), ascending.
   [[nodiscard]] std::vector<int> buffer_slots() const;
   [[nodiscard]] bool is_noop() const;
@@ -45,25 +49,28 @@ struct layer_plan {
 [[nodiscard]] layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                     int num_ranks, int rank);
 
-/// A range of logical experts [first, last) exchanged in one communicator batch.
-struct expert_chunk {
-  expert_id first;
-  expert_id last;
+/// How one layer is split into communicator batches when it does not fit the staging cap: experts
+/// in a global order (the same on every rank), cut into consecutive ranges.
+struct chunk_plan {
+  std::vector<int> position;                ///< per logical expert: its place in the order
+  std::vector<std::pair<int, int>> ranges;  ///< [begin, end) of positions, one per batch
+
+  [[nodiscard]] int chunk_of(expert_id e) const;
 };
 
-/// Splits a layer into ascending ranges of experts so that, on every rank, the staging rows a range
-/// needs (plus rows still held for writes deferred until their slot's old expert has been sent)
-/// fit in `buffer_rows`. One chunk when everything fits. error(errc::invalid_argument) naming the
-/// layer and the smallest workable row count when even one expert does not fit.
-[[nodiscard]] std::vector<expert_chunk> plan_chunks(std::span<const expert_id> old_row,
-                                                    std::span<const expert_id> new_row, int num_ranks,
-                                                    int num_logical, std::size_t buffer_rows, int layer);
+/// Orders experts so that a slot still read as the source of its old expert X, and rewritten with
+/// Y, sees X before Y wherever the dependencies allow (only cycles force a staging row to be held),
+/// then cuts the order greedily so that, on every rank, the staging rows in use fit `buffer_rows`.
+/// One range when everything fits. error(errc::invalid_argument) naming the layer and the rows
+/// needed when even one expert does not fit.
+[[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                     int num_ranks, int num_logical, std::size_t buffer_rows, int layer);
 
 /// Elastic EP, scale-down: `survivors` is a placement over the ranks that stay; `mapping[r]` is the
 /// new rank of old rank r or -1 when it leaves. Returns the same placement over the old ranks, with
 /// -1 in the slots of leaving ranks, so their experts are moved out while they are still alive.
-[[nodiscard]] matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors,
-                                                      std::span<const int> mapping, int slots_per_rank);
+[[nodiscard]] matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors, std::span<const int> mapping,
+                                                      int slots_per_rank);
 /// Elastic EP, scale-up: `old_map` over the old ranks; `mapping[r]` is old rank r's new rank.
 /// Returns the old placement over `new_ranks` ranks, new ranks' slots empty (-1).
 [[nodiscard]] matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map, std::span<const int> mapping,

@@ -25,9 +25,9 @@ using checksum_fn = std::function<std::uint64_t(int layer, expert_id expert, int
 [[nodiscard]] std::uint64_t checksum(std::span<const std::byte> bytes) noexcept;
 
 struct rearrange_options {
-  std::size_t staging_bytes = 0;        ///< cap on the staging buffer; 0 = one layer of this rank's slots
+  std::size_t staging_bytes = 0;              ///< cap on the staging buffer; 0 = one layer of this rank's slots
   std::chrono::milliseconds timeout{60'000};  ///< every wait on the device
-  checksum_fn verify;                   ///< when set, every slot is checked after its layer moves
+  checksum_fn verify;                         ///< when set, every slot is checked after its layer moves
 };
 
 struct layer_stats {

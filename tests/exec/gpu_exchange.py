@@ -1,0 +1,26 @@
+#!/usr/bin/env python3
+"""GPU suite: `eplb exchange` on device memory over RANKS GPUs with BACKEND; skips (77) without them."""
+import json
+import os
+import subprocess
+import sys
+
+eplb, ranks, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+info = subprocess.run([eplb, "info"], capture_output=True, text=True).stdout
+gpus = 0
+for line in info.splitlines():
+    if line.strip().startswith("cuda") and "GPU(s)" in line:
+        gpus = int(line.split("(")[1].split()[0])
+if gpus < ranks:
+    print(f"skip: {ranks} ranks need {ranks} GPUs, found {gpus}")
+    sys.exit(77)
+env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+for staging in ("0", str(3 * (1 << 20) + 3 * 4096)):
+    r = subprocess.run([eplb, "exchange", "--device", "cuda", "--backend", backend, "--ranks", str(ranks),
+                        "--layers", "4", "--experts", str(8 * ranks), "--redundant", str(ranks),
+                        "--tensor-bytes", "1048576,4096,64", "--rounds", "6", "--staging-bytes", staging, "--json"],
+                       capture_output=True, text=True, env=env, timeout=280)
+    print(r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    if r.returncode != 0 or not out["verified"]:
+        sys.exit(1)

@@ -1,0 +1,308 @@
+// The transfer plan, the in-place rearrangement on loopback ranks (threads), staging caps,
+// elastic scale-up/down and fault injection. Every byte is verified.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <future>
+#include <map>
+#include <random>
+
+#include "check_error.hpp"
+#include "eplb/core/policy.hpp"
+#include "eplb/exec/plan.hpp"
+#include "eplb/exec/rearrange.hpp"
+#include "tools/exchange.hpp"
+
+using namespace eplb;
+using namespace std::chrono_literals;
+
+namespace {
+
+template <typename Fn>
+auto on_ranks(int size, Fn fn) {
+  std::vector<std::future<decltype(fn(0))>> futures;
+  for (int r = 0; r < size; ++r) futures.push_back(std::async(std::launch::async, fn, r));
+  std::vector<decltype(fn(0))> out;
+  for (auto& f : futures) out.push_back(f.get());
+  return out;
+}
+
+std::vector<expert_id> random_row(std::mt19937_64& rng, int experts, int slots, bool empties) {
+  std::vector<expert_id> row(static_cast<std::size_t>(slots));
+  for (int e = 0; e < experts; ++e) row[e] = e;
+  for (int p = experts; p < slots; ++p) {
+    row[p] = empties && rng() % 3 == 0 ? empty_slot : static_cast<expert_id>(rng() % static_cast<unsigned>(experts));
+  }
+  std::shuffle(row.begin(), row.end(), rng);
+  return row;
+}
+
+}  // namespace
+
+TEST_CASE("plan: every send has exactly one matching receive, in the same order per pair") {
+  std::mt19937_64 rng(42);
+  for (int iter = 0; iter < 300; ++iter) {
+    const int ranks = 2 + static_cast<int>(rng() % 7);
+    const int experts = 1 + static_cast<int>(rng() % 20);
+    const int per_rank = (experts + ranks - 1) / ranks + static_cast<int>(rng() % 3);
+    const int slots = per_rank * ranks;
+    const auto old_row = random_row(rng, experts, slots, true);
+    const auto new_row = random_row(rng, experts, slots, true);
+    // (sender, receiver) -> ordered experts, seen from both ends.
+    std::map<std::pair<int, int>, std::vector<expert_id>> sent, received;
+    for (int r = 0; r < ranks; ++r) {
+      const auto p = exec::plan_layer(old_row, new_row, ranks, r);
+      for (const auto& s : p.sends) {
+        CHECK(s.peer != r);
+        CHECK(p.old_local[static_cast<std::size_t>(s.slot)] == s.expert);  // sends read the expert itself
+        sent[{r, s.peer}].push_back(s.expert);
+      }
+      for (const auto& v : p.recvs) {
+        CHECK(p.primary[static_cast<std::size_t>(v.slot)]);
+        CHECK(p.new_local[static_cast<std::size_t>(v.slot)] == v.expert);
+        received[{v.peer, r}].push_back(v.expert);
+      }
+      // Every changed, non-empty slot gets its expert one way or another.
+      for (int s = 0; s < p.slots; ++s) {
+        if (p.unchanged[s] || p.new_local[s] < 0) continue;
+        CHECK((p.from_local[s] + p.primary[s] + (p.primary_of[s] >= 0)) == 1);
+      }
+    }
+    CHECK(sent == received);
+  }
+}
+
+TEST_CASE("plan: vLLM's sender rule splits receivers in blocks, remainder round robin") {
+  // Expert 0 is held by ranks 0 and 1 and wanted by ranks 2, 3 and 4 (one slot each).
+  const std::vector<expert_id> old_row{0, 1, 0, 2, 1, 3, 2, 4, 3, 4};
+  const std::vector<expert_id> new_row{0, 1, 0, 2, 0, 3, 0, 4, 0, 1};
+  const auto p0 = exec::plan_layer(old_row, new_row, 5, 0);
+  const auto p1 = exec::plan_layer(old_row, new_row, 5, 1);
+  // 3 receivers over 2 senders: block of 1 each (ranks 2, 3), remainder rank 4 to sender 0.
+  std::vector<int> to0, to1;
+  for (const auto& s : p0.sends) {
+    if (s.expert == 0) to0.push_back(s.peer);
+  }
+  for (const auto& s : p1.sends) {
+    if (s.expert == 0) to1.push_back(s.peer);
+  }
+  CHECK(to0 == std::vector<int>{2, 4});
+  CHECK(to1 == std::vector<int>{3});
+  CHECK(exec::plan_layer(old_row, new_row, 5, 4).recvs.at(0).peer == 0);
+}
+
+TEST_CASE("rearrange on loopback: 2-8 ranks, bundles of 1-4 tensors, caps, every byte verified") {
+  struct scenario {
+    int ranks, layers, experts, redundant;
+    std::vector<std::size_t> tensors;
+    std::size_t staging;
+  };
+  const scenario cases[] = {
+      {2, 2, 3, 1, {64}, 0},          {3, 3, 7, 2, {4096, 100}, 0},         {4, 2, 10, 6, {1000, 17, 3, 2048}, 0},
+      {8, 2, 20, 4, {256, 32}, 0},    {4, 3, 28, 4, {1024, 256}, 4 * 1280},  // 4 rows of 8: a layer in chunks
+      {5, 2, 12, 3, {333, 77, 5}, 0},
+  };
+  for (const auto& c : cases) {
+    tools::exchange_config cfg;
+    cfg.ranks = c.ranks;
+    cfg.layers = c.layers;
+    cfg.experts = c.experts;
+    cfg.redundant = c.redundant;
+    cfg.tensor_bytes = c.tensors;
+    cfg.staging_bytes = c.staging;
+    cfg.rounds = 10;
+    cfg.seed = static_cast<std::uint64_t>(c.ranks * 100 + c.experts);
+    CAPTURE(c.ranks);
+    CAPTURE(c.experts);
+    const auto res = tools::run_exchange(cfg, "", {});
+    CHECK_MESSAGE(res.verified, res.failure);
+    CHECK(res.rounds == 10);
+    CHECK(res.bytes_moved > 0);
+  }
+}
+
+TEST_CASE("rearrange with a staging cap uses several chunks and still verifies") {
+  const int ranks = 4;
+  auto world = comm::make_loopback_world(ranks);
+  const auto chunks = on_ranks(ranks, [&](int r) {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    comm::setup s{.rank = r, .size = ranks, .world = world};
+    auto c = comm::make_communicator(comm::backend::loopback, s);
+    tools::exchange_config cfg{.ranks = ranks, .layers = 1, .experts = 28, .redundant = 4, .tensor_bytes = {512}};
+    auto start = tools::round_placement(cfg, 0, {});
+    placement maps(start, cfg.experts, ranks);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 10s);
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.staging_bytes = 4 * 512, .verify = model.reference()});
+    std::mt19937_64 rng(9);
+    auto target = random_row(rng, cfg.experts, 32, false);
+    const auto st = re.rearrange_layer(0, model.weights(), maps, target);
+    CHECK(re.staging_rows() == 4);
+    CHECK(std::vector<expert_id>(maps.phy2log(0).begin(), maps.phy2log(0).end()) == target);
+    return st.chunks;
+  });
+  CHECK(chunks[0] > 1);
+  CHECK(chunks[0] == chunks[1]);  // every rank cuts the layer the same way
+}
+
+TEST_CASE("a staging cap below what a layer needs is a clear error and changes nothing") {
+  auto world = comm::make_loopback_world(2);
+  const auto results = on_ranks(2, [&](int r) -> std::string {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    auto c = comm::make_communicator(comm::backend::loopback, {.rank = r, .size = 2, .world = world});
+    tools::exchange_config cfg{.ranks = 2, .layers = 1, .experts = 4, .redundant = 0, .tensor_bytes = {64}};
+    auto start = tools::round_placement(cfg, 0, {});
+    placement maps(start, 4, 2);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 10s);
+    const auto before = model.snapshot(0);
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.staging_bytes = 64});
+    const std::vector<expert_id> swapped{1, 0, 3, 2};  // a swap inside each rank needs two rows
+    try {
+      re.rearrange_layer(0, model.weights(), maps, swapped);
+    } catch (const error& e) {
+      CHECK(model.snapshot(0) == before);
+      CHECK(maps.phy2log(0)[0] == 0);
+      return e.what();
+    }
+    return "no error";
+  });
+  CHECK(results[0].find("layer 0: staging_bytes: layer 0 needs at least 2 staging rows") != std::string::npos);
+}
+
+TEST_CASE("a device fault mid-layer leaves that layer untouched and names it") {
+  auto world = comm::make_loopback_world(2);
+  const auto results = on_ranks(2, [&](int r) -> std::string {
+    // Rank 1's device fails its 53rd stream operation: the model's fill takes 48 (a copy and a
+    // synchronisation for 4 slots x 2 tensors x 3 layers), so the fault lands in the rearrangement.
+    auto dev = device::make_host_device(r == 1 ? device::host_faults{.fail_at_op = 53} : device::host_faults{});
+    auto stream = dev->create_stream();
+    auto c = comm::make_communicator(comm::backend::loopback,
+                                     {.rank = r, .size = 2, .world = world, .opts = {.timeout = 5s}});
+    tools::exchange_config cfg{.ranks = 2, .layers = 3, .experts = 6, .redundant = 2, .tensor_bytes = {128, 32}};
+    auto start = tools::round_placement(cfg, 0, {});
+    placement maps(start, 6, 2);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 5s);
+    std::vector<std::vector<std::byte>> before;
+    for (int l = 0; l < 3; ++l) before.push_back(r == 1 ? std::vector<std::byte>{} : model.snapshot(l));
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.timeout = 5s, .verify = model.reference()});
+    matrix<expert_id> target(3, 8);
+    for (int l = 0; l < 3; ++l) {
+      const std::vector<expert_id> row{5, 4, 3, 2, 1, 0, 5, 0};
+      std::copy(row.begin(), row.end(), target.row(static_cast<std::size_t>(l)).begin());
+    }
+    int done = 0;
+    try {
+      for (int l = 0; l < 3; ++l) {
+        re.rearrange_layer(l, model.weights(), maps, target.row(static_cast<std::size_t>(l)));
+        ++done;
+      }
+    } catch (const error& e) {
+      if (r == 1) return fmt::format("{}|{}", done, e.what());
+      comm::mark_dead(*world, 0);
+      // Rank 0: the failed layer and every later layer are untouched, maps too.
+      for (int l = done; l < 3; ++l) {
+        CHECK(model.snapshot(l) == before[static_cast<std::size_t>(l)]);
+        CHECK(maps.phy2log(l)[0] == start(static_cast<std::size_t>(l), 0));
+      }
+      return fmt::format("{}|{}", done, e.what());
+    }
+    if (r == 1) comm::mark_dead(*world, 1);
+    return "no error";
+  });
+  INFO(results[0]);
+  INFO(results[1]);
+  CHECK(results[1].find("layer ") != std::string::npos);
+  CHECK(results[1].find("injected fault") != std::string::npos);
+}
+
+TEST_CASE("elastic scale-down moves the leaving rank's experts to the survivors") {
+  const int ranks = 4, experts = 10, per_rank = 4;
+  auto world = comm::make_loopback_world(ranks);
+  const std::vector<int> mapping{0, 1, 2, -1};  // rank 3 leaves
+  const auto results = on_ranks(ranks, [&](int r) -> std::string {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    auto c = comm::make_communicator(comm::backend::loopback, {.rank = r, .size = ranks, .world = world});
+    tools::exchange_config cfg{
+        .ranks = ranks, .layers = 2, .experts = experts, .redundant = 6, .tensor_bytes = {256, 64}};
+    auto start = tools::round_placement(cfg, 0, {});
+    placement maps(start, experts, ranks);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 10s);
+    // The policy places the experts over the 3 survivors (12 slots), then the map is expanded back.
+    matrix<double> load(2, experts, 1.0);
+    const auto survivors = rebalance_default({load, 3 * per_rank, 1, 1, 3});
+    const auto target = exec::expand_for_scale_down(survivors, mapping, per_rank);
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.verify = model.reference()});
+    try {
+      re.rearrange(model.weights(), maps, target);
+    } catch (const error& e) {
+      return e.what();
+    }
+    for (int l = 0; l < 2; ++l) {
+      for (int s = 12; s < 16; ++s) CHECK(maps.phy2log(l)[s] == empty_slot);
+    }
+    return "";
+  });
+  for (const auto& r : results) CHECK_MESSAGE(r.empty(), r);
+}
+
+TEST_CASE("elastic scale-up fills the new ranks' empty slots") {
+  const int experts = 6, per_rank = 3;
+  auto world = comm::make_loopback_world(4);
+  const std::vector<int> mapping{0, 1};  // 2 ranks become 4
+  const auto results = on_ranks(4, [&](int r) -> std::string {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    auto c = comm::make_communicator(comm::backend::loopback, {.rank = r, .size = 4, .world = world});
+    tools::exchange_config small{.ranks = 2, .layers = 2, .experts = experts, .redundant = 0, .tensor_bytes = {128}};
+    const auto old_small = tools::round_placement(small, 0, {});
+    const auto old_map = exec::expand_for_scale_up(old_small, mapping, 4, per_rank);
+    tools::exchange_config big{.ranks = 4, .layers = 2, .experts = experts, .redundant = 6, .tensor_bytes = {128}};
+    placement maps(old_map, experts, 4);
+    tools::pattern_model model(tools::pattern_shape(big), r, *dev, *stream, old_map, 10s);
+    matrix<double> load(2, experts, 1.0);
+    load(0, 0) = 50;
+    const auto target = rebalance_default({load, 12, 1, 1, 4, &old_map});
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.verify = model.reference()});
+    try {
+      re.rearrange(model.weights(), maps, target);
+    } catch (const error& e) {
+      return e.what();
+    }
+    for (int s = 6; s < 12; ++s) CHECK(maps.phy2log(0)[s] >= 0);
+    return "";
+  });
+  for (const auto& r : results) CHECK_MESSAGE(r.empty(), r);
+}
+
+TEST_CASE("rearrange argument errors") {
+  auto world = comm::make_loopback_world(2);
+  auto dev = device::make_host_device();
+  auto stream = dev->create_stream();
+  auto c = comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 2, .world = world});
+  tools::exchange_config cfg{.ranks = 2, .layers = 1, .experts = 4, .redundant = 0, .tensor_bytes = {64}};
+  auto shape = tools::pattern_shape(cfg);
+  auto bad = shape;
+  bad.bundle[0].stride = 8;
+  CHECK_EPLB_ERROR(exec::rearranger(bad, 0, *dev, *stream, *c), errc::invalid_argument,
+                   "stride 8 is smaller than bytes_per_expert 64");
+  CHECK_EPLB_ERROR(exec::rearranger(shape, 1, *dev, *stream, *c), errc::invalid_argument,
+                   "communicator is rank 0 of 2");
+  CHECK_EPLB_ERROR(exec::rearranger(shape, 0, *dev, *stream, *c, {.staging_bytes = 10}), errc::invalid_argument,
+                   "smaller than one expert bundle");
+  auto start = tools::round_placement(cfg, 0, {});
+  placement maps(start, 4, 2);
+  tools::pattern_model model(shape, 0, *dev, *stream, start, 5s);
+  exec::rearranger re(shape, 0, *dev, *stream, *c);
+  const std::vector<expert_id> missing{0, 0, 1, 2};
+  CHECK_EPLB_ERROR(re.rearrange_layer(0, model.weights(), maps, missing), errc::invalid_map,
+                   "new phy2log[0]: logical expert 3 has no replica");
+  const std::vector<expert_id> short_row{0, 1, 2};
+  CHECK_EPLB_ERROR(re.rearrange_layer(0, model.weights(), maps, short_row), errc::invalid_map,
+                   "has 3 slots, expected 4");
+  CHECK_EPLB_ERROR(exec::expand_for_scale_down(start, std::vector<int>{0, 5}, 2), errc::invalid_map,
+                   "rank_mapping[1] = 5 is out of range -1..1");
+  CHECK_EPLB_ERROR(exec::expand_for_scale_down(start, std::vector<int>{0, -1}, 2), errc::invalid_map,
+                   "has 4 slots, 1 surviving ranks x 2 slots expected");
+}
