@@ -144,23 +144,13 @@ class gloo_communicator final : public communicator {
       std::byte* recv_area = staged ? staging_.data() + staging_offset + window_bytes : nullptr;
       staging_offset += 2 * window_bytes;
       workers.emplace_back(guard([this, peer, &plan, send_area, recv_area, window_bytes, deadline] {
-        exchange_manifest(peer, plan, deadline);
-        std::exception_ptr send_failure;
-        std::thread sender([&] {
-          try {
-            send_all(peer, plan, send_area, window_bytes, deadline);
-          } catch (...) {
-            send_failure = std::current_exception();
-          }
-        });
         try {
-          receive_all(peer, plan, recv_area, window_bytes, deadline);
-        } catch (...) {
-          sender.join();
+          exchange_with(peer, plan, send_area, recv_area, window_bytes, deadline);
+        } catch (const eplb::error&) {
           throw;
+        } catch (const std::exception& e) {
+          peer_failed(peer, "exchanging with", e);  // Gloo throws from posting too, not only from waits
         }
-        sender.join();
-        if (send_failure) std::rethrow_exception(send_failure);
       }));
     }
     for (auto& t : workers) t.join();
@@ -180,6 +170,27 @@ class gloo_communicator final : public communicator {
     std::uint64_t generation = 0;
   };
 
+  void exchange_with(int peer, const peer_plan& plan, std::byte* send_area, std::byte* recv_area,
+                     std::size_t window_bytes, clock::time_point deadline) {
+    exchange_manifest(peer, plan, deadline);
+    std::exception_ptr send_failure;
+    std::thread sender([&] {
+      try {
+        send_all(peer, plan, send_area, window_bytes, deadline);
+      } catch (...) {
+        send_failure = std::current_exception();
+      }
+    });
+    try {
+      receive_all(peer, plan, recv_area, window_bytes, deadline);
+    } catch (...) {
+      sender.join();
+      throw;
+    }
+    sender.join();
+    if (send_failure) std::rethrow_exception(send_failure);
+  }
+
   void connect() {
     auto adapter = std::make_shared<gloo_store_adapter>(store_, opts_.timeout);
     for (int lane = 0; lane < opts_.lanes; ++lane) {
@@ -192,13 +203,19 @@ class gloo_communicator final : public communicator {
       gloo::rendezvous::PrefixStore prefixed(fmt::format("gloo-lane-{}", lane), *adapter);
       try {
         context->connectFullMesh(prefixed, device);
+      } catch (const eplb::error& e) {
+        fail(e.code(), "gloo rank {}: could not connect lane {} to all {} ranks: {}", rank(), lane, size(), e.what());
       } catch (const std::exception& e) {
-        fail(errc::timeout, "gloo rank {}: could not connect lane {} to all {} ranks within {} ms: {}", rank(), lane,
-             size(), opts_.timeout.count(), e.what());
+        fail(errc::peer_failure,
+             "gloo rank {}: could not connect lane {} to all {} ranks (a peer closed the connection): {}", rank(), lane,
+             size(), e.what());
       }
       devices_.push_back(std::move(device));
       lanes_.push_back(std::move(context));
     }
+    // Every rank has every lane before anyone uses one, so an early exchange never meets a peer
+    // that is still connecting.
+    store_barrier(*store_, "gloo-connected", size(), opts_.timeout);
   }
 
   // Splits the staging cap evenly over peers and directions; returns each worker's window in bytes
