@@ -1,11 +1,7 @@
 #include "eplb/comm/communicator.hpp"
 
-#include <condition_variable>
-#include <deque>
-#include <mutex>
-#include <thread>
-
 #include "util/fail.hpp"
+#include "util/job_thread.hpp"
 
 namespace eplb::comm {
 
@@ -33,42 +29,7 @@ backend parse_backend(std::string_view name) {
 
 // One thread per communicator runs execute_async() batches in order, so a caller's thread never
 // blocks on the network.
-struct communicator::worker {
-  std::mutex mutex;
-  std::condition_variable cv;
-  std::deque<std::function<void()>> jobs;
-  bool stopping = false;
-  std::thread thread{[this] { loop(); }};
-
-  ~worker() {
-    {
-      std::lock_guard lock(mutex);
-      stopping = true;
-    }
-    cv.notify_all();
-    thread.join();
-  }
-  void post(std::function<void()> job) {
-    {
-      std::lock_guard lock(mutex);
-      jobs.push_back(std::move(job));
-    }
-    cv.notify_one();
-  }
-  void loop() {
-    for (;;) {
-      std::function<void()> job;
-      {
-        std::unique_lock lock(mutex);
-        cv.wait(lock, [&] { return stopping || !jobs.empty(); });
-        if (jobs.empty()) return;  // stopping, and every queued batch has run
-        job = std::move(jobs.front());
-        jobs.pop_front();
-      }
-      job();
-    }
-  }
-};
+struct communicator::worker : job_thread {};
 
 communicator::communicator(int rank, int size) : rank_(rank), size_(size) {
   if (size <= 0) fail(errc::invalid_argument, "communicator: size must be > 0, got {}", size);

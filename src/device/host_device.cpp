@@ -21,9 +21,10 @@ class host_event_state final : public detail::event_state {};
 struct fault_plan {
   host_faults faults;
   std::atomic<std::int64_t> next_op{0};
+  std::atomic<std::int64_t> fail_at{-1};
   std::mutex rng_mutex;
   std::mt19937_64 rng;
-  explicit fault_plan(host_faults f) : faults(f), rng(f.seed) {}
+  explicit fault_plan(host_faults f) : faults(f), fail_at(f.fail_at_op), rng(f.seed) {}
   milliseconds delay() {
     if (faults.max_delay.count() <= 0) return milliseconds(0);
     std::lock_guard lock(rng_mutex);
@@ -106,7 +107,7 @@ class host_stream final : public stream {
       failure_ = std::make_exception_ptr(error(errc::cancelled, "host stream destroyed while stalled"));
     }
     if (const auto d = plan_->delay(); d.count() > 0) std::this_thread::sleep_for(d);
-    if (!failure_ && n == plan_->faults.fail_at_op) {
+    if (!failure_ && n == plan_->fail_at.load()) {
       failure_ =
           std::make_exception_ptr(error(errc::device, fmt::format("host stream: injected fault at operation {}", n)));
     }
@@ -147,6 +148,7 @@ class host_device final : public device {
     if (p == nullptr) fail(errc::device, "host device: cannot allocate {} bytes", bytes);
     return buffer(p, bytes, kind, 0, &free_host);
   }
+  void fail_after(std::int64_t ops) { plan_->fail_at = plan_->next_op.load() + ops - 1; }
 
  private:
   std::shared_ptr<fault_plan> plan_;
@@ -156,6 +158,12 @@ class host_device final : public device {
 
 std::unique_ptr<device> make_host_device(host_faults faults) {
   return std::make_unique<host_device>(faults);
+}
+
+void fail_host_device_after(device& d, std::int64_t ops_from_now) {
+  auto* host = dynamic_cast<host_device*>(&d);
+  if (host == nullptr) fail(errc::invalid_argument, "fail_host_device_after: not a host device");
+  host->fail_after(ops_from_now);
 }
 
 }  // namespace eplb::device

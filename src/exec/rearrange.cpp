@@ -68,9 +68,6 @@ rearranger::rearranger(model_shape shape, int rank, device::device& dev, device:
     fail(errc::invalid_argument, "staging_bytes: {} is smaller than one expert bundle ({} bytes)", opts_.staging_bytes,
          row_bytes_);
   }
-  const bool any_device = std::any_of(shape_.bundle.begin(), shape_.bundle.end(),
-                                      [](const auto& t) { return t.memory == device::memory_kind::device; });
-  staging_ = dev_.allocate(rows_ * row_bytes_, any_device ? device::memory_kind::device : device::memory_kind::host);
   comm_.set_stream(&stream_);
 }
 
@@ -127,6 +124,11 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   stats.layer = layer;
   if (p.is_noop()) return stats;
   const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+  if (staging_.data() == nullptr) {  // allocated on first use: the async path stages elsewhere
+    const bool any_device = std::any_of(shape_.bundle.begin(), shape_.bundle.end(),
+                                        [](const auto& t) { return t.memory == device::memory_kind::device; });
+    staging_ = dev_.allocate(rows_ * row_bytes_, any_device ? device::memory_kind::device : device::memory_kind::host);
+  }
   stats.chunks = static_cast<int>(chunks.ranges.size());
   const int tensors = static_cast<int>(shape_.bundle.size());
   const auto eb = shape_.expert_bytes();
@@ -227,6 +229,64 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   stream_.synchronize(opts_.timeout);
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return stats;
+}
+
+std::size_t rearranger::layer_area_bytes() const noexcept {
+  return row_bytes_ * static_cast<std::size_t>(shape_.slots_per_rank());
+}
+
+staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span<const expert_id> old_row,
+                                     std::span<const expert_id> new_row, std::byte* area) {
+  const auto p = plan_layer(old_row, new_row, shape_.num_ranks, rank_);
+  staged_layer out;
+  out.layer = layer;
+  out.stats.layer = layer;
+  out.stats.chunks = 1;
+  out.new_row.assign(new_row.begin(), new_row.end());
+  const int tensors = static_cast<int>(shape_.bundle.size());
+  const auto eb = shape_.expert_bytes();
+  const int rpn = shape_.ranks_per_node > 0 ? shape_.ranks_per_node : shape_.num_ranks;
+  const auto at = [&](int slot, int t) {
+    return area + static_cast<std::size_t>(slot) * row_bytes_ + offsets_[static_cast<std::size_t>(t)];
+  };
+  const auto bytes = [&](int t) { return shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert; };
+  // The staging row of a slot is the slot's own index: a whole layer always fits.
+  for (int s : p.buffer_slots()) {
+    if (p.from_local[static_cast<std::size_t>(s)]) {
+      for (int t = 0; t < tensors; ++t)
+        stream_.copy(at(s, t), w.slot(shape_, layer, t, p.local_source[static_cast<std::size_t>(s)]), bytes(t));
+      out.stats.bytes_copied_locally += eb;
+    }
+    out.writes.emplace_back(s, s);
+  }
+  for (int s = 0; s < p.slots; ++s) {
+    if (p.primary_of[static_cast<std::size_t>(s)] >= 0) {
+      out.writes.emplace_back(s, p.primary_of[static_cast<std::size_t>(s)]);
+      out.stats.bytes_copied_locally += eb;
+    }
+  }
+  for (const auto& r : p.recvs) {
+    for (int t = 0; t < tensors; ++t) comm_.add_recv({at(r.slot, t), bytes(t)}, r.peer);
+    out.stats.bytes_received += eb;
+    (r.peer / rpn == rank_ / rpn ? out.stats.bytes_same_node : out.stats.bytes_cross_node) += eb;
+  }
+  for (const auto& snd : p.sends) {
+    for (int t = 0; t < tensors; ++t) comm_.add_send({w.slot(shape_, layer, t, snd.slot), bytes(t)}, snd.peer);
+    out.stats.bytes_sent += eb;
+    (snd.peer / rpn == rank_ / rpn ? out.stats.bytes_same_node : out.stats.bytes_cross_node) += eb;
+  }
+  return out;
+}
+
+void rearranger::commit_layer(const staged_layer& staged, const rank_weights& w, const std::byte* area,
+                              device::stream& s) const {
+  for (const auto& [slot, row] : staged.writes) {
+    for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+      s.copy(w.slot(shape_, staged.layer, t, slot),
+             area + static_cast<std::size_t>(row) * row_bytes_ + offsets_[static_cast<std::size_t>(t)],
+             shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
+    }
+  }
 }
 
 void rearranger::verify_layer(int layer, const rank_weights& w, const placement& maps, const checksum_fn& expected) {

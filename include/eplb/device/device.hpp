@@ -122,6 +122,9 @@ struct host_faults {
 };
 
 [[nodiscard]] std::unique_ptr<device> make_host_device(host_faults faults = {});
+/// Arms a fault on a host device: its `ops_from_now`-th next stream operation fails (tests and
+/// demonstrations). error(errc::invalid_argument) for other backends.
+void fail_host_device_after(device& host_device, std::int64_t ops_from_now);
 /// The CUDA device `ordinal`; error(errc::backend_unavailable) when CUDA was not built or no such GPU.
 [[nodiscard]] std::unique_ptr<device> make_cuda_device(int ordinal);
 [[nodiscard]] std::unique_ptr<device> make_device(backend_kind kind, int ordinal = 0);

@@ -41,6 +41,14 @@ struct layer_stats {
   double seconds = 0.0;
 };
 
+/// One layer staged for a later commit (the async path): where each changed slot's bytes wait.
+struct staged_layer {
+  int layer = -1;
+  std::vector<expert_id> new_row;
+  std::vector<std::pair<int, int>> writes;  ///< (live slot, staging row), duplicates included
+  layer_stats stats;
+};
+
 class rearranger {
  public:
   /// `weights` are this rank's live slots; `stream` orders every copy (the communicator's stream is
@@ -62,6 +70,18 @@ class rearranger {
   void verify_layer(int layer, const rank_weights& weights, const placement& maps, const checksum_fn& expected);
 
   [[nodiscard]] std::size_t staging_rows() const noexcept { return rows_; }
+  [[nodiscard]] comm::communicator& communicator() const noexcept { return comm_; }
+
+  /// Async building blocks. Bytes of one staging area: a row per local slot (a whole layer).
+  [[nodiscard]] std::size_t layer_area_bytes() const noexcept;
+  /// Enqueues `layer`'s local copies into `area` on this rearranger's stream and queues its sends
+  /// and receives on the communicator as one batch; the caller executes it. Live slots are only
+  /// read.
+  [[nodiscard]] staged_layer queue_layer(int layer, const rank_weights& weights, std::span<const expert_id> old_row,
+                                         std::span<const expert_id> new_row, std::byte* area);
+  /// Enqueues area -> live slots (duplicates included) on `s`.
+  void commit_layer(const staged_layer& staged, const rank_weights& weights, const std::byte* area,
+                    device::stream& s) const;
 
  private:
   std::byte* row(std::size_t r, int tensor) const;

@@ -1,0 +1,41 @@
+// EPLB configuration: defaults as in vLLM unless noted, validation with errors that name the field,
+// the value and what is allowed, and the communicator auto-selection.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "eplb/comm/communicator.hpp"
+#include "eplb/core/policy.hpp"
+
+namespace eplb {
+
+struct config {
+  int window_size = 1000;         ///< steps of load kept in the window (> 0)
+  int step_interval = 3000;       ///< steps between rebalances (> 0); the first after a quarter
+  int num_redundant_experts = 0;  ///< extra physical slots per layer (>= 0)
+  bool log_balancedness = false;
+  int log_balancedness_interval = 1;          ///< > 0
+  bool use_async = false;                     ///< stage on a background thread, commit at step boundaries
+  bool elastic = false;                       ///< elastic EP (ranks may join or leave)
+  std::string policy = "default";             ///< "default" (more later)
+  std::string communicator = "auto";          ///< auto | nccl | gloo | stateless_nccl | loopback
+  std::size_t staging_bytes = 0;              ///< cap on staging memory; 0 = one layer (eplb default)
+  std::chrono::milliseconds timeout{60'000};  ///< every wait of a rebalance (transfers, device, agreement)
+
+  /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
+  void validate() const;
+  /// The communicator to use: the named one, or for "auto": elastic -> stateless_nccl, async ->
+  /// gloo, else nccl. Async mode with an NCCL backend is an error: NCCL kernels launched from a
+  /// second thread collide with the serving loop's own NCCL and all-to-all kernels and hang.
+  [[nodiscard]] comm::backend resolved_communicator() const;
+  [[nodiscard]] policy_kind resolved_policy() const;
+
+  /// Parses a JSON object whose keys are the fields above (timeout as "timeout_ms"); unknown keys,
+  /// wrong types and invalid values are error(errc::invalid_config) naming the key.
+  [[nodiscard]] static config from_json(std::string_view text);
+};
+
+}  // namespace eplb

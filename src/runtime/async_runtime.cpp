@@ -1,0 +1,248 @@
+#include "runtime/async_runtime.hpp"
+
+#include "util/asio.hpp"
+#include "util/fail.hpp"
+#include "util/job_thread.hpp"
+
+namespace eplb::runtime {
+
+using clock = std::chrono::steady_clock;
+
+struct async_runtime::impl {
+  impl(async_runtime& owner, exec::rearranger& s, const exec::rank_weights& w, cpu_group& g, device::stream& side,
+       int areas, std::chrono::milliseconds t)
+      : self(owner), stager(s), weights(w), group(g), side_stream(side), timeout(t) {
+    for (int i = 0; i < areas; ++i) free_areas.push_back(i);
+    consumed.resize(static_cast<std::size_t>(areas));
+    thread = std::thread([this] { io.run(); });
+  }
+
+  async_runtime& self;
+  exec::rearranger& stager;
+  const exec::rank_weights& weights;
+  cpu_group& group;
+  device::stream& side_stream;
+  std::chrono::milliseconds timeout;
+
+  asio::io_context io;
+  asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
+  // Device and communicator callbacks post here through the gate, which stop() closes, so a late
+  // callback never touches a runtime that is gone.
+  struct gate_t {
+    explicit gate_t(asio::io_context* i) : io(i) {}
+    std::mutex mutex;
+    asio::io_context* io;
+  };
+  std::shared_ptr<gate_t> gate = std::make_shared<gate_t>(&io);
+  template <typename Fn>
+  static void post_through(const std::shared_ptr<gate_t>& g, Fn fn) {
+    std::lock_guard lock(g->mutex);
+    if (g->io != nullptr) asio::post(*g->io, std::move(fn));
+  }
+  job_thread blocking;  // CPU collectives block on the store: they run here, not on the io thread
+
+  // Touched only on the io thread.
+  std::deque<int> free_areas;
+  std::vector<device::event> consumed;  // per area: the serving stream's last read of it
+  std::shared_ptr<asio::steady_timer> area_waiter;
+  bool stopping = false;
+
+  // Shared with the serving thread.
+  mutable std::mutex mutex;
+  std::vector<ready_layer> layers;
+  std::optional<matrix<expert_id>> target;
+  std::optional<matrix<double>> global_load;
+  std::exception_ptr failure;
+
+  std::thread thread;  // last
+
+  // Completes when `e` does, or fails with errc::timeout; the driver's callback only posts here.
+  asio::awaitable<void> await_event(device::event e, std::string what) {
+    auto timer = std::make_shared<asio::steady_timer>(io, timeout);
+    auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
+    e.notify([g = gate, timer, result](std::exception_ptr f) {
+      post_through(g, [timer, result, f] {
+        *result = {true, f};
+        timer->cancel();
+      });
+    });
+    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
+    if (!result->first) fail(errc::timeout, "{} not done within {} ms", what, timeout.count());
+    if (result->second) std::rethrow_exception(result->second);
+  }
+
+  // The load all-reduce blocks on the store: it runs on the blocking worker and resumes here.
+  // (A named coroutine with plain parameters: GCC 12 mishandles lambdas passed into coroutines.)
+  asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
+    auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
+    auto out = std::make_shared<std::pair<std::vector<double>, std::exception_ptr>>();
+    blocking.post([this, g = gate, timer, out, local] {
+      std::pair<std::vector<double>, std::exception_ptr> r;
+      try {
+        r.first = group.allreduce_sum(local->flat());
+      } catch (...) {
+        r.second = std::current_exception();
+      }
+      post_through(g, [timer, out, r = std::move(r)]() mutable {
+        *out = std::move(r);
+        timer->cancel();
+      });
+    });
+    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
+    if (out->second) std::rethrow_exception(out->second);
+    co_return std::move(out->first);
+  }
+
+  asio::awaitable<void> await_execute() {
+    auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
+    auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
+    // The communicator enforces its own timeout; this resumes when it reports, either way.
+    stager.communicator().execute_async([g = gate, timer, result](std::exception_ptr f) {
+      post_through(g, [timer, result, f] {
+        *result = {true, f};
+        timer->cancel();
+      });
+    });
+    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
+    if (result->second) std::rethrow_exception(result->second);
+  }
+
+  asio::awaitable<int> acquire_area() {
+    while (free_areas.empty()) {
+      if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
+      area_waiter = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
+      auto keep = area_waiter;
+      co_await keep->async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+    const int a = free_areas.front();
+    free_areas.pop_front();
+    if (consumed[static_cast<std::size_t>(a)].valid()) {
+      std::string what = "the serving stream's read of a staging area";
+      co_await await_event(consumed[static_cast<std::size_t>(a)], std::move(what));
+    }
+    co_return a;
+  }
+
+  asio::awaitable<void> rebalance(rebalance_inputs in) {
+    const auto start = clock::now();
+    const auto layers_n = static_cast<int>(in.old_map.rows());
+    const auto experts = in.local_load.cols();
+    const auto local = std::make_shared<const matrix<double>>(std::move(in.local_load));
+    const auto summed = co_await allreduce(local);
+    matrix<double> total(static_cast<std::size_t>(layers_n), experts);
+    std::copy(summed.begin(), summed.end(), total.flat().begin());
+    auto next = eplb::rebalance(in.policy, {total, static_cast<int>(in.old_map.cols()), in.num_groups, in.num_nodes,
+                                            group.size(), &in.old_map});
+    {
+      std::lock_guard lock(mutex);
+      target = next;
+      global_load = total;
+    }
+    self.plan_seconds_ = std::chrono::duration<double>(clock::now() - start).count();
+    for (int l = 0; l < layers_n; ++l) {
+      if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
+      const auto t0 = clock::now();
+      const int a = co_await acquire_area();
+      auto staged = stager.queue_layer(l, weights, in.old_map.row(static_cast<std::size_t>(l)),
+                                       next.row(static_cast<std::size_t>(l)), self.area(a));
+      co_await await_execute();
+      auto ready = side_stream.record();
+      std::string what = fmt::format("staging layer {}", l);
+      co_await await_event(ready, std::move(what));
+      self.stage_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
+      {
+        std::lock_guard lock(mutex);
+        layers.push_back({std::move(staged), a, ready});
+      }
+      self.staged_.store(l + 1, std::memory_order_release);
+    }
+  }
+
+  void release(int a, device::event e) {
+    consumed[static_cast<std::size_t>(a)] = std::move(e);
+    free_areas.push_back(a);
+    if (area_waiter) area_waiter->cancel();
+  }
+};
+
+async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
+                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout) {
+  if (areas <= 0) fail(errc::invalid_argument, "async runtime: needs at least one staging area");
+  for (int i = 0; i < areas; ++i) {
+    areas_.push_back(dev.allocate(stager.layer_area_bytes(), dev.kind() == device::backend_kind::cuda
+                                                                 ? device::memory_kind::device
+                                                                 : device::memory_kind::host));
+  }
+  impl_ = std::make_unique<impl>(*this, stager, weights, group, side, areas, timeout);
+}
+
+async_runtime::~async_runtime() {
+  stop();
+}
+
+void async_runtime::start(rebalance_inputs in) {
+  if (busy_.exchange(true)) fail(errc::internal, "async runtime: a rebalance is already running");
+  {
+    std::lock_guard lock(impl_->mutex);
+    impl_->layers.clear();
+    impl_->target.reset();
+    impl_->global_load.reset();
+    impl_->failure = nullptr;
+  }
+  staged_ = 0;
+  // The completion handler keeps every failure for step(): nothing is swallowed.
+  asio::co_spawn(impl_->io, impl_->rebalance(std::move(in)), [this](std::exception_ptr e) {
+    if (e) {
+      std::lock_guard lock(impl_->mutex);
+      impl_->failure = e;
+    }
+    busy_ = false;
+  });
+}
+
+ready_layer async_runtime::get(int layer) const {
+  std::lock_guard lock(impl_->mutex);
+  if (layer < 0 || layer >= static_cast<int>(impl_->layers.size())) {
+    fail(errc::internal, "async runtime: layer {} is not staged", layer);
+  }
+  return impl_->layers[static_cast<std::size_t>(layer)];
+}
+
+void async_runtime::release(int area, device::event consumed) {
+  asio::post(impl_->io, [this, area, consumed] { impl_->release(area, consumed); });
+}
+
+std::optional<matrix<expert_id>> async_runtime::target() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->target;
+}
+
+std::optional<matrix<double>> async_runtime::global_load() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->global_load;
+}
+
+std::exception_ptr async_runtime::failure() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->failure;
+}
+
+void async_runtime::stop() noexcept {
+  if (!impl_ || !impl_->thread.joinable()) return;
+  asio::post(impl_->io, [this] {
+    impl_->stopping = true;
+    if (impl_->area_waiter) impl_->area_waiter->cancel();
+  });
+  impl_->work.reset();
+  // The coroutine ends at its next await: transfers and device waits are bounded by the timeout.
+  impl_->thread.join();
+  try {
+    impl_->side_stream.synchronize(impl_->timeout);
+  } catch (...) {
+    // A failed or stalled side stream is reported by step(); stop() only must not hang.
+  }
+  std::lock_guard lock(impl_->gate->mutex);
+  impl_->gate->io = nullptr;
+}
+
+}  // namespace eplb::runtime

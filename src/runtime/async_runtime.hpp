@@ -1,0 +1,80 @@
+// The background rebalance thread: one io_context, one C++20 coroutine per rebalance. It gathers
+// the load (CPU collective), computes the placement, then stages layer after layer on the side
+// stream into a ring of staging areas, awaiting device events and transfers without blocking the
+// thread (completions are posted back to the io_context). The serving thread commits staged layers
+// and hands their areas back.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "eplb/core/load.hpp"
+#include "eplb/core/policy.hpp"
+#include "eplb/exec/rearrange.hpp"
+#include "runtime/cpu_group.hpp"
+
+namespace eplb::runtime {
+
+struct rebalance_inputs {
+  matrix<double> local_load;  ///< this rank's logical load over the window (layers x experts)
+  matrix<expert_id> old_map;
+  policy_kind policy;
+  int num_groups;
+  int num_nodes;
+};
+
+struct ready_layer {
+  exec::staged_layer staged;
+  int area = -1;        ///< which staging area holds it
+  device::event ready;  ///< side-stream work that filled the area
+};
+
+class async_runtime {
+ public:
+  /// `stager` stages on the side stream; `areas` staging areas of stager.layer_area_bytes() each.
+  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
+                device::stream& side, int areas, std::chrono::milliseconds timeout);
+  ~async_runtime();  // stop()
+  async_runtime(const async_runtime&) = delete;
+  async_runtime& operator=(const async_runtime&) = delete;
+
+  /// Starts a rebalance (one at a time). Returns at once.
+  void start(rebalance_inputs in);
+  /// Layers 0..n-1 of the current rebalance that are staged and not yet taken.
+  [[nodiscard]] int staged_layers() const noexcept { return staged_.load(std::memory_order_acquire); }
+  /// The staged layer `layer` (< staged_layers()).
+  [[nodiscard]] ready_layer get(int layer) const;
+  /// The area of a committed layer may be reused once `consumed` completes.
+  void release(int area, device::event consumed);
+  /// The placement the current rebalance moves to (set once the policy ran), and the global load.
+  [[nodiscard]] std::optional<matrix<expert_id>> target() const;
+  [[nodiscard]] std::optional<matrix<double>> global_load() const;
+  /// The failure of the current rebalance, if any; cleared by start().
+  [[nodiscard]] std::exception_ptr failure() const;
+  [[nodiscard]] bool busy() const noexcept { return busy_.load(std::memory_order_acquire); }
+  [[nodiscard]] std::byte* area(int i) const { return areas_[static_cast<std::size_t>(i)].data(); }
+  [[nodiscard]] double plan_seconds() const noexcept { return plan_seconds_.load(); }
+  [[nodiscard]] double stage_seconds() const noexcept { return stage_seconds_.load(); }
+
+  /// Cancels the rebalance, waits for in-flight transfers and device work (bounded by the timeout),
+  /// joins the thread. Idempotent, never throws.
+  void stop() noexcept;
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+  std::vector<device::buffer> areas_;
+  std::atomic<int> staged_{0};
+  std::atomic<bool> busy_{false};
+  std::atomic<double> plan_seconds_{0};
+  std::atomic<double> stage_seconds_{0};
+};
+
+}  // namespace eplb::runtime

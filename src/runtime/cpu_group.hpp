@@ -1,0 +1,39 @@
+// Small collectives over the rendezvous store, on the CPU only (never NCCL): the load all-reduce
+// of a rebalance and the per-step commit agreement. Every rank must call the same operations in
+// the same order; every wait has the group's timeout and names a silent rank.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "eplb/comm/store.hpp"
+
+namespace eplb::runtime {
+
+class cpu_group {
+ public:
+  cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std::chrono::milliseconds timeout);
+
+  [[nodiscard]] int rank() const noexcept { return rank_; }
+  [[nodiscard]] int size() const noexcept { return size_; }
+  /// Element-wise sum over ranks; every rank passes the same length.
+  [[nodiscard]] std::vector<double> allreduce_sum(std::span<const double> values);
+  [[nodiscard]] std::int64_t allreduce_min(std::int64_t value);
+
+ private:
+  std::vector<std::string> exchange(const char* op, std::uint64_t& generation, std::string mine);
+
+  std::shared_ptr<comm::store> store_;
+  int rank_;
+  int size_;
+  std::chrono::milliseconds timeout_;
+  // One counter per operation: each operation is used by one thread (the load sum by the
+  // background thread, the agreement by the serving thread), so they interleave freely.
+  std::uint64_t sum_generation_ = 0;
+  std::uint64_t min_generation_ = 0;
+};
+
+}  // namespace eplb::runtime

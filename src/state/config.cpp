@@ -1,0 +1,108 @@
+#include "eplb/config.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include "util/fail.hpp"
+
+namespace eplb {
+
+void config::validate() const {
+  const auto positive = [](const char* field, long v) {
+    if (v <= 0) fail(errc::invalid_config, "{}: {} is not allowed (must be > 0)", field, v);
+  };
+  positive("window_size", window_size);
+  positive("step_interval", step_interval);
+  positive("log_balancedness_interval", log_balancedness_interval);
+  positive("timeout_ms", timeout.count());
+  if (num_redundant_experts < 0) {
+    fail(errc::invalid_config, "num_redundant_experts: {} is not allowed (must be >= 0)", num_redundant_experts);
+  }
+  if (policy != "default") fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\")", policy);
+  (void)resolved_communicator();
+}
+
+comm::backend config::resolved_communicator() const {
+  comm::backend b;
+  if (communicator == "auto") {
+    b = elastic ? comm::backend::stateless_nccl : use_async ? comm::backend::gloo : comm::backend::nccl;
+  } else {
+    try {
+      b = comm::parse_backend(communicator);
+    } catch (const error&) {
+      fail(errc::invalid_config,
+           "communicator: \"{}\" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, loopback)", communicator);
+    }
+  }
+  if (use_async && (b == comm::backend::nccl || b == comm::backend::stateless_nccl)) {
+    fail(errc::invalid_config,
+         "communicator: \"{}\" is not allowed with use_async = true (NCCL kernels launched from the background "
+         "thread collide with the serving loop's NCCL and all-to-all kernels and hang; use gloo or auto)",
+         communicator == "auto" ? std::string(comm::to_string(b)) : communicator);
+  }
+  return b;
+}
+
+policy_kind config::resolved_policy() const {
+  return parse_policy(policy, "policy");
+}
+
+config config::from_json(std::string_view text) {
+  nlohmann::json doc;
+  try {
+    doc = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail(errc::invalid_config, "config: not valid JSON (byte {}: {})", e.byte, e.what());
+  }
+  if (!doc.is_object()) fail(errc::invalid_config, "config: must be a JSON object, got {}", doc.type_name());
+  config c;
+  const auto integer = [](const std::string& key, const nlohmann::json& v) -> long {
+    if (!v.is_number_integer()) fail(errc::invalid_config, "{}: {} is not allowed (must be an integer)", key, v.dump());
+    const auto x = v.get<std::int64_t>();
+    if (x < -1'000'000'000'000 || x > 1'000'000'000'000) fail(errc::invalid_config, "{}: {} is out of range", key, x);
+    return static_cast<long>(x);
+  };
+  const auto boolean = [](const std::string& key, const nlohmann::json& v) {
+    if (!v.is_boolean()) fail(errc::invalid_config, "{}: {} is not allowed (must be true or false)", key, v.dump());
+    return v.get<bool>();
+  };
+  const auto string = [](const std::string& key, const nlohmann::json& v) {
+    if (!v.is_string()) fail(errc::invalid_config, "{}: {} is not allowed (must be a string)", key, v.dump());
+    return v.get<std::string>();
+  };
+  for (const auto& [key, v] : doc.items()) {
+    if (key == "window_size") {
+      c.window_size = static_cast<int>(integer(key, v));
+    } else if (key == "step_interval") {
+      c.step_interval = static_cast<int>(integer(key, v));
+    } else if (key == "num_redundant_experts") {
+      c.num_redundant_experts = static_cast<int>(integer(key, v));
+    } else if (key == "log_balancedness") {
+      c.log_balancedness = boolean(key, v);
+    } else if (key == "log_balancedness_interval") {
+      c.log_balancedness_interval = static_cast<int>(integer(key, v));
+    } else if (key == "use_async") {
+      c.use_async = boolean(key, v);
+    } else if (key == "elastic") {
+      c.elastic = boolean(key, v);
+    } else if (key == "policy") {
+      c.policy = string(key, v);
+    } else if (key == "communicator") {
+      c.communicator = string(key, v);
+    } else if (key == "staging_bytes") {
+      const long x = integer(key, v);
+      if (x < 0) fail(errc::invalid_config, "staging_bytes: {} is not allowed (must be >= 0)", x);
+      c.staging_bytes = static_cast<std::size_t>(x);
+    } else if (key == "timeout_ms") {
+      c.timeout = std::chrono::milliseconds(integer(key, v));
+    } else {
+      fail(errc::invalid_config,
+           "{}: unknown field (known: window_size, step_interval, num_redundant_experts, log_balancedness, "
+           "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms)",
+           key);
+    }
+  }
+  c.validate();
+  return c;
+}
+
+}  // namespace eplb

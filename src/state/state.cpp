@@ -1,0 +1,409 @@
+#include "eplb/state.hpp"
+
+#include <fmt/format.h>
+
+#include <deque>
+#include <iostream>
+
+#include "eplb/core/load.hpp"
+#include "eplb/exec/rearrange.hpp"
+#include "runtime/async_runtime.hpp"
+#include "runtime/cpu_group.hpp"
+#include "util/fail.hpp"
+
+namespace eplb {
+
+using clock_type = std::chrono::steady_clock;
+
+struct eplb_state::impl {
+  config cfg;
+  model_desc model;
+  int rank;
+  device::device& dev;
+  device::stream& serving;
+  exec::rank_weights weights;
+  std::function<std::int64_t(std::int64_t)> agreement;
+  std::function<void(std::string_view)> log;
+  comm::backend backend;
+
+  std::unique_ptr<comm::communicator> comm;
+  std::unique_ptr<device::stream> side;  // async only
+  std::unique_ptr<exec::rearranger> mover;
+  std::unique_ptr<runtime::cpu_group> group;
+  std::unique_ptr<runtime::async_runtime> background;
+
+  placement maps;
+  load_window window;
+  metrics m;
+
+  // Load: the engine increments `load`; each step copies it into a pinned slot and clears it, in
+  // stream order; slots are folded into the window once their copy is done (no host wait).
+  std::size_t load_count;
+  device::buffer load;
+  std::vector<device::buffer> load_ring;
+  struct pending_load {
+    int slot;
+    bool dummy;
+    device::event copied;
+  };
+  std::deque<pending_load> pending;
+  int next_ring = 0;
+  std::vector<std::int64_t> host_extra;
+  std::vector<std::int64_t> folded;
+
+  // Device maps and their pinned mirrors (one region per layer, rewritten once per commit).
+  int max_rep;
+  device::buffer dev_phy2log, dev_log2phy, dev_counts;
+  device::buffer pin_phy2log, pin_log2phy, pin_counts;
+  std::vector<device::event> map_copied;  // per layer: last copy out of its mirror region
+
+  std::int64_t since_rebalance;
+  bool in_flight = false;
+  int committed = 0;
+  clock_type::time_point trigger_time;
+  bool stopped = false;
+
+  impl(state_params& p)
+      : cfg(p.cfg),
+        model(p.model),
+        rank(p.rank),
+        dev(*p.dev),
+        serving(*p.serving_stream),
+        weights(std::move(p.weights)),
+        agreement(std::move(p.commit_agreement)),
+        log(std::move(p.log)),
+        backend(p.cfg.resolved_communicator()),
+        maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log"),
+        window(p.cfg.window_size, p.model.shape.layers, p.model.shape.num_physical),
+        load_count(static_cast<std::size_t>(p.model.shape.layers) *
+                   static_cast<std::size_t>(p.model.shape.num_physical)),
+        max_rep(p.model.shape.num_physical - p.model.shape.num_logical + 1),
+        since_rebalance(p.cfg.step_interval - p.cfg.step_interval / 4) {
+    const auto& shape = model.shape;
+    const bool on_gpu = dev.kind() == device::backend_kind::cuda;
+    const auto mem = on_gpu ? device::memory_kind::device : device::memory_kind::host;
+    comm = p.comm ? std::move(p.comm) : make_comm(p);
+    if (comm->kind() != backend && p.cfg.communicator != "auto") {
+      fail(errc::invalid_config, "communicator: config says \"{}\", the communicator given is {}", cfg.communicator,
+           comm::to_string(comm->kind()));
+    }
+    if (cfg.use_async && !comm->caps().background_safe) {
+      fail(errc::invalid_config, "communicator: {} is not safe from a background thread (it launches NCCL kernels)",
+           comm::to_string(comm->kind()));
+    }
+    group = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(p.store, "eplb-cpu"), rank, shape.num_ranks,
+                                                 cfg.timeout);
+    exec::rearrange_options opts{.staging_bytes = cfg.use_async ? 0 : cfg.staging_bytes, .timeout = cfg.timeout};
+    if (cfg.use_async) {
+      side = dev.create_stream();
+      mover = std::make_unique<exec::rearranger>(shape, rank, dev, *side, *comm, opts);
+      const std::size_t area = mover->layer_area_bytes();
+      const int areas =
+          cfg.staging_bytes == 0 ? 2 : static_cast<int>(std::max<std::size_t>(1, cfg.staging_bytes / area));
+      if (cfg.staging_bytes != 0 && cfg.staging_bytes < area) {
+        fail(errc::invalid_config,
+             "staging_bytes: {} is not allowed in async mode (one layer of this rank needs {} bytes)",
+             cfg.staging_bytes, area);
+      }
+      background = std::make_unique<runtime::async_runtime>(*mover, weights, *group, dev, *side, areas, cfg.timeout);
+    } else {
+      mover = std::make_unique<exec::rearranger>(shape, rank, dev, serving, *comm, opts);
+    }
+    load = dev.allocate(load_count * sizeof(std::int64_t), mem);
+    serving.fill(load.data(), std::byte{0}, load.size());
+    for (int i = 0; i < 4; ++i) load_ring.push_back(dev.allocate(load.size(), device::memory_kind::pinned));
+    host_extra.assign(load_count, 0);
+    const auto L = static_cast<std::size_t>(shape.layers);
+    const auto R = static_cast<std::size_t>(shape.num_physical);
+    const auto E = static_cast<std::size_t>(shape.num_logical);
+    const auto W = static_cast<std::size_t>(max_rep);
+    dev_phy2log = dev.allocate(L * R * 4, mem);
+    dev_log2phy = dev.allocate(L * E * W * 4, mem);
+    dev_counts = dev.allocate(L * E * 4, mem);
+    pin_phy2log = dev.allocate(L * R * 4, device::memory_kind::pinned);
+    pin_log2phy = dev.allocate(L * E * W * 4, device::memory_kind::pinned);
+    pin_counts = dev.allocate(L * E * 4, device::memory_kind::pinned);
+    map_copied.resize(L);
+    for (int l = 0; l < shape.layers; ++l) publish_maps(l);
+    serving.synchronize(cfg.timeout);
+  }
+
+  static void validate(const state_params& p) {
+    p.cfg.validate();
+    p.model.shape.validate();
+    if (p.dev == nullptr || p.serving_stream == nullptr) {
+      fail(errc::invalid_argument, "eplb_state: dev and serving_stream are required");
+    }
+    if (!p.store) fail(errc::invalid_argument, "eplb_state: store is required (CPU collectives)");
+    if (p.rank < 0 || p.rank >= p.model.shape.num_ranks) {
+      fail(errc::invalid_argument, "eplb_state: rank {} is out of range for {} ranks", p.rank, p.model.shape.num_ranks);
+    }
+    if (p.model.shape.num_physical != p.model.shape.num_logical + p.cfg.num_redundant_experts) {
+      fail(errc::invalid_config, "num_redundant_experts: {} does not match the model ({} slots for {} experts)",
+           p.cfg.num_redundant_experts, p.model.shape.num_physical, p.model.shape.num_logical);
+    }
+    if (p.weights.base.size() != static_cast<std::size_t>(p.model.shape.layers)) {
+      fail(errc::invalid_argument, "eplb_state: weights describe {} layers, the model has {}", p.weights.base.size(),
+           p.model.shape.layers);
+    }
+    for (const auto& layer : p.weights.base) {
+      if (layer.size() != p.model.shape.bundle.size()) {
+        fail(errc::invalid_argument, "eplb_state: weights give {} tensors for a layer, the bundle has {}", layer.size(),
+             p.model.shape.bundle.size());
+      }
+    }
+  }
+
+  static matrix<expert_id> initial_map(const state_params& p) {
+    return p.initial_phy2log ? *p.initial_phy2log
+                             : placement::initial(p.model.shape.layers, p.model.shape.num_logical,
+                                                  p.model.shape.num_physical, p.model.shape.num_ranks)
+                                   .phy2log();
+  }
+
+  std::unique_ptr<comm::communicator> make_comm(state_params& p) {
+    comm::setup s = p.comm_setup;
+    s.rank = p.rank;
+    s.size = p.model.shape.num_ranks;
+    if (!s.rendezvous) s.rendezvous = comm::make_prefix_store(p.store, "eplb-comm");
+    if (s.dev == nullptr) s.dev = p.dev;
+    s.opts.timeout = p.cfg.timeout;
+    return comm::make_communicator(backend, s);
+  }
+
+  // Writes layer `l` of the host maps into its mirror region and copies it out in stream order.
+  void publish_maps(int l) {
+    const auto& shape = model.shape;
+    const auto R = static_cast<std::size_t>(shape.num_physical);
+    const auto E = static_cast<std::size_t>(shape.num_logical);
+    const auto W = static_cast<std::size_t>(max_rep);
+    auto& done = map_copied[static_cast<std::size_t>(l)];
+    if (done.valid()) done.wait(cfg.timeout);  // the region's previous copy has long finished
+    auto* p2l = reinterpret_cast<std::int32_t*>(pin_phy2log.data()) + l * R;
+    auto* l2p = reinterpret_cast<std::int32_t*>(pin_log2phy.data()) + l * E * W;
+    auto* cnt = reinterpret_cast<std::int32_t*>(pin_counts.data()) + l * E;
+    const auto row = maps.phy2log(l);
+    std::copy(row.begin(), row.end(), p2l);
+    std::fill(l2p, l2p + E * W, -1);
+    for (std::size_t e = 0; e < E; ++e) {
+      cnt[e] = maps.replica_count(l, static_cast<int>(e));
+      const auto slots = maps.log2phy(l, static_cast<int>(e));
+      std::copy_n(slots.begin(), std::min<std::size_t>(slots.size(), W), l2p + e * W);
+    }
+    serving.copy(dev_phy2log.data() + l * R * 4, p2l, R * 4);
+    serving.copy(dev_log2phy.data() + l * E * W * 4, l2p, E * W * 4);
+    serving.copy(dev_counts.data() + l * E * 4, cnt, E * 4);
+    done = serving.record();
+  }
+
+  void drain_load(bool dummy) {
+    // Keep the ring bounded: wait for the oldest copy only when every slot is in use.
+    if (pending.size() == load_ring.size()) fold_one(true);
+    const int slot = next_ring;
+    next_ring = (next_ring + 1) % static_cast<int>(load_ring.size());
+    if (!dummy) serving.copy(load_ring[static_cast<std::size_t>(slot)].data(), load.data(), load.size());
+    serving.fill(load.data(), std::byte{0}, load.size());
+    pending.push_back({slot, dummy, serving.record()});
+    while (!pending.empty() && pending.front().copied.query()) fold_one(false);
+  }
+
+  void fold_one(bool wait) {
+    auto p = pending.front();
+    if (wait) p.copied.wait(cfg.timeout);
+    pending.pop_front();
+    if (p.dummy) return;  // dummy steps count as steps but record no load
+    const auto* counts = reinterpret_cast<const std::int64_t*>(load_ring[static_cast<std::size_t>(p.slot)].data());
+    folded.assign(counts, counts + load_count);
+    for (std::size_t i = 0; i < load_count; ++i) folded[i] += std::exchange(host_extra[i], 0);
+    window.record(folded);
+  }
+
+  void flush_load() {
+    while (!pending.empty()) fold_one(true);
+    if (std::any_of(host_extra.begin(), host_extra.end(), [](std::int64_t v) { return v != 0; })) {
+      window.record(host_extra);
+      std::fill(host_extra.begin(), host_extra.end(), 0);
+    }
+  }
+
+  void log_balancedness() {
+    matrix<double> per_slot(window.physical_totals().rows(), window.physical_totals().cols());
+    std::transform(window.physical_totals().flat().begin(), window.physical_totals().flat().end(),
+                   per_slot.flat().begin(), [](std::int64_t v) { return static_cast<double>(v); });
+    const double b = balancedness_of_slots(per_slot, model.shape.num_ranks);
+    const auto line = fmt::format("eplb rank {} step {}: balancedness {:.4f} (this rank's window)", rank, m.steps, b);
+    if (log) {
+      log(line);
+    } else if (rank == 0) {
+      std::cerr << line << '\n';
+    }
+  }
+
+  void start_rebalance(step_report& report) {
+    flush_load();
+    const auto local = window.logical_load(maps);
+    report.rebalance_started = true;
+    ++m.rebalances;
+    trigger_time = clock_type::now();
+    const policy_kind policy = cfg.resolved_policy();
+    if (cfg.use_async) {
+      background->start({local, maps.phy2log(), policy, model.num_groups, model.num_nodes});
+      in_flight = true;
+      committed = 0;
+      m.rebalance_in_flight = true;
+      return;
+    }
+    // Sync: everything happens inside this step, on the serving stream.
+    const auto summed = group->allreduce_sum(local.flat());
+    matrix<double> total(local.rows(), local.cols());
+    std::copy(summed.begin(), summed.end(), total.flat().begin());
+    const auto old = maps.phy2log();
+    const auto next = rebalance(
+        policy, {total, model.shape.num_physical, model.num_groups, model.num_nodes, model.shape.num_ranks, &old});
+    m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
+    m.balancedness_before = balancedness(maps, total);
+    for (int l = 0; l < model.shape.layers; ++l) {
+      const auto st = mover->rearrange_layer(l, weights, maps, next.row(static_cast<std::size_t>(l)));
+      m.bytes_moved += st.bytes_received;
+      publish_maps(l);
+      ++m.layers_committed;
+      ++report.layers_committed;
+    }
+    m.balancedness_after = balancedness(maps, total);
+    m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
+    report.rebalance_finished = true;
+  }
+
+  void commit_ready(step_report& report) {
+    const auto start = clock_type::now();
+    const auto failure = background->failure();
+    // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop at once.
+    const std::int64_t mine = failure ? -(rank + 2) : background->staged_layers();
+    std::int64_t agreed = 0;
+    try {
+      agreed = agreement ? agreement(mine) : group->allreduce_min(mine);
+    } catch (...) {
+      abandon();
+      throw;
+    }
+    if (failure) {
+      abandon();
+      try {
+        std::rethrow_exception(failure);
+      } catch (const error& e) {
+        fail(e.code(), "rebalance failed on rank {}: {}", rank, e.what());
+      }
+    }
+    if (agreed < 0) {
+      abandon();
+      fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights", -agreed - 2);
+    }
+    for (; committed < agreed; ++committed) {
+      const auto ready = background->get(committed);
+      serving.wait(ready.ready);
+      mover->commit_layer(ready.staged, weights, background->area(ready.area), serving);
+      maps.set_layer(committed, ready.staged.new_row);
+      publish_maps(committed);
+      background->release(ready.area, serving.record());
+      m.bytes_moved += ready.staged.stats.bytes_received;
+      ++m.layers_committed;
+      ++report.layers_committed;
+    }
+    m.commit_host_seconds_max =
+        std::max(m.commit_host_seconds_max, std::chrono::duration<double>(clock_type::now() - start).count());
+    m.plan_seconds = background->plan_seconds();
+    m.stage_seconds_per_layer = background->stage_seconds();
+    if (committed == model.shape.layers) {
+      in_flight = false;
+      m.rebalance_in_flight = false;
+      report.rebalance_finished = true;
+      m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
+      if (const auto total = background->global_load()) m.balancedness_after = balancedness(maps, *total);
+    } else if (committed == 0) {
+      if (const auto total = background->global_load(); total && m.balancedness_before == 0) {
+        m.balancedness_before = balancedness(maps, *total);
+      }
+    }
+  }
+
+  void abandon() {
+    in_flight = false;
+    m.rebalance_in_flight = false;
+  }
+};
+
+eplb_state::eplb_state(state_params params) {
+  impl::validate(params);  // before impl's members take the params apart
+  impl_ = std::make_unique<impl>(params);
+}
+
+eplb_state::~eplb_state() {
+  stop();
+}
+
+std::int64_t* eplb_state::load_buffer() const noexcept {
+  return reinterpret_cast<std::int64_t*>(impl_->load.data());
+}
+
+void eplb_state::record_load(int layer, std::span<const std::int64_t> counts) {
+  const auto& shape = impl_->model.shape;
+  if (layer < 0 || layer >= shape.layers) fail(errc::invalid_argument, "record_load: layer {} out of range", layer);
+  if (counts.size() != static_cast<std::size_t>(shape.num_physical)) {
+    fail(errc::invalid_argument, "record_load: {} counts for layer {}, expected one per physical slot ({})",
+         counts.size(), layer, shape.num_physical);
+  }
+  auto* row = impl_->host_extra.data() + static_cast<std::size_t>(layer) * static_cast<std::size_t>(shape.num_physical);
+  for (std::size_t i = 0; i < counts.size(); ++i) row[i] += counts[i];
+}
+
+step_report eplb_state::step(bool is_dummy) {
+  auto& s = *impl_;
+  if (s.stopped) fail(errc::cancelled, "eplb_state::step: the state was stopped");
+  step_report report;
+  s.drain_load(is_dummy);
+  ++s.m.steps;
+  ++s.since_rebalance;
+  if (s.cfg.log_balancedness && s.m.steps % s.cfg.log_balancedness_interval == 0) s.log_balancedness();
+  if (s.in_flight) s.commit_ready(report);
+  if (!s.in_flight && s.since_rebalance >= s.cfg.step_interval) {
+    s.since_rebalance = 0;
+    s.m.balancedness_before = 0;
+    s.start_rebalance(report);
+  }
+  return report;
+}
+
+void eplb_state::stop() noexcept {
+  if (!impl_ || impl_->stopped) return;
+  impl_->stopped = true;
+  if (impl_->background) impl_->background->stop();
+  try {
+    impl_->serving.synchronize(impl_->cfg.timeout);
+  } catch (...) {
+    // stop() must not throw; a failed serving stream is the engine's to report.
+  }
+}
+
+const placement& eplb_state::maps() const noexcept {
+  return impl_->maps;
+}
+const std::int32_t* eplb_state::device_phy2log() const noexcept {
+  return reinterpret_cast<const std::int32_t*>(impl_->dev_phy2log.data());
+}
+const std::int32_t* eplb_state::device_log2phy() const noexcept {
+  return reinterpret_cast<const std::int32_t*>(impl_->dev_log2phy.data());
+}
+const std::int32_t* eplb_state::device_replica_count() const noexcept {
+  return reinterpret_cast<const std::int32_t*>(impl_->dev_counts.data());
+}
+int eplb_state::device_max_replicas() const noexcept {
+  return impl_->max_rep;
+}
+const metrics& eplb_state::stats() const noexcept {
+  return impl_->m;
+}
+comm::backend eplb_state::communicator_kind() const noexcept {
+  return impl_->comm->kind();
+}
+
+}  // namespace eplb

@@ -1,0 +1,287 @@
+// EplbState on loopback ranks (threads): config validation, sync and async rebalances with every
+// committed layer verified byte for byte, same-step commits on every rank under injected delays,
+// failures that leave uncommitted layers untouched, and stop() mid-rebalance.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <future>
+#include <map>
+#include <random>
+
+#include "check_error.hpp"
+#include "eplb/state.hpp"
+#include "tools/exchange.hpp"
+
+using namespace eplb;
+using namespace std::chrono_literals;
+
+namespace {
+
+template <typename Fn>
+auto on_ranks(int size, Fn fn) {
+  std::vector<std::future<decltype(fn(0))>> futures;
+  for (int r = 0; r < size; ++r) futures.push_back(std::async(std::launch::async, fn, r));
+  std::vector<decltype(fn(0))> out;
+  for (auto& f : futures) out.push_back(f.get());
+  return out;
+}
+
+struct rank_setup {
+  std::unique_ptr<device::device> dev;
+  std::unique_ptr<device::stream> stream;
+  std::unique_ptr<tools::pattern_model> model;
+  std::unique_ptr<eplb_state> state;
+};
+
+// Layers x slots of skewed counts: a few hot experts, which move with `phase`.
+std::vector<std::int64_t> skewed_counts(int slots, int step, int phase, int rank) {
+  std::vector<std::int64_t> c(static_cast<std::size_t>(slots));
+  for (int s = 0; s < slots; ++s) c[s] = ((s + phase) % slots < 2 ? 50 : 1) + (step + rank + s) % 3;
+  return c;
+}
+
+rank_setup make_rank(int rank, int ranks, const config& cfg, const std::shared_ptr<comm::loopback_world>& world,
+                     const std::shared_ptr<comm::store>& store, device::host_faults faults = {}) {
+  rank_setup r;
+  r.dev = device::make_host_device(faults);
+  r.stream = r.dev->create_stream();
+  tools::exchange_config shape_cfg{
+      .ranks = ranks, .layers = 4, .experts = 12, .redundant = 4, .tensor_bytes = {256, 48}};
+  const auto start = tools::round_placement(shape_cfg, 0, {});
+  r.model =
+      std::make_unique<tools::pattern_model>(tools::pattern_shape(shape_cfg), rank, *r.dev, *r.stream, start, 10s);
+  state_params p;
+  p.cfg = cfg;
+  p.model = {r.model->shape(), 2, 1};
+  p.rank = rank;
+  p.dev = r.dev.get();
+  p.serving_stream = r.stream.get();
+  p.weights = r.model->weights();
+  p.store = store;
+  p.comm_setup.world = world;
+  p.log = [](std::string_view) {};
+  r.state = std::make_unique<eplb_state>(std::move(p));
+  return r;
+}
+
+// Checks every local slot of `layer` against the reference bytes of the expert the maps put there.
+std::string verify(rank_setup& r, int layer, int rank) {
+  const auto& shape = r.model->shape();
+  const auto reference = r.model->reference();
+  const auto snap = r.model->snapshot(layer);
+  std::size_t at = 0;
+  for (int t = 0; t < static_cast<int>(shape.bundle.size()); ++t) {
+    const auto bytes = shape.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
+    for (int s = 0; s < shape.slots_per_rank(); ++s, at += bytes) {
+      const expert_id e = r.state->maps().phy2log(layer)[rank * shape.slots_per_rank() + s];
+      if (e < 0) continue;
+      if (exec::checksum({snap.data() + at, bytes}) != reference(layer, e, t)) {
+        return fmt::format("rank {} layer {} slot {} tensor {}: bytes are not expert {}", rank, layer, s, t, e);
+      }
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("config: defaults, auto-selection and every invalid field") {
+  config c;
+  CHECK(c.window_size == 1000);
+  CHECK(c.step_interval == 3000);
+  CHECK(c.resolved_communicator() == comm::backend::nccl);
+  c.use_async = true;
+  CHECK(c.resolved_communicator() == comm::backend::gloo);
+  c.use_async = false;
+  c.elastic = true;
+  CHECK(c.resolved_communicator() == comm::backend::stateless_nccl);
+  struct bad {
+    const char* json;
+    const char* text;
+  };
+  const bad cases[] = {
+      {R"({"window_size": 0})", "window_size: 0 is not allowed (must be > 0)"},
+      {R"({"step_interval": -5})", "step_interval: -5 is not allowed"},
+      {R"({"num_redundant_experts": -1})", "num_redundant_experts: -1 is not allowed (must be >= 0)"},
+      {R"({"log_balancedness_interval": 0})", "log_balancedness_interval: 0"},
+      {R"({"timeout_ms": 0})", "timeout_ms: 0"},
+      {R"({"policy": "greedy"})", "policy: \"greedy\" is not allowed (allowed: \"default\")"},
+      {R"({"communicator": "mpi"})", "communicator: \"mpi\" is not allowed (allowed: auto, nccl, gloo"},
+      {R"({"use_async": true, "communicator": "nccl"})", "communicator: \"nccl\" is not allowed with use_async"},
+      {R"({"use_async": true, "elastic": true})", "\"stateless_nccl\" is not allowed with use_async"},
+      {R"({"use_async": "yes"})", "use_async: \"yes\" is not allowed (must be true or false)"},
+      {R"({"window_size": 1.5})", "window_size: 1.5 is not allowed (must be an integer)"},
+      {R"({"staging_bytes": -1})", "staging_bytes: -1 is not allowed"},
+      {R"({"windowsize": 10})", "windowsize: unknown field"},
+      {R"([1])", "config: must be a JSON object"},
+      {R"({"window_size": )", "config: not valid JSON"},
+  };
+  for (const auto& b : cases) {
+    CAPTURE(b.json);
+    CHECK_EPLB_ERROR(config::from_json(b.json), errc::invalid_config, b.text);
+  }
+  const auto ok =
+      config::from_json(R"({"window_size": 10, "step_interval": 20, "use_async": true, "timeout_ms": 500})");
+  CHECK(ok.window_size == 10);
+  CHECK(ok.timeout == 500ms);
+}
+
+TEST_CASE("state: bad parameters are clear errors") {
+  auto world = comm::make_loopback_world(2);
+  config cfg;
+  cfg.communicator = "loopback";
+  cfg.num_redundant_experts = 3;  // the model below has 12 experts in 16 slots: 4 redundant
+  CHECK_EPLB_ERROR(make_rank(0, 2, cfg, world, comm::make_memory_store()), errc::invalid_config,
+                   "num_redundant_experts: 3 does not match the model");
+  cfg.num_redundant_experts = 4;
+  cfg.use_async = true;
+  cfg.communicator = "nccl";
+  CHECK_EPLB_ERROR(make_rank(0, 2, cfg, world, comm::make_memory_store()), errc::invalid_config,
+                   "not allowed with use_async");
+}
+
+TEST_CASE("sync rebalance on 4 loopback ranks: balancedness improves, every byte verified") {
+  const int ranks = 4;
+  auto world = comm::make_loopback_world(ranks);
+  auto store = comm::make_memory_store();
+  config cfg;
+  cfg.communicator = "loopback";
+  cfg.num_redundant_experts = 4;
+  cfg.window_size = 20;
+  cfg.step_interval = 40;
+  cfg.timeout = 10s;
+  const auto results = on_ranks(ranks, [&](int rank) -> std::string {
+    auto r = make_rank(rank, ranks, cfg, world, store);
+    int rebalances = 0;
+    for (int step = 0; step < 100; ++step) {
+      for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l, rank));
+      const auto rep = r.state->step();
+      if (rep.rebalance_finished) {
+        ++rebalances;
+        CHECK(rep.layers_committed == 4);
+        for (int l = 0; l < 4; ++l) {
+          if (auto bad = verify(r, l, rank); !bad.empty()) return bad;
+        }
+      }
+    }
+    const auto& m = r.state->stats();
+    CHECK(rebalances == 3);  // steps 10, 50, 90: the first after a quarter interval
+    CHECK(m.balancedness_after >= m.balancedness_before);
+    CHECK(m.layers_committed == 12);
+    return "";
+  });
+  for (const auto& r : results) CHECK_MESSAGE(r.empty(), r);
+}
+
+TEST_CASE("async rebalances on 4 loopback ranks under injected delays: same-step commits, bytes verified") {
+  const int ranks = 4;
+  auto world = comm::make_loopback_world(ranks);
+  auto store = comm::make_memory_store();
+  config cfg;
+  cfg.use_async = true;
+  cfg.communicator = "loopback";
+  cfg.num_redundant_experts = 4;
+  cfg.window_size = 10;
+  cfg.step_interval = 24;
+  cfg.timeout = 20s;
+  const int steps = 600;
+  // Per rank: the step at which each (rebalance, layer) was committed.
+  const auto results = on_ranks(ranks, [&](int rank) {
+    std::map<std::pair<int, int>, int> commits;
+    auto r = make_rank(rank, ranks, cfg, world, store, {.max_delay = 1ms, .seed = 11U + static_cast<unsigned>(rank)});
+    std::mt19937_64 pace(rank);
+    int rebalance = 0, layer = 0;
+    std::string failure;
+    for (int step = 0; step < steps && failure.empty(); ++step) {
+      for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l + step / 50, rank));
+      if (pace() % 7 == 0) std::this_thread::sleep_for(std::chrono::microseconds(pace() % 2000));
+      const auto rep = r.state->step();
+      for (int k = 0; k < rep.layers_committed; ++k) {
+        commits[{rebalance, layer}] = step;
+        if (auto bad = verify(r, layer, rank); !bad.empty()) failure = bad;
+        if (++layer == 4) {
+          layer = 0;
+          ++rebalance;
+        }
+      }
+    }
+    r.state->stop();
+    return std::make_pair(commits, failure);
+  });
+  for (const auto& [commits, failure] : results) CHECK_MESSAGE(failure.empty(), failure);
+  CHECK(results[0].first.size() >= 40);  // about 25 rebalances of 4 layers each
+  for (int r = 1; r < ranks; ++r) CHECK(results[r].first == results[0].first);
+}
+
+TEST_CASE("async: a device fault on one rank stops the rebalance everywhere; uncommitted layers untouched") {
+  const int ranks = 2;
+  auto world = comm::make_loopback_world(ranks);
+  auto store = comm::make_memory_store();
+  config cfg;
+  cfg.use_async = true;
+  cfg.communicator = "loopback";
+  cfg.num_redundant_experts = 4;
+  cfg.window_size = 10;
+  cfg.step_interval = 20;
+  cfg.timeout = 5s;
+  const auto results = on_ranks(ranks, [&](int rank) -> std::string {
+    auto r = make_rank(rank, ranks, cfg, world, store);
+    std::vector<std::vector<std::byte>> before;
+    for (int l = 0; l < 4; ++l) before.push_back(r.model->snapshot(l));
+    const auto maps_before = r.state->maps().phy2log();
+    // Rank 1's streams fail a few operations into the first rebalance (5 steps of 3 operations in).
+    if (rank == 1) device::fail_host_device_after(*r.dev, 5 * 3 + 8);
+    for (int step = 0; step < 200; ++step) {
+      for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l, rank));
+      try {
+        r.state->step();
+      } catch (const error& e) {
+        if (rank == 1) return fmt::format("error: {}", e.what());  // its device is broken: nothing to read back
+        const int committed = static_cast<int>(r.state->stats().layers_committed);
+        for (int l = committed; l < 4; ++l) {
+          if (r.model->snapshot(l) != before[static_cast<std::size_t>(l)]) return fmt::format("layer {} changed", l);
+          const auto row = r.state->maps().phy2log(l);
+          if (!std::equal(row.begin(), row.end(), maps_before.row(static_cast<std::size_t>(l)).begin())) {
+            return fmt::format("layer {} maps changed", l);
+          }
+        }
+        return fmt::format("error: {}", e.what());
+      }
+    }
+    return "no error";
+  });
+  INFO(results[0]);
+  INFO(results[1]);
+  CHECK(results[0].rfind("error:", 0) == 0);
+  CHECK(results[1].rfind("error:", 0) == 0);
+  CHECK((results[0].find("rank 1") != std::string::npos || results[0].find("injected fault") != std::string::npos));
+}
+
+TEST_CASE("async: stop() in the middle of a rebalance is clean and prompt") {
+  const int ranks = 2;
+  auto world = comm::make_loopback_world(ranks);
+  auto store = comm::make_memory_store();
+  config cfg;
+  cfg.use_async = true;
+  cfg.communicator = "loopback";
+  cfg.num_redundant_experts = 4;
+  cfg.window_size = 4;
+  cfg.step_interval = 8;
+  cfg.timeout = 3s;
+  const auto results = on_ranks(ranks, [&](int rank) {
+    auto r = make_rank(rank, ranks, cfg, world, store, {.max_delay = 3ms, .seed = 3});
+    bool started = false;
+    for (int step = 0; step < 40 && !started; ++step) {
+      for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l, rank));
+      started = r.state->step().rebalance_started;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    r.state->stop();
+    r.state->stop();  // idempotent
+    const auto took = std::chrono::steady_clock::now() - t0;
+    CHECK_EPLB_ERROR(r.state->step(), errc::cancelled, "stopped");
+    return started && took < 10s;
+  });
+  CHECK(results[0]);
+  CHECK(results[1]);
+}
