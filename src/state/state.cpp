@@ -360,15 +360,29 @@ step_report eplb_state::step(bool is_dummy) {
   auto& s = *impl_;
   if (s.stopped) fail(errc::cancelled, "eplb_state::step: the state was stopped");
   step_report report;
-  s.drain_load(is_dummy);
-  ++s.m.steps;
-  ++s.since_rebalance;
-  if (s.cfg.log_balancedness && s.m.steps % s.cfg.log_balancedness_interval == 0) s.log_balancedness();
-  if (s.in_flight) s.commit_ready(report);
-  if (!s.in_flight && s.since_rebalance >= s.cfg.step_interval) {
-    s.since_rebalance = 0;
-    s.m.balancedness_before = 0;
-    s.start_rebalance(report);
+  try {
+    s.drain_load(is_dummy);
+    ++s.m.steps;
+    ++s.since_rebalance;
+    if (s.cfg.log_balancedness && s.m.steps % s.cfg.log_balancedness_interval == 0) s.log_balancedness();
+    if (s.in_flight) s.commit_ready(report);
+    if (!s.in_flight && s.since_rebalance >= s.cfg.step_interval) {
+      s.since_rebalance = 0;
+      s.m.balancedness_before = 0;
+      s.start_rebalance(report);
+    }
+  } catch (...) {
+    if (s.in_flight) {
+      // Tell the peers at once (their next agreement sees this rank's failure code) rather than
+      // letting them time out; best effort, the original error is what this rank reports.
+      try {
+        const std::int64_t code = -(s.rank + 2);
+        (void)(s.agreement ? s.agreement(code) : s.group->allreduce_min(code));
+      } catch (...) {
+      }
+      s.abandon();
+    }
+    throw;
   }
   return report;
 }
