@@ -11,9 +11,11 @@
 #include <future>
 #include <map>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "eplb/comm/store.hpp"
+#include "tools/rank_processes.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::tools {
@@ -210,58 +212,26 @@ exchange_result run_exchange(const exchange_config& cfg, const std::string& self
     for (auto& f : ranks) parts.push_back(f.get());
     return merge(parts);
   }
-  // Other backends: one process per rank, meeting through a file store in a fresh directory.
-  const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-exchange-{}-{}", ::getpid(), cfg.seed);
-  std::filesystem::create_directories(dir);
-  std::vector<pid_t> children;
-  std::vector<std::string> result_files;
-  for (int r = 0; r < cfg.ranks; ++r) {
-    result_files.push_back((dir / fmt::format("result-{}.json", r)).string());
-    std::vector<std::string> args{self_exe};
-    args.insert(args.end(), child_args.begin(), child_args.end());
-    for (const auto& a : {std::string("--rank"), std::to_string(r), std::string("--store"), dir.string(),
-                          std::string("--result"), result_files.back()}) {
-      args.push_back(a);
-    }
-    const pid_t pid = ::fork();
-    if (pid < 0) fail(errc::internal, "exchange: fork failed");
-    if (pid == 0) {
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(self_exe.c_str(), argv.data());
-      std::_Exit(127);
-    }
-    children.push_back(pid);
-  }
-  // Every rank has its own timeouts; this deadline only guards against a wedged child.
+  // Other backends: one process per rank. Every rank has its own timeouts; this deadline only
+  // guards against a wedged child.
   const auto deadline =
       std::chrono::steady_clock::now() + cfg.timeout * (cfg.rounds + 2) * cfg.layers + std::chrono::seconds(30);
+  const auto procs = run_rank_processes(self_exe, child_args, cfg.ranks, deadline);
   std::vector<exchange_result> parts(static_cast<std::size_t>(cfg.ranks));
   for (int r = 0; r < cfg.ranks; ++r) {
-    int status = 0;
-    while (::waitpid(children[static_cast<std::size_t>(r)], &status, WNOHANG) == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        for (pid_t p : children) ::kill(p, SIGKILL);
-        ::waitpid(children[static_cast<std::size_t>(r)], &status, 0);
-        parts[static_cast<std::size_t>(r)].failure = fmt::format("rank {}: did not finish in time (killed)", r);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    const auto& p = procs[static_cast<std::size_t>(r)];
     auto& part = parts[static_cast<std::size_t>(r)];
-    if (!part.failure.empty()) continue;
-    std::ifstream in(result_files[static_cast<std::size_t>(r)]);
-    std::string verified, failure;
-    if (!(in >> verified >> part.rounds >> part.bytes_moved >> part.seconds)) {
-      part.failure = fmt::format("rank {}: exited with status {} without a result", r, WEXITSTATUS(status));
-      continue;
+    std::istringstream in(p.result);
+    std::string verified;
+    if (p.killed) {
+      part.failure = fmt::format("rank {}: did not finish in time (killed)", r);
+    } else if (!(in >> verified >> part.rounds >> part.bytes_moved >> part.seconds)) {
+      part.failure = fmt::format("rank {}: exited with status {} without a result", r, p.exit_status);
+    } else {
+      std::getline(in >> std::ws, part.failure);
+      part.verified = verified == "1";
     }
-    std::getline(in >> std::ws, failure);
-    part.verified = verified == "1";
-    part.failure = failure;
   }
-  std::filesystem::remove_all(dir);
   return merge(parts);
 }
 

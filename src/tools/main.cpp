@@ -13,6 +13,7 @@
 #include "eplb_build_config.hpp"
 #include "tools/exchange.hpp"
 #include "tools/plan_json.hpp"
+#include "tools/simulate.hpp"
 
 namespace {
 
@@ -135,6 +136,42 @@ int run_exchange(exchange_flags& f, const std::vector<std::string>& child_args) 
   return res.verified ? 0 : 1;
 }
 
+struct simulate_flags {
+  eplb::tools::simulate_config cfg;
+  std::string device = "host", store, result;
+  bool sync = false, async = false, json = false;
+  int rank = -1;
+  long timeout_ms = 10000, delay_ms = 0;
+};
+
+int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) {
+  using namespace eplb;
+  auto& cfg = f.cfg;
+  if (f.sync && f.async) throw error(errc::invalid_argument, "--sync and --async exclude each other");
+  cfg.use_async = !f.sync;
+  cfg.device = device::parse_backend_kind(f.device);
+  cfg.timeout = std::chrono::milliseconds(f.timeout_ms);
+  cfg.inject_delay = std::chrono::milliseconds(f.delay_ms);
+  tools::validate(cfg);
+  if (f.rank >= 0) {  // one rank of a --procs run
+    const auto report = tools::simulate_rank(cfg, f.rank, f.store, !f.json);
+    std::ofstream(f.result) << report.dump();
+    return report.value("verified", false) ? 0 : 1;
+  }
+  const auto report = tools::run_simulation(cfg, "/proc/self/exe", child_args, !f.json);
+  if (f.json) {
+    auto brief = report;
+    brief.erase("rebalance_log");
+    std::cout << brief.dump() << '\n';
+  } else {
+    std::cout << tools::summary_table(cfg, report);
+  }
+  return report.value("verified", false) && report.value("commit_steps_consistent", false) &&
+                 !report.contains("failure")
+             ? 0
+             : 1;
+}
+
 bool is_bad_input(eplb::errc code) {
   using eplb::errc;
   return code == errc::invalid_argument || code == errc::invalid_json || code == errc::invalid_map ||
@@ -177,10 +214,42 @@ int main(int argc, char** argv) {
   exchange->add_option("--store", ex.store)->group("");
   exchange->add_option("--result", ex.result)->group("");
 
+  simulate_flags sim;
+  auto* simulate =
+      app.add_subcommand("simulate", "Run a miniature serving loop with drifting skewed load and rebalances");
+  simulate->add_option("--preset", sim.cfg.preset, "tiny (default) | qwen3-30b-a3b | deepseek-v3");
+  simulate->add_option("--ranks", sim.cfg.ranks, "EP ranks");
+  simulate->add_flag("--procs", sim.cfg.procs, "ranks as processes (default: threads)");
+  simulate->add_option("--steps", sim.cfg.steps);
+  simulate->add_flag("--async", sim.async, "stage on a background thread, commit at step boundaries (default)");
+  simulate->add_flag("--sync", sim.sync, "rearrange inside step()");
+  simulate->add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl");
+  simulate->add_option("--device", sim.device, "host | cuda");
+  simulate->add_option("--seed", sim.cfg.seed);
+  simulate->add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");
+  simulate->add_option("--window", sim.cfg.window, "load window in steps (0: the preset's)");
+  simulate->add_option("--bytes-scale", sim.cfg.bytes_scale,
+                       "divide expert sizes by this (0: 1024 on host for big presets)");
+  simulate->add_option("--tokens", sim.cfg.tokens_per_step, "routed token slots per rank, layer and step");
+  simulate->add_option("--drift-steps", sim.cfg.drift_steps, "the hot experts move this often");
+  simulate->add_option("--timeout-ms", sim.timeout_ms);
+  simulate->add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
+  simulate->add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
+  simulate->add_option("--fail-step", sim.cfg.fail_step);
+  simulate->add_flag("--json", sim.json, "print one JSON object");
+  simulate->add_option("--rank", sim.rank)->group("");
+  simulate->add_option("--store", sim.store)->group("");
+  simulate->add_option("--result", sim.result)->group("");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (plan->parsed()) return run_plan(plan_path, plan_text);
     if (info->parsed()) return run_info();
+    if (simulate->parsed()) {
+      std::vector<std::string> child_args;
+      for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);
+      return run_simulate(sim, child_args);
+    }
     if (exchange->parsed()) {
       std::vector<std::string> child_args;
       for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);

@@ -1,0 +1,63 @@
+// `eplb simulate`: a serving loop in miniature. N ranks each own an EplbState and a model whose
+// slots hold recognisable bytes; tokens are routed by a skewed (Zipf) load whose hot experts drift;
+// rebalances run (sync or async) and every committed layer is verified.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "eplb/comm/communicator.hpp"
+#include "eplb/device/device.hpp"
+
+namespace eplb::tools {
+
+struct simulate_config {
+  std::string preset = "tiny";
+  int ranks = 4;
+  int steps = 2000;
+  bool use_async = true;
+  std::string backend = "auto";
+  device::backend_kind device = device::backend_kind::host;
+  std::uint64_t seed = 1;
+  int step_interval = 0;        ///< 0: the preset's
+  int window = 0;               ///< 0: the preset's
+  std::size_t bytes_scale = 0;  ///< divide bundle sizes by this (0: the preset's default for the device)
+  int tokens_per_step = 256;    ///< routed token slots per rank and layer per step
+  double zipf = 1.2;
+  int drift_steps = 500;  ///< hot experts move this often
+  std::chrono::milliseconds inject_delay{0};
+  int fail_rank = -1;
+  int fail_step = -1;
+  std::chrono::milliseconds timeout{10'000};
+  bool procs = false;
+};
+
+struct preset_shape {
+  int layers, experts, redundant, groups, nodes;
+  std::vector<std::size_t> tensor_bytes;
+  int step_interval, window;
+};
+
+/// The presets: tiny (default, seconds on 2 cores), qwen3-30b-a3b, deepseek-v3. error(errc::invalid_argument)
+/// listing them for an unknown name.
+[[nodiscard]] preset_shape find_preset(const std::string& name);
+
+/// Checks flags and combinations; error(errc::invalid_argument) naming the flag.
+void validate(const simulate_config& cfg);
+
+/// One rank's run; returns its report as JSON (also what a child process writes).
+[[nodiscard]] nlohmann::json simulate_rank(const simulate_config& cfg, int rank, const std::string& store_dir,
+                                           bool print_progress);
+
+/// Runs every rank (threads, or processes of `self_exe` with --procs) and merges the reports.
+[[nodiscard]] nlohmann::json run_simulation(const simulate_config& cfg, const std::string& self_exe,
+                                            const std::vector<std::string>& child_args, bool print_progress);
+
+/// The readable summary of a merged report.
+[[nodiscard]] std::string summary_table(const simulate_config& cfg, const nlohmann::json& report);
+
+}  // namespace eplb::tools
