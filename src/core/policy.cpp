@@ -10,19 +10,24 @@
 #include <limits>
 #include <numeric>
 
+#include "core/policy_detail.hpp"
 #include "util/fail.hpp"
 
 namespace eplb {
 
 policy_kind parse_policy(std::string_view name, std::string_view field) {
   if (name == "default") return policy_kind::deepseek_default;
-  fail(errc::invalid_argument, "{}: unknown policy \"{}\" (allowed: \"default\")", field, name);
+  if (name == "min_move") return policy_kind::min_move;
+  if (name == "min_move") return policy_kind::min_move;
+  fail(errc::invalid_argument, "{}: unknown policy \"{}\" (allowed: \"default\", \"min_move\")", field, name);
 }
 
 std::string_view to_string(policy_kind kind) noexcept {
   switch (kind) {
     case policy_kind::deepseek_default:
       return "default";
+    case policy_kind::min_move:
+      return "min_move";
   }
   return "unknown";
 }
@@ -213,11 +218,14 @@ struct hierarchical_layer {
   }
 };
 
+}  // namespace
+
 // Puts experts a rank keeps back into the slots they occupied before (for each old slot in order,
 // the first unused new slot with that expert); experts new to the rank fill the remaining slots in
 // order. "Unused" is a bit mask over the rank's slots so each match is a branch-free scan.
-void preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks,
-                         std::vector<expert_id>& fresh, std::vector<std::uint64_t>& used, std::vector<char>& kept) {
+void detail::preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks,
+                                 std::vector<expert_id>& fresh, std::vector<std::uint64_t>& used,
+                                 std::vector<char>& kept) {
   const auto per_rank = static_cast<int>(row.size()) / num_ranks;
   const int words = (per_rank + 63) / 64;
   fresh.resize(static_cast<std::size_t>(per_rank));
@@ -253,8 +261,6 @@ void preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> ol
     }
   }
 }
-
-}  // namespace
 
 void validate(const rebalance_input& in) {
   const auto layers = in.load.rows();
@@ -325,7 +331,7 @@ matrix<expert_id> rebalance_default(const rebalance_input& in) {
                    [](double v) { return v == 0.0 ? 0.0F : static_cast<float>(v); });
     h.run(w32, out.row(l));
     if (in.old_phy2log != nullptr) {
-      preserve_rank_slots(out.row(l), in.old_phy2log->row(l), in.num_ranks, fresh, used, kept);
+      detail::preserve_rank_slots(out.row(l), in.old_phy2log->row(l), in.num_ranks, fresh, used, kept);
     }
   }
   return out;
@@ -335,6 +341,8 @@ matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in) {
   switch (kind) {
     case policy_kind::deepseek_default:
       return rebalance_default(in);
+    case policy_kind::min_move:
+      return rebalance_min_move(in);
   }
   fail(errc::internal, "rebalance: unhandled policy kind {}", static_cast<int>(kind));
 }

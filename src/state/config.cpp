@@ -17,7 +17,9 @@ void config::validate() const {
   if (num_redundant_experts < 0) {
     fail(errc::invalid_config, "num_redundant_experts: {} is not allowed (must be >= 0)", num_redundant_experts);
   }
-  if (policy != "default") fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\")", policy);
+  if (policy != "default" && policy != "min_move") {
+    fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\", \"min_move\")", policy);
+  }
   (void)resolved_communicator();
 }
 

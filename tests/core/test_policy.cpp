@@ -175,6 +175,7 @@ TEST_CASE("rebalance input validation names the field") {
   CHECK_EPLB_ERROR(rebalance_default({load, 4, 1, 1, 1, &old2}), errc::invalid_argument,
                    "old_phy2log[0][0]: expert id 9");
   CHECK_EPLB_ERROR(parse_policy("greedy"), errc::invalid_argument, "unknown policy \"greedy\"");
+  CHECK(parse_policy("min_move") == policy_kind::min_move);
 }
 
 TEST_CASE("random inputs: properties and agreement with the literal reference") {
@@ -243,5 +244,41 @@ TEST_CASE("balancedness improves over the trivial placement on skewed loads") {
     const auto trivial = placement::initial(layers, experts, replicas, ranks);
     placement after(rebalance_default({load, replicas, 8, 2, ranks}), experts, ranks);
     CHECK(balancedness(after, load) >= balancedness(trivial, load));
+  }
+}
+
+TEST_CASE("min_move: same balance as the default, never more moves, zero moves for an unchanged load") {
+  std::mt19937_64 rng(2024);
+  for (int iter = 0; iter < 120; ++iter) {
+    const int nodes = 1 + static_cast<int>(rng() % 3);
+    const int gpus = nodes * (1 + static_cast<int>(rng() % 4));
+    const int groups = nodes * (1 + static_cast<int>(rng() % 2));
+    const int experts = groups * (2 + static_cast<int>(rng() % 4));
+    const int per_gpu = (experts + gpus - 1) / gpus + static_cast<int>(rng() % 3);
+    const int replicas = per_gpu * gpus;
+    const int layers = 3;
+    const auto draw = [&] {
+      matrix<double> m(layers, static_cast<std::size_t>(experts));
+      for (auto& v : m.flat()) v = std::floor(std::exp(std::uniform_real_distribution<double>(0, 8)(rng)));
+      return m;
+    };
+    const auto load0 = draw();
+    const auto load1 = draw();
+    CAPTURE(iter);
+    const auto old = rebalance_default({load0, replicas, groups, nodes, gpus});
+    const auto def = rebalance_default({load1, replicas, groups, nodes, gpus, &old});
+    const auto mm = rebalance_min_move({load1, replicas, groups, nodes, gpus, &old});
+    CHECK(moved_slots(old, mm) <= moved_slots(old, def));
+    placement pd(def, experts, gpus), pm(mm, experts, gpus);
+    CHECK(balancedness(pm, load1) == doctest::Approx(balancedness(pd, load1)).epsilon(1e-12));
+    // Hierarchical: groups stay whole on a node.
+    const int gs = experts / groups;
+    for (int l = 0; l < layers; ++l) {
+      std::map<int, std::set<int>> nodes_of_group;
+      for (int s = 0; s < replicas; ++s) nodes_of_group[mm(l, s) / gs].insert(s / (replicas / nodes));
+      for (const auto& [g, ns] : nodes_of_group) CHECK(ns.size() == 1);
+    }
+    // The same load again: nothing moves.
+    CHECK(moved_slots(mm, rebalance_min_move({load1, replicas, groups, nodes, gpus, &mm})) == 0);
   }
 }

@@ -105,7 +105,7 @@ TEST_CASE("config: defaults, auto-selection and every invalid field") {
       {R"({"num_redundant_experts": -1})", "num_redundant_experts: -1 is not allowed (must be >= 0)"},
       {R"({"log_balancedness_interval": 0})", "log_balancedness_interval: 0"},
       {R"({"timeout_ms": 0})", "timeout_ms: 0"},
-      {R"({"policy": "greedy"})", "policy: \"greedy\" is not allowed (allowed: \"default\")"},
+      {R"({"policy": "greedy"})", "policy: \"greedy\" is not allowed (allowed: \"default\", \"min_move\")"},
       {R"({"communicator": "mpi"})", "communicator: \"mpi\" is not allowed (allowed: auto, nccl, gloo"},
       {R"({"use_async": true, "communicator": "nccl"})", "communicator: \"nccl\" is not allowed with use_async"},
       {R"({"use_async": true, "elastic": true})", "\"stateless_nccl\" is not allowed with use_async"},

@@ -9,9 +9,9 @@
 
 namespace eplb {
 
-enum class policy_kind { deepseek_default };
+enum class policy_kind { deepseek_default, min_move };
 
-/// Parses "default"; anything else is error(errc::invalid_argument) listing the known names.
+/// Parses "default" or "min_move"; anything else is error(errc::invalid_argument) listing them.
 [[nodiscard]] policy_kind parse_policy(std::string_view name, std::string_view field = "policy");
 [[nodiscard]] std::string_view to_string(policy_kind kind) noexcept;
 
@@ -34,6 +34,13 @@ void validate(const rebalance_input& in);
 /// num_groups % num_nodes == 0, else global (one group, one node). With an old placement, experts a
 /// rank keeps stay in their old slots (vLLM's preserve_intragpu_slots).
 [[nodiscard]] matrix<expert_id> rebalance_default(const rebalance_input& in);
+
+/// The default policy's balance with far fewer moves: the same per-rank packs (so the same
+/// balancedness), assigned to ranks by maximum-overlap matchings with the old placement (nodes
+/// first, then the ranks of each node, so nodes still hold whole groups), then slots preserved.
+/// Per layer it keeps whichever of this and the default moves fewer slots, so it never moves more.
+/// Without an old placement it is the default policy.
+[[nodiscard]] matrix<expert_id> rebalance_min_move(const rebalance_input& in);
 
 /// Dispatches on the policy kind.
 [[nodiscard]] matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in);
