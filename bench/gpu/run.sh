@@ -44,6 +44,23 @@ if [ "$what" = sweep ]; then
   done
 fi
 
+if [ "$what" = rearrange ] || [ "$what" = all ]; then
+  # Whole-model rearrangement, ours (nccl) and the PyTorch peer on the same maps:
+  # name layers experts redundant expert-bytes: Qwen3-30B-A3B bf16 (48 x 128), DeepSeek-V3 fp8 (6 of 58 layers).
+  ngpu=$(nvidia-smi -L | wc -l)
+  for shape in "qwen3-30b 48 128 0 9437184" "deepseek-v3 6 256 32 44040192"; do
+    set -- $shape
+    for ranks in 2 4; do
+      [ "$ranks" -le "$ngpu" ] || continue
+      python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
+        --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 \
+        --maps-out /tmp/maps-$1-$ranks.json | grep '^{' | tee -a "$out/rearrange.jsonl"
+      timeout 400 python3 bench/peers/torch_rearrange.py "$ranks" "$5" /tmp/maps-$1-$ranks.json 3 "$1" 2>&1 \
+        | grep '^{' | tee -a "$out/rearrange.jsonl"
+    done
+  done
+fi
+
 if [ "$what" = bench ] || [ "$what" = all ]; then
   res=$out/bench.jsonl
   : >"$res"
