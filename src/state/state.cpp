@@ -298,6 +298,10 @@ struct eplb_state::impl {
       abandon();
       fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights", -agreed - 2);
     }
+    if (m.balancedness_before == 0) {
+      // The global load arrives with the policy, before any layer is staged: measure the old maps.
+      if (const auto total = background->global_load()) m.balancedness_before = balancedness(maps, *total);
+    }
     for (; committed < agreed; ++committed) {
       const auto ready = background->get(committed);
       serving.wait(ready.ready);
@@ -319,10 +323,6 @@ struct eplb_state::impl {
       report.rebalance_finished = true;
       m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
       if (const auto total = background->global_load()) m.balancedness_after = balancedness(maps, *total);
-    } else if (committed == 0) {
-      if (const auto total = background->global_load(); total && m.balancedness_before == 0) {
-        m.balancedness_before = balancedness(maps, *total);
-      }
     }
   }
 

@@ -46,6 +46,10 @@ void validate(const simulate_config& c) {
   const bool loopback =
       c.backend == "loopback" || (c.backend == "auto" && !c.procs && c.device == device::backend_kind::host);
   if (loopback && c.procs) fail(errc::invalid_argument, "--backend loopback runs ranks as threads: drop --procs");
+  if (c.device == device::backend_kind::cuda && !c.procs) {
+    // One process per GPU, as engines run; ranks as threads sharing CUDA is not supported yet.
+    fail(errc::invalid_argument, "--device cuda runs one process per GPU: add --procs");
+  }
   if (loopback && c.device == device::backend_kind::cuda) {
     fail(errc::invalid_argument, "--backend loopback moves host memory only: use gloo (or nccl with --sync) on cuda");
   }

@@ -15,7 +15,8 @@ if gpus < ranks:
     print(f"skip: {ranks} ranks need {ranks} GPUs, found {gpus}")
     sys.exit(77)
 env = dict(os.environ, NCCL_NVLS_ENABLE="0")
-for staging in ("0", str(3 * (1 << 20) + 3 * 4096)):
+# A cap of 5 bundles (a layer has 9 slots per rank): the layer moves in chunks.
+for staging in ("0", str(5 * (1048576 + 4096 + 64))):
     r = subprocess.run([eplb, "exchange", "--device", "cuda", "--backend", backend, "--ranks", str(ranks),
                         "--layers", "4", "--experts", str(8 * ranks), "--redundant", str(ranks),
                         "--tensor-bytes", "1048576,4096,64", "--rounds", "6", "--staging-bytes", staging, "--json"],
