@@ -3,8 +3,8 @@
 // 2:1 split of --expert-bytes) moves from vLLM's initial placement to the default policy's placement
 // for a skewed load, layer by layer with the nccl communicator. Rank 0 writes both maps (JSON) for
 // the PyTorch peer. Prints one JSON line per rank.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <cmath>
 #include <fstream>
@@ -41,7 +41,10 @@ int main(int argc, char** argv) {
     auto dev = device::make_cuda_device(rank);
     auto stream = dev->create_stream();
     auto store = comm::make_file_store(store_spec.substr(store_spec.find(':') + 1));
-    comm::setup s{.rank = rank, .size = size, .rendezvous = comm::make_prefix_store(store, "rearrange-" + label), .dev = dev.get()};
+    comm::setup s{.rank = rank,
+                  .size = size,
+                  .rendezvous = comm::make_prefix_store(store, "rearrange-" + label),
+                  .dev = dev.get()};
     s.opts.timeout = std::chrono::seconds(300);
     auto c = comm::make_communicator(comm::parse_backend(backend_name), s);
     const int slots = experts + redundant;
@@ -53,7 +56,8 @@ int main(int argc, char** argv) {
     weights.base.resize(static_cast<std::size_t>(layers));
     for (int l = 0; l < layers; ++l) {
       for (const auto& t : shape.bundle) {
-        storage.push_back(dev->allocate(t.stride * static_cast<std::size_t>(shape.slots_per_rank()), device::memory_kind::device));
+        storage.push_back(
+            dev->allocate(t.stride * static_cast<std::size_t>(shape.slots_per_rank()), device::memory_kind::device));
         stream->fill(storage.back().data(), std::byte{static_cast<unsigned char>(l + 1)}, storage.back().size());
         weights.base[static_cast<std::size_t>(l)].push_back(storage.back().data());
       }
@@ -67,9 +71,11 @@ int main(int argc, char** argv) {
     if (rank == 0 && !maps_out.empty()) {
       std::ofstream out(maps_out);
       out << "{\"old\": [";
-      for (int l = 0; l < layers; ++l) out << (l ? "," : "") << fmt::format("[{}]", fmt::join(start.row(static_cast<std::size_t>(l)), ","));
+      for (int l = 0; l < layers; ++l)
+        out << (l ? "," : "") << fmt::format("[{}]", fmt::join(start.row(static_cast<std::size_t>(l)), ","));
       out << "], \"new\": [";
-      for (int l = 0; l < layers; ++l) out << (l ? "," : "") << fmt::format("[{}]", fmt::join(target.row(static_cast<std::size_t>(l)), ","));
+      for (int l = 0; l < layers; ++l)
+        out << (l ? "," : "") << fmt::format("[{}]", fmt::join(target.row(static_cast<std::size_t>(l)), ","));
       out << "]}";
     }
     exec::rearranger r(shape, rank, *dev, *stream, *c, {.timeout = std::chrono::seconds(300)});
@@ -90,7 +96,8 @@ int main(int argc, char** argv) {
     std::cout << fmt::format(
         R"({{"bench":"rearrange","impl":"eplb","backend":"{}","label":"{}","ranks":{},"rank":{},"layers":{},"bytes_received":{},"seconds":{:.4f},"ms_per_layer":{:.3f},"gbps":{:.2f}}})"
         "\n",
-        backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers, static_cast<double>(bytes) / med / 1e9);
+        backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers,
+        static_cast<double>(bytes) / med / 1e9);
     return 0;
   } catch (const error& e) {
     std::cout << fmt::format("rank {}: error [{}] {}\n", rank, to_string(e.code()), e.what());

@@ -82,8 +82,10 @@ class gloo_communicator final : public communicator {
     }
     if (opts_.lanes == 0) {
       // Enough lanes to fill the host's TCP bandwidth between few ranks (16 measured best between
-      // 2 H200 ranks), fewer as peers multiply so sender threads stay near 64 per rank.
-      opts_.lanes = std::min(16, std::max(2, 64 / std::max(1, size() - 1)));
+      // 2 H200 ranks), fewer as peers multiply, and no more sender threads than about 2 per core
+      // (each execute starts lanes x peers of them). The manifest checks both ends agree.
+      const int cores = static_cast<int>(std::max(2U, std::thread::hardware_concurrency()));
+      opts_.lanes = std::clamp(std::min(64, 2 * cores) / std::max(1, size() - 1), 2, 16);
     }
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
     // Both ends of a pair must cut messages identically, so the chunk size depends only on values
@@ -221,13 +223,27 @@ class gloo_communicator final : public communicator {
   // Splits the staging cap evenly over peers and directions; returns each worker's window in bytes
   // (a whole number of chunks per lane, at least one).
   std::size_t prepare_staging(const std::map<int, peer_plan>& peers) {
-    const std::size_t parts = 2 * std::max<std::size_t>(peers.size(), 1);
-    const std::size_t per_part = std::max(opts_.staging_bytes / parts, std::size_t{1});
-    const std::size_t per_lane = chunk_bytes_ * lanes_.size();
-    const std::size_t window = std::max<std::size_t>(per_part / per_lane, 1) * per_lane;
-    if (staging_.size() < window * parts) {
-      staging_ = dev_->allocate(window * parts, device::memory_kind::pinned);
+    // Staging slots hold one chunk; a batch of small messages needs small slots, and no more of
+    // them than its largest peer-direction has chunks (allocating the whole cap for a few KiB would
+    // cost more than the transfer).
+    std::size_t largest = 1, most_chunks = 1;
+    for (const auto& [peer, plan] : peers) {
+      for (const auto* sizes : {&plan.send_sizes, &plan.recv_sizes}) {
+        std::size_t chunks = 0;
+        for (auto b : *sizes) {
+          largest = std::max(largest, std::min(b, chunk_bytes_));
+          chunks += (b + chunk_bytes_ - 1) / chunk_bytes_;
+        }
+        most_chunks = std::max(most_chunks, chunks);
+      }
     }
+    slot_bytes_ = largest;
+    const std::size_t lanes = lanes_.size();
+    const std::size_t parts = 2 * std::max<std::size_t>(peers.size(), 1);
+    const std::size_t cap_slots = std::max(lanes, (opts_.staging_bytes / parts / slot_bytes_) / lanes * lanes);
+    const std::size_t need_slots = (most_chunks + lanes - 1) / lanes * lanes;
+    const std::size_t window = std::min(cap_slots, need_slots) * slot_bytes_;
+    if (staging_.size() < window * parts) staging_ = dev_->allocate(window * parts, device::memory_kind::pinned);
     return window;
   }
 
@@ -275,8 +291,10 @@ class gloo_communicator final : public communicator {
     std::vector<std::uint64_t> mine{plan.send_sizes.size(), plan.recv_sizes.size()};
     mine.insert(mine.end(), plan.send_sizes.begin(), plan.send_sizes.end());
     mine.insert(mine.end(), plan.recv_sizes.begin(), plan.recv_sizes.end());
-    std::uint64_t my_counts[2] = {mine[0], mine[1]};
-    std::uint64_t their_counts[2] = {};
+    // Counts, then how messages are cut and spread: lanes and chunk size must agree on both sides
+    // or chunks would land in the wrong places.
+    std::uint64_t my_counts[4] = {mine[0], mine[1], lanes_.size(), chunk_bytes_};
+    std::uint64_t their_counts[4] = {};
     auto& ctx = lane(0);
     const auto t = tag(plan.generation, slot_manifest);
     auto out_counts = ctx.createUnboundBuffer(my_counts, sizeof my_counts);
@@ -285,6 +303,12 @@ class gloo_communicator final : public communicator {
     out_counts->send(peer, t);
     wait_recv(*in_counts, peer, deadline);
     wait_send(*out_counts, peer, deadline);
+    if (their_counts[2] != my_counts[2] || their_counts[3] != my_counts[3]) {
+      fail(errc::invalid_argument,
+           "gloo rank {}: rank {} uses {} lanes and {}-byte chunks, this rank {} and {} (set options.lanes and "
+           "chunk_bytes explicitly, the same on every rank)",
+           rank(), peer, their_counts[2], their_counts[3], my_counts[2], my_counts[3]);
+    }
     std::vector<std::uint64_t> theirs(2 + their_counts[0] + their_counts[1]);
     auto out = ctx.createUnboundBuffer(mine.data(), mine.size() * sizeof(std::uint64_t));
     auto in = ctx.createUnboundBuffer(theirs.data(), theirs.size() * sizeof(std::uint64_t));
@@ -337,7 +361,7 @@ class gloo_communicator final : public communicator {
                  std::byte* area, std::size_t lane_window, clock::time_point deadline) {
     std::vector<std::size_t> mine;
     for (std::size_t k = lane_index; k < chunks.size(); k += lanes_.size()) mine.push_back(k);
-    const std::size_t slots = stream() ? lane_window / chunk_bytes_ : mine.size();
+    const std::size_t slots = stream() ? lane_window / slot_bytes_ : mine.size();
     const auto t = tag(plan.generation, slot_data);
     auto& ctx = *lanes_[lane_index];
     struct in_flight {
@@ -351,7 +375,7 @@ class gloo_communicator final : public communicator {
         const auto& c = chunks[mine[next_stage]];
         void* src = c.data;
         if (stream()) {
-          std::byte* slot = area + (next_stage % slots) * chunk_bytes_;
+          std::byte* slot = area + (next_stage % slots) * slot_bytes_;
           stream()->copy(slot, c.data, c.bytes);
           src = slot;
         }
@@ -373,7 +397,7 @@ class gloo_communicator final : public communicator {
 
   void receive_all(int peer, const peer_plan& plan, std::byte* area, std::size_t window, clock::time_point deadline) {
     const auto chunks = chunks_of(plan.recv_data, plan.recv_sizes, chunk_bytes_);
-    const std::size_t slots = stream() ? window / chunk_bytes_ : chunks.size();
+    const std::size_t slots = stream() ? window / slot_bytes_ : chunks.size();
     const auto t = tag(plan.generation, slot_data);
     std::deque<std::unique_ptr<gloo::transport::UnboundBuffer>> posted;
     std::vector<device::event> drained(slots);  // H2D done: the staging slot may be reused
@@ -385,7 +409,7 @@ class gloo_communicator final : public communicator {
         if (stream()) {
           const std::size_t s = next_post % slots;
           if (drained[s].valid()) drained[s].wait(left(deadline, peer, "draining staging for"));
-          dst = area + s * chunk_bytes_;
+          dst = area + s * slot_bytes_;
         }
         posted.push_back(lane(next_post).createUnboundBuffer(dst, c.bytes));
         posted.back()->recv(peer, t);
@@ -395,7 +419,7 @@ class gloo_communicator final : public communicator {
       posted.pop_front();
       if (stream()) {
         const std::size_t s = k % slots;
-        stream()->copy(chunks[k].data, area + s * chunk_bytes_, chunks[k].bytes);
+        stream()->copy(chunks[k].data, area + s * slot_bytes_, chunks[k].bytes);
         drained[s] = stream()->record();
       }
     }
@@ -429,7 +453,8 @@ class gloo_communicator final : public communicator {
   std::vector<std::shared_ptr<gloo::rendezvous::Context>> lanes_;
   std::map<int, std::uint64_t> generation_;  // per peer: both sides count the executes they share
   device::buffer staging_;
-  std::size_t chunk_bytes_ = 0;
+  std::size_t chunk_bytes_ = 0;  // how messages are cut (the same on every rank)
+  std::size_t slot_bytes_ = 0;   // one staging slot this batch: the largest chunk it has
   bool broken_ = false;
   std::string broken_reason_;
 };

@@ -49,10 +49,15 @@ class host_stream final : public stream {
   }
 
   void copy(void* dst, const void* src, std::size_t bytes) override {
-    enqueue({.action = [=] { std::memmove(dst, src, bytes); }});
+    // Zero bytes may come with null pointers (empty buffers): never hand those to memmove.
+    enqueue({.action = [=] {
+      if (bytes != 0) std::memmove(dst, src, bytes);
+    }});
   }
   void fill(void* dst, std::byte value, std::size_t bytes) override {
-    enqueue({.action = [=] { std::memset(dst, static_cast<int>(value), bytes); }});
+    enqueue({.action = [=] {
+      if (bytes != 0) std::memset(dst, static_cast<int>(value), bytes);
+    }});
   }
   event record() override {
     auto state = std::make_shared<host_event_state>();

@@ -58,6 +58,7 @@ struct eplb_state::impl {
   std::vector<device::event> map_copied;  // per layer: last copy out of its mirror region
 
   std::int64_t since_rebalance;
+  double pending_before = 0;  // balancedness of the rebalance in flight, before it (async)
   bool in_flight = false;
   int committed = 0;
   clock_type::time_point trigger_time;
@@ -298,9 +299,9 @@ struct eplb_state::impl {
       abandon();
       fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights", -agreed - 2);
     }
-    if (m.balancedness_before == 0) {
+    if (pending_before == 0) {
       // The global load arrives with the policy, before any layer is staged: measure the old maps.
-      if (const auto total = background->global_load()) m.balancedness_before = balancedness(maps, *total);
+      if (const auto total = background->global_load()) pending_before = balancedness(maps, *total);
     }
     for (; committed < agreed; ++committed) {
       const auto ready = background->get(committed);
@@ -322,6 +323,7 @@ struct eplb_state::impl {
       m.rebalance_in_flight = false;
       report.rebalance_finished = true;
       m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
+      m.balancedness_before = pending_before;
       if (const auto total = background->global_load()) m.balancedness_after = balancedness(maps, *total);
     }
   }
@@ -368,7 +370,7 @@ step_report eplb_state::step(bool is_dummy) {
     if (s.in_flight) s.commit_ready(report);
     if (!s.in_flight && s.since_rebalance >= s.cfg.step_interval) {
       s.since_rebalance = 0;
-      s.m.balancedness_before = 0;
+      s.pending_before = 0;
       s.start_rebalance(report);
     }
   } catch (...) {

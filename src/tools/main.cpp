@@ -141,7 +141,7 @@ struct simulate_flags {
   std::string device = "host", store, result;
   bool sync = false, async = false, json = false;
   int rank = -1;
-  long timeout_ms = 10000, delay_ms = 0;
+  long timeout_ms = 10000, delay_ms = 0, forward_us = 200;
 };
 
 int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) {
@@ -152,6 +152,7 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
   cfg.device = device::parse_backend_kind(f.device);
   cfg.timeout = std::chrono::milliseconds(f.timeout_ms);
   cfg.inject_delay = std::chrono::milliseconds(f.delay_ms);
+  cfg.forward = std::chrono::microseconds(f.forward_us);
   tools::validate(cfg);
   if (f.rank >= 0) {  // one rank of a --procs run
     const auto report = tools::simulate_rank(cfg, f.rank, f.store, !f.json);
@@ -233,6 +234,7 @@ int main(int argc, char** argv) {
   simulate->add_option("--tokens", sim.cfg.tokens_per_step, "routed token slots per rank, layer and step");
   simulate->add_option("--drift-steps", sim.cfg.drift_steps, "the hot experts move this often");
   simulate->add_option("--timeout-ms", sim.timeout_ms);
+  simulate->add_option("--forward-us", sim.forward_us, "time each step spends in the forward-pass stand-in");
   simulate->add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
   simulate->add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
   simulate->add_option("--fail-step", sim.cfg.fail_step);

@@ -9,6 +9,7 @@
 #include <iostream>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "eplb/comm/store.hpp"
 #include "eplb/state.hpp"
@@ -39,6 +40,7 @@ void validate(const simulate_config& c) {
   if (c.steps <= 0) fail(errc::invalid_argument, "--steps: must be > 0, got {}", c.steps);
   if (c.step_interval < 0 || c.window < 0) fail(errc::invalid_argument, "--step-interval and --window must be >= 0");
   if (c.tokens_per_step <= 0) fail(errc::invalid_argument, "--tokens: must be > 0, got {}", c.tokens_per_step);
+  if (c.forward.count() < 0) fail(errc::invalid_argument, "--forward-us: must be >= 0, got {}", c.forward.count());
   if (c.fail_rank >= c.ranks)
     fail(errc::invalid_argument, "--fail-rank: {} is not a rank (0..{})", c.fail_rank, c.ranks - 1);
   if ((c.fail_rank >= 0) != (c.fail_step >= 0)) fail(errc::invalid_argument, "--fail-rank and --fail-step go together");
@@ -204,17 +206,22 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
         out["died"] = true;
         return out;
       }
+      // The forward pass stand-in: background staging overlaps it, as it overlaps real forwards.
+      if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
       for (int l = 0; l < p.layers; ++l) state.record_load(l, route.route(l, step, state.maps()));
       const bool busy = state.stats().rebalance_in_flight;
       const auto t0 = clock_type::now();
       const auto rep = state.step();
       const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
       (busy || rep.rebalance_started ? busy_us : idle_us).push_back(us);
-      if (rep.rebalance_started) {
+      // Sync: a rebalance starts and commits in one step. Async: commits in a step belong to the
+      // rebalance in flight, and a new one may start after them in the same step.
+      const auto begin_rebalance = [&] {
         ++rebalance;
         layer = 0;
         trigger_step = step;
-      }
+      };
+      if (rep.rebalance_started && !cfg.use_async) begin_rebalance();
       for (int k = 0; k < rep.layers_committed; ++k, ++layer) {
         commits.push_back({rebalance, layer, step});
         if (auto bad = verify_layer(state, model, layer, rank); !bad.empty())
@@ -228,6 +235,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
                               {"after", m.balancedness_after},
                               {"seconds", m.rebalance_seconds}});
       }
+      if (rep.rebalance_started && cfg.use_async) begin_rebalance();
       bar.update(step, state.stats(), step == cfg.steps);
     }
     // A rank that died outside a rebalance is noticed here: every live rank must reach the end.

@@ -28,7 +28,8 @@ struct simulate_config {
   std::size_t bytes_scale = 0;  ///< divide bundle sizes by this (0: the preset's default for the device)
   int tokens_per_step = 256;    ///< routed token slots per rank and layer per step
   double zipf = 1.2;
-  int drift_steps = 500;  ///< hot experts move this often
+  int drift_steps = 500;                   ///< hot experts move this often
+  std::chrono::microseconds forward{200};  ///< each step also "runs the model" this long (a sleep)
   std::chrono::milliseconds inject_delay{0};
   int fail_rank = -1;
   int fail_step = -1;
