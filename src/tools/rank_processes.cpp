@@ -15,7 +15,8 @@
 namespace eplb::tools {
 
 std::vector<rank_process> run_rank_processes(const std::string& self_exe, const std::vector<std::string>& child_args,
-                                             int ranks, std::chrono::steady_clock::time_point deadline) {
+                                             int ranks, std::chrono::steady_clock::time_point deadline,
+                                             std::chrono::milliseconds grace) {
   static int runs = 0;
   const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-ranks-{}-{}", ::getpid(), runs++);
   std::filesystem::remove_all(dir);
@@ -42,23 +43,35 @@ std::vector<rank_process> run_rank_processes(const std::string& self_exe, const 
     children.push_back(pid);
   }
   std::vector<rank_process> out(static_cast<std::size_t>(ranks));
-  for (int r = 0; r < ranks; ++r) {
-    auto& o = out[static_cast<std::size_t>(r)];
-    int status = 0;
-    while (::waitpid(children[static_cast<std::size_t>(r)], &status, WNOHANG) == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        for (pid_t p : children) ::kill(p, SIGKILL);
-        ::waitpid(children[static_cast<std::size_t>(r)], &status, 0);
-        o.killed = true;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::vector<bool> done(static_cast<std::size_t>(ranks), false);
+  for (int left = ranks; left > 0;) {
+    for (int r = 0; r < ranks; ++r) {
+      if (done[static_cast<std::size_t>(r)]) continue;
+      int status = 0;
+      if (::waitpid(children[static_cast<std::size_t>(r)], &status, WNOHANG) == 0) continue;
+      auto& o = out[static_cast<std::size_t>(r)];
+      o.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      done[static_cast<std::size_t>(r)] = true;
+      --left;
+      if (o.exit_status != 0) deadline = std::min(deadline, std::chrono::steady_clock::now() + grace);
     }
-    o.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
+      for (int r = 0; r < ranks; ++r) {
+        if (done[static_cast<std::size_t>(r)]) continue;
+        ::kill(children[static_cast<std::size_t>(r)], SIGKILL);
+        ::waitpid(children[static_cast<std::size_t>(r)], nullptr, 0);
+        out[static_cast<std::size_t>(r)].killed = true;
+        done[static_cast<std::size_t>(r)] = true;
+        --left;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (int r = 0; r < ranks; ++r) {
     std::ifstream in(result_files[static_cast<std::size_t>(r)]);
     std::ostringstream text;
     text << in.rdbuf();
-    o.result = text.str();
+    out[static_cast<std::size_t>(r)].result = text.str();
   }
   std::filesystem::remove_all(dir);
   return out;

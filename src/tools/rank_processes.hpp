@@ -15,9 +15,11 @@ struct rank_process {
 };
 
 /// Starts `ranks` copies of `self_exe` with `child_args` plus `--rank R --store DIR --result FILE`,
-/// waits for all (killing every child at `deadline`) and returns what each reported.
+/// waits for all and returns what each reported. Children still running at `deadline`, or `grace`
+/// after the first child failed (a stopped or wedged rank), are killed.
 [[nodiscard]] std::vector<rank_process> run_rank_processes(const std::string& self_exe,
                                                            const std::vector<std::string>& child_args, int ranks,
-                                                           std::chrono::steady_clock::time_point deadline);
+                                                           std::chrono::steady_clock::time_point deadline,
+                                                           std::chrono::milliseconds grace = std::chrono::hours(1));
 
 }  // namespace eplb::tools

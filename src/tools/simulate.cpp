@@ -199,47 +199,62 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
     router route(cfg, p.layers, p.experts, rank);
     progress bar(print_progress && rank == 0, cfg.steps);
     int rebalance = -1, layer = 0, trigger_step = 0;
-    for (int step = 1; step <= cfg.steps; ++step) {
-      if (rank == cfg.fail_rank && step == cfg.fail_step) {
-        if (world) comm::mark_dead(*world, rank);
-        out["failure"] = fmt::format("rank {}: died at step {} (injected)", rank, step);
-        out["died"] = true;
-        return out;
+    try {
+      for (int step = 1; step <= cfg.steps; ++step) {
+        if (rank == cfg.fail_rank && step == cfg.fail_step) {
+          if (world) comm::mark_dead(*world, rank);
+          out["failure"] = fmt::format("rank {}: died at step {} (injected)", rank, step);
+          out["died"] = true;
+          return out;
+        }
+        // The forward pass stand-in: background staging overlaps it, as it overlaps real forwards.
+        if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
+        for (int l = 0; l < p.layers; ++l) state.record_load(l, route.route(l, step, state.maps()));
+        const bool busy = state.stats().rebalance_in_flight;
+        const auto t0 = clock_type::now();
+        const auto rep = state.step();
+        const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
+        (busy || rep.rebalance_started ? busy_us : idle_us).push_back(us);
+        // Sync: a rebalance starts and commits in one step. Async: commits in a step belong to the
+        // rebalance in flight, and a new one may start after them in the same step.
+        const auto begin_rebalance = [&] {
+          ++rebalance;
+          layer = 0;
+          trigger_step = step;
+        };
+        if (rep.rebalance_started && !cfg.use_async) begin_rebalance();
+        for (int k = 0; k < rep.layers_committed; ++k, ++layer) {
+          commits.push_back({rebalance, layer, step});
+          if (auto bad = verify_layer(state, model, layer, rank); !bad.empty())
+            fail(errc::verification_failed, "{}", bad);
+        }
+        if (rep.rebalance_finished) {
+          const auto& m = state.stats();
+          rebalances.push_back({{"trigger_step", trigger_step},
+                                {"finish_step", step},
+                                {"before", m.balancedness_before},
+                                {"after", m.balancedness_after},
+                                {"seconds", m.rebalance_seconds}});
+        }
+        if (rep.rebalance_started && cfg.use_async) begin_rebalance();
+        bar.update(step, state.stats(), step == cfg.steps);
       }
-      // The forward pass stand-in: background staging overlaps it, as it overlaps real forwards.
-      if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
-      for (int l = 0; l < p.layers; ++l) state.record_load(l, route.route(l, step, state.maps()));
-      const bool busy = state.stats().rebalance_in_flight;
-      const auto t0 = clock_type::now();
-      const auto rep = state.step();
-      const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
-      (busy || rep.rebalance_started ? busy_us : idle_us).push_back(us);
-      // Sync: a rebalance starts and commits in one step. Async: commits in a step belong to the
-      // rebalance in flight, and a new one may start after them in the same step.
-      const auto begin_rebalance = [&] {
-        ++rebalance;
-        layer = 0;
-        trigger_step = step;
-      };
-      if (rep.rebalance_started && !cfg.use_async) begin_rebalance();
-      for (int k = 0; k < rep.layers_committed; ++k, ++layer) {
-        commits.push_back({rebalance, layer, step});
-        if (auto bad = verify_layer(state, model, layer, rank); !bad.empty())
-          fail(errc::verification_failed, "{}", bad);
-      }
-      if (rep.rebalance_finished) {
-        const auto& m = state.stats();
-        rebalances.push_back({{"trigger_step", trigger_step},
-                              {"finish_step", step},
-                              {"before", m.balancedness_before},
-                              {"after", m.balancedness_after},
-                              {"seconds", m.rebalance_seconds}});
-      }
-      if (rep.rebalance_started && cfg.use_async) begin_rebalance();
-      bar.update(step, state.stats(), step == cfg.steps);
+      // A rank that died outside a rebalance is noticed here: every live rank must reach the end.
+      comm::store_barrier(*store, "simulate-end", cfg.ranks, cfg.timeout);
+    } catch (const error& e) {
+      // A peer died or stalled, or this rank failed: stop cleanly, then check that every layer
+      // still holds exactly what its (committed) maps say.
+      out["failure"] = fmt::format("rank {}: [{}] {}", rank, to_string(e.code()), e.what());
+      state.stop();
+      bool intact = true;
+      for (int l = 0; l < p.layers && intact; ++l) intact = verify_layer(state, model, l, rank).empty();
+      out["weights_intact"] = intact;
+      out["busy_us"] = busy_us;
+      out["idle_us"] = idle_us;
+      out["commits"] = commits;
+      out["rebalances"] = rebalances;
+      return out;
     }
-    // A rank that died outside a rebalance is noticed here: every live rank must reach the end.
-    comm::store_barrier(*store, "simulate-end", cfg.ranks, cfg.timeout);
     for (int l = 0; l < p.layers; ++l) {
       if (auto bad = verify_layer(state, model, l, rank); !bad.empty()) fail(errc::verification_failed, "{}", bad);
     }
@@ -296,6 +311,13 @@ json merge(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["rebalance_log"] = rb;
   out["ranks"] = cfg.ranks;
   out["steps"] = cfg.steps;
+  json details = json::array();
+  for (const auto& r : ranks) {
+    json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
+    if (r.contains("weights_intact")) d["weights_intact"] = r["weights_intact"];
+    details.push_back(d);
+  }
+  out["rank_reports"] = details;
   if (!failure.empty()) out["failure"] = failure;
   return out;
 }
@@ -321,7 +343,10 @@ json run_simulation(const simulate_config& cfg, const std::string& self_exe, con
     for (auto& f : futures) ranks.push_back(f.get());
   } else {
     const auto deadline = clock_type::now() + std::chrono::hours(1);
-    for (const auto& p : run_rank_processes(self_exe, child_args, cfg.ranks, deadline)) {
+    // A rank that is stopped (SIGSTOP) or wedged never exits: once another rank failed, it gets
+    // twice the timeout, then it is killed.
+    for (const auto& p :
+         run_rank_processes(self_exe, child_args, cfg.ranks, deadline, 2 * cfg.timeout + std::chrono::seconds(2))) {
       const int r = static_cast<int>(ranks.size());
       json doc = json::parse(p.result, nullptr, false);
       if (doc.is_discarded() || !doc.is_object()) {
