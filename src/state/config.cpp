@@ -54,6 +54,8 @@ config config::from_json(std::string_view text) {
     doc = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
     fail(errc::invalid_config, "config: not valid JSON (byte {}: {})", e.byte, e.what());
+  } catch (const nlohmann::json::exception& e) {  // e.g. a number out of range
+    fail(errc::invalid_config, "config: not valid JSON ({})", e.what());
   }
   if (!doc.is_object()) fail(errc::invalid_config, "config: must be a JSON object, got {}", doc.type_name());
   config c;

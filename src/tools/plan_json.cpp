@@ -44,7 +44,8 @@ plan_request parse_plan_request(const json& doc) {
   if (!doc.is_object()) fail(errc::invalid_json, "input: must be a JSON object, got {}", doc.type_name());
   static constexpr const char* known[] = {"load",      "num_replicas", "num_groups", "num_nodes",
                                           "num_ranks", "old_phy2log",  "policy"};
-  for (const auto& [key, value] : doc.items()) {
+  for (const auto& item : doc.items()) {
+    const std::string key = item.key();  // a named copy: lambdas below capture it
     if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) == std::end(known)) {
       fail(errc::invalid_json,
            "{}: unknown field (known: load, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log, policy)", key);
@@ -104,6 +105,8 @@ plan_request parse_plan_text(std::string_view text) {
     doc = json::parse(text);
   } catch (const json::parse_error& e) {
     fail(errc::invalid_json, "input: not valid JSON (byte {}: {})", e.byte, e.what());
+  } catch (const json::exception& e) {  // e.g. a number out of range (found by fuzz_plan_json)
+    fail(errc::invalid_json, "input: not valid JSON ({})", e.what());
   }
   return parse_plan_request(doc);
 }

@@ -49,6 +49,7 @@ TEST_CASE("plan request errors name the field and the rule") {
   };
   const bad_case cases[] = {
       {"{", errc::invalid_json, "input: not valid JSON"},
+      {"3e133333", errc::invalid_json, "input: not valid JSON"},  // out of range (found by fuzzing)
       {"[]", errc::invalid_json, "input: must be a JSON object"},
       {R"({"num_replicas": 4})", errc::invalid_json, "load: missing"},
       {R"({"load": [[1,2]], "num_replicas": 2, "num_groups": 1, "num_nodes": 1})", errc::invalid_json,
