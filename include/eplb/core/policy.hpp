@@ -35,10 +35,12 @@ void validate(const rebalance_input& in);
 /// rank keeps stay in their old slots (vLLM's preserve_intragpu_slots).
 [[nodiscard]] matrix<expert_id> rebalance_default(const rebalance_input& in);
 
-/// The default policy's balance with far fewer moves: the same per-rank packs (so the same
-/// balancedness), assigned to ranks by maximum-overlap matchings with the old placement (nodes
-/// first, then the ranks of each node, so nodes still hold whole groups), then slots preserved.
-/// Per layer it keeps whichever of this and the default moves fewer slots, so it never moves more.
+/// Nearly the default policy's balance with far fewer moves. Per layer it considers (1) the
+/// default's per-rank packs assigned to ranks by maximum-overlap matchings with the old placement
+/// (nodes first, so nodes still hold whole groups) with slots preserved, and (2) the old placement
+/// improved in place (swaps within a node, a spare replica of a cold expert turned into one of the
+/// hottest expert) until its heaviest rank is within 0.5% of the default's; it takes whichever moves
+/// fewer slots, never more than the default itself. Balancedness stays >= 99% of the default's.
 /// Without an old placement it is the default policy.
 [[nodiscard]] matrix<expert_id> rebalance_min_move(const rebalance_input& in);
 
