@@ -14,6 +14,8 @@
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
 
+#include <csignal>
+
 #include <algorithm>
 #include <deque>
 #include <map>
@@ -73,10 +75,19 @@ std::vector<chunk> chunks_of(const std::vector<const void*>& ops_data, const std
   return out;
 }
 
+// Gloo writes to sockets without MSG_NOSIGNAL: a peer that dies mid-transfer would kill this
+// process with SIGPIPE instead of giving an error naming it. Ignore SIGPIPE unless the application
+// installed its own handler.
+void ignore_sigpipe() {
+  struct sigaction current {};
+  if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
+}
+
 class gloo_communicator final : public communicator {
  public:
   gloo_communicator(const setup& s) : communicator(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
     if (!store_) fail(errc::invalid_argument, "gloo communicator: setup.rendezvous (a store) is missing");
+    ignore_sigpipe();
     if (opts_.lanes < 0 || opts_.lanes > 64) {
       fail(errc::invalid_argument, "gloo: lanes must be in 0..64 (0 = automatic), got {}", opts_.lanes);
     }
