@@ -306,3 +306,43 @@ TEST_CASE("rearrange argument errors") {
   CHECK_EPLB_ERROR(exec::expand_for_scale_down(start, std::vector<int>{0, -1}, 2), errc::invalid_map,
                    "has 4 slots, 1 surviving ranks x 2 slots expected");
 }
+
+TEST_CASE("bundles that differ between ranks are a clear error, not corruption") {
+  auto world = comm::make_loopback_world(2);
+  const auto results = on_ranks(2, [&](int r) -> std::string {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    auto c = comm::make_communicator(comm::backend::loopback,
+                                     {.rank = r, .size = 2, .world = world, .opts = {.timeout = 1s}});
+    // Rank 1 believes the expert tensor is twice as large as rank 0 does.
+    tools::exchange_config cfg{.ranks = 2,
+                               .layers = 1,
+                               .experts = 4,
+                               .redundant = 0,
+                               .tensor_bytes = {r == 0 ? std::size_t{64} : std::size_t{128}}};
+    auto start = tools::round_placement(cfg, 0, {});
+    placement maps(start, 4, 2);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 5s);
+    const auto before = model.snapshot(0);
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c);
+    const std::vector<expert_id> crossed{2, 3, 0, 1};  // every expert changes rank
+    try {
+      re.rearrange_layer(0, model.weights(), maps, crossed);
+    } catch (const error& e) {
+      CHECK(model.snapshot(0) == before);  // live weights untouched
+      return e.what();
+    }
+    return "no error";
+  });
+  // Whichever rank receives first sees the mismatch itself; the other learns of it as a failure
+  // naming its peer (the failed rank withdraws what it had posted).
+  const bool precise =
+      results[0].find("which sent") != std::string::npos || results[1].find("which sent") != std::string::npos;
+  CHECK_MESSAGE(precise, results[0], " | ", results[1]);
+  for (int r = 0; r < 2; ++r) {
+    CHECK_MESSAGE(results[r].find("layer 0") != std::string::npos, results[r]);
+    CHECK_MESSAGE((results[r].find("which sent") != std::string::npos ||
+                   results[r].find(fmt::format("rank {}", 1 - r)) != std::string::npos),
+                  results[r]);
+  }
+}
