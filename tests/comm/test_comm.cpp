@@ -12,21 +12,13 @@
 #include "comm/conformance.hpp"
 #include "eplb/comm/communicator.hpp"
 #include "eplb/comm/store.hpp"
+#include "on_ranks.hpp"
 
 using namespace eplb;
+using eplb::testing::on_ranks;
 using namespace std::chrono_literals;
 
 namespace {
-
-// Runs fn(rank) on `size` threads and returns each rank's result.
-template <typename Fn>
-auto on_ranks(int size, Fn fn) {
-  std::vector<std::future<decltype(fn(0))>> futures;
-  for (int r = 0; r < size; ++r) futures.push_back(std::async(std::launch::async, fn, r));
-  std::vector<decltype(fn(0))> out;
-  for (auto& f : futures) out.push_back(f.get());
-  return out;
-}
 
 comm::setup loopback_setup(const std::shared_ptr<comm::loopback_world>& world, int rank, int size,
                            std::chrono::milliseconds timeout = 10s) {

@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gpus import gpu_count  # noqa: E402
+
 eplb, ranks, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-info = subprocess.run([eplb, "info"], capture_output=True, text=True).stdout
-gpus = 0
-for line in info.splitlines():
-    if line.strip().startswith("cuda") and "GPU(s)" in line:
-        gpus = int(line.split("(")[1].split()[0])
+gpus = gpu_count(eplb)
 if gpus < ranks:
     print(f"skip: {ranks} ranks need {ranks} GPUs, found {gpus}")
     sys.exit(77)

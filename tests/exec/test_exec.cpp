@@ -11,21 +11,14 @@
 #include "eplb/core/policy.hpp"
 #include "eplb/exec/plan.hpp"
 #include "eplb/exec/rearrange.hpp"
+#include "on_ranks.hpp"
 #include "tools/exchange.hpp"
 
 using namespace eplb;
+using eplb::testing::on_ranks;
 using namespace std::chrono_literals;
 
 namespace {
-
-template <typename Fn>
-auto on_ranks(int size, Fn fn) {
-  std::vector<std::future<decltype(fn(0))>> futures;
-  for (int r = 0; r < size; ++r) futures.push_back(std::async(std::launch::async, fn, r));
-  std::vector<decltype(fn(0))> out;
-  for (auto& f : futures) out.push_back(f.get());
-  return out;
-}
 
 std::vector<expert_id> random_row(std::mt19937_64& rng, int experts, int slots, bool empties) {
   std::vector<expert_id> row(static_cast<std::size_t>(slots));

@@ -1,17 +1,16 @@
 #!/usr/bin/env python3
-"""GPU suite: `eplb simulate` on device memory over RANKS GPUs (threads, one GPU each): async with
+"""GPU suite: `eplb simulate` on device memory over RANKS GPUs (one process per GPU): async with
 gloo and sync with nccl; every committed layer verified, same-step commits. Skips (77) without GPUs."""
 import json
 import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gpus import gpu_count  # noqa: E402
+
 eplb, ranks = sys.argv[1], int(sys.argv[2])
-info = subprocess.run([eplb, "info"], capture_output=True, text=True).stdout
-gpus = 0
-for line in info.splitlines():
-    if line.strip().startswith("cuda") and "GPU(s)" in line:
-        gpus = int(line.split("(")[1].split()[0])
+gpus = gpu_count(eplb)
 if gpus < ranks:
     print(f"skip: {ranks} ranks need {ranks} GPUs, found {gpus}")
     sys.exit(77)

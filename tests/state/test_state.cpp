@@ -10,21 +10,14 @@
 
 #include "check_error.hpp"
 #include "eplb/state.hpp"
+#include "on_ranks.hpp"
 #include "tools/exchange.hpp"
 
 using namespace eplb;
+using eplb::testing::on_ranks;
 using namespace std::chrono_literals;
 
 namespace {
-
-template <typename Fn>
-auto on_ranks(int size, Fn fn) {
-  std::vector<std::future<decltype(fn(0))>> futures;
-  for (int r = 0; r < size; ++r) futures.push_back(std::async(std::launch::async, fn, r));
-  std::vector<decltype(fn(0))> out;
-  for (auto& f : futures) out.push_back(f.get());
-  return out;
-}
 
 struct rank_setup {
   std::unique_ptr<device::device> dev;
