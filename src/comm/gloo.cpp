@@ -277,25 +277,25 @@ class gloo_communicator final : public communicator {
     return ms;
   }
 
-  void wait_send(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
+  // Waits for one Gloo operation; Gloo's exceptions become errors naming the peer.
+  void wait_op(gloo::transport::UnboundBuffer& b, bool send, int peer, clock::time_point deadline) {
+    const char* what = send ? "sending to" : "receiving from";
     try {
-      if (!b.waitSend(nullptr, left(deadline, peer, "sending to")))
-        fail(errc::cancelled, "gloo: send to rank {} aborted", peer);
+      const auto budget = left(deadline, peer, what);
+      if (!(send ? b.waitSend(nullptr, budget) : b.waitRecv(nullptr, budget))) {
+        fail(errc::cancelled, "gloo: {} rank {} aborted", what, peer);
+      }
     } catch (const eplb::error&) {
       throw;
     } catch (const std::exception& e) {
-      peer_failed(peer, "sending to", e);
+      peer_failed(peer, what, e);
     }
   }
+  void wait_send(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
+    wait_op(b, true, peer, deadline);
+  }
   void wait_recv(gloo::transport::UnboundBuffer& b, int peer, clock::time_point deadline) {
-    try {
-      if (!b.waitRecv(nullptr, left(deadline, peer, "receiving from")))
-        fail(errc::cancelled, "gloo: receive from rank {} aborted", peer);
-    } catch (const eplb::error&) {
-      throw;
-    } catch (const std::exception& e) {
-      peer_failed(peer, "receiving from", e);
-    }
+    wait_op(b, false, peer, deadline);
   }
 
   void exchange_manifest(int peer, const peer_plan& plan, clock::time_point deadline) {

@@ -76,6 +76,18 @@ std::string verify(rank_setup& r, int layer, int rank) {
   return {};
 }
 
+// A loopback config for the 12-expert, 16-slot test model.
+config loopback_config(bool use_async, int window, int interval, std::chrono::milliseconds timeout) {
+  config cfg;
+  cfg.use_async = use_async;
+  cfg.communicator = "loopback";
+  cfg.num_redundant_experts = 4;
+  cfg.window_size = window;
+  cfg.step_interval = interval;
+  cfg.timeout = timeout;
+  return cfg;
+}
+
 }  // namespace
 
 TEST_CASE("config: defaults, auto-selection and every invalid field") {
@@ -137,12 +149,7 @@ TEST_CASE("sync rebalance on 4 loopback ranks: balancedness improves, every byte
   const int ranks = 4;
   auto world = comm::make_loopback_world(ranks);
   auto store = comm::make_memory_store();
-  config cfg;
-  cfg.communicator = "loopback";
-  cfg.num_redundant_experts = 4;
-  cfg.window_size = 20;
-  cfg.step_interval = 40;
-  cfg.timeout = 10s;
+  const auto cfg = loopback_config(false, 20, 40, 10s);
   const auto results = on_ranks(ranks, [&](int rank) -> std::string {
     auto r = make_rank(rank, ranks, cfg, world, store);
     int rebalances = 0;
@@ -170,13 +177,7 @@ TEST_CASE("async rebalances on 4 loopback ranks under injected delays: same-step
   const int ranks = 4;
   auto world = comm::make_loopback_world(ranks);
   auto store = comm::make_memory_store();
-  config cfg;
-  cfg.use_async = true;
-  cfg.communicator = "loopback";
-  cfg.num_redundant_experts = 4;
-  cfg.window_size = 10;
-  cfg.step_interval = 24;
-  cfg.timeout = 20s;
+  const auto cfg = loopback_config(true, 10, 24, 20s);
   const int steps = 600;
   // Per rank: the step at which each (rebalance, layer) was committed.
   const auto results = on_ranks(ranks, [&](int rank) {
@@ -210,13 +211,7 @@ TEST_CASE("async: a device fault on one rank stops the rebalance everywhere; unc
   const int ranks = 2;
   auto world = comm::make_loopback_world(ranks);
   auto store = comm::make_memory_store();
-  config cfg;
-  cfg.use_async = true;
-  cfg.communicator = "loopback";
-  cfg.num_redundant_experts = 4;
-  cfg.window_size = 10;
-  cfg.step_interval = 20;
-  cfg.timeout = 5s;
+  const auto cfg = loopback_config(true, 10, 20, 5s);
   const auto results = on_ranks(ranks, [&](int rank) -> std::string {
     auto r = make_rank(rank, ranks, cfg, world, store);
     std::vector<std::vector<std::byte>> before;
@@ -254,13 +249,7 @@ TEST_CASE("async: stop() in the middle of a rebalance is clean and prompt") {
   const int ranks = 2;
   auto world = comm::make_loopback_world(ranks);
   auto store = comm::make_memory_store();
-  config cfg;
-  cfg.use_async = true;
-  cfg.communicator = "loopback";
-  cfg.num_redundant_experts = 4;
-  cfg.window_size = 4;
-  cfg.step_interval = 8;
-  cfg.timeout = 3s;
+  const auto cfg = loopback_config(true, 4, 8, 3s);
   const auto results = on_ranks(ranks, [&](int rank) {
     auto r = make_rank(rank, ranks, cfg, world, store, {.max_delay = 3ms, .seed = 3});
     bool started = false;
