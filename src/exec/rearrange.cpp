@@ -157,6 +157,40 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
     if (p.primary_of[s] >= 0) writes.push_back({s, p.primary_of[s], ready});
   }
 
+  // Coalescing (one chunk only): a pair is packed when both ends see the same bytes under the cap.
+  const auto n = static_cast<std::size_t>(shape_.num_ranks);
+  std::vector<std::size_t> send_bytes(n), recv_bytes(n);
+  for (const auto& s : p.sends) send_bytes[static_cast<std::size_t>(s.peer)] += eb;
+  for (const auto& r : p.recvs) recv_bytes[static_cast<std::size_t>(r.peer)] += eb;
+  std::vector<char> pack_send(n), pack_recv(n);
+  if (opts_.coalesce && chunks.ranges.size() == 1 && n > 1) {
+    const std::size_t cap = opts_.pack_bytes > 0 ? opts_.pack_bytes : layer_area_bytes();
+    const auto worth = [&](std::size_t bytes) { return bytes <= cap && (bytes / eb) * shape_.bundle.size() >= 2; };
+    for (std::size_t q = 0; q < n; ++q) {
+      pack_send[q] = worth(send_bytes[q]);
+      pack_recv[q] = worth(recv_bytes[q]);
+    }
+  }
+  // Rows of a packed peer's receives are consecutive (fresh rows come off the stack in order).
+  std::vector<std::pair<std::size_t, std::size_t>> recv_rows(n);  // first row, count
+  for (std::size_t q = 0; q < n; ++q) {
+    if (!pack_recv[q]) continue;
+    recv_rows[q].first = free_rows.back();
+    for (const auto& r : p.recvs) {
+      if (static_cast<std::size_t>(r.peer) != q) continue;
+      row_of[static_cast<std::size_t>(r.slot)] = static_cast<int>(free_rows.back());
+      free_rows.pop_back();
+      ++recv_rows[q].second;
+    }
+  }
+  std::vector<std::size_t> pack_at(n);  // offset of each packed peer's message in pack_
+  std::size_t pack_total = 0;
+  for (std::size_t q = 0; q < n; ++q) {
+    pack_at[q] = pack_total;
+    if (pack_send[q]) pack_total += send_bytes[q];
+  }
+  if (pack_total > pack_.size()) pack_ = dev_.allocate(pack_total, staging_.kind());
+
   for (std::size_t c = 0; c < chunks.ranges.size(); ++c) {
     const auto [lo, hi] = chunks.ranges[c];
     const auto in_chunk = [&](expert_id e) {
@@ -164,7 +198,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
       return pos >= lo && pos < hi;
     };
     for (int s : p.buffer_slots()) {
-      if (!in_chunk(p.new_local[s])) continue;
+      if (!in_chunk(p.new_local[s]) || row_of[static_cast<std::size_t>(s)] >= 0) continue;
       if (free_rows.empty())
         fail(errc::internal, "staging rows exhausted in chunk {} (plan_chunks broke its promise)", c);
       row_of[static_cast<std::size_t>(s)] = static_cast<int>(free_rows.back());
@@ -177,24 +211,45 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
         stats.bytes_copied_locally += eb;
       }
     }
+    for (std::size_t q = 0; q < n; ++q) {
+      if (!pack_recv[q]) continue;
+      comm_.add_recv({row(recv_rows[q].first, 0), recv_rows[q].second * row_bytes_}, static_cast<int>(q));
+      ++stats.messages;
+    }
     for (const auto& r : p.recvs) {
       if (!in_chunk(r.expert)) continue;
+      stats.bytes_received += eb;
+      account(r.peer, eb);
+      if (pack_recv[static_cast<std::size_t>(r.peer)]) continue;
       for (int t = 0; t < tensors; ++t) {
         comm_.add_recv({row(static_cast<std::size_t>(row_of[static_cast<std::size_t>(r.slot)]), t),
                         shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert},
                        r.peer);
+        ++stats.messages;
       }
-      stats.bytes_received += eb;
-      account(r.peer, eb);
     }
+    std::vector<std::size_t> cursor = pack_at;
     for (const auto& s : p.sends) {
       if (!in_chunk(s.expert)) continue;
-      for (int t = 0; t < tensors; ++t) {
-        comm_.add_send({w.slot(shape_, layer, t, s.slot), shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert},
-                       s.peer);
-      }
       stats.bytes_sent += eb;
       account(s.peer, eb);
+      const auto q = static_cast<std::size_t>(s.peer);
+      for (int t = 0; t < tensors; ++t) {
+        const std::byte* src = w.slot(shape_, layer, t, s.slot);
+        const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
+        if (pack_send[q]) {
+          stream_.copy(pack_.data() + cursor[q], src, bytes);
+          cursor[q] += bytes;
+        } else {
+          comm_.add_send({src, bytes}, s.peer);
+          ++stats.messages;
+        }
+      }
+    }
+    for (std::size_t q = 0; q < n; ++q) {
+      if (!pack_send[q]) continue;
+      comm_.add_send({pack_.data() + pack_at[q], send_bytes[q]}, static_cast<int>(q));
+      ++stats.messages;
     }
     try {
       comm_.execute();
@@ -267,11 +322,13 @@ staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span
   }
   for (const auto& r : p.recvs) {
     for (int t = 0; t < tensors; ++t) comm_.add_recv({at(r.slot, t), bytes(t)}, r.peer);
+    out.stats.messages += tensors;
     out.stats.bytes_received += eb;
     (r.peer / rpn == rank_ / rpn ? out.stats.bytes_same_node : out.stats.bytes_cross_node) += eb;
   }
   for (const auto& snd : p.sends) {
     for (int t = 0; t < tensors; ++t) comm_.add_send({w.slot(shape_, layer, t, snd.slot), bytes(t)}, snd.peer);
+    out.stats.messages += tensors;
     out.stats.bytes_sent += eb;
     (snd.peer / rpn == rank_ / rpn ? out.stats.bytes_same_node : out.stats.bytes_cross_node) += eb;
   }

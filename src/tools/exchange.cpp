@@ -149,6 +149,7 @@ exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::co
   pattern_model model(pattern_shape(cfg), rank, dev, *stream, current, cfg.timeout);
   exec::rearrange_options opts;
   opts.staging_bytes = cfg.staging_bytes;
+  opts.coalesce = cfg.coalesce;
   opts.timeout = cfg.timeout;
   opts.verify = model.reference();
   try {

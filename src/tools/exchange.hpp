@@ -27,6 +27,7 @@ struct exchange_config {
   std::uint64_t seed = 1;
   int rounds = 4;
   std::size_t staging_bytes = 0;
+  bool coalesce = true;  ///< one message per peer where a layer fits (rearrange_options::coalesce)
   std::chrono::milliseconds timeout{30'000};
   device::host_faults faults;  ///< host device only
   int fault_rank = -1;         ///< the rank whose device gets `faults` (-1: every rank)

@@ -206,6 +206,7 @@ int main(int argc, char** argv) {
   exchange->add_option("--seed", ex.cfg.seed);
   exchange->add_option("--rounds", ex.cfg.rounds);
   exchange->add_option("--staging-bytes", ex.cfg.staging_bytes, "staging cap (0 = one layer)");
+  exchange->add_flag("!--no-coalesce", ex.cfg.coalesce, "one message per tensor of every expert, not per peer");
   exchange->add_option("--timeout-ms", ex.timeout_ms);
   exchange->add_option("--inject-delay-ms", ex.delay_ms, "host device: random delay up to this per stream operation");
   exchange->add_option("--inject-fail-op", ex.fail_op, "host device: the Nth stream operation fails");

@@ -103,6 +103,7 @@ TEST_CASE("rearrange on loopback: 2-8 ranks, bundles of 1-4 tensors, caps, every
     cfg.redundant = c.redundant;
     cfg.tensor_bytes = c.tensors;
     cfg.staging_bytes = c.staging;
+    cfg.coalesce = c.ranks % 2 == 0;  // both transfer layouts: packed per peer and one message per tensor
     cfg.rounds = 10;
     cfg.seed = static_cast<std::uint64_t>(c.ranks * 100 + c.experts);
     CAPTURE(c.ranks);
@@ -111,6 +112,51 @@ TEST_CASE("rearrange on loopback: 2-8 ranks, bundles of 1-4 tensors, caps, every
     CHECK_MESSAGE(res.verified, res.failure);
     CHECK(res.rounds == 10);
     CHECK(res.bytes_moved > 0);
+  }
+}
+
+TEST_CASE("coalescing: one message per peer and direction, same bytes as one per tensor") {
+  const int ranks = 3;
+  const tools::exchange_config cfg{
+      .ranks = ranks, .layers = 1, .experts = 12, .redundant = 3, .tensor_bytes = {300, 64, 7}};
+  std::mt19937_64 rng(5);
+  const auto target = random_row(rng, cfg.experts, 15, true);
+  struct outcome {
+    exec::layer_stats stats;
+    std::size_t sends = 0, recvs = 0;
+  };
+  const auto run = [&](bool coalesce, std::size_t pack_bytes) {
+    auto world = comm::make_loopback_world(ranks);
+    return on_ranks(ranks, [&](int r) {
+      auto dev = device::make_host_device();
+      auto stream = dev->create_stream();
+      auto c = comm::make_communicator(comm::backend::loopback, comm::setup{.rank = r, .size = ranks, .world = world});
+      auto start = tools::round_placement(cfg, 0, {});
+      placement maps(start, cfg.experts, ranks);
+      tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 10s);
+      exec::rearranger re(model.shape(), r, *dev, *stream, *c,
+                          {.verify = model.reference(), .coalesce = coalesce, .pack_bytes = pack_bytes});
+      outcome out;
+      out.stats = re.rearrange_layer(0, model.weights(), maps, target);
+      const auto p = exec::plan_layer(start.row(0), target, ranks, r);
+      out.sends = p.sends.size();
+      out.recvs = p.recvs.size();
+      return out;
+    });
+  };
+  const auto packed = run(true, 0);
+  const auto plain = run(false, 0);
+  const auto tight = run(true, 1);  // no pair fits: falls back to one message per tensor
+  for (int r = 0; r < ranks; ++r) {
+    CAPTURE(r);
+    const auto& k = packed[static_cast<std::size_t>(r)];
+    const auto& u = plain[static_cast<std::size_t>(r)];
+    REQUIRE(k.sends + k.recvs > 2);  // the case must have something to coalesce
+    CHECK(u.stats.messages == static_cast<int>(3 * (k.sends + k.recvs)));
+    CHECK(k.stats.messages <= 2 * (ranks - 1));
+    CHECK(k.stats.bytes_received == u.stats.bytes_received);
+    CHECK(k.stats.bytes_sent == u.stats.bytes_sent);
+    CHECK(tight[static_cast<std::size_t>(r)].stats.messages == u.stats.messages);
   }
 }
 

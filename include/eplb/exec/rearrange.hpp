@@ -28,11 +28,19 @@ struct rearrange_options {
   std::size_t staging_bytes = 0;              ///< cap on the staging buffer; 0 = one layer of this rank's slots
   std::chrono::milliseconds timeout{60'000};  ///< every wait on the device
   checksum_fn verify;                         ///< when set, every slot is checked after its layer moves
+  /// When a layer fits the staging cap in one chunk, everything sent to one peer is packed into one
+  /// message, and everything received from one peer lands in consecutive staging rows as one
+  /// message: a few large transfers instead of one per tensor of every expert (NCCL moves small
+  /// messages far below the link's rate). A pair is packed when its bytes fit pack_bytes, which both
+  /// ends decide alike; the packing buffer holds this rank's packed sends of one layer.
+  bool coalesce = true;
+  std::size_t pack_bytes = 0;  ///< largest packed message; 0 = one layer of this rank's slots
 };
 
 struct layer_stats {
   int layer = 0;
   int chunks = 0;
+  int messages = 0;  ///< sends and receives posted to the communicator
   std::uint64_t bytes_sent = 0;
   std::uint64_t bytes_received = 0;
   std::uint64_t bytes_copied_locally = 0;  ///< through the staging buffer, and duplicates
@@ -98,6 +106,7 @@ class rearranger {
   std::size_t row_bytes_ = 0;
   std::size_t rows_ = 0;
   device::buffer staging_;
+  device::buffer pack_;  // sends packed per peer (coalesce)
 };
 
 }  // namespace eplb::exec
