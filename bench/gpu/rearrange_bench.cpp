@@ -35,6 +35,8 @@ int main(int argc, char** argv) {
   app.add_option("--expert-bytes", expert_bytes);
   app.add_option("--reps", reps);
   app.add_option("--maps-out", maps_out);
+  bool coalesce = true;
+  app.add_flag("!--no-coalesce", coalesce, "one message per tensor of every expert");
   CLI11_PARSE(app, argc, argv);
   try {
     if (device::cuda_device_count() < size) return 77;
@@ -78,7 +80,7 @@ int main(int argc, char** argv) {
         out << (l ? "," : "") << fmt::format("[{}]", fmt::join(target.row(static_cast<std::size_t>(l)), ","));
       out << "]}";
     }
-    exec::rearranger r(shape, rank, *dev, *stream, *c, {.timeout = std::chrono::seconds(300)});
+    exec::rearranger r(shape, rank, *dev, *stream, *c, {.timeout = std::chrono::seconds(300), .coalesce = coalesce});
     std::vector<double> seconds;
     std::uint64_t bytes = 0;
     for (int rep = 0; rep <= reps; ++rep) {
@@ -94,9 +96,9 @@ int main(int argc, char** argv) {
     std::sort(seconds.begin(), seconds.end());
     const double med = seconds[seconds.size() / 2];
     std::cout << fmt::format(
-        R"({{"bench":"rearrange","impl":"eplb","backend":"{}","label":"{}","ranks":{},"rank":{},"layers":{},"bytes_received":{},"seconds":{:.4f},"ms_per_layer":{:.3f},"gbps":{:.2f}}})"
+        R"({{"bench":"rearrange","impl":"{}","backend":"{}","label":"{}","ranks":{},"rank":{},"layers":{},"bytes_received":{},"seconds":{:.4f},"ms_per_layer":{:.3f},"gbps":{:.2f}}})"
         "\n",
-        backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers,
+        coalesce ? "eplb" : "eplb-per-tensor", backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers,
         static_cast<double>(bytes) / med / 1e9);
     return 0;
   } catch (const error& e) {

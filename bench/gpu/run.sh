@@ -2,7 +2,7 @@
 # Everything a GPU machine runs in one call: unpack the carried Debian packages, build with CUDA,
 # NCCL (pip wheel) and Gloo, run the gpu and multiproc test suites, then the benchmarks (limits, our
 # exchange per backend, the PyTorch peer) in the same run. Results go to $OUT (or ./gpu-out).
-# usage: bench/gpu/run.sh [tests|bench|all]
+# usage: bench/gpu/run.sh [tests|rearrange|serving|bench|sweep|all]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 what=${1:-all}
@@ -52,12 +52,25 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
     set -- $shape
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
-      python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
-        --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 \
-        --maps-out /tmp/maps-$1-$ranks.json | grep '^{' | tee -a "$out/rearrange.jsonl"
+      for flag in "" --no-coalesce; do
+        python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
+          --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flag \
+          --maps-out /tmp/maps-$1-$ranks.json | grep '^{' | tee -a "$out/rearrange.jsonl"
+      done
       timeout 400 python3 bench/peers/torch_rearrange.py "$ranks" "$5" /tmp/maps-$1-$ranks.json 3 "$1" 2>&1 \
         | grep '^{' | tee -a "$out/rearrange.jsonl"
     done
+  done
+fi
+
+if [ "$what" = serving ] || [ "$what" = all ]; then
+  # Serving-loop stand-in with a full-model async rebalance behind it, then a sync one (Qwen3-30B-A3B
+  # bf16 shape, 48 layers x 128 experts + 16 redundant).
+  ngpu=$(nvidia-smi -L | wc -l)
+  for ranks in 2 4; do
+    [ "$ranks" -le "$ngpu" ] || continue
+    python3 tests/comm/run_ranks.py build-gpu/bench/serving_bench "$ranks" --deadline 400 -- \
+      --label qwen3-30b ${SERVING_ARGS:-} | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
   done
 fi
 

@@ -1,0 +1,264 @@
+// One rank of the serving-loop benchmark (one process per GPU via run_ranks.py). Every step runs a
+// decode-step stand-in on the serving stream (tiled SGEMMs, each followed by an NCCL all-reduce as
+// an MoE engine's tensor-parallel reduction), a router kernel that counts tokens into EplbState's
+// device load buffer, EplbState::step(), and a stream synchronize (the engine reads its samples).
+//
+// Phase 1 (async): a full-model rebalance runs behind the loop (gloo on the background thread).
+// Step times are split into steps with and without a rebalance in flight; after it, every slot is
+// checked to hold its new expert's bytes. Phase 2 (sync): a fresh EplbState with use_async false
+// and nccl rearranges the whole model inside one step: that step's time is the stall.
+// Prints one JSON line per rank.
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+#include <nccl.h>
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <numeric>
+#include <vector>
+
+#include "eplb/comm/store.hpp"
+#include "eplb/error.hpp"
+#include "eplb/state.hpp"
+#include "serving_kernels.hpp"
+
+using namespace eplb;
+using clock_type = std::chrono::steady_clock;
+
+namespace {
+
+void cuda_ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(fmt::format("{}: {}", what, cudaGetErrorString(e)));
+}
+void nccl_ok(ncclResult_t r, const char* what) {
+  if (r != ncclSuccess) throw std::runtime_error(fmt::format("{}: {}", what, ncclGetErrorString(r)));
+}
+
+// The byte every slot of `expert` in `layer` holds (distinct per expert within a layer).
+unsigned char expert_byte(int layer, int expert) {
+  return static_cast<unsigned char>((layer * 37 + expert) & 0xff);
+}
+
+struct percentiles {
+  double mean = 0, p50 = 0, p99 = 0;
+  std::size_t n = 0;
+};
+percentiles summarize(std::vector<double> v) {
+  percentiles p;
+  p.n = v.size();
+  if (v.empty()) return p;
+  std::sort(v.begin(), v.end());
+  p.mean = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+  p.p50 = v[v.size() / 2];
+  p.p99 = v[std::min(v.size() - 1, v.size() * 99 / 100)];
+  return p;
+}
+std::string json(const percentiles& p) {
+  return fmt::format(R"({{"n":{},"mean":{:.4f},"p50":{:.4f},"p99":{:.4f}}})", p.n, p.mean, p.p50, p.p99);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"eplb serving-loop benchmark rank"};
+  std::string store_spec, label = "model";
+  int rank = 0, size = 2, layers = 48, experts = 128, redundant = 16, gemm_n = 1536, gemm_calls = 4;
+  int quiet_steps = 300, max_steps = 20000;
+  std::size_t expert_bytes = 9'437'184, allreduce_bytes = 4 << 20;
+  app.add_option("--rank", rank)->required();
+  app.add_option("--size", size)->required();
+  app.add_option("--store", store_spec)->required();
+  app.add_option("--label", label);
+  app.add_option("--layers", layers);
+  app.add_option("--experts", experts);
+  app.add_option("--redundant", redundant);
+  app.add_option("--expert-bytes", expert_bytes);
+  app.add_option("--gemm-n", gemm_n, "SGEMM size (multiple of 32)");
+  app.add_option("--gemm-calls", gemm_calls, "SGEMM + all-reduce pairs per step");
+  app.add_option("--allreduce-bytes", allreduce_bytes);
+  app.add_option("--quiet-steps", quiet_steps, "steps before the rebalance and after it");
+  app.add_option("--max-steps", max_steps);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (device::cuda_device_count() < size) return 77;
+    auto dev = device::make_cuda_device(rank);
+    auto serving = dev->create_stream();
+    auto cs = static_cast<cudaStream_t>(serving->native_handle());
+    auto files = comm::make_file_store(store_spec.substr(store_spec.find(':') + 1));
+    auto store = comm::make_prefix_store(files, "serving-" + label);
+    const auto timeout = std::chrono::milliseconds(120'000);
+
+    // The engine's own NCCL communicator (its tensor-parallel group).
+    ncclUniqueId id;
+    if (rank == 0) {
+      nccl_ok(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      store->set("nccl-id", std::string(reinterpret_cast<const char*>(&id), sizeof id));
+    } else {
+      const auto v = store->get("nccl-id", timeout);
+      std::copy(v.begin(), v.end(), reinterpret_cast<char*>(&id));
+    }
+    ncclComm_t tp;
+    nccl_ok(ncclCommInitRank(&tp, size, id, rank), "ncclCommInitRank");
+
+    const auto n = static_cast<std::size_t>(gemm_n);
+    auto a = dev->allocate(n * n * 4, device::memory_kind::device);
+    auto b = dev->allocate(n * n * 4, device::memory_kind::device);
+    auto c = dev->allocate(n * n * 4, device::memory_kind::device);
+    auto ar = dev->allocate(allreduce_bytes, device::memory_kind::device);
+    serving->fill(a.data(), std::byte{0}, a.size());
+    serving->fill(b.data(), std::byte{0}, b.size());
+    serving->fill(ar.data(), std::byte{0}, ar.size());
+
+    // Live expert weights: two tensors (w13, w2 in a 2:1 split), every slot filled with its expert's byte.
+    const int slots = experts + redundant;
+    exec::model_shape shape{.layers = layers, .num_logical = experts, .num_physical = slots, .num_ranks = size};
+    const std::size_t w13 = expert_bytes / 3 * 2, w2 = expert_bytes - w13;
+    shape.bundle = {{"w13", w13, w13, device::memory_kind::device}, {"w2", w2, w2, device::memory_kind::device}};
+    const int local = shape.slots_per_rank();
+    const auto start = placement::initial(layers, experts, slots, size).phy2log();
+    std::vector<device::buffer> storage;
+    exec::rank_weights weights;
+    weights.base.resize(static_cast<std::size_t>(layers));
+    for (int l = 0; l < layers; ++l) {
+      for (const auto& t : shape.bundle) {
+        storage.push_back(dev->allocate(t.stride * static_cast<std::size_t>(local), device::memory_kind::device));
+        weights.base[static_cast<std::size_t>(l)].push_back(storage.back().data());
+      }
+      for (int t = 0; t < 2; ++t) {
+        for (int s = 0; s < local; ++s) {
+          const auto e = start(static_cast<std::size_t>(l), static_cast<std::size_t>(rank * local + s));
+          serving->fill(weights.slot(shape, l, t, s), std::byte{expert_byte(l, e)},
+                        shape.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
+        }
+      }
+    }
+    serving->synchronize(timeout);
+
+    const auto make_state = [&](bool async, const std::string& prefix, const matrix<expert_id>& initial,
+                                int first_rebalance) {
+      state_params sp;
+      sp.cfg.use_async = async;
+      sp.cfg.communicator = async ? "gloo" : "nccl";
+      sp.cfg.num_redundant_experts = redundant;
+      sp.cfg.step_interval = 4 * first_rebalance;  // the first rebalance comes after a quarter interval
+      sp.cfg.window_size = first_rebalance;
+      sp.cfg.timeout = timeout;
+      sp.model.shape = shape;
+      sp.rank = rank;
+      sp.dev = dev.get();
+      sp.serving_stream = serving.get();
+      sp.weights = weights;
+      sp.store = comm::make_prefix_store(store, prefix);
+      sp.initial_phy2log = initial;
+      sp.log = [](std::string_view) {};
+      return std::make_unique<eplb_state>(std::move(sp));
+    };
+
+    struct step_times {
+      std::vector<double> quiet_ms, busy_ms, quiet_step_us, busy_step_us;
+      double rebalance_s = 0;
+      std::uint64_t bytes = 0;
+      int layers_committed = 0;
+    };
+    const auto forward = [&](eplb_state& st, unsigned shift) {
+      for (int k = 0; k < gemm_calls; ++k) {
+        bench::launch_sgemm(a.data(), b.data(), c.data(), gemm_n, cs);
+        nccl_ok(ncclAllReduce(ar.data(), ar.data(), allreduce_bytes / 4, ncclFloat, ncclSum, tp, cs), "all-reduce");
+      }
+      bench::launch_route(st.load_buffer(), st.device_phy2log(), st.device_replica_count(), layers, slots, experts,
+                          shift, cs);
+      cuda_ok(cudaGetLastError(), "kernel launch");
+    };
+
+    // Phase 1: async rebalance behind the serving loop.
+    step_times t;
+    auto state = make_state(true, "async", start, quiet_steps);
+    int finished_at = -1;
+    for (int step = 1; step <= max_steps; ++step) {
+      const bool busy = state->stats().rebalance_in_flight;
+      const auto t0 = clock_type::now();
+      forward(*state, 0);
+      const auto t1 = clock_type::now();
+      const auto rep = state->step();
+      const auto t2 = clock_type::now();
+      cuda_ok(cudaStreamSynchronize(cs), "serving stream");
+      const auto t3 = clock_type::now();
+      const bool in_rebalance = busy || rep.rebalance_started;
+      (in_rebalance ? t.busy_ms : t.quiet_ms).push_back(std::chrono::duration<double, std::milli>(t3 - t0).count());
+      (in_rebalance ? t.busy_step_us : t.quiet_step_us)
+          .push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+      t.layers_committed += rep.layers_committed;
+      if (rep.rebalance_finished) finished_at = step;
+      if (finished_at > 0 && step >= finished_at + quiet_steps) break;
+    }
+    if (finished_at < 0) throw std::runtime_error(fmt::format("the rebalance did not finish in {} steps", max_steps));
+    t.rebalance_s = state->stats().rebalance_seconds;
+    t.bytes = state->stats().bytes_moved;
+    const auto moved = state->maps().phy2log();
+    state->stop();
+    state.reset();
+
+    // Every slot holds its new expert: first and last byte of each tensor.
+    int checked = 0;
+    for (int l = 0; l < layers; ++l) {
+      for (int tn = 0; tn < 2; ++tn) {
+        const auto bytes = shape.bundle[static_cast<std::size_t>(tn)].bytes_per_expert;
+        for (int s = 0; s < local; ++s) {
+          const auto e = moved(static_cast<std::size_t>(l), static_cast<std::size_t>(rank * local + s));
+          if (e < 0) continue;
+          unsigned char got[2];
+          const auto* p = static_cast<const unsigned char*>(static_cast<const void*>(weights.slot(shape, l, tn, s)));
+          cuda_ok(cudaMemcpy(&got[0], p, 1, cudaMemcpyDeviceToHost), "check");
+          cuda_ok(cudaMemcpy(&got[1], p + bytes - 1, 1, cudaMemcpyDeviceToHost), "check");
+          if (got[0] != expert_byte(l, e) || got[1] != expert_byte(l, e)) {
+            throw std::runtime_error(fmt::format("layer {} slot {} tensor {}: holds byte {:#x}, expert {} has {:#x}", l,
+                                                 s, tn, got[0], e, expert_byte(l, e)));
+          }
+          ++checked;
+        }
+      }
+    }
+
+    // Phase 2: the same loop with a synchronous rebalance (nccl): one step carries the whole move.
+    const int sync_first = 50;
+    auto sync_state = make_state(false, "sync", moved, sync_first);
+    std::vector<double> sync_quiet_ms;
+    double stall_ms = 0;
+    std::uint64_t sync_bytes = 0;
+    for (int step = 1; step <= sync_first + 20; ++step) {
+      const auto t0 = clock_type::now();
+      forward(*sync_state, 17);
+      const auto rep = sync_state->step();
+      cuda_ok(cudaStreamSynchronize(cs), "serving stream");
+      const double ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+      if (rep.rebalance_started) {
+        stall_ms = ms;
+        sync_bytes = sync_state->stats().bytes_moved;
+      } else {
+        sync_quiet_ms.push_back(ms);
+      }
+    }
+    sync_state->stop();
+    sync_state.reset();
+    ncclCommDestroy(tp);
+
+    const auto quiet = summarize(t.quiet_ms), busy = summarize(t.busy_ms);
+    const auto sync_quiet = summarize(sync_quiet_ms);
+    std::cout << fmt::format(
+        R"({{"bench":"serving","label":"{}","ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
+        R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
+        R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
+        R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
+        R"("sync_bytes_received":{}}})"
+        "\n",
+        label, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
+        busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes,
+        t.layers_committed, checked, stall_ms, sync_quiet.p50, sync_bytes);
+    return 0;
+  } catch (const std::exception& e) {
+    std::cout << fmt::format("rank {}: error {}\n", rank, e.what());
+    return 1;
+  }
+}
