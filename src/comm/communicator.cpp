@@ -68,6 +68,26 @@ void communicator::execute() {
   run(batch);
 }
 
+device::event communicator::submit() {
+  std::vector<op> batch;
+  batch.swap(ops_);
+  if (batch.empty()) return {};
+  return enqueue(batch);
+}
+
+void communicator::wait(const device::event& submitted) {
+  if (submitted.valid()) await(submitted);
+}
+
+device::event communicator::enqueue(std::span<const op> ops) {
+  run(ops);
+  return {};  // complete: run() returned with every byte in place
+}
+
+void communicator::await(const device::event&) {
+  fail(errc::internal, "communicator rank {}: a backend returned an event from enqueue() but cannot await it", rank_);
+}
+
 void communicator::execute_async(std::function<void(std::exception_ptr)> done) {
   if (!worker_) worker_ = std::make_unique<worker>();
   auto batch = std::make_shared<std::vector<op>>();

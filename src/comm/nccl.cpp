@@ -86,13 +86,14 @@ class nccl_communicator final : public communicator {
   }
 
  protected:
-  void run(std::span<const op> ops) override {
+  void run(std::span<const op> ops) override { await(enqueue(ops)); }
+
+  device::event enqueue(std::span<const op> ops) override {
     if (aborted_)
       fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
     if (stream() == nullptr) fail(errc::invalid_argument, "{}: set_stream() must be called before execute()", name());
     device::cuda::use_device(ordinal_);
     auto* s = static_cast<cudaStream_t>(stream()->native_handle());
-    const auto deadline = clock::now() + opts_.timeout;
     check(ncclGroupStart(), "ncclGroupStart");
     for (const auto& o : ops) {
       const ncclResult_t r = o.is_send ? ncclSend(o.data, o.bytes, ncclUint8, o.peer, comm_, s)
@@ -104,34 +105,33 @@ class nccl_communicator final : public communicator {
     }
     const ncclResult_t end = ncclGroupEnd();
     if (end != ncclSuccess && end != ncclInProgress) check(end, "ncclGroupEnd");
-    await_comm(deadline, "enqueueing the batch");
-    // Wait for the transfers themselves, polling NCCL's asynchronous errors so a dead peer surfaces.
-    const auto done = stream()->record();
-    auto step = std::chrono::microseconds(20);
-    while (!done.query()) {
+    await_comm(clock::now() + opts_.timeout, "enqueueing the batch");
+    peers_.clear();
+    for (const auto& o : ops) {
+      if (std::find(peers_.begin(), peers_.end(), o.peer) == peers_.end()) peers_.push_back(o.peer);
+    }
+    return stream()->record();
+  }
+
+  // Waits for the transfers, polling NCCL's asynchronous errors between short slices so that a
+  // dead peer surfaces; the event wakes the wait as soon as the stream passes it.
+  void await(const device::event& done) override {
+    const auto deadline = clock::now() + opts_.timeout;
+    while (!done.wait_for(std::chrono::microseconds(200))) {
+      if (aborted_) fail(errc::transport, "{} rank {}: communicator was aborted", name(), rank());
       ncclResult_t async = ncclSuccess;
       check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
       if (async != ncclSuccess && async != ncclInProgress)
         abort_with(errc::peer_failure, fmt::format("asynchronous NCCL error: {}", ncclGetErrorString(async)));
       if (clock::now() >= deadline) {
-        abort_with(errc::timeout, fmt::format("transfers with peers {} did not finish within {} ms", peers_of(ops),
-                                              opts_.timeout.count()));
+        abort_with(errc::timeout, fmt::format("transfers with peers {} did not finish within {} ms",
+                                              fmt::join(peers_, ","), opts_.timeout.count()));
       }
-      std::this_thread::sleep_for(step);
-      step = std::min(step * 2, std::chrono::microseconds(1000));
     }
   }
 
  private:
   const char* name() const { return stateless_ ? "stateless_nccl" : "nccl"; }
-
-  static std::string peers_of(std::span<const op> ops) {
-    std::vector<int> peers;
-    for (const auto& o : ops) {
-      if (std::find(peers.begin(), peers.end(), o.peer) == peers.end()) peers.push_back(o.peer);
-    }
-    return fmt::format("{}", fmt::join(peers, ","));
-  }
 
   void check(ncclResult_t r, const char* what) {
     if (r == ncclSuccess) return;
@@ -148,7 +148,7 @@ class nccl_communicator final : public communicator {
         abort_with(errc::peer_failure, fmt::format("{}: {}", what, ncclGetErrorString(state)));
       if (clock::now() >= deadline)
         abort_with(errc::timeout, fmt::format("{}: not done within {} ms", what, opts_.timeout.count()));
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
 
@@ -165,6 +165,7 @@ class nccl_communicator final : public communicator {
   bool stateless_;
   int ordinal_ = 0;
   ncclComm_t comm_ = nullptr;
+  std::vector<int> peers_;  // of the last batch, for error messages
   bool owned_ = true;
   bool aborted_ = false;
 };

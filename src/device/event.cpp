@@ -73,6 +73,13 @@ void event::wait(milliseconds timeout) const {
   if (auto failure = state_->failure()) std::rethrow_exception(failure);
 }
 
+bool event::wait_for(std::chrono::microseconds slice) const {
+  if (!state_) fail(errc::invalid_argument, "event::wait_for: the event was never recorded");
+  if (!state_->poll() && !state_->wait_until(std::chrono::steady_clock::now() + slice) && !state_->poll()) return false;
+  if (auto failure = state_->failure()) std::rethrow_exception(failure);
+  return true;
+}
+
 void event::notify(std::function<void(std::exception_ptr)> fn) const {
   if (!state_) fail(errc::invalid_argument, "event::notify: the event was never recorded");
   state_->add_callback(std::move(fn));

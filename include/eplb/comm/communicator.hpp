@@ -64,6 +64,12 @@ class communicator {
   /// Runs every queued operation as one batch and clears the queue (also on failure). Errors name
   /// the peer: errc::timeout for a silent peer, errc::peer_failure for a dead one.
   void execute();
+  /// Like execute(), but stream-ordered backends only enqueue the batch and return the event that
+  /// marks its end on the stream, so a caller can queue more work before waiting; other backends
+  /// run the batch here and return an event already complete. Pass the event to wait().
+  [[nodiscard]] device::event submit();
+  /// Waits for a batch from submit(): the same errors as execute() (timeout, peer failure).
+  void wait(const device::event& submitted);
   /// execute() on this communicator's worker thread; `done` runs there when the batch completes
   /// (stream-ordered backends: when its stream work completes) and must only post elsewhere.
   void execute_async(std::function<void(std::exception_ptr)> done);
@@ -81,6 +87,10 @@ class communicator {
   };
   /// Runs one batch. Sends and receives appear in the order they were added.
   virtual void run(std::span<const op> ops) = 0;
+  /// Stream-ordered backends: enqueue one batch and return the event after it (submit()), and wait
+  /// for such an event watching for peer errors. Defaults: run() and a wait bounded by the timeout.
+  virtual device::event enqueue(std::span<const op> ops);
+  virtual void await(const device::event& e);
   /// Finishes queued execute_async() batches. Every backend's destructor calls it first, while
   /// run() can still be called.
   void finish_async() noexcept;

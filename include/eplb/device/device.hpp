@@ -75,6 +75,9 @@ class event {
   [[nodiscard]] bool query() const;
   /// Blocks until complete or `timeout` passes (error(errc::timeout)); rethrows device errors.
   void wait(milliseconds timeout) const;
+  /// Waits at most `slice` (woken at once on completion); true when complete. Rethrows device
+  /// errors. For loops that check something else between slices.
+  [[nodiscard]] bool wait_for(std::chrono::microseconds slice) const;
   /// Calls `fn` once, when the event completes (with the failure, if any). It runs on a stream or
   /// driver thread, or inline when already complete: it must only post work elsewhere and return.
   void notify(std::function<void(std::exception_ptr)> fn) const;
