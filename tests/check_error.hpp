@@ -15,9 +15,9 @@
     } catch (const ::eplb::error& eplb_e_) {                                                            \
       eplb_threw_ = true;                                                                               \
       CHECK_MESSAGE(eplb_e_.code() == (expected_code), "code ", ::eplb::to_string(eplb_e_.code()),      \
-                    " message: ", eplb_e_.what());                                                      \
+                    " message: ", std::string(eplb_e_.what()));                                         \
       CHECK_MESSAGE(std::string(eplb_e_.what()).find(expected_text) != std::string::npos, "message \"", \
-                    eplb_e_.what(), "\" lacks \"", expected_text, "\"");                                \
+                    std::string(eplb_e_.what()), "\" lacks \"", expected_text, "\"");                   \
     }                                                                                                   \
     CHECK_MESSAGE(eplb_threw_, #expr " did not throw eplb::error");                                     \
   } while (false)

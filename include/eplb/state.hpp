@@ -70,8 +70,9 @@ struct step_report {
 
 class eplb_state {
  public:
-  /// Validates everything (config fields, model shape, weights) and creates the communicator, the
-  /// side stream and the background thread (async). Throws eplb::error naming what is wrong.
+  /// Validates everything (config fields, model shape, groups and nodes, weights) and creates the
+  /// communicator, the side stream and the background thread (async). Throws eplb::error naming
+  /// what is wrong.
   explicit eplb_state(state_params params);
   ~eplb_state();  ///< stop(); never throws
   eplb_state(const eplb_state&) = delete;

@@ -75,24 +75,46 @@ std::byte* rearranger::row(std::size_t r, int tensor) const {
   return staging_.data() + r * row_bytes_ + offsets_[static_cast<std::size_t>(tensor)];
 }
 
+namespace {
+
+// Everything rearrange_layer() needs to hold before anything moves: maps, row and weights that fit
+// the model. A violation is an error naming what does not fit; nothing has changed yet.
+void check_layer_inputs(const model_shape& shape, int layer, const rank_weights& w, const placement& maps,
+                        std::span<const expert_id> new_row) {
+  if (maps.layers() != shape.layers || maps.num_physical() != shape.num_physical ||
+      maps.num_ranks() != shape.num_ranks) {
+    fail(errc::invalid_argument,
+         "rearrange_layer: maps are {} layers of {} slots over {} ranks, the model {} of {} over {}", maps.layers(),
+         maps.num_physical(), maps.num_ranks(), shape.layers, shape.num_physical, shape.num_ranks);
+  }
+  if (maps.num_logical() != shape.num_logical) {
+    fail(errc::invalid_argument, "rearrange_layer: maps have {} logical experts, the model {}", maps.num_logical(),
+         shape.num_logical);
+  }
+  if (layer < 0 || layer >= shape.layers) {
+    fail(errc::invalid_argument, "rearrange_layer: layer {} out of range 0..{}", layer, shape.layers - 1);
+  }
+  if (new_row.size() != static_cast<std::size_t>(shape.num_physical)) {
+    fail(errc::invalid_map, "new phy2log[{}]: has {} slots, expected {}", layer, new_row.size(), shape.num_physical);
+  }
+  validate_phy2log_row(new_row, shape.num_logical, layer, "new phy2log");
+  const auto l = static_cast<std::size_t>(layer);
+  if (w.base.size() != static_cast<std::size_t>(shape.layers) || w.base[l].size() != shape.bundle.size()) {
+    fail(errc::invalid_argument, "rearrange_layer: weights describe {} layers, the model {} layers of {} tensors",
+         w.base.size(), shape.layers, shape.bundle.size());
+  }
+  for (std::size_t t = 0; t < shape.bundle.size(); ++t) {
+    if (w.base[l][t] == nullptr) {
+      fail(errc::invalid_argument, "rearrange_layer: weights[{}][{}] ({}) is null", layer, t, shape.bundle[t].name);
+    }
+  }
+}
+
+}  // namespace
+
 layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placement& maps,
                                         std::span<const expert_id> new_row) {
-  if (layer < 0 || layer >= shape_.layers || layer >= maps.layers()) {
-    fail(errc::invalid_argument, "rearrange_layer: layer {} out of range 0..{}", layer, shape_.layers - 1);
-  }
-  if (maps.num_physical() != shape_.num_physical || maps.num_ranks() != shape_.num_ranks) {
-    fail(errc::invalid_argument, "rearrange_layer: maps are {} slots over {} ranks, the model {} over {}",
-         maps.num_physical(), maps.num_ranks(), shape_.num_physical, shape_.num_ranks);
-  }
-  if (new_row.size() != static_cast<std::size_t>(shape_.num_physical)) {
-    fail(errc::invalid_map, "new phy2log[{}]: has {} slots, expected {}", layer, new_row.size(), shape_.num_physical);
-  }
-  validate_phy2log_row(new_row, shape_.num_logical, layer, "new phy2log");
-  if (w.base.size() != static_cast<std::size_t>(shape_.layers) ||
-      w.base[static_cast<std::size_t>(layer)].size() != shape_.bundle.size()) {
-    fail(errc::invalid_argument, "rearrange_layer: weights describe {} layers, the model {} layers of {} tensors",
-         w.base.size(), shape_.layers, shape_.bundle.size());
-  }
+  check_layer_inputs(shape_, layer, w, maps, new_row);
   const std::vector<expert_id> old_row(maps.phy2log(layer).begin(), maps.phy2log(layer).end());
   layer_stats stats;
   try {
@@ -109,6 +131,10 @@ std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement&
                                                const matrix<expert_id>& new_map) {
   if (new_map.rows() != static_cast<std::size_t>(shape_.layers)) {
     fail(errc::invalid_map, "new phy2log: has {} layers, the model {}", new_map.rows(), shape_.layers);
+  }
+  // The whole new map first: a bad later layer must not leave earlier layers moved.
+  for (int l = 0; l < shape_.layers; ++l) {
+    check_layer_inputs(shape_, l, w, maps, new_map.row(static_cast<std::size_t>(l)));
   }
   std::vector<layer_stats> out;
   for (int l = 0; l < shape_.layers; ++l)

@@ -1,5 +1,6 @@
 #include "eplb/config.hpp"
 
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "util/fail.hpp"
@@ -65,6 +66,15 @@ config config::from_json(std::string_view text) {
     if (x < -1'000'000'000'000 || x > 1'000'000'000'000) fail(errc::invalid_config, "{}: {} is out of range", key, x);
     return static_cast<long>(x);
   };
+  // Fields held in an int: a larger value would wrap around (4294967297 would become 1).
+  const auto int_field = [&](const std::string& key, const nlohmann::json& v) -> int {
+    const long x = integer(key, v);
+    if (x < std::numeric_limits<int>::min() || x > std::numeric_limits<int>::max()) {
+      fail(errc::invalid_config, "{}: {} is out of range ({}..{})", key, x, std::numeric_limits<int>::min(),
+           std::numeric_limits<int>::max());
+    }
+    return static_cast<int>(x);
+  };
   const auto boolean = [](const std::string& key, const nlohmann::json& v) {
     if (!v.is_boolean()) fail(errc::invalid_config, "{}: {} is not allowed (must be true or false)", key, v.dump());
     return v.get<bool>();
@@ -75,15 +85,15 @@ config config::from_json(std::string_view text) {
   };
   for (const auto& [key, v] : doc.items()) {
     if (key == "window_size") {
-      c.window_size = static_cast<int>(integer(key, v));
+      c.window_size = int_field(key, v);
     } else if (key == "step_interval") {
-      c.step_interval = static_cast<int>(integer(key, v));
+      c.step_interval = int_field(key, v);
     } else if (key == "num_redundant_experts") {
-      c.num_redundant_experts = static_cast<int>(integer(key, v));
+      c.num_redundant_experts = int_field(key, v);
     } else if (key == "log_balancedness") {
       c.log_balancedness = boolean(key, v);
     } else if (key == "log_balancedness_interval") {
-      c.log_balancedness_interval = static_cast<int>(integer(key, v));
+      c.log_balancedness_interval = int_field(key, v);
     } else if (key == "use_async") {
       c.use_async = boolean(key, v);
     } else if (key == "elastic") {

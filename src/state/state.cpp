@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "eplb/core/load.hpp"
+#include "eplb/core/policy.hpp"
 #include "eplb/exec/rearrange.hpp"
 #include "runtime/async_runtime.hpp"
 #include "runtime/cpu_group.hpp"
@@ -147,11 +148,26 @@ struct eplb_state::impl {
       fail(errc::invalid_argument, "eplb_state: weights describe {} layers, the model has {}", p.weights.base.size(),
            p.model.shape.layers);
     }
-    for (const auto& layer : p.weights.base) {
+    for (std::size_t l = 0; l < p.weights.base.size(); ++l) {
+      const auto& layer = p.weights.base[l];
       if (layer.size() != p.model.shape.bundle.size()) {
         fail(errc::invalid_argument, "eplb_state: weights give {} tensors for a layer, the bundle has {}", layer.size(),
              p.model.shape.bundle.size());
       }
+      for (std::size_t t = 0; t < layer.size(); ++t) {
+        if (layer[t] == nullptr) {
+          fail(errc::invalid_argument, "eplb_state: weights[{}][{}] ({}) is null", l, t, p.model.shape.bundle[t].name);
+        }
+      }
+    }
+    // The policy's parameters (groups, nodes) now, not at the first rebalance.
+    const auto& shape = p.model.shape;
+    const matrix<double> no_load(static_cast<std::size_t>(shape.layers), static_cast<std::size_t>(shape.num_logical));
+    try {
+      eplb::validate(
+          rebalance_input{no_load, shape.num_physical, p.model.num_groups, p.model.num_nodes, shape.num_ranks});
+    } catch (const error& e) {
+      fail(e.code(), "eplb_state: model: {}", e.what());
     }
   }
 

@@ -13,6 +13,7 @@
 #include "eplb_build_config.hpp"
 #include "tools/exchange.hpp"
 #include "tools/plan_json.hpp"
+#include "tools/rank_processes.hpp"
 #include "tools/simulate.hpp"
 
 namespace {
@@ -74,7 +75,7 @@ std::vector<std::size_t> parse_sizes(const std::string& text) {
 
 struct exchange_flags {
   eplb::tools::exchange_config cfg;
-  std::string tensor_bytes = "4096,1024", backend = "loopback", device = "host", store, result;
+  std::string tensor_bytes = "4096,1024", backend = "loopback", device = "host", store, result, hostname = "127.0.0.1";
   int rank = -1;
   long timeout_ms = 30000;
   long delay_ms = 0;
@@ -82,12 +83,15 @@ struct exchange_flags {
   bool json = false;
 };
 
-// One rank of a multi-process exchange (started by the parent `eplb exchange`).
+// One rank of a multi-process exchange: started by the parent `eplb exchange`, or by hand with
+// --rank (one per host, meeting through a TCP store).
 int run_exchange_child(const exchange_flags& f) {
   using namespace eplb;
   const auto& cfg = f.cfg;
   tools::exchange_result res;
+  std::unique_ptr<tools::rank_store> store;
   try {
+    store = std::make_unique<tools::rank_store>(f.store, cfg.ranks, cfg.timeout);
     const bool faulty = cfg.fault_rank < 0 || cfg.fault_rank == f.rank;
     auto dev = cfg.device == device::backend_kind::cuda
                    ? device::make_cuda_device(f.rank % std::max(1, device::cuda_device_count()))
@@ -95,17 +99,25 @@ int run_exchange_child(const exchange_flags& f) {
     comm::setup s;
     s.rank = f.rank;
     s.size = cfg.ranks;
-    s.rendezvous = comm::make_file_store(f.store);
+    s.rendezvous = store->get();
     s.dev = dev.get();
     s.opts.timeout = cfg.timeout;
+    s.opts.hostname = f.hostname;
     auto c = comm::make_communicator(cfg.backend, s);
     res = tools::run_exchange_rank(cfg, f.rank, *c, *dev);
   } catch (const error& e) {
     res.failure = fmt::format("rank {}: [{}] {}", f.rank, to_string(e.code()), e.what());
   }
-  std::ofstream out(f.result);
-  out << (res.verified ? 1 : 0) << ' ' << res.rounds << ' ' << res.bytes_moved << ' ' << res.seconds << '\n'
-      << res.failure << '\n';
+  if (!f.result.empty()) {
+    std::ofstream out(f.result);
+    out << (res.verified ? 1 : 0) << ' ' << res.rounds << ' ' << res.bytes_moved << ' ' << res.seconds << '\n'
+        << res.failure << '\n';
+  } else {
+    std::cout << fmt::format("rank {}: {} rounds, {} bytes received in {:.3f} s, {}\n", f.rank, res.rounds,
+                             res.bytes_moved, res.seconds, res.verified ? "every byte verified" : "FAILED");
+    if (!res.failure.empty()) std::cout << "  " << res.failure << '\n';
+  }
+  if (res.verified) store->finish();
   return res.verified ? 0 : 1;
 }
 
@@ -154,10 +166,19 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
   cfg.inject_delay = std::chrono::milliseconds(f.delay_ms);
   cfg.forward = std::chrono::microseconds(f.forward_us);
   tools::validate(cfg);
-  if (f.rank >= 0) {  // one rank of a --procs run
-    const auto report = tools::simulate_rank(cfg, f.rank, f.store, !f.json);
-    std::ofstream(f.result) << report.dump();
-    return report.value("verified", false) ? 0 : 1;
+  if (f.rank >= 0) {  // one rank of a --procs run, or started by hand (one per host)
+    if (f.rank >= cfg.ranks)
+      throw error(errc::invalid_argument, fmt::format("--rank: {} is not a rank (0..{})", f.rank, cfg.ranks - 1));
+    tools::rank_store store(f.store, cfg.ranks, cfg.timeout);
+    const auto report = tools::simulate_rank(cfg, f.rank, store.get(), !f.json);
+    if (!f.result.empty()) {
+      std::ofstream(f.result) << report.dump();
+    } else {
+      std::cout << report.dump() << '\n';
+    }
+    const bool verified = report.value("verified", false);
+    if (verified) store.finish();
+    return verified ? 0 : 1;
   }
   const auto report = tools::run_simulation(cfg, "/proc/self/exe", child_args, !f.json);
   if (f.json) {
@@ -212,9 +233,12 @@ int main(int argc, char** argv) {
   exchange->add_option("--inject-fail-op", ex.fail_op, "host device: the Nth stream operation fails");
   exchange->add_option("--fault-rank", ex.cfg.fault_rank, "the rank whose device gets the injected faults");
   exchange->add_flag("--json", ex.json, "print one JSON object");
-  exchange->add_option("--rank", ex.rank)->group("");  // set by the parent for its child processes
-  exchange->add_option("--store", ex.store)->group("");
-  exchange->add_option("--result", ex.result)->group("");
+  exchange->add_option("--rank", ex.rank,
+                       "run only this rank (one process per rank, e.g. one per host; needs --store)");
+  exchange->add_option("--store", ex.store,
+                       "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT (serve it)");
+  exchange->add_option("--hostname", ex.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
+  exchange->add_option("--result", ex.result, "with --rank: write the result here instead of printing it");
 
   simulate_flags sim;
   auto* simulate =
@@ -240,9 +264,10 @@ int main(int argc, char** argv) {
   simulate->add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
   simulate->add_option("--fail-step", sim.cfg.fail_step);
   simulate->add_flag("--json", sim.json, "print one JSON object");
-  simulate->add_option("--rank", sim.rank)->group("");
-  simulate->add_option("--store", sim.store)->group("");
-  simulate->add_option("--result", sim.result)->group("");
+  simulate->add_option("--rank", sim.rank, "run only this rank (with --procs; one process per rank, needs --store)");
+  simulate->add_option("--store", sim.store, "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT");
+  simulate->add_option("--hostname", sim.cfg.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
+  simulate->add_option("--result", sim.result, "with --rank: write the JSON report here instead of printing it");
 
   CLI11_PARSE(app, argc, argv);
   try {

@@ -77,4 +77,45 @@ std::vector<rank_process> run_rank_processes(const std::string& self_exe, const 
   return out;
 }
 
+rank_store::rank_store(const std::string& spec, int ranks, std::chrono::milliseconds timeout)
+    : ranks_(ranks), timeout_(timeout) {
+  const auto colon = spec.find(':');
+  const auto kind = colon == std::string::npos ? std::string() : spec.substr(0, colon);
+  if (kind != "tcp" && kind != "tcp-serve") {
+    if (spec.empty())
+      fail(errc::invalid_argument, "--store: required with --rank (DIR, tcp:HOST:PORT or tcp-serve:HOST:PORT)");
+    store_ = comm::make_file_store(kind == "file" ? spec.substr(colon + 1) : spec);
+    return;
+  }
+  const auto rest = spec.substr(colon + 1);
+  const auto last = rest.rfind(':');
+  int port = -1;
+  if (last != std::string::npos && last > 0) {
+    try {
+      std::size_t used = 0;
+      port = std::stoi(rest.substr(last + 1), &used);
+      if (used != rest.size() - last - 1) port = -1;
+    } catch (const std::exception&) {
+      port = -1;
+    }
+  }
+  if (port <= 0 || port > 65535) {
+    fail(errc::invalid_argument, "--store: \"{}\" is not {}:HOST:PORT with a port in 1..65535", spec, kind);
+  }
+  const auto host = rest.substr(0, last);
+  if (kind == "tcp-serve") server_ = std::make_unique<comm::tcp_store_server>(host, static_cast<std::uint16_t>(port));
+  store_ = comm::make_tcp_store(host, static_cast<std::uint16_t>(port), timeout);
+}
+
+void rank_store::finish() {
+  if (!server_) {
+    (void)store_->add("eplb-ranks-done", 1);
+    return;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  while (store_->add("eplb-ranks-done", 0) < ranks_ - 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
 }  // namespace eplb::tools

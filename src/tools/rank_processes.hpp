@@ -3,8 +3,11 @@
 #pragma once
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "eplb/comm/store.hpp"
 
 namespace eplb::tools {
 
@@ -21,5 +24,24 @@ struct rank_process {
                                                            const std::vector<std::string>& child_args, int ranks,
                                                            std::chrono::steady_clock::time_point deadline,
                                                            std::chrono::milliseconds grace = std::chrono::hours(1));
+
+/// The rendezvous of one rank started on its own (`--rank R --store SPEC`, e.g. one per host).
+/// SPEC: DIR or file:DIR (a file store the ranks share), tcp:HOST:PORT (connect to a TCP store),
+/// tcp-serve:HOST:PORT (serve the TCP store on HOST:PORT, then connect to it: one rank does this).
+/// error(errc::invalid_argument) naming --store for anything else.
+class rank_store {
+ public:
+  rank_store(const std::string& spec, int ranks, std::chrono::milliseconds timeout);
+  [[nodiscard]] const std::shared_ptr<comm::store>& get() const noexcept { return store_; }
+  /// After a successful run: every rank says it is done with the store, and the rank serving it
+  /// waits (up to the timeout) until all others are, so no rank loses the server mid-request.
+  void finish();
+
+ private:
+  std::unique_ptr<comm::tcp_store_server> server_;
+  std::shared_ptr<comm::store> store_;
+  int ranks_;
+  std::chrono::milliseconds timeout_;
+};
 
 }  // namespace eplb::tools

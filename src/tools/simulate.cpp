@@ -194,6 +194,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
     sp.weights = model.weights();
     sp.store = store;
     sp.comm_setup.world = world;
+    sp.comm_setup.opts.hostname = cfg.hostname;
     sp.log = [](std::string_view) {};
     eplb_state state(std::move(sp));
     router route(cfg, p.layers, p.experts, rank);
@@ -324,8 +325,8 @@ json merge(const simulate_config& cfg, const std::vector<json>& ranks) {
 
 }  // namespace
 
-json simulate_rank(const simulate_config& cfg, int rank, const std::string& store_dir, bool print_progress) {
-  return run_rank(cfg, rank, comm::make_file_store(store_dir), nullptr, print_progress);
+json simulate_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store, bool print_progress) {
+  return run_rank(cfg, rank, std::move(store), nullptr, print_progress);
 }
 
 json run_simulation(const simulate_config& cfg, const std::string& self_exe, const std::vector<std::string>& child_args,

@@ -6,11 +6,13 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "eplb/comm/communicator.hpp"
+#include "eplb/comm/store.hpp"
 #include "eplb/device/device.hpp"
 
 namespace eplb::tools {
@@ -35,6 +37,7 @@ struct simulate_config {
   int fail_step = -1;
   std::chrono::milliseconds timeout{10'000};
   bool procs = false;
+  std::string hostname = "127.0.0.1";  ///< gloo: the address this rank listens on
 };
 
 struct preset_shape {
@@ -51,7 +54,7 @@ struct preset_shape {
 void validate(const simulate_config& cfg);
 
 /// One rank's run; returns its report as JSON (also what a child process writes).
-[[nodiscard]] nlohmann::json simulate_rank(const simulate_config& cfg, int rank, const std::string& store_dir,
+[[nodiscard]] nlohmann::json simulate_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
                                            bool print_progress);
 
 /// Runs every rank (threads, or processes of `self_exe` with --procs) and merges the reports.

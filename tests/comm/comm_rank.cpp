@@ -17,25 +17,30 @@ using namespace eplb;
 
 namespace {
 
+// file:DIR, tcp:[HOST:]PORT or tcp-serve:[HOST:]PORT (HOST defaults to 127.0.0.1).
 std::shared_ptr<comm::store> open_store(const std::string& spec, std::unique_ptr<comm::tcp_store_server>& server) {
   const auto colon = spec.find(':');
   const auto kind = spec.substr(0, colon);
   const auto rest = colon == std::string::npos ? std::string() : spec.substr(colon + 1);
   if (kind == "file") return comm::make_file_store(rest);
+  const auto last = rest.rfind(':');
+  const auto host = last == std::string::npos ? std::string("127.0.0.1") : rest.substr(0, last);
+  const auto port = static_cast<std::uint16_t>(std::stoi(last == std::string::npos ? rest : rest.substr(last + 1)));
   if (kind == "tcp-serve") {
-    server = std::make_unique<comm::tcp_store_server>("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)));
-    return comm::make_tcp_store("127.0.0.1", server->port(), std::chrono::seconds(30));
+    server = std::make_unique<comm::tcp_store_server>(host, port);
+    return comm::make_tcp_store(host, server->port(), std::chrono::seconds(30));
   }
-  if (kind == "tcp")
-    return comm::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(std::stoi(rest)), std::chrono::seconds(30));
-  throw error(errc::invalid_argument, "--store: expected file:DIR, tcp:PORT or tcp-serve:PORT, got " + spec);
+  if (kind == "tcp") return comm::make_tcp_store(host, port, std::chrono::seconds(30));
+  throw error(errc::invalid_argument,
+              "--store: expected file:DIR, tcp:[HOST:]PORT or tcp-serve:[HOST:]PORT, got " + spec);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"eplb communicator test rank"};
-  std::string backend_name = "gloo", store_spec, device_name = "host", mode = "conformance", expect;
+  std::string backend_name = "gloo", store_spec, device_name = "host", mode = "conformance", expect,
+              hostname = "127.0.0.1";
   int rank = 0, size = 2, rounds = 3, lanes = 2, timeout_ms = 30000;
   std::uint64_t seed = 1;
   std::size_t chunk = 4096, staging = 1 << 20;
@@ -54,6 +59,7 @@ int main(int argc, char** argv) {
   app.add_option("--staging-bytes", staging);
   app.add_option("--timeout-ms", timeout_ms);
   app.add_flag("--staged", staged, "buffers in device memory, staged through the stream");
+  app.add_option("--hostname", hostname, "gloo: the address this rank listens on");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -76,6 +82,7 @@ int main(int argc, char** argv) {
     s.opts.chunk_bytes = chunk;
     s.opts.lanes = lanes;
     s.opts.staging_bytes = staging;
+    s.opts.hostname = hostname;
     const auto backend = comm::parse_backend(backend_name);
     auto c = comm::make_communicator(backend, s);
     const bool use_stream = staged || kind == device::backend_kind::cuda;

@@ -64,13 +64,16 @@ class rearranger {
   rearranger(model_shape shape, int rank, device::device& dev, device::stream& stream, comm::communicator& comm,
              rearrange_options opts = {});
 
-  /// Moves one layer to `new_row` and commits the layer's maps in `maps`. If it fails (error or
+  /// Moves one layer to `new_row` and commits the layer's maps in `maps`. Maps, row or weights that
+  /// do not fit the model (shape, expert ids, a null tensor pointer) are errors before anything
+  /// moves: errc::invalid_map for the row, errc::invalid_argument otherwise. If it fails (error or
   /// timeout) and the layer fit the staging cap in one chunk, the live slots and maps of the layer
   /// are exactly as before; the error names the layer. With several chunks a failure after the
   /// first chunk leaves the layer partly moved, which the error says.
   layer_stats rearrange_layer(int layer, const rank_weights& weights, placement& maps,
                               std::span<const expert_id> new_row);
-  /// All layers in order; layers already committed stay committed when a later one fails.
+  /// All layers in order. The whole new map (and the maps and weights) is checked before any layer
+  /// moves; layers already committed stay committed when a later one fails while moving.
   std::vector<layer_stats> rearrange(const rank_weights& weights, placement& maps, const matrix<expert_id>& new_map);
 
   /// Checks every local slot of `layer` against `expected`; error(errc::verification_failed) naming

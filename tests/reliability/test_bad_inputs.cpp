@@ -1,0 +1,672 @@
+// Bad inputs, one table (issue #8). Every row feeds one invalid input to the public API and expects
+// an eplb::error with a given errc and a message naming what was wrong. Every row runs against a
+// fresh one-rank model on the host device (a placement, live weights with recognisable bytes, a
+// loopback communicator and a rearranger); after the error the maps, every live weight byte (slots
+// and the gaps between them) and the communicator's queue must be exactly as before.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <cstring>
+#include <functional>
+
+#include "check_error.hpp"
+#include "eplb/comm/communicator.hpp"
+#include "eplb/comm/store.hpp"
+#include "eplb/config.hpp"
+#include "eplb/core/placement.hpp"
+#include "eplb/exec/rearrange.hpp"
+#include "eplb/state.hpp"
+#include "on_ranks.hpp"
+#include "tools/exchange.hpp"
+
+using namespace eplb;
+using eplb::testing::on_ranks;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr int layers = 2;
+constexpr int experts = 6;
+constexpr int redundant = 2;
+constexpr int slots = experts + redundant;  // all on the one rank
+
+// Everything a failed call must leave alone.
+struct observed {
+  matrix<expert_id> phy2log;
+  matrix<std::int32_t> replica_counts;
+  std::vector<std::int32_t> log2phy;
+  std::vector<std::vector<std::byte>> storage;  // per layer and tensor: every byte of the live region
+  std::size_t pending = 0;                      // operations queued on the communicator
+  friend bool operator==(const observed&, const observed&) = default;
+};
+
+struct fixture {
+  std::unique_ptr<device::device> dev = device::make_host_device();
+  std::unique_ptr<device::stream> stream = dev->create_stream();
+  std::shared_ptr<comm::loopback_world> world = comm::make_loopback_world(1);
+  std::unique_ptr<comm::communicator> c =
+      comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = world, .opts = {.timeout = 2s}});
+  tools::exchange_config cfg{
+      .ranks = 1, .layers = layers, .experts = experts, .redundant = redundant, .tensor_bytes = {64, 24}};
+  exec::model_shape shape = tools::pattern_shape(cfg);
+  matrix<expert_id> start = tools::round_placement(cfg, 0, {});  // slot p holds expert p % 6
+  placement maps{start, experts, 1};
+  tools::pattern_model model{shape, 0, *dev, *stream, start, 5s};
+  exec::rearranger re{shape, 0, *dev, *stream, *c, {.timeout = 5s, .verify = model.reference()}};
+
+  const exec::rank_weights& weights() const { return model.weights(); }
+
+  observed observe() const {
+    stream->synchronize(5s);  // host device: live weights are host memory once the stream is idle
+    observed o{maps.phy2log(), maps.replica_counts(), {}, {}, c->pending()};
+    for (int l = 0; l < maps.layers(); ++l) {
+      for (int e = 0; e < maps.num_logical(); ++e) {
+        const auto s = maps.log2phy(l, e);
+        o.log2phy.insert(o.log2phy.end(), s.begin(), s.end());
+      }
+    }
+    for (int l = 0; l < layers; ++l) {
+      for (std::size_t t = 0; t < shape.bundle.size(); ++t) {
+        const auto* base = weights().base[static_cast<std::size_t>(l)][t];
+        o.storage.emplace_back(base, base + shape.bundle[t].stride * static_cast<std::size_t>(slots));
+      }
+    }
+    return o;
+  }
+
+  // EplbState parameters that are valid for this model; rows break one of them.
+  state_params params() const {
+    state_params p;
+    p.cfg.communicator = "loopback";
+    p.cfg.num_redundant_experts = redundant;
+    p.cfg.timeout = 2s;
+    p.model = {shape, 1, 1};
+    p.rank = 0;
+    p.dev = dev.get();
+    p.serving_stream = stream.get();
+    p.weights = weights();
+    p.store = comm::make_memory_store();
+    p.comm_setup.world = world;
+    p.log = [](std::string_view) {};
+    return p;
+  }
+};
+
+// A valid new placement of one layer that moves every expert of this rank.
+const std::vector<expert_id> moving_row{5, 4, 3, 2, 1, 0, 5, 4};
+
+matrix<expert_id> rows(std::initializer_list<std::vector<expert_id>> list) {
+  matrix<expert_id> m(list.size(), list.begin()->size());
+  std::size_t l = 0;
+  for (const auto& r : list) std::copy(r.begin(), r.end(), m.row(l++).begin());
+  return m;
+}
+
+config from_struct(const std::function<void(config&)>& change) {
+  config c;
+  change(c);
+  c.validate();
+  return c;
+}
+
+void make_state(state_params p) {
+  eplb_state s(std::move(p));
+}
+
+// Two loopback ranks whose bundles differ (rank 1's tensor is twice as large): the rearrangement
+// must fail on both with live weights untouched. The same input as the test "bundles that differ
+// between ranks are a clear error, not corruption" in tests/exec/test_exec.cpp; rethrows the error
+// of the rank that saw the size mismatch itself.
+void bundles_differ_between_ranks() {
+  auto world = comm::make_loopback_world(2);
+  const auto errors = on_ranks(2, [&](int r) -> std::exception_ptr {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    auto c = comm::make_communicator(comm::backend::loopback,
+                                     {.rank = r, .size = 2, .world = world, .opts = {.timeout = 1s}});
+    tools::exchange_config cfg{
+        .ranks = 2, .layers = 1, .experts = 4, .redundant = 0, .tensor_bytes = {r == 0 ? 64U : 128U}};
+    const auto start = tools::round_placement(cfg, 0, {});
+    placement maps(start, 4, 2);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 5s);
+    const auto before = model.snapshot(0);
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c);
+    std::exception_ptr failure;
+    try {
+      re.rearrange_layer(0, model.weights(), maps, std::vector<expert_id>{2, 3, 0, 1});
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    CHECK_MESSAGE(model.snapshot(0) == before, "rank ", r, ": live weights changed");
+    CHECK_MESSAGE(maps.phy2log() == start, "rank ", r, ": maps changed");
+    return failure;
+  });
+  for (const auto& e : errors) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const error& err) {
+      if (std::string(err.what()).find("which sent") != std::string::npos) throw;
+    }
+  }
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+struct bad_input {
+  std::string name;
+  std::function<void(fixture&)> action;  ///< feeds one bad input; must throw
+  errc code;
+  std::string text;  ///< a substring of the expected message
+};
+
+std::vector<bad_input> table() {
+  using f_t = fixture&;
+  std::vector<bad_input> t = {
+      // --- config: every field, bad JSON, unknown keys, wrong types (config::from_json, validate)
+      {"config: not JSON", [](f_t) { (void)config::from_json(R"({"window_size": )"); }, errc::invalid_config,
+       "config: not valid JSON"},
+      {"config: empty text", [](f_t) { (void)config::from_json(""); }, errc::invalid_config, "config: not valid JSON"},
+      {"config: not an object", [](f_t) { (void)config::from_json("[1, 2]"); }, errc::invalid_config,
+       "config: must be a JSON object, got array"},
+      {"config: unknown key", [](f_t) { (void)config::from_json(R"({"windowsize": 10})"); }, errc::invalid_config,
+       "windowsize: unknown field (known: window_size"},
+      {"config: number out of range", [](f_t) { (void)config::from_json(R"({"window_size": 1e999})"); },
+       errc::invalid_config, "config: not valid JSON"},
+      {"window_size: 0", [](f_t) { (void)config::from_json(R"({"window_size": 0})"); }, errc::invalid_config,
+       "window_size: 0 is not allowed (must be > 0)"},
+      {"window_size: negative", [](f_t) { (void)config::from_json(R"({"window_size": -3})"); }, errc::invalid_config,
+       "window_size: -3 is not allowed (must be > 0)"},
+      {"window_size: beyond int", [](f_t) { (void)config::from_json(R"({"window_size": 4294967297})"); },
+       errc::invalid_config, "window_size: 4294967297 is out of range (-2147483648..2147483647)"},
+      {"window_size: a float", [](f_t) { (void)config::from_json(R"({"window_size": 1.5})"); }, errc::invalid_config,
+       "window_size: 1.5 is not allowed (must be an integer)"},
+      {"window_size: a string", [](f_t) { (void)config::from_json(R"({"window_size": "10"})"); }, errc::invalid_config,
+       R"(window_size: "10" is not allowed (must be an integer))"},
+      {"window_size: null", [](f_t) { (void)config::from_json(R"({"window_size": null})"); }, errc::invalid_config,
+       "window_size: null is not allowed (must be an integer)"},
+      {"step_interval: 0", [](f_t) { (void)config::from_json(R"({"step_interval": 0})"); }, errc::invalid_config,
+       "step_interval: 0 is not allowed (must be > 0)"},
+      {"step_interval: beyond int", [](f_t) { (void)config::from_json(R"({"step_interval": -4294967295})"); },
+       errc::invalid_config, "step_interval: -4294967295 is out of range"},
+      {"step_interval: a bool", [](f_t) { (void)config::from_json(R"({"step_interval": true})"); },
+       errc::invalid_config, "step_interval: true is not allowed (must be an integer)"},
+      {"num_redundant_experts: -1", [](f_t) { (void)config::from_json(R"({"num_redundant_experts": -1})"); },
+       errc::invalid_config, "num_redundant_experts: -1 is not allowed (must be >= 0)"},
+      {"num_redundant_experts: an array", [](f_t) { (void)config::from_json(R"({"num_redundant_experts": [2]})"); },
+       errc::invalid_config, "num_redundant_experts: [2] is not allowed (must be an integer)"},
+      {"log_balancedness: a string", [](f_t) { (void)config::from_json(R"({"log_balancedness": "yes"})"); },
+       errc::invalid_config, R"(log_balancedness: "yes" is not allowed (must be true or false))"},
+      {"log_balancedness: 1", [](f_t) { (void)config::from_json(R"({"log_balancedness": 1})"); }, errc::invalid_config,
+       "log_balancedness: 1 is not allowed (must be true or false)"},
+      {"log_balancedness_interval: 0", [](f_t) { (void)config::from_json(R"({"log_balancedness_interval": 0})"); },
+       errc::invalid_config, "log_balancedness_interval: 0 is not allowed (must be > 0)"},
+      {"use_async: a string", [](f_t) { (void)config::from_json(R"({"use_async": "true"})"); }, errc::invalid_config,
+       R"(use_async: "true" is not allowed (must be true or false))"},
+      {"elastic: 0", [](f_t) { (void)config::from_json(R"({"elastic": 0})"); }, errc::invalid_config,
+       "elastic: 0 is not allowed (must be true or false)"},
+      {"policy: unknown", [](f_t) { (void)config::from_json(R"({"policy": "greedy"})"); }, errc::invalid_config,
+       R"(policy: "greedy" is not allowed (allowed: "default", "min_move"))"},
+      {"policy: a number", [](f_t) { (void)config::from_json(R"({"policy": 2})"); }, errc::invalid_config,
+       "policy: 2 is not allowed (must be a string)"},
+      {"communicator: unknown", [](f_t) { (void)config::from_json(R"({"communicator": "mpi"})"); },
+       errc::invalid_config, R"(communicator: "mpi" is not allowed (allowed: auto, nccl, gloo, stateless_nccl)"},
+      {"communicator: wrong case", [](f_t) { (void)config::from_json(R"({"communicator": "Gloo"})"); },
+       errc::invalid_config, R"(communicator: "Gloo" is not allowed)"},
+      {"communicator: nccl with use_async",
+       [](f_t) { (void)config::from_json(R"({"use_async": true, "communicator": "nccl"})"); }, errc::invalid_config,
+       R"(communicator: "nccl" is not allowed with use_async = true)"},
+      {"communicator: auto with use_async and elastic",
+       [](f_t) { (void)config::from_json(R"({"use_async": true, "elastic": true})"); }, errc::invalid_config,
+       R"("stateless_nccl" is not allowed with use_async = true)"},
+      {"staging_bytes: -1", [](f_t) { (void)config::from_json(R"({"staging_bytes": -1})"); }, errc::invalid_config,
+       "staging_bytes: -1 is not allowed (must be >= 0)"},
+      {"staging_bytes: beyond range", [](f_t) { (void)config::from_json(R"({"staging_bytes": 1000000000000001})"); },
+       errc::invalid_config, "staging_bytes: 1000000000000001 is out of range"},
+      {"timeout_ms: 0", [](f_t) { (void)config::from_json(R"({"timeout_ms": 0})"); }, errc::invalid_config,
+       "timeout_ms: 0 is not allowed (must be > 0)"},
+      {"timeout_ms: a string", [](f_t) { (void)config::from_json(R"({"timeout_ms": "5s"})"); }, errc::invalid_config,
+       R"(timeout_ms: "5s" is not allowed (must be an integer))"},
+      {"config struct: negative timeout", [](f_t) { (void)from_struct([](config& c) { c.timeout = -1ms; }); },
+       errc::invalid_config, "timeout_ms: -1 is not allowed (must be > 0)"},
+      {"config struct: unknown policy", [](f_t) { (void)from_struct([](config& c) { c.policy = ""; }); },
+       errc::invalid_config, R"(policy: "" is not allowed)"},
+
+      // --- placement maps (core/placement.hpp)
+      {"placement: expert id too large",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3, 4, 5, 6, 0}}), experts, 2);
+       },
+       errc::invalid_map, "phy2log[0][6]: expert id 6 is out of range (allowed -1 for an empty slot, or 0..5)"},
+      {"placement: expert id below -1",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3, 4, 5, -2, 0}}), experts, 2);
+       },
+       errc::invalid_map, "phy2log[0][6]: expert id -2 is out of range"},
+      {"placement: expert without a replica",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3, 4, 4, 4, -1}}), experts, 2);
+       },
+       errc::invalid_map, "phy2log[0]: logical expert 5 has no replica"},
+      {"placement: ranks do not divide the slots",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3, 4, 5, 0, 1}}), experts, 3);
+       },
+       errc::invalid_map, "phy2log: 8 physical slots per layer are not divisible by 3 ranks"},
+      {"placement: fewer slots than experts",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3}}), experts, 2);
+       },
+       errc::invalid_map, "phy2log: 4 physical slots cannot hold 6 logical experts"},
+      {"placement: zero ranks",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3, 4, 5, 0, 1}}), experts, 0);
+       },
+       errc::invalid_map, "phy2log: number of ranks must be > 0, got 0"},
+      {"placement: zero experts",
+       [](f_t) {
+         placement(rows({{0, 1}}), 0, 1);
+       },
+       errc::invalid_map, "phy2log: number of logical experts must be > 0, got 0"},
+      {"placement: no layers", [](f_t) { placement(matrix<expert_id>(0, 8), experts, 1); }, errc::invalid_map,
+       "phy2log: needs at least one layer"},
+      {"placement: no slots", [](f_t) { placement(matrix<expert_id>(2, 0), experts, 1); }, errc::invalid_map,
+       "phy2log: needs at least one physical slot per layer"},
+      {"placement: error in a later layer named",
+       [](f_t) {
+         placement(rows({{0, 1, 2, 3, 4, 5, 0, 1}, {0, 1, 2, 3, 4, 5, 0, 9}}), experts, 2, "old_phy2log");
+       },
+       errc::invalid_map, "old_phy2log[1][7]: expert id 9 is out of range"},
+      {"placement: ragged rows",
+       [](f_t) {
+         (void)placement::from_rows({{0, 1, 2, 3, 4, 5}, {0, 1, 2}}, experts, 1);
+       },
+       errc::invalid_map, "phy2log[1]: row has 3 entries, row 0 has 6"},
+      {"placement: no rows", [](f_t) { (void)placement::from_rows({}, experts, 1); }, errc::invalid_map,
+       "phy2log: needs at least one layer"},
+      {"placement: id beyond int32",
+       [](f_t) {
+         (void)placement::from_rows({{0, 1, 2, 3, 4, 5, 4294967296LL}}, experts, 1);
+       },
+       errc::invalid_map, "phy2log[0][6]: expert id 4294967296 is out of range"},
+      {"placement: initial with zero layers", [](f_t) { (void)placement::initial(0, experts, slots, 1); },
+       errc::invalid_map, "initial placement: layers must be > 0, got 0"},
+      {"placement: initial with too few slots", [](f_t) { (void)placement::initial(1, experts, 4, 2); },
+       errc::invalid_map, "initial placement: 4 physical slots cannot hold 6 logical experts"},
+      {"set_layer: short row",
+       [](f_t f) {
+         f.maps.set_layer(0, std::vector<expert_id>{0, 1, 2, 3, 4, 5, 0});
+       },
+       errc::invalid_map, "phy2log[0]: row has 7 entries, expected 8"},
+      {"set_layer: layer out of range", [](f_t f) { f.maps.set_layer(2, moving_row); }, errc::invalid_argument,
+       "set_layer: layer 2 out of range 0..1"},
+      {"set_layer: negative layer", [](f_t f) { f.maps.set_layer(-1, moving_row); }, errc::invalid_argument,
+       "set_layer: layer -1 out of range 0..1"},
+      {"set_layer: id out of range",
+       [](f_t f) {
+         f.maps.set_layer(1, std::vector<expert_id>{5, 4, 3, 2, 1, 0, 6, 0});
+       },
+       errc::invalid_map, "phy2log[1][6]: expert id 6 is out of range"},
+      {"set_layer: expert without a replica",
+       [](f_t f) {
+         f.maps.set_layer(1, std::vector<expert_id>{0, 0, 1, 2, 3, 4, -1, -1});
+       },
+       errc::invalid_map, "phy2log[1]: logical expert 5 has no replica"},
+      {"moved_slots: shapes differ", [](f_t f) { (void)moved_slots(f.start, matrix<expert_id>(2, 4)); },
+       errc::invalid_map, "moved_slots: shapes differ (2x8 vs 2x4)"},
+
+      // --- model bundles (exec::model_shape::validate, through the rearranger)
+      {"model: zero layers",
+       [](f_t f) {
+         auto s = f.shape;
+         s.layers = 0;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.layers: must be > 0, got 0"},
+      {"model: zero experts",
+       [](f_t f) {
+         auto s = f.shape;
+         s.num_logical = 0;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.num_logical: must be > 0, got 0"},
+      {"model: zero ranks",
+       [](f_t f) {
+         auto s = f.shape;
+         s.num_ranks = 0;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.num_ranks: must be > 0, got 0"},
+      {"model: fewer slots than experts",
+       [](f_t f) {
+         auto s = f.shape;
+         s.num_physical = 5;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.num_physical: 5 must be >= 6 experts"},
+      {"model: ranks do not divide the slots",
+       [](f_t f) {
+         auto s = f.shape;
+         s.num_ranks = 3;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.num_physical: 8 must be >= 6 experts and divisible by 3 ranks"},
+      {"model: negative ranks_per_node",
+       [](f_t f) {
+         auto s = f.shape;
+         s.ranks_per_node = -1;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.ranks_per_node: must be >= 0, got -1"},
+      {"model: empty bundle",
+       [](f_t f) {
+         auto s = f.shape;
+         s.bundle.clear();
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.bundle: needs at least one tensor"},
+      {"model: tensor of zero bytes",
+       [](f_t f) {
+         auto s = f.shape;
+         s.bundle[1].bytes_per_expert = 0;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.bundle[1] (t1): bytes_per_expert must be > 0"},
+      {"model: stride smaller than the tensor",
+       [](f_t f) {
+         auto s = f.shape;
+         s.bundle[0].stride = 8;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "model.bundle[0] (t0): stride 8 is smaller than bytes_per_expert 64"},
+      {"model: rank count differs from the communicator's",
+       [](f_t f) {
+         auto s = f.shape;
+         s.num_ranks = 2;
+         exec::rearranger(s, 0, *f.dev, *f.stream, *f.c);
+       },
+       errc::invalid_argument, "rearranger: communicator is rank 0 of 1, model says rank 0 of 2"},
+      {"model: rank differs from the communicator's",
+       [](f_t f) { exec::rearranger(f.shape, 1, *f.dev, *f.stream, *f.c); }, errc::invalid_argument,
+       "rearranger: communicator is rank 0 of 1, model says rank 1 of 1"},
+      {"model: staging cap below one bundle",
+       [](f_t f) { exec::rearranger(f.shape, 0, *f.dev, *f.stream, *f.c, {.staging_bytes = 87}); },
+       errc::invalid_argument, "staging_bytes: 87 is smaller than one expert bundle (88 bytes)"},
+
+      // --- rearrangement with maps, rows and weights that do not fit the model
+      {"rearrange_layer: layer out of range",
+       [](f_t f) { (void)f.re.rearrange_layer(2, f.weights(), f.maps, moving_row); }, errc::invalid_argument,
+       "rearrange_layer: layer 2 out of range 0..1"},
+      {"rearrange_layer: negative layer",
+       [](f_t f) { (void)f.re.rearrange_layer(-1, f.weights(), f.maps, moving_row); }, errc::invalid_argument,
+       "rearrange_layer: layer -1 out of range 0..1"},
+      {"rearrange_layer: new row too short",
+       [](f_t f) {
+         (void)f.re.rearrange_layer(0, f.weights(), f.maps, std::vector<expert_id>{5, 4, 3, 2, 1, 0, 5});
+       },
+       errc::invalid_map, "new phy2log[0]: has 7 slots, expected 8"},
+      {"rearrange_layer: new row too long",
+       [](f_t f) {
+         (void)f.re.rearrange_layer(0, f.weights(), f.maps, std::vector<expert_id>{5, 4, 3, 2, 1, 0, 5, 4, 3});
+       },
+       errc::invalid_map, "new phy2log[0]: has 9 slots, expected 8"},
+      {"rearrange_layer: expert id out of range",
+       [](f_t f) {
+         (void)f.re.rearrange_layer(1, f.weights(), f.maps, std::vector<expert_id>{5, 4, 3, 2, 1, 0, 5, 6});
+       },
+       errc::invalid_map, "new phy2log[1][7]: expert id 6 is out of range"},
+      {"rearrange_layer: expert without a replica",
+       [](f_t f) {
+         (void)f.re.rearrange_layer(0, f.weights(), f.maps, std::vector<expert_id>{4, 4, 3, 2, 1, 0, -1, 4});
+       },
+       errc::invalid_map, "new phy2log[0]: logical expert 5 has no replica"},
+      {"rearrange_layer: maps with more slots than the model",
+       [](f_t f) {
+         auto other = placement::initial(layers, experts, 2 * slots, 1);
+         (void)f.re.rearrange_layer(0, f.weights(), other, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: maps are 2 layers of 16 slots over 1 ranks, the model 2 of 8 over 1"},
+      {"rearrange_layer: maps with fewer layers than the model",
+       [](f_t f) {
+         auto other = placement::initial(1, experts, slots, 1);
+         (void)f.re.rearrange_layer(1, f.weights(), other, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: maps are 1 layers of 8 slots over 1 ranks, the model 2 of 8 over 1"},
+      {"rearrange_layer: maps with fewer experts than the model",
+       [](f_t f) {
+         auto other = placement::initial(layers, experts - 1, slots, 1);
+         (void)f.re.rearrange_layer(0, f.weights(), other, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: maps have 5 logical experts, the model 6"},
+      {"rearrange_layer: maps with more experts than the model",
+       [](f_t f) {
+         auto other = placement::initial(layers, experts + 1, slots, 1);
+         (void)f.re.rearrange_layer(0, f.weights(), other, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: maps have 7 logical experts, the model 6"},
+      {"rearrange_layer: weights for fewer layers",
+       [](f_t f) {
+         auto w = f.weights();
+         w.base.pop_back();
+         (void)f.re.rearrange_layer(0, w, f.maps, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: weights describe 1 layers, the model 2 layers of 2 tensors"},
+      {"rearrange_layer: weights for fewer tensors",
+       [](f_t f) {
+         auto w = f.weights();
+         w.base[0].pop_back();
+         (void)f.re.rearrange_layer(0, w, f.maps, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: weights describe 2 layers, the model 2 layers of 2 tensors"},
+      {"rearrange_layer: a null weight pointer",
+       [](f_t f) {
+         auto w = f.weights();
+         w.base[0][1] = nullptr;
+         (void)f.re.rearrange_layer(0, w, f.maps, moving_row);
+       },
+       errc::invalid_argument, "rearrange_layer: weights[0][1] (t1) is null"},
+      {"rearrange: new map with more layers",
+       [](f_t f) {
+         (void)f.re.rearrange(f.weights(), f.maps, rows({moving_row, moving_row, moving_row}));
+       },
+       errc::invalid_map, "new phy2log: has 3 layers, the model 2"},
+      {"rearrange: new map with fewer slots",
+       [](f_t f) { (void)f.re.rearrange(f.weights(), f.maps, matrix<expert_id>(2, 7, 0)); }, errc::invalid_map,
+       "new phy2log[0]: has 7 slots, expected 8"},
+      {"rearrange: later layer invalid, earlier layer would move",
+       [](f_t f) {
+         (void)f.re.rearrange(f.weights(), f.maps, rows({moving_row, {0, 1, 2, 3, 4, 4, 4, 4}}));
+       },
+       errc::invalid_map, "new phy2log[1]: logical expert 5 has no replica"},
+
+      // --- communicators: backend names, setups, peers
+      {"backend name: unknown", [](f_t) { (void)comm::parse_backend("mpi"); }, errc::invalid_argument,
+       "communicator: unknown backend \"mpi\" (allowed: loopback, gloo, nccl, stateless_nccl)"},
+      {"backend name: empty", [](f_t) { (void)comm::parse_backend(""); }, errc::invalid_argument,
+       "communicator: unknown backend \"\""},
+      {"backend name: wrong case", [](f_t) { (void)comm::parse_backend("NCCL"); }, errc::invalid_argument,
+       "communicator: unknown backend \"NCCL\""},
+      {"device name: unknown", [](f_t) { (void)device::parse_backend_kind("tpu"); }, errc::invalid_argument, "tpu"},
+      {"loopback: no world", [](f_t) { (void)comm::make_communicator(comm::backend::loopback, {}); },
+       errc::invalid_argument, "loopback communicator: setup.world is missing"},
+      {"loopback: world of another size",
+       [](f_t f) { (void)comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 2, .world = f.world}); },
+       errc::invalid_argument, "loopback communicator: world has 1 ranks, setup.size is 2"},
+      {"loopback: rank out of range",
+       [](f_t f) { (void)comm::make_communicator(comm::backend::loopback, {.rank = 1, .size = 1, .world = f.world}); },
+       errc::invalid_argument, "communicator: rank 1 out of range 0..0"},
+      {"loopback: world of zero ranks", [](f_t) { (void)comm::make_loopback_world(0); }, errc::invalid_argument,
+       "loopback world: size must be > 0, got 0"},
+      {"loopback: send to oneself",
+       [](f_t f) {
+         f.c->add_send({f.weights().base[0][0], 64}, 0);
+       },
+       errc::invalid_argument, "add_send: rank 0 cannot exchange with itself"},
+      {"loopback: receive from oneself",
+       [](f_t f) {
+         f.c->add_recv({f.weights().base[0][0], 64}, 0);
+       },
+       errc::invalid_argument, "add_recv: rank 0 cannot exchange with itself"},
+      {"loopback: send to a rank out of range",
+       [](f_t f) {
+         f.c->add_send({f.weights().base[0][0], 64}, 1);
+       },
+       errc::invalid_argument, "add_send: peer 1 is out of range for 1 ranks (rank 0)"},
+      {"loopback: receive from a negative rank",
+       [](f_t f) {
+         f.c->add_recv({f.weights().base[0][0], 64}, -1);
+       },
+       errc::invalid_argument, "add_recv: peer -1 is out of range for 1 ranks (rank 0)"},
+      {"bundles that differ between ranks", [](f_t) { bundles_differ_between_ranks(); }, errc::invalid_argument,
+       "which sent"},
+
+      // --- EplbState parameters (live weights given, never touched by a failed construction)
+      {"state: rank out of range",
+       [](f_t f) {
+         auto p = f.params();
+         p.rank = 1;
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: rank 1 is out of range for 1 ranks"},
+      {"state: no store",
+       [](f_t f) {
+         auto p = f.params();
+         p.store = nullptr;
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: store is required"},
+      {"state: redundant experts differ from the model",
+       [](f_t f) {
+         auto p = f.params();
+         p.cfg.num_redundant_experts = 3;
+         make_state(std::move(p));
+       },
+       errc::invalid_config, "num_redundant_experts: 3 does not match the model (8 slots for 6 experts)"},
+      {"state: weights for fewer layers",
+       [](f_t f) {
+         auto p = f.params();
+         p.weights.base.pop_back();
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: weights describe 1 layers, the model has 2"},
+      {"state: a null weight pointer",
+       [](f_t f) {
+         auto p = f.params();
+         p.weights.base[1][0] = nullptr;
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: weights[1][0] (t0) is null"},
+      {"state: invalid initial map",
+       [](f_t f) {
+         auto p = f.params();
+         p.initial_phy2log = rows({moving_row, {0, 1, 2, 3, 4, 5, 0, 7}});
+         make_state(std::move(p));
+       },
+       errc::invalid_map, "initial_phy2log[1][7]: expert id 7 is out of range"},
+      {"state: zero expert groups",
+       [](f_t f) {
+         auto p = f.params();
+         p.model.num_groups = 0;
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: model: num_groups: must be > 0, got 0"},
+      {"state: groups that do not divide the experts",
+       [](f_t f) {
+         auto p = f.params();
+         p.model.num_groups = 4;
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: model: num_groups: 4 does not divide the 6 logical experts"},
+      {"state: zero nodes",
+       [](f_t f) {
+         auto p = f.params();
+         p.model.num_nodes = 0;
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "eplb_state: model: num_nodes: must be > 0, got 0"},
+      {"state: config names another communicator than the one given",
+       [](f_t f) {
+         auto p = f.params();
+         p.cfg.communicator = "gloo";
+         p.comm = comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = f.world});
+         make_state(std::move(p));
+       },
+       errc::invalid_config, "communicator: config says \"gloo\", the communicator given is loopback"},
+      {"state: async staging cap below one layer",
+       [](f_t f) {
+         auto p = f.params();
+         p.cfg.use_async = true;
+         p.cfg.staging_bytes = 100;
+         make_state(std::move(p));
+       },
+       errc::invalid_config,
+       "staging_bytes: 100 is not allowed in async mode (one layer of this rank needs 704 bytes)"},
+  };
+
+  // Backends that depend on the build and the machine.
+  for (const auto& b : comm::backend_report()) {
+    if (b.kind == comm::backend::gloo) {
+      const bool built = b.built;
+      t.push_back({"gloo: no rendezvous store",
+                   [](f_t f) {
+                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0, .size = 1, .dev = f.dev.get()});
+                   },
+                   built ? errc::invalid_argument : errc::backend_unavailable,
+                   built ? "gloo communicator: setup.rendezvous (a store) is missing" : "built without Gloo"});
+      t.push_back({"gloo: too many lanes",
+                   [](f_t f) {
+                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
+                                                                         .size = 1,
+                                                                         .rendezvous = comm::make_memory_store(),
+                                                                         .dev = f.dev.get(),
+                                                                         .opts = {.lanes = 65}});
+                   },
+                   built ? errc::invalid_argument : errc::backend_unavailable,
+                   built ? "gloo: lanes must be in 0..64 (0 = automatic), got 65" : "built without Gloo"});
+      t.push_back({"gloo: zero chunk size",
+                   [](f_t f) {
+                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
+                                                                         .size = 1,
+                                                                         .rendezvous = comm::make_memory_store(),
+                                                                         .dev = f.dev.get(),
+                                                                         .opts = {.chunk_bytes = 0}});
+                   },
+                   built ? errc::invalid_argument : errc::backend_unavailable,
+                   built ? "gloo: chunk_bytes must be > 0" : "built without Gloo"});
+    } else if (b.kind != comm::backend::loopback && !b.runnable) {
+      // nccl and stateless_nccl where they cannot run (not built, or no GPU here).
+      const auto kind = b.kind;
+      t.push_back({fmt::format("{}: unavailable here", comm::to_string(kind)),
+                   [kind](f_t f) { (void)comm::make_communicator(kind, {.rank = 0, .size = 1, .dev = f.dev.get()}); },
+                   errc::backend_unavailable, fmt::format("communicator {}: ", comm::to_string(kind))});
+    }
+  }
+  t.push_back({"tcp store server: not an address", [](f_t) { comm::tcp_store_server("not-an-address", 0); },
+               errc::transport, "tcp store server: cannot listen on not-an-address:0"});
+  t.push_back({"tcp store: nobody listening", [](f_t) { (void)comm::make_tcp_store("127.0.0.1", 1, 200ms); },
+               errc::timeout, "tcp store: cannot connect to 127.0.0.1:1"});
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("bad inputs: a clear error with the right code, and nothing changed") {
+  const auto cases = table();
+  MESSAGE(cases.size(), " bad inputs");
+  CHECK(cases.size() >= 100);
+  for (const auto& row : cases) {
+    CAPTURE(row.name);
+    fixture f;
+    const auto before = f.observe();
+    CHECK_EPLB_ERROR(row.action(f), row.code, row.text);
+    const auto after = f.observe();
+    CHECK_MESSAGE(after.phy2log == before.phy2log, row.name, ": phy2log changed");
+    CHECK_MESSAGE(after.replica_counts == before.replica_counts, row.name, ": replica counts changed");
+    CHECK_MESSAGE(after.log2phy == before.log2phy, row.name, ": log2phy changed");
+    CHECK_MESSAGE(after.storage == before.storage, row.name, ": live weight bytes changed");
+    CHECK_MESSAGE(after.pending == before.pending, row.name, ": operations left queued on the communicator");
+    // The fixture still works after the error: a valid rearrangement moves and verifies every byte.
+    CHECK_NOTHROW(f.re.rearrange(f.weights(), f.maps, rows({moving_row, moving_row})));
+    CHECK(f.maps.phy2log(0)[0] == 5);
+  }
+}
