@@ -37,6 +37,8 @@ int main(int argc, char** argv) {
   app.add_option("--maps-out", maps_out);
   bool coalesce = true;
   app.add_flag("!--no-coalesce", coalesce, "one message per tensor of every expert");
+  bool pipeline = true;
+  app.add_flag("!--no-pipeline", pipeline, "one layer at a time, waiting for its copies");
   CLI11_PARSE(app, argc, argv);
   try {
     if (device::cuda_device_count() < size) return 77;
@@ -80,7 +82,8 @@ int main(int argc, char** argv) {
         out << (l ? "," : "") << fmt::format("[{}]", fmt::join(target.row(static_cast<std::size_t>(l)), ","));
       out << "]}";
     }
-    exec::rearranger r(shape, rank, *dev, *stream, *c, {.timeout = std::chrono::seconds(300), .coalesce = coalesce});
+    exec::rearranger r(shape, rank, *dev, *stream, *c,
+                       {.timeout = std::chrono::seconds(300), .coalesce = coalesce, .pipeline = pipeline});
     std::vector<double> seconds;
     std::uint64_t bytes = 0;
     for (int rep = 0; rep <= reps; ++rep) {
@@ -98,7 +101,8 @@ int main(int argc, char** argv) {
     std::cout << fmt::format(
         R"({{"bench":"rearrange","impl":"{}","backend":"{}","label":"{}","ranks":{},"rank":{},"layers":{},"bytes_received":{},"seconds":{:.4f},"ms_per_layer":{:.3f},"gbps":{:.2f}}})"
         "\n",
-        coalesce ? "eplb" : "eplb-per-tensor", backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers,
+        pipeline ? (coalesce ? "eplb" : "eplb-per-tensor") : (coalesce ? "eplb-serial" : "eplb-serial-per-tensor"),
+        backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers,
         static_cast<double>(bytes) / med / 1e9);
     return 0;
   } catch (const error& e) {

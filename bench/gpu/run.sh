@@ -52,9 +52,9 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
     set -- $shape
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
-      for flag in "" --no-coalesce; do
+      for flags in "" "--no-pipeline" "--no-pipeline --no-coalesce"; do
         python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
-          --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flag \
+          --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flags \
           --maps-out /tmp/maps-$1-$ranks.json | grep '^{' | tee -a "$out/rearrange.jsonl"
       done
       timeout 400 python3 bench/peers/torch_rearrange.py "$ranks" "$5" /tmp/maps-$1-$ranks.json 3 "$1" 2>&1 \

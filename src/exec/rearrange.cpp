@@ -136,86 +136,224 @@ std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement&
   for (int l = 0; l < shape_.layers; ++l) {
     check_layer_inputs(shape_, l, w, maps, new_map.row(static_cast<std::size_t>(l)));
   }
+  if (pipelines()) return rearrange_pipelined(w, maps, new_map);
   std::vector<layer_stats> out;
   for (int l = 0; l < shape_.layers; ++l)
     out.push_back(rearrange_layer(l, w, maps, new_map.row(static_cast<std::size_t>(l))));
   return out;
 }
 
+namespace {
+
+// One layer's moves on one rank, posted in chunks (serial path) or whole (pipelined path): staging
+// rows per local slot, which peers' messages are packed, and the statistics.
+class layer_mover {
+ public:
+  layer_mover(const model_shape& shape, std::span<const std::size_t> offsets, std::size_t row_bytes, int rank,
+              int layer, const rank_weights& w, layer_plan plan, std::size_t rows, std::size_t pack_cap)
+      : shape_(shape),
+        offsets_(offsets),
+        row_bytes_(row_bytes),
+        rank_(rank),
+        layer_(layer),
+        w_(w),
+        p_(std::move(plan)),
+        n_(static_cast<std::size_t>(shape.num_ranks)),
+        eb_(shape.expert_bytes()) {
+    stats.layer = layer;
+    row_of.assign(static_cast<std::size_t>(p_.slots), -1);
+    free_rows.resize(rows);
+    std::iota(free_rows.rbegin(), free_rows.rend(), 0);
+    send_bytes_.resize(n_);
+    recv_bytes_.resize(n_);
+    for (const auto& s : p_.sends) send_bytes_[static_cast<std::size_t>(s.peer)] += eb_;
+    for (const auto& r : p_.recvs) recv_bytes_[static_cast<std::size_t>(r.peer)] += eb_;
+    // A pair is packed when both ends see the same bytes under the cap (0 = off).
+    pack_send_.resize(n_);
+    pack_recv_.resize(n_);
+    const auto worth = [&](std::size_t bytes) {
+      return pack_cap > 0 && bytes <= pack_cap && (bytes / eb_) * shape_.bundle.size() >= 2;
+    };
+    for (std::size_t q = 0; q < n_; ++q) {
+      pack_send_[q] = worth(send_bytes_[q]);
+      pack_recv_[q] = worth(recv_bytes_[q]);
+      pack_at_.push_back(pack_total_);
+      if (pack_send_[q]) pack_total_ += send_bytes_[q];
+    }
+    // Receives of a packed peer land in consecutive rows (fresh rows come off the stack in order).
+    recv_rows_.resize(n_);
+    for (std::size_t q = 0; q < n_; ++q) {
+      if (!pack_recv_[q]) continue;
+      recv_rows_[q].first = free_rows.back();
+      for (const auto& r : p_.recvs) {
+        if (static_cast<std::size_t>(r.peer) != q) continue;
+        row_of[static_cast<std::size_t>(r.slot)] = static_cast<int>(free_rows.back());
+        free_rows.pop_back();
+        ++recv_rows_[q].second;
+      }
+    }
+  }
+
+  [[nodiscard]] const layer_plan& plan() const noexcept { return p_; }
+  [[nodiscard]] std::size_t pack_bytes() const noexcept { return pack_total_; }
+  [[nodiscard]] std::size_t rows_needed() const noexcept { return p_.buffer_slots().size(); }
+
+  [[nodiscard]] std::byte* row(std::byte* area, int r, int tensor) const {
+    return area + static_cast<std::size_t>(r) * row_bytes_ + offsets_[static_cast<std::size_t>(tensor)];
+  }
+  [[nodiscard]] std::byte* slot(int tensor, int s) const { return w_.slot(shape_, layer_, tensor, s); }
+  [[nodiscard]] std::size_t bytes(int tensor) const {
+    return shape_.bundle[static_cast<std::size_t>(tensor)].bytes_per_expert;
+  }
+  [[nodiscard]] int tensors() const noexcept { return static_cast<int>(shape_.bundle.size()); }
+
+  // Rows for the chunk's buffer slots (local copies on `copies`), then the chunk's receives and
+  // sends on `comm`; sends to packed peers are first packed into `pack` on `copies`.
+  template <typename InChunk>
+  void post(const InChunk& in_chunk, std::byte* area, std::byte* pack, device::stream& copies,
+            comm::communicator& comm) {
+    for (int s : p_.buffer_slots()) {
+      auto& r = row_of[static_cast<std::size_t>(s)];
+      if (!in_chunk(p_.new_local[s]) || r >= 0) continue;
+      if (free_rows.empty()) fail(errc::internal, "staging rows exhausted (plan_chunks broke its promise)");
+      r = static_cast<int>(free_rows.back());
+      free_rows.pop_back();
+      if (p_.from_local[s]) {
+        for (int t = 0; t < tensors(); ++t) copies.copy(row(area, r, t), slot(t, p_.local_source[s]), bytes(t));
+        stats.bytes_copied_locally += eb_;
+      }
+    }
+    for (std::size_t q = 0; q < n_; ++q) {
+      if (!pack_recv_[q] || recv_rows_[q].second == 0 || !in_chunk(first_recv(q))) continue;
+      comm.add_recv({row(area, static_cast<int>(recv_rows_[q].first), 0), recv_rows_[q].second * row_bytes_},
+                    static_cast<int>(q));
+      ++stats.messages;
+    }
+    for (const auto& r : p_.recvs) {
+      if (!in_chunk(r.expert)) continue;
+      stats.bytes_received += eb_;
+      account(r.peer);
+      if (pack_recv_[static_cast<std::size_t>(r.peer)]) continue;
+      for (int t = 0; t < tensors(); ++t) {
+        comm.add_recv({row(area, row_of[static_cast<std::size_t>(r.slot)], t), bytes(t)}, r.peer);
+        ++stats.messages;
+      }
+    }
+    std::vector<std::size_t> cursor = pack_at_;
+    std::vector<char> packed_now(n_);
+    for (const auto& s : p_.sends) {
+      if (!in_chunk(s.expert)) continue;
+      stats.bytes_sent += eb_;
+      account(s.peer);
+      const auto q = static_cast<std::size_t>(s.peer);
+      for (int t = 0; t < tensors(); ++t) {
+        if (pack_send_[q]) {
+          copies.copy(pack + cursor[q], slot(t, s.slot), bytes(t));
+          cursor[q] += bytes(t);
+          packed_now[q] = 1;
+        } else {
+          comm.add_send({slot(t, s.slot), bytes(t)}, s.peer);
+          ++stats.messages;
+        }
+      }
+    }
+    for (std::size_t q = 0; q < n_; ++q) {
+      if (!packed_now[q]) continue;
+      comm.add_send({pack + pack_at_[q], send_bytes_[q]}, static_cast<int>(q));
+      ++stats.messages;
+    }
+  }
+
+  // Every changed slot from its staging row, duplicates from their primary's row (whole layer).
+  void write_all(std::byte* area, device::stream& s) {
+    for (int sl = 0; sl < p_.slots; ++sl) {
+      const auto u = static_cast<std::size_t>(sl);
+      if (p_.from_local[u] || p_.primary[u]) {
+        for (int t = 0; t < tensors(); ++t) s.copy(slot(t, sl), row(area, row_of[u], t), bytes(t));
+      }
+      if (const int from = p_.primary_of[u]; from >= 0) {
+        for (int t = 0; t < tensors(); ++t)
+          s.copy(slot(t, sl), row(area, row_of[static_cast<std::size_t>(from)], t), bytes(t));
+        stats.bytes_copied_locally += eb_;
+      }
+    }
+  }
+
+  layer_stats stats;
+  std::vector<int> row_of;  // per local slot: its staging row (-1 none yet, -2 released)
+  std::vector<std::size_t> free_rows;
+
+ private:
+  // Packing is only used for one-chunk layers, so a packed peer's receives are all in one chunk.
+  expert_id first_recv(std::size_t q) const {
+    for (const auto& r : p_.recvs) {
+      if (static_cast<std::size_t>(r.peer) == q) return r.expert;
+    }
+    return -1;
+  }
+  void account(int peer) {
+    const int rpn = shape_.ranks_per_node > 0 ? shape_.ranks_per_node : shape_.num_ranks;
+    (peer / rpn == rank_ / rpn ? stats.bytes_same_node : stats.bytes_cross_node) += eb_;
+  }
+
+  const model_shape& shape_;
+  std::span<const std::size_t> offsets_;
+  std::size_t row_bytes_;
+  int rank_;
+  int layer_;
+  const rank_weights& w_;
+  layer_plan p_;
+  std::size_t n_;
+  std::size_t eb_;
+  std::vector<std::size_t> send_bytes_, recv_bytes_, pack_at_;
+  std::vector<char> pack_send_, pack_recv_;
+  std::vector<std::pair<std::size_t, std::size_t>> recv_rows_;  // packed peers: first row, count
+  std::size_t pack_total_ = 0;
+};
+
+}  // namespace
+
+device::memory_kind rearranger::staging_kind() const {
+  const bool any_device = std::any_of(shape_.bundle.begin(), shape_.bundle.end(),
+                                      [](const auto& t) { return t.memory == device::memory_kind::device; });
+  return any_device ? device::memory_kind::device : device::memory_kind::host;
+}
+
+std::size_t rearranger::pack_cap() const noexcept {
+  if (!opts_.coalesce || shape_.num_ranks < 2) return 0;
+  return opts_.pack_bytes > 0 ? opts_.pack_bytes : layer_area_bytes();
+}
+
 layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
                              std::span<const expert_id> new_row) {
   const auto start = std::chrono::steady_clock::now();
-  const auto p = plan_layer(old_row, new_row, shape_.num_ranks, rank_);
-  layer_stats stats;
-  stats.layer = layer;
-  if (p.is_noop()) return stats;
+  auto p = plan_layer(old_row, new_row, shape_.num_ranks, rank_);
+  if (p.is_noop()) return layer_stats{.layer = layer};
   const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
-  if (staging_.data() == nullptr) {  // allocated on first use: the async path stages elsewhere
-    const bool any_device = std::any_of(shape_.bundle.begin(), shape_.bundle.end(),
-                                        [](const auto& t) { return t.memory == device::memory_kind::device; });
-    staging_ = dev_.allocate(rows_ * row_bytes_, any_device ? device::memory_kind::device : device::memory_kind::host);
-  }
-  stats.chunks = static_cast<int>(chunks.ranges.size());
-  const int tensors = static_cast<int>(shape_.bundle.size());
+  const bool one_chunk = chunks.ranges.size() == 1;
+  layer_mover m(shape_, offsets_, row_bytes_, rank_, layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0);
+  const auto& plan = m.plan();
+  if (staging_.size() < rows_ * row_bytes_) staging_ = dev_.allocate(rows_ * row_bytes_, staging_kind());
+  if (pack_.size() < m.pack_bytes()) pack_ = dev_.allocate(m.pack_bytes(), staging_kind());
+  m.stats.chunks = static_cast<int>(chunks.ranges.size());
   const auto eb = shape_.expert_bytes();
-  const int rpn = shape_.ranks_per_node > 0 ? shape_.ranks_per_node : shape_.num_ranks;
-  const auto account = [&](int peer, std::uint64_t bytes) {
-    (peer / rpn == rank_ / rpn ? stats.bytes_same_node : stats.bytes_cross_node) += bytes;
-  };
 
-  // Staging rows in use: local slot -> row, and the expert after whose chunk each write may happen
-  // (a slot still read as a source is overwritten only once its old expert's chunk is done).
-  std::vector<int> row_of(static_cast<std::size_t>(p.slots), -1);
-  std::vector<std::size_t> free_rows(rows_);
-  std::iota(free_rows.rbegin(), free_rows.rend(), 0);
+  // The expert after whose chunk each write may happen (a slot still read as a source is
+  // overwritten only once its old expert's chunk is done).
   struct pending_write {
     int slot;         // live slot to write
     int from_slot;    // the staged slot whose row holds its bytes
     int ready_after;  // position in the chunk order after which the write may happen
   };
   std::vector<pending_write> writes;
-  for (int s = 0; s < p.slots; ++s) {
-    if (!p.from_local[s] && !p.primary[s] && p.primary_of[s] < 0) continue;  // nothing to write
-    int ready = chunks.position[static_cast<std::size_t>(p.new_local[s])];
-    if (const expert_id x = p.read_until(s); x >= 0)
+  for (int s = 0; s < plan.slots; ++s) {
+    if (!plan.from_local[s] && !plan.primary[s] && plan.primary_of[s] < 0) continue;  // nothing to write
+    int ready = chunks.position[static_cast<std::size_t>(plan.new_local[s])];
+    if (const expert_id x = plan.read_until(s); x >= 0)
       ready = std::max(ready, chunks.position[static_cast<std::size_t>(x)]);
-    if (p.from_local[s] || p.primary[s]) writes.push_back({s, s, ready});
-    if (p.primary_of[s] >= 0) writes.push_back({s, p.primary_of[s], ready});
+    if (plan.from_local[s] || plan.primary[s]) writes.push_back({s, s, ready});
+    if (plan.primary_of[s] >= 0) writes.push_back({s, plan.primary_of[s], ready});
   }
-
-  // Coalescing (one chunk only): a pair is packed when both ends see the same bytes under the cap.
-  const auto n = static_cast<std::size_t>(shape_.num_ranks);
-  std::vector<std::size_t> send_bytes(n), recv_bytes(n);
-  for (const auto& s : p.sends) send_bytes[static_cast<std::size_t>(s.peer)] += eb;
-  for (const auto& r : p.recvs) recv_bytes[static_cast<std::size_t>(r.peer)] += eb;
-  std::vector<char> pack_send(n), pack_recv(n);
-  if (opts_.coalesce && chunks.ranges.size() == 1 && n > 1) {
-    const std::size_t cap = opts_.pack_bytes > 0 ? opts_.pack_bytes : layer_area_bytes();
-    const auto worth = [&](std::size_t bytes) { return bytes <= cap && (bytes / eb) * shape_.bundle.size() >= 2; };
-    for (std::size_t q = 0; q < n; ++q) {
-      pack_send[q] = worth(send_bytes[q]);
-      pack_recv[q] = worth(recv_bytes[q]);
-    }
-  }
-  // Rows of a packed peer's receives are consecutive (fresh rows come off the stack in order).
-  std::vector<std::pair<std::size_t, std::size_t>> recv_rows(n);  // first row, count
-  for (std::size_t q = 0; q < n; ++q) {
-    if (!pack_recv[q]) continue;
-    recv_rows[q].first = free_rows.back();
-    for (const auto& r : p.recvs) {
-      if (static_cast<std::size_t>(r.peer) != q) continue;
-      row_of[static_cast<std::size_t>(r.slot)] = static_cast<int>(free_rows.back());
-      free_rows.pop_back();
-      ++recv_rows[q].second;
-    }
-  }
-  std::vector<std::size_t> pack_at(n);  // offset of each packed peer's message in pack_
-  std::size_t pack_total = 0;
-  for (std::size_t q = 0; q < n; ++q) {
-    pack_at[q] = pack_total;
-    if (pack_send[q]) pack_total += send_bytes[q];
-  }
-  if (pack_total > pack_.size()) pack_ = dev_.allocate(pack_total, staging_.kind());
 
   for (std::size_t c = 0; c < chunks.ranges.size(); ++c) {
     const auto [lo, hi] = chunks.ranges[c];
@@ -223,60 +361,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
       const int pos = chunks.position[static_cast<std::size_t>(e)];
       return pos >= lo && pos < hi;
     };
-    for (int s : p.buffer_slots()) {
-      if (!in_chunk(p.new_local[s]) || row_of[static_cast<std::size_t>(s)] >= 0) continue;
-      if (free_rows.empty())
-        fail(errc::internal, "staging rows exhausted in chunk {} (plan_chunks broke its promise)", c);
-      row_of[static_cast<std::size_t>(s)] = static_cast<int>(free_rows.back());
-      free_rows.pop_back();
-      if (p.from_local[s]) {
-        for (int t = 0; t < tensors; ++t) {
-          stream_.copy(row(static_cast<std::size_t>(row_of[s]), t), w.slot(shape_, layer, t, p.local_source[s]),
-                       shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
-        }
-        stats.bytes_copied_locally += eb;
-      }
-    }
-    for (std::size_t q = 0; q < n; ++q) {
-      if (!pack_recv[q]) continue;
-      comm_.add_recv({row(recv_rows[q].first, 0), recv_rows[q].second * row_bytes_}, static_cast<int>(q));
-      ++stats.messages;
-    }
-    for (const auto& r : p.recvs) {
-      if (!in_chunk(r.expert)) continue;
-      stats.bytes_received += eb;
-      account(r.peer, eb);
-      if (pack_recv[static_cast<std::size_t>(r.peer)]) continue;
-      for (int t = 0; t < tensors; ++t) {
-        comm_.add_recv({row(static_cast<std::size_t>(row_of[static_cast<std::size_t>(r.slot)]), t),
-                        shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert},
-                       r.peer);
-        ++stats.messages;
-      }
-    }
-    std::vector<std::size_t> cursor = pack_at;
-    for (const auto& s : p.sends) {
-      if (!in_chunk(s.expert)) continue;
-      stats.bytes_sent += eb;
-      account(s.peer, eb);
-      const auto q = static_cast<std::size_t>(s.peer);
-      for (int t = 0; t < tensors; ++t) {
-        const std::byte* src = w.slot(shape_, layer, t, s.slot);
-        const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
-        if (pack_send[q]) {
-          stream_.copy(pack_.data() + cursor[q], src, bytes);
-          cursor[q] += bytes;
-        } else {
-          comm_.add_send({src, bytes}, s.peer);
-          ++stats.messages;
-        }
-      }
-    }
-    for (std::size_t q = 0; q < n; ++q) {
-      if (!pack_send[q]) continue;
-      comm_.add_send({pack_.data() + pack_at[q], send_bytes[q]}, static_cast<int>(q));
-      ++stats.messages;
-    }
+    m.post(in_chunk, staging_.data(), pack_.data(), stream_, comm_);
     try {
       comm_.execute();
     } catch (const error& e) {
@@ -287,20 +372,17 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
     // Writes whose expert and whose slot's old expert are both done; then free rows no write needs.
     std::erase_if(writes, [&](const pending_write& wr) {
       if (wr.ready_after >= hi) return false;
-      const auto r = static_cast<std::size_t>(row_of[static_cast<std::size_t>(wr.from_slot)]);
-      for (int t = 0; t < tensors; ++t) {
-        stream_.copy(w.slot(shape_, layer, t, wr.slot), row(r, t),
-                     shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
-      }
-      if (wr.slot != wr.from_slot) stats.bytes_copied_locally += eb;
+      const int r = m.row_of[static_cast<std::size_t>(wr.from_slot)];
+      for (int t = 0; t < m.tensors(); ++t) stream_.copy(m.slot(t, wr.slot), m.row(staging_.data(), r, t), m.bytes(t));
+      if (wr.slot != wr.from_slot) m.stats.bytes_copied_locally += eb;
       return true;
     });
-    for (int s : p.buffer_slots()) {
-      auto& r = row_of[static_cast<std::size_t>(s)];
+    for (int s : plan.buffer_slots()) {
+      auto& r = m.row_of[static_cast<std::size_t>(s)];
       if (r < 0) continue;
       const bool needed = std::any_of(writes.begin(), writes.end(), [&](const auto& wr) { return wr.from_slot == s; });
       if (!needed) {
-        free_rows.push_back(static_cast<std::size_t>(r));
+        m.free_rows.push_back(static_cast<std::size_t>(r));
         r = -2;  // released for good
       }
     }
@@ -308,8 +390,99 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   if (!writes.empty()) fail(errc::internal, "{} writes left after the last chunk", writes.size());
   // Surface any device error before the maps commit.
   stream_.synchronize(opts_.timeout);
-  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return stats;
+  m.stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return m.stats;
+}
+
+bool rearranger::pipelines() const noexcept {
+  return opts_.pipeline && (opts_.staging_bytes == 0 || opts_.staging_bytes >= 2 * layer_area_bytes());
+}
+
+std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, placement& maps,
+                                                         const matrix<expert_id>& new_map) {
+  // Layer L's transfers run on the communicator's stream while the copy stream writes layer L-1's
+  // staging rows into its live slots and stages layer L+1 (local copies, packing) into the other
+  // area: the host only waits for transfers, never for copies. Area and pack buffer b serve layers
+  // b, b+2, ...; the copy stream's order and its wait on each layer's transfers keep them apart.
+  const int layers = shape_.layers;
+  const auto all_rows = static_cast<std::size_t>(shape_.slots_per_rank());
+  std::vector<std::unique_ptr<layer_mover>> movers(static_cast<std::size_t>(layers));
+  std::size_t rows = 0, pack = 0;
+  for (int l = 0; l < layers; ++l) {
+    const auto old_row = maps.phy2log(l);
+    auto p = plan_layer(old_row, new_map.row(static_cast<std::size_t>(l)), shape_.num_ranks, rank_);
+    if (p.is_noop()) continue;
+    auto& m = movers[static_cast<std::size_t>(l)];
+    m = std::make_unique<layer_mover>(shape_, offsets_, row_bytes_, rank_, l, w, std::move(p), all_rows, pack_cap());
+    m->stats.chunks = 1;
+    rows = std::max(rows, m->rows_needed());  // rows are taken in order from 0
+    pack = std::max(pack, m->pack_bytes());
+  }
+  if (staging_.size() < 2 * rows * row_bytes_) staging_ = dev_.allocate(2 * rows * row_bytes_, staging_kind());
+  if (pack_.size() < 2 * pack) pack_ = dev_.allocate(2 * pack, staging_kind());
+  if (!copies_) copies_ = dev_.create_stream();
+  const auto area = [&](int l) { return staging_.data() + static_cast<std::size_t>(l % 2) * rows * row_bytes_; };
+  const auto pack_area = [&](int l) { return pack_.data() + static_cast<std::size_t>(l % 2) * pack; };
+
+  std::vector<device::event> sent(static_cast<std::size_t>(layers));
+  std::vector<std::chrono::steady_clock::time_point> began(static_cast<std::size_t>(layers));
+  const auto submit = [&](int l) {
+    auto& m = movers[static_cast<std::size_t>(l)];
+    began[static_cast<std::size_t>(l)] = std::chrono::steady_clock::now();
+    if (!m) return;
+    try {
+      m->post([](expert_id) { return true; }, area(l), pack_area(l), *copies_, comm_);
+      stream_.wait(copies_->record());  // transfers start once staged and packed
+      sent[static_cast<std::size_t>(l)] = comm_.submit();
+    } catch (const error& e) {
+      fail(e.code(), "layer {}: {}", l, e.what());
+    }
+  };
+  std::vector<layer_stats> out;
+  int next = 0;
+  try {
+    for (; next < std::min(layers, 2); ++next) submit(next);
+    for (int l = 0; l < layers; ++l) {
+      auto& m = movers[static_cast<std::size_t>(l)];
+      if (m) {
+        try {
+          comm_.wait(sent[static_cast<std::size_t>(l)]);
+        } catch (const error& e) {
+          fail(e.code(), "layer {}: {}", l, e.what());
+        }
+        const auto& done = sent[static_cast<std::size_t>(l)];
+        copies_->wait(done.valid() ? done : stream_.record());  // host-complete: bytes are in place
+        m->write_all(area(l), *copies_);
+      }
+      maps.set_layer(l, new_map.row(static_cast<std::size_t>(l)));
+      layer_stats st = m ? m->stats : layer_stats{.layer = l};
+      st.seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - began[static_cast<std::size_t>(l)]).count();
+      out.push_back(st);
+      m.reset();
+      if (next < layers) submit(next++);
+    }
+    copies_->synchronize(opts_.timeout);
+    stream_.synchronize(opts_.timeout);
+  } catch (...) {
+    // Committed layers' writes are queued on the copy stream: let them land before reporting.
+    // Batches still in flight only touch staging; wait for them so the buffers can be reused.
+    for (int l = static_cast<int>(out.size()); l < next; ++l) {
+      try {
+        if (movers[static_cast<std::size_t>(l)]) comm_.wait(sent[static_cast<std::size_t>(l)]);
+      } catch (...) {  // NOLINT(bugprone-empty-catch): the first failure is the one reported
+      }
+    }
+    try {
+      copies_->synchronize(opts_.timeout);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the first failure is the one reported
+    }
+    throw;
+  }
+  if (opts_.verify) {
+    for (int l = 0; l < layers; ++l) verify_layer(l, w, maps, opts_.verify);
+  }
+  return out;
 }
 
 std::size_t rearranger::layer_area_bytes() const noexcept {

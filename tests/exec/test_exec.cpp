@@ -255,6 +255,63 @@ TEST_CASE("a device fault mid-layer leaves that layer untouched and names it") {
   CHECK(results[1].find("injected fault") != std::string::npos);
 }
 
+TEST_CASE("pipelined rearrange: a fault in a later layer keeps committed layers and leaves the rest untouched") {
+  const int layers = 5;
+  for (const int fail_at : {110, 140, 170}) {
+    CAPTURE(fail_at);
+    auto world = comm::make_loopback_world(2);
+    const auto results = on_ranks(2, [&](int r) -> std::string {
+      // The model's fill takes 80 operations on rank 1 (5 layers x 2 tensors x 4 slots, a copy and
+      // a synchronisation each); later operations belong to the rearrangement.
+      auto dev = device::make_host_device(r == 1 ? device::host_faults{.max_delay = 1ms, .fail_at_op = fail_at}
+                                                 : device::host_faults{});
+      auto stream = dev->create_stream();
+      auto c = comm::make_communicator(comm::backend::loopback,
+                                       {.rank = r, .size = 2, .world = world, .opts = {.timeout = 5s}});
+      tools::exchange_config cfg{.ranks = 2, .layers = layers, .experts = 6, .redundant = 2, .tensor_bytes = {128, 32}};
+      auto start = tools::round_placement(cfg, 0, {});
+      placement maps(start, 6, 2);
+      tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 5s);
+      std::vector<std::vector<std::byte>> before;
+      for (int l = 0; l < layers; ++l) before.push_back(r == 1 ? std::vector<std::byte>{} : model.snapshot(l));
+      exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.timeout = 5s, .verify = model.reference()});
+      matrix<expert_id> target(layers, 8);
+      for (int l = 0; l < layers; ++l) {
+        const std::vector<expert_id> row{5, 4, 3, 2, 1, 0, 5, 0};
+        std::copy(row.begin(), row.end(), target.row(static_cast<std::size_t>(l)).begin());
+      }
+      try {
+        re.rearrange(model.weights(), maps, target);
+      } catch (const error& e) {
+        comm::mark_dead(*world, r);
+        if (r == 1) return e.what();
+        // Rank 0: layers are either committed (maps say the target, bytes verify) or untouched.
+        int committed = 0;
+        for (int l = 0; l < layers; ++l) {
+          const auto row = maps.phy2log(l);
+          if (std::equal(row.begin(), row.end(), target.row(static_cast<std::size_t>(l)).begin())) {
+            CHECK(committed == l);  // committed layers are a prefix
+            ++committed;
+            CHECK_NOTHROW(re.verify_layer(l, model.weights(), maps, model.reference()));
+          } else {
+            CHECK(std::equal(row.begin(), row.end(), start.row(static_cast<std::size_t>(l)).begin()));
+            CHECK(model.snapshot(l) == before[static_cast<std::size_t>(l)]);
+          }
+        }
+        CHECK(committed < layers);
+        return fmt::format("{} committed|{}", committed, e.what());
+      }
+      comm::mark_dead(*world, r);
+      return "no error";
+    });
+    INFO(results[0]);
+    INFO(results[1]);
+    CHECK(results[1].find("layer ") != std::string::npos);
+    CHECK(results[1].find("injected fault") != std::string::npos);
+    CHECK(results[0].find("layer ") != std::string::npos);
+  }
+}
+
 TEST_CASE("elastic scale-down moves the leaving rank's experts to the survivors") {
   const int ranks = 4, experts = 10, per_rank = 4;
   auto world = comm::make_loopback_world(ranks);

@@ -35,6 +35,10 @@ struct rearrange_options {
   /// ends decide alike; the packing buffer holds this rank's packed sends of one layer.
   bool coalesce = true;
   std::size_t pack_bytes = 0;  ///< largest packed message; 0 = one layer of this rank's slots
+  /// rearrange() overlaps layers when two layers fit the staging cap (0 = they do): layer L's
+  /// transfers run while a second stream writes layer L-1 into place and stages layer L+1, and the
+  /// host waits only for transfers. Each layer still commits only after its own transfers succeed.
+  bool pipeline = true;
 };
 
 struct layer_stats {
@@ -98,6 +102,11 @@ class rearranger {
   std::byte* row(std::size_t r, int tensor) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
                    std::span<const expert_id> new_row);
+  [[nodiscard]] bool pipelines() const noexcept;
+  std::vector<layer_stats> rearrange_pipelined(const rank_weights& w, placement& maps,
+                                               const matrix<expert_id>& new_map);
+  [[nodiscard]] device::memory_kind staging_kind() const;
+  [[nodiscard]] std::size_t pack_cap() const noexcept;
 
   model_shape shape_;
   int rank_;
@@ -109,7 +118,8 @@ class rearranger {
   std::size_t row_bytes_ = 0;
   std::size_t rows_ = 0;
   device::buffer staging_;
-  device::buffer pack_;  // sends packed per peer (coalesce)
+  device::buffer pack_;                     // sends packed per peer (coalesce)
+  std::unique_ptr<device::stream> copies_;  // the pipelined path's staging and write-back stream
 };
 
 }  // namespace eplb::exec
