@@ -48,8 +48,12 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
   # Whole-model rearrangement, ours (nccl) and the PyTorch peer on the same maps:
   # name layers experts redundant expert-bytes: Qwen3-30B-A3B bf16 (48 x 128), DeepSeek-V3 fp8 (6 of 58 layers).
   ngpu=$(nvidia-smi -L | wc -l)
-  for shape in "qwen3-30b 48 128 0 9437184" "deepseek-v3 6 256 32 44040192"; do
+  # DeepSeek-V3: as many of its 58 layers as fit beside two staging areas (12 on 141 GB cards, 6 on 80 GB).
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  ds_layers=${DEEPSEEK_LAYERS:-$([ "$mem" -gt 100000 ] && echo 12 || echo 6)}
+  for shape in "qwen3-30b 48 128 0 9437184" "deepseek-v3 $ds_layers 256 32 44040192"; do
     set -- $shape
+    [ -z "${REARRANGE_ONLY:-}" ] || [ "$1" = "$REARRANGE_ONLY" ] || continue
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
       for flags in "" "--no-pipeline" "--no-pipeline --no-coalesce"; do

@@ -86,9 +86,17 @@ int main(int argc, char** argv) {
     auto dev = device::make_cuda_device(rank);
     auto serving = dev->create_stream();
     auto cs = static_cast<cudaStream_t>(serving->native_handle());
-    auto files = comm::make_file_store(store_spec.substr(store_spec.find(':') + 1));
-    auto store = comm::make_prefix_store(files, "serving-" + label);
     const auto timeout = std::chrono::milliseconds(120'000);
+    // The launcher's file store only bootstraps a TCP store served by rank 0, as a deployment would.
+    auto files =
+        comm::make_prefix_store(comm::make_file_store(store_spec.substr(store_spec.find(':') + 1)), "serving-" + label);
+    std::unique_ptr<comm::tcp_store_server> server;
+    if (rank == 0) {
+      server = std::make_unique<comm::tcp_store_server>("127.0.0.1", 0);
+      files->set("tcp-port", std::to_string(server->port()));
+    }
+    const auto port = static_cast<std::uint16_t>(std::stoi(files->get("tcp-port", timeout)));
+    auto store = comm::make_tcp_store("127.0.0.1", port, timeout);
 
     // The engine's own NCCL communicator (its tensor-parallel group).
     ncclUniqueId id;
@@ -243,6 +251,7 @@ int main(int argc, char** argv) {
     sync_state->stop();
     sync_state.reset();
     ncclCommDestroy(tp);
+    comm::store_barrier(*files, "done", size, timeout);  // rank 0 serves the store until everyone is done
 
     const auto quiet = summarize(t.quiet_ms), busy = summarize(t.busy_ms);
     const auto sync_quiet = summarize(sync_quiet_ms);

@@ -24,6 +24,10 @@
 
 namespace eplb {
 
+/// Async mode's built-in commit agreement runs its CPU all-reduce in the background: what every
+/// rank has staged by its k-th step of a rebalance is committed, on every rank, at step k + this.
+inline constexpr int commit_lag_steps = 2;
+
 struct model_desc {
   exec::model_shape shape;  ///< layers, experts, slots (experts + redundant), ranks, bundle
   int num_groups = 1;       ///< expert groups (group-limited routing)
@@ -42,8 +46,9 @@ struct state_params {
   comm::setup comm_setup;                            ///< rank, size and store are filled in from the above
   std::optional<matrix<expert_id>> initial_phy2log;  ///< default: vLLM's round-robin start
   /// Optional: the minimum over ranks of `staged_here` (or of a negative failure code), folded by the
-  /// engine into a collective it already runs. Default: a CPU all-reduce over the store, run only
-  /// while a rebalance is in flight.
+  /// engine into a collective it already runs; layers agreed on are committed in the same step.
+  /// Default: a CPU all-reduce over the store on a background thread, run only while a rebalance
+  /// is in flight and read commit_lag_steps steps later, so step() does not wait on the network.
   std::function<std::int64_t(std::int64_t staged_here)> commit_agreement;
   std::function<void(std::string_view)> log;  ///< balancedness lines; default: stderr on rank 0
 };

@@ -11,9 +11,8 @@ cpu_group::cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std
   if (!store_) fail(errc::invalid_argument, "cpu group: a store is required");
 }
 
-std::vector<std::string> cpu_group::exchange(const char* op, std::uint64_t& generation, std::string mine) {
-  const auto gen = generation++;
-  store_->set(fmt::format("{}/{}/{}", op, gen, rank_), mine);
+std::vector<std::string> cpu_group::exchange(const std::string& key, std::string mine) {
+  store_->set(fmt::format("{}/{}", key, rank_), mine);
   std::vector<std::string> all(static_cast<std::size_t>(size_));
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   for (int r = 0; r < size_; ++r) {
@@ -25,11 +24,11 @@ std::vector<std::string> cpu_group::exchange(const char* op, std::uint64_t& gene
         std::max(std::chrono::milliseconds(1),
                  std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
     try {
-      all[static_cast<std::size_t>(r)] = store_->get(fmt::format("{}/{}/{}", op, gen, r), left);
+      all[static_cast<std::size_t>(r)] = store_->get(fmt::format("{}/{}", key, r), left);
     } catch (const error& e) {
       if (e.code() != errc::timeout) throw;
-      fail(errc::timeout, "cpu group rank {}: rank {} did not join {} #{} within {} ms (dead or stalled?)", rank_, r,
-           op, gen, timeout_.count());
+      fail(errc::timeout, "cpu group rank {}: rank {} did not join {} within {} ms (dead or stalled?)", rank_, r, key,
+           timeout_.count());
     }
   }
   return all;
@@ -38,7 +37,7 @@ std::vector<std::string> cpu_group::exchange(const char* op, std::uint64_t& gene
 std::vector<double> cpu_group::allreduce_sum(std::span<const double> values) {
   std::string mine(values.size_bytes(), '\0');
   std::memcpy(mine.data(), values.data(), values.size_bytes());
-  const auto all = exchange("sum", sum_generation_, std::move(mine));
+  const auto all = exchange(fmt::format("sum/{}", sum_generation_++), std::move(mine));
   std::vector<double> out(values.size(), 0.0);
   for (int r = 0; r < size_; ++r) {
     const auto& v = all[static_cast<std::size_t>(r)];
@@ -55,8 +54,8 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values) {
   return out;
 }
 
-std::int64_t cpu_group::allreduce_min(std::int64_t value) {
-  const auto all = exchange("min", min_generation_, std::to_string(value));
+std::int64_t cpu_group::allreduce_min(std::int64_t value, const std::string& round) {
+  const auto all = exchange("min/" + round, std::to_string(value));
   std::int64_t out = value;
   for (const auto& v : all) out = std::min(out, static_cast<std::int64_t>(std::stoll(v)));
   return out;

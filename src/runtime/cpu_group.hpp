@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "eplb/comm/store.hpp"
@@ -21,19 +22,18 @@ class cpu_group {
   [[nodiscard]] int size() const noexcept { return size_; }
   /// Element-wise sum over ranks; every rank passes the same length.
   [[nodiscard]] std::vector<double> allreduce_sum(std::span<const double> values);
-  [[nodiscard]] std::int64_t allreduce_min(std::int64_t value);
+  /// Minimum over ranks of round `round` (a key every rank derives alike: rounds are independent,
+  /// so one abandoned by a failure cannot shift the next).
+  [[nodiscard]] std::int64_t allreduce_min(std::int64_t value, const std::string& round);
 
  private:
-  std::vector<std::string> exchange(const char* op, std::uint64_t& generation, std::string mine);
+  std::vector<std::string> exchange(const std::string& key, std::string mine);
 
   std::shared_ptr<comm::store> store_;
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
-  // One counter per operation: each operation is used by one thread (the load sum by the
-  // background thread, the agreement by the serving thread), so they interleave freely.
-  std::uint64_t sum_generation_ = 0;
-  std::uint64_t min_generation_ = 0;
+  std::uint64_t sum_generation_ = 0;  // the load sums run in order on the background thread
 };
 
 }  // namespace eplb::runtime

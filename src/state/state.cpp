@@ -8,6 +8,7 @@
 #include "eplb/core/load.hpp"
 #include "eplb/core/policy.hpp"
 #include "eplb/exec/rearrange.hpp"
+#include "runtime/agreement.hpp"
 #include "runtime/async_runtime.hpp"
 #include "runtime/cpu_group.hpp"
 #include "util/fail.hpp"
@@ -32,6 +33,7 @@ struct eplb_state::impl {
   std::unique_ptr<exec::rearranger> mover;
   std::unique_ptr<runtime::cpu_group> group;
   std::unique_ptr<runtime::async_runtime> background;
+  std::unique_ptr<runtime::lagged_min> agree;  // async, unless the engine supplies the agreement
 
   placement maps;
   load_window window;
@@ -108,6 +110,7 @@ struct eplb_state::impl {
              cfg.staging_bytes, area);
       }
       background = std::make_unique<runtime::async_runtime>(*mover, weights, *group, dev, *side, areas, cfg.timeout);
+      if (!agreement) agree = std::make_unique<runtime::lagged_min>(*group, commit_lag_steps, cfg.timeout);
     } else {
       mover = std::make_unique<exec::rearranger>(shape, rank, dev, serving, *comm, opts);
     }
@@ -264,6 +267,7 @@ struct eplb_state::impl {
     trigger_time = clock_type::now();
     const policy_kind policy = cfg.resolved_policy();
     if (cfg.use_async) {
+      if (agree) agree->begin(m.rebalances);
       background->start({local, maps.phy2log(), policy, model.num_groups, model.num_nodes});
       in_flight = true;
       committed = 0;
@@ -279,10 +283,24 @@ struct eplb_state::impl {
         policy, {total, model.shape.num_physical, model.num_groups, model.num_nodes, model.shape.num_ranks, &old});
     m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
     m.balancedness_before = balancedness(maps, total);
-    for (int l = 0; l < model.shape.layers; ++l) {
-      const auto st = mover->rearrange_layer(l, weights, maps, next.row(static_cast<std::size_t>(l)));
+    // Layers are pipelined (transfers of one overlap the copies of its neighbours); a failure
+    // leaves the layers before it committed and the rest untouched, and the device maps follow.
+    std::vector<exec::layer_stats> moved;
+    try {
+      moved = mover->rearrange(weights, maps, next);
+    } catch (...) {
+      for (int l = 0; l < model.shape.layers; ++l) {
+        const auto row = maps.phy2log(l);
+        if (!std::equal(row.begin(), row.end(), old.row(static_cast<std::size_t>(l)).begin())) {
+          publish_maps(l);
+          ++m.layers_committed;
+        }
+      }
+      throw;
+    }
+    for (const auto& st : moved) {
       m.bytes_moved += st.bytes_received;
-      publish_maps(l);
+      publish_maps(st.layer);
       ++m.layers_committed;
       ++report.layers_committed;
     }
@@ -296,9 +314,15 @@ struct eplb_state::impl {
     const auto failure = background->failure();
     // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop at once.
     const std::int64_t mine = failure ? -(rank + 2) : background->staged_layers();
-    std::int64_t agreed = 0;
+    std::optional<std::int64_t> agreed;
     try {
-      agreed = agreement ? agreement(mine) : group->allreduce_min(mine);
+      if (agreement) {
+        agreed = agreement(mine);
+      } else if (failure) {
+        agree->fail_out(mine);
+      } else {
+        agreed = agree->step(mine);  // the round of `commit_lag_steps` steps ago
+      }
     } catch (...) {
       abandon();
       throw;
@@ -311,15 +335,16 @@ struct eplb_state::impl {
         fail(e.code(), "rebalance failed on rank {}: {}", rank, e.what());
       }
     }
-    if (agreed < 0) {
+    if (agreed && *agreed < 0) {
       abandon();
-      fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights", -agreed - 2);
+      fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights",
+           -*agreed - 2);
     }
     if (pending_before == 0) {
       // The global load arrives with the policy, before any layer is staged: measure the old maps.
       if (const auto total = background->global_load()) pending_before = balancedness(maps, *total);
     }
-    for (; committed < agreed; ++committed) {
+    for (; agreed && committed < *agreed; ++committed) {
       const auto ready = background->get(committed);
       serving.wait(ready.ready);
       mover->commit_layer(ready.staged, weights, background->area(ready.area), serving);
@@ -395,7 +420,11 @@ step_report eplb_state::step(bool is_dummy) {
       // letting them time out; best effort, the original error is what this rank reports.
       try {
         const std::int64_t code = -(s.rank + 2);
-        (void)(s.agreement ? s.agreement(code) : s.group->allreduce_min(code));
+        if (s.agreement) {
+          (void)s.agreement(code);
+        } else {
+          s.agree->fail_out(code);
+        }
       } catch (...) {
       }
       s.abandon();

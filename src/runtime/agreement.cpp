@@ -1,0 +1,53 @@
+#include "runtime/agreement.hpp"
+
+#include <fmt/format.h>
+
+#include "util/fail.hpp"
+
+namespace eplb::runtime {
+
+lagged_min::lagged_min(cpu_group& group, int lag, std::chrono::milliseconds timeout)
+    : group_(group), lag_(lag), timeout_(timeout) {
+  if (lag < 0) fail(errc::invalid_argument, "commit agreement: lag must be >= 0, got {}", lag);
+}
+
+lagged_min::~lagged_min() {
+  // Rounds not started yet are skipped; one in progress ends within the group's timeout.
+  cancelled_->store(true);
+}
+
+void lagged_min::begin(std::int64_t id) {
+  id_ = id;
+  next_round_ = 0;
+  rounds_.clear();
+}
+
+void lagged_min::post(std::int64_t value) {
+  auto task = std::make_shared<std::packaged_task<std::int64_t()>>(
+      [&group = group_, key = fmt::format("{}/{}", id_, next_round_++), value, cancelled = cancelled_] {
+        if (cancelled->load()) fail(errc::cancelled, "commit agreement: stopped");
+        return group.allreduce_min(value, key);
+      });
+  rounds_.push_back(task->get_future());
+  thread_.post([task] { (*task)(); });
+}
+
+std::optional<std::int64_t> lagged_min::step(std::int64_t mine) {
+  post(mine);
+  if (rounds_.size() <= static_cast<std::size_t>(lag_)) return std::nullopt;
+  auto round = std::move(rounds_.front());
+  rounds_.pop_front();
+  // The all-reduce has its own deadline; this one only guards against a wedged thread.
+  if (round.wait_for(2 * timeout_) != std::future_status::ready) {
+    fail(errc::timeout, "commit agreement of rebalance {}: a round did not finish within {} ms", id_,
+         (2 * timeout_).count());
+  }
+  return round.get();
+}
+
+void lagged_min::fail_out(std::int64_t code) {
+  for (int i = 0; i <= lag_; ++i) post(code);
+  rounds_.clear();
+}
+
+}  // namespace eplb::runtime

@@ -1,0 +1,50 @@
+// The async path's per-step commit agreement, pipelined: the minimum over ranks of what each rank
+// posts at its k-th step of a rebalance is known to every rank at its (k + lag)-th step. The CPU
+// all-reduce runs on its own thread, so step() does not wait on the network unless one round takes
+// longer than `lag` steps; every rank still decides from the same round, hence commits in the same
+// step.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <future>
+#include <memory>
+#include <optional>
+
+#include "runtime/cpu_group.hpp"
+#include "util/job_thread.hpp"
+
+namespace eplb::runtime {
+
+class lagged_min {
+ public:
+  lagged_min(cpu_group& group, int lag, std::chrono::milliseconds timeout);
+  ~lagged_min();
+  lagged_min(const lagged_min&) = delete;
+  lagged_min& operator=(const lagged_min&) = delete;
+
+  /// Starts the rounds of rebalance `id` (the same on every rank); rounds of an earlier one are
+  /// forgotten (they complete on the thread: every rank posted them).
+  void begin(std::int64_t id);
+  /// Posts this step's value. Returns the minimum of the round posted `lag` steps ago, or nothing
+  /// in the first `lag` steps. Rethrows the all-reduce's error (errc::timeout naming a silent rank).
+  [[nodiscard]] std::optional<std::int64_t> step(std::int64_t mine);
+  /// A failing rank posts `code` for this round and the `lag` rounds its peers post before they
+  /// see it, so their all-reduces complete instead of timing out; then forgets every round.
+  void fail_out(std::int64_t code);
+
+ private:
+  void post(std::int64_t value);
+
+  cpu_group& group_;
+  int lag_;
+  std::chrono::milliseconds timeout_;
+  std::int64_t id_ = 0;
+  std::int64_t next_round_ = 0;
+  std::deque<std::future<std::int64_t>> rounds_;
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+  job_thread thread_;  // last: joined first, while the members its jobs use are alive
+};
+
+}  // namespace eplb::runtime
