@@ -65,6 +65,13 @@ class cuda_stream final : public stream {
     use_device(ordinal_);
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_), "cudaMemcpyAsync");
   }
+  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+               std::size_t height) override {
+    if (width == 0 || height == 0) return;
+    use_device(ordinal_);
+    check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, cudaMemcpyDefault, stream_),
+          "cudaMemcpy2DAsync");
+  }
   void fill(void* dst, std::byte value, std::size_t bytes) override {
     if (bytes == 0) return;
     use_device(ordinal_);

@@ -85,6 +85,12 @@ void event::notify(std::function<void(std::exception_ptr)> fn) const {
   state_->add_callback(std::move(fn));
 }
 
+void stream::copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+                     std::size_t height) {
+  for (std::size_t i = 0; i < height; ++i)
+    copy(static_cast<std::byte*>(dst) + i * dst_pitch, static_cast<const std::byte*>(src) + i * src_pitch, width);
+}
+
 std::string_view to_string(backend_kind kind) noexcept {
   return kind == backend_kind::cuda ? "cuda" : "host";
 }

@@ -145,6 +145,26 @@ std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement&
 
 namespace {
 
+// Copies staging rows into live slots, `writes` being (slot, row) pairs: each run of consecutive
+// slots from consecutive rows is one strided copy per tensor (few device calls per layer).
+void write_rows(const model_shape& shape, std::span<const std::size_t> offsets, std::size_t row_bytes, int layer,
+                const rank_weights& w, std::span<const std::pair<int, int>> writes, const std::byte* area,
+                device::stream& s) {
+  for (std::size_t i = 0; i < writes.size();) {
+    std::size_t n = 1;
+    while (i + n < writes.size() && writes[i + n].first == writes[i].first + static_cast<int>(n) &&
+           writes[i + n].second == writes[i].second + static_cast<int>(n)) {
+      ++n;
+    }
+    for (std::size_t t = 0; t < shape.bundle.size(); ++t) {
+      s.copy_2d(w.slot(shape, layer, static_cast<int>(t), writes[i].first), shape.bundle[t].stride,
+                area + static_cast<std::size_t>(writes[i].second) * row_bytes + offsets[t], row_bytes,
+                shape.bundle[t].bytes_per_expert, n);
+    }
+    i += n;
+  }
+}
+
 // One layer's moves on one rank, posted in chunks (serial path) or whole (pipelined path): staging
 // rows per local slot, which peers' messages are packed, and the statistics.
 class layer_mover {
@@ -266,17 +286,18 @@ class layer_mover {
 
   // Every changed slot from its staging row, duplicates from their primary's row (whole layer).
   void write_all(std::byte* area, device::stream& s) {
+    std::vector<std::pair<int, int>> writes;
     for (int sl = 0; sl < p_.slots; ++sl) {
       const auto u = static_cast<std::size_t>(sl);
-      if (p_.from_local[u] || p_.primary[u]) {
-        for (int t = 0; t < tensors(); ++t) s.copy(slot(t, sl), row(area, row_of[u], t), bytes(t));
-      }
-      if (const int from = p_.primary_of[u]; from >= 0) {
-        for (int t = 0; t < tensors(); ++t)
-          s.copy(slot(t, sl), row(area, row_of[static_cast<std::size_t>(from)], t), bytes(t));
+      if (p_.from_local[u] || p_.primary[u]) writes.emplace_back(sl, row_of[u]);
+    }
+    for (int sl = 0; sl < p_.slots; ++sl) {
+      if (const int from = p_.primary_of[static_cast<std::size_t>(sl)]; from >= 0) {
+        writes.emplace_back(sl, row_of[static_cast<std::size_t>(from)]);
         stats.bytes_copied_locally += eb_;
       }
     }
+    write_rows(shape_, offsets_, row_bytes_, layer_, w_, writes, area, s);
   }
 
   layer_stats stats;
@@ -536,13 +557,7 @@ staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span
 
 void rearranger::commit_layer(const staged_layer& staged, const rank_weights& w, const std::byte* area,
                               device::stream& s) const {
-  for (const auto& [slot, row] : staged.writes) {
-    for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
-      s.copy(w.slot(shape_, staged.layer, t, slot),
-             area + static_cast<std::size_t>(row) * row_bytes_ + offsets_[static_cast<std::size_t>(t)],
-             shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
-    }
-  }
+  write_rows(shape_, offsets_, row_bytes_, staged.layer, w, staged.writes, area, s);
 }
 
 void rearranger::verify_layer(int layer, const rank_weights& w, const placement& maps, const checksum_fn& expected) {

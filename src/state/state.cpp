@@ -344,7 +344,8 @@ struct eplb_state::impl {
       // The global load arrives with the policy, before any layer is staged: measure the old maps.
       if (const auto total = background->global_load()) pending_before = balancedness(maps, *total);
     }
-    for (; agreed && committed < *agreed; ++committed) {
+    const std::int64_t limit = agreed ? std::min<std::int64_t>(*agreed, committed + max_commits_per_step) : 0;
+    for (; committed < limit; ++committed) {
       const auto ready = background->get(committed);
       serving.wait(ready.ready);
       mover->commit_layer(ready.staged, weights, background->area(ready.area), serving);

@@ -94,6 +94,10 @@ class stream {
   virtual ~stream() = default;
   /// Copies `bytes` from src to dst in stream order (host, pinned or device memory, either way).
   virtual void copy(void* dst, const void* src, std::size_t bytes) = 0;
+  /// `height` copies of `width` bytes, the i-th from src + i * src_pitch to dst + i * dst_pitch, as
+  /// one operation where the backend can (CUDA: one 2D copy instead of `height` calls).
+  virtual void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+                       std::size_t height);
   /// Sets `bytes` at dst to `value` in stream order.
   virtual void fill(void* dst, std::byte value, std::size_t bytes) = 0;
   /// Records an event after all work enqueued so far.
