@@ -183,6 +183,13 @@ int main(int argc, char** argv) {
     // Phase 1: async rebalance behind the serving loop.
     step_times t;
     auto state = make_state(true, "async", start, quiet_steps);
+    struct step_sample {
+      double total_ms, launch_ms, step_ms;
+      int committed;
+      bool started;
+      int step;
+    };
+    std::vector<step_sample> slow;  // busy steps, to explain the tail
     int finished_at = -1;
     for (int step = 1; step <= max_steps; ++step) {
       const bool busy = state->stats().rebalance_in_flight;
@@ -194,6 +201,12 @@ int main(int argc, char** argv) {
       cuda_ok(cudaStreamSynchronize(cs), "serving stream");
       const auto t3 = clock_type::now();
       const bool in_rebalance = busy || rep.rebalance_started;
+      if (in_rebalance) {
+        slow.push_back({std::chrono::duration<double, std::milli>(t3 - t0).count(),
+                        std::chrono::duration<double, std::milli>(t1 - t0).count(),
+                        std::chrono::duration<double, std::milli>(t2 - t1).count(), rep.layers_committed,
+                        rep.rebalance_started, step});
+      }
       (in_rebalance ? t.busy_ms : t.quiet_ms).push_back(std::chrono::duration<double, std::milli>(t3 - t0).count());
       (in_rebalance ? t.busy_step_us : t.quiet_step_us)
           .push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
@@ -254,17 +267,26 @@ int main(int argc, char** argv) {
     comm::store_barrier(*files, "done", size, timeout);  // rank 0 serves the store until everyone is done
 
     const auto quiet = summarize(t.quiet_ms), busy = summarize(t.busy_ms);
+    std::sort(slow.begin(), slow.end(), [](const auto& a, const auto& b) { return a.total_ms > b.total_ms; });
+    std::string tail = "[";
+    for (std::size_t i = 0; i < std::min<std::size_t>(5, slow.size()); ++i) {
+      const auto& x = slow[i];
+      tail += fmt::format(
+          R"({}{{"step":{},"total_ms":{:.2f},"launch_ms":{:.2f},"step_call_ms":{:.2f},"committed":{},"started":{}}})",
+          i ? "," : "", x.step, x.total_ms, x.launch_ms, x.step_ms, x.committed, x.started);
+    }
+    tail += "]";
     const auto sync_quiet = summarize(sync_quiet_ms);
     std::cout << fmt::format(
         R"({{"bench":"serving","label":"{}","ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
         R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
         R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
         R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
-        R"("sync_bytes_received":{}}})"
+        R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
         label, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
         busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes,
-        t.layers_committed, checked, stall_ms, sync_quiet.p50, sync_bytes);
+        t.layers_committed, checked, stall_ms, sync_quiet.p50, sync_bytes, tail);
     return 0;
   } catch (const std::exception& e) {
     std::cout << fmt::format("rank {}: error {}\n", rank, e.what());

@@ -254,7 +254,13 @@ class gloo_communicator final : public communicator {
     const std::size_t cap_slots = std::max(lanes, (opts_.staging_bytes / parts / slot_bytes_) / lanes * lanes);
     const std::size_t need_slots = (most_chunks + lanes - 1) / lanes * lanes;
     const std::size_t window = std::min(cap_slots, need_slots) * slot_bytes_;
-    if (staging_.size() < window * parts) staging_ = dev_->allocate(window * parts, device::memory_kind::pinned);
+    if (staging_.size() < window * parts) {
+      // On a GPU, take the whole cap at once: freeing pinned memory synchronizes the device, which
+      // would stall the serving loop each time a batch needed more.
+      const bool gpu = dev_->kind() == device::backend_kind::cuda;
+      staging_ = dev_->allocate(gpu ? std::max(window * parts, opts_.staging_bytes) : window * parts,
+                                device::memory_kind::pinned);
+    }
     return window;
   }
 
