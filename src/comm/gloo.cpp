@@ -26,6 +26,7 @@
 
 #include "comm/backends.hpp"
 #include "util/fail.hpp"
+#include "util/thread_priority.hpp"
 
 namespace eplb::comm {
 namespace {
@@ -104,7 +105,28 @@ class gloo_communicator final : public communicator {
     const auto worst_case_slots =
         2 * static_cast<std::size_t>(std::max(1, size() - 1)) * static_cast<std::size_t>(opts_.lanes);
     chunk_bytes_ = std::max<std::size_t>(1, std::min(opts_.chunk_bytes, opts_.staging_bytes / worst_case_slots));
-    connect();
+    if (opts_.nice < 0 || opts_.nice > 19)
+      fail(errc::invalid_argument, "gloo: nice must be in 0..19, got {}", opts_.nice);
+    if (opts_.nice == 0) {
+      connect();
+    } else {
+      // Gloo's transport threads start here and inherit the priority of the thread that creates them.
+      std::exception_ptr failure;
+      std::thread([&] {
+        lower_thread_priority(opts_.nice);
+        try {
+          connect();
+        } catch (...) {
+          failure = std::current_exception();
+        }
+      }).join();
+      if (failure) std::rethrow_exception(failure);
+    }
+    if (dev_ != nullptr && dev_->kind() == device::backend_kind::cuda) {
+      // Pinned memory is taken now, not mid-rebalance: allocating and freeing it holds the driver
+      // and synchronizes the device, which would stall the serving loop.
+      staging_ = dev_->allocate(opts_.staging_bytes, device::memory_kind::pinned);
+    }
   }
   ~gloo_communicator() override { finish_async(); }
 
@@ -157,6 +179,7 @@ class gloo_communicator final : public communicator {
       std::byte* recv_area = staged ? staging_.data() + staging_offset + window_bytes : nullptr;
       staging_offset += 2 * window_bytes;
       workers.emplace_back(guard([this, peer, &plan, send_area, recv_area, window_bytes, deadline] {
+        lower_thread_priority(opts_.nice);  // the sender and lane threads started below inherit it
         try {
           exchange_with(peer, plan, send_area, recv_area, window_bytes, deadline);
         } catch (const eplb::error&) {
@@ -254,13 +277,7 @@ class gloo_communicator final : public communicator {
     const std::size_t cap_slots = std::max(lanes, (opts_.staging_bytes / parts / slot_bytes_) / lanes * lanes);
     const std::size_t need_slots = (most_chunks + lanes - 1) / lanes * lanes;
     const std::size_t window = std::min(cap_slots, need_slots) * slot_bytes_;
-    if (staging_.size() < window * parts) {
-      // On a GPU, take the whole cap at once: freeing pinned memory synchronizes the device, which
-      // would stall the serving loop each time a batch needed more.
-      const bool gpu = dev_->kind() == device::backend_kind::cuda;
-      staging_ = dev_->allocate(gpu ? std::max(window * parts, opts_.staging_bytes) : window * parts,
-                                device::memory_kind::pinned);
-    }
+    if (staging_.size() < window * parts) staging_ = dev_->allocate(window * parts, device::memory_kind::pinned);
     return window;
   }
 

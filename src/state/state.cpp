@@ -188,6 +188,7 @@ struct eplb_state::impl {
     if (!s.rendezvous) s.rendezvous = comm::make_prefix_store(p.store, "eplb-comm");
     if (s.dev == nullptr) s.dev = p.dev;
     s.opts.timeout = p.cfg.timeout;
+    if (p.cfg.use_async && s.opts.nice == 0) s.opts.nice = 10;  // transfers yield the CPU to the serving loop
     return comm::make_communicator(backend, s);
   }
 

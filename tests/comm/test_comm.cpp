@@ -1,5 +1,10 @@
 // In-process communicator tests: loopback conformance (threads), error cases, stores.
 #include <doctest/doctest.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <fstream>
+#include <set>
+#include <sstream>
 
 #include <fmt/format.h>
 #include <unistd.h>
@@ -173,4 +178,41 @@ TEST_CASE("backend report lists every backend with a reason when absent") {
   if (device::cuda_device_count() == 0) {
     CHECK_EPLB_ERROR(comm::make_communicator(comm::backend::nccl, comm::setup{}), errc::backend_unavailable, "nccl");
   }
+}
+
+namespace {
+
+// Nice values of this process's threads, from /proc (field 19 of each task's stat).
+std::multiset<int> thread_nice_values() {
+  std::multiset<int> out;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream in(task.path() / "stat");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::istringstream rest(text.substr(text.rfind(')') + 2));  // fields after the command name
+    std::string field;
+    for (int i = 3; i <= 19 && rest >> field; ++i) {
+      if (i == 19) out.insert(std::stoi(field));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("gloo with a nice value runs its transport threads at that priority, not the caller") {
+  const auto report = comm::backend_report();
+  const bool built =
+      std::any_of(report.begin(), report.end(), [](const auto& b) { return b.kind == comm::backend::gloo && b.built; });
+  if (!built) return;
+  const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
+  const int caller = ::getpriority(PRIO_PROCESS, tid);
+  const auto before = thread_nice_values();
+  REQUIRE(caller < 7);
+  REQUIRE(before.count(7) == 0);
+  auto c = comm::make_communicator(
+      comm::backend::gloo,
+      {.rank = 0, .size = 1, .rendezvous = comm::make_memory_store(), .opts = {.lanes = 2, .nice = 7}});
+  const auto after = thread_nice_values();
+  CHECK(after.count(7) >= 2);                         // one transport thread per lane
+  CHECK(::getpriority(PRIO_PROCESS, tid) == caller);  // the calling thread is untouched
 }

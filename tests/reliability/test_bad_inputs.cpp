@@ -623,6 +623,16 @@ std::vector<bad_input> table() {
                    },
                    built ? errc::invalid_argument : errc::backend_unavailable,
                    built ? "gloo: lanes must be in 0..64 (0 = automatic), got 65" : "built without Gloo"});
+      t.push_back({"gloo: nice out of range",
+                   [](f_t f) {
+                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
+                                                                         .size = 1,
+                                                                         .rendezvous = comm::make_memory_store(),
+                                                                         .dev = f.dev.get(),
+                                                                         .opts = {.nice = 20}});
+                   },
+                   built ? errc::invalid_argument : errc::backend_unavailable,
+                   built ? "gloo: nice must be in 0..19, got 20" : "built without Gloo"});
       t.push_back({"gloo: zero chunk size",
                    [](f_t f) {
                      (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,

@@ -41,6 +41,9 @@ struct options {
   int lanes = 0;  ///< gloo: TCP connections (and sender threads) per pair; 0 = from peers and cores, 2..16
   std::size_t staging_bytes = 256U << 20;  ///< gloo: cap on pinned staging memory per rank
   std::string hostname = "127.0.0.1";      ///< gloo: address this rank listens on
+  /// gloo: nice value (0..19) of the threads that move data; async mode uses 10 so that the
+  /// serving thread gets the CPU first. 0 leaves them at the creating thread's priority.
+  int nice = 0;
 };
 
 class communicator {
