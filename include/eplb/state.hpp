@@ -26,7 +26,7 @@ namespace eplb {
 
 /// Async mode's built-in commit agreement runs its CPU all-reduce in the background: what every
 /// rank has staged by its k-th step of a rebalance is committed, on every rank, at step k + this.
-inline constexpr int commit_lag_steps = 2;
+inline constexpr int commit_lag_steps = 8;
 /// Async mode commits at most this many layers in one step, bounding the host time of a step.
 inline constexpr int max_commits_per_step = 2;
 

@@ -13,10 +13,14 @@ lagged_min::lagged_min(cpu_group& group, int lag, std::chrono::milliseconds time
 
 lagged_min::~lagged_min() {
   // Rounds not started yet are skipped; one in progress ends within the group's timeout.
-  cancelled_->store(true);
+  shared_->cancelled.store(true);
 }
 
 void lagged_min::begin(std::int64_t id) {
+  {
+    std::lock_guard lock(shared_->mutex);
+    shared_->failure = nullptr;
+  }
   id_ = id;
   next_round_ = 0;
   rounds_.clear();
@@ -24,9 +28,19 @@ void lagged_min::begin(std::int64_t id) {
 
 void lagged_min::post(std::int64_t value) {
   auto task = std::make_shared<std::packaged_task<std::int64_t()>>(
-      [&group = group_, key = fmt::format("{}/{}", id_, next_round_++), value, cancelled = cancelled_] {
-        if (cancelled->load()) fail(errc::cancelled, "commit agreement: stopped");
-        return group.allreduce_min(value, key);
+      [&group = group_, key = fmt::format("{}/{}", id_, next_round_++), value, shared = shared_] {
+        if (shared->cancelled.load()) fail(errc::cancelled, "commit agreement: stopped");
+        {
+          std::lock_guard lock(shared->mutex);
+          if (shared->failure) std::rethrow_exception(shared->failure);
+        }
+        try {
+          return group.allreduce_min(value, key);
+        } catch (...) {
+          std::lock_guard lock(shared->mutex);
+          if (!shared->failure) shared->failure = std::current_exception();
+          throw;
+        }
       });
   rounds_.push_back(task->get_future());
   thread_.post([task] { (*task)(); });

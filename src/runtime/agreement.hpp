@@ -10,6 +10,7 @@
 #include <deque>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <optional>
 
 #include "runtime/cpu_group.hpp"
@@ -43,7 +44,14 @@ class lagged_min {
   std::int64_t id_ = 0;
   std::int64_t next_round_ = 0;
   std::deque<std::future<std::int64_t>> rounds_;
-  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+  // Shared with the queued rounds: a stop, and the first failure (later rounds fail at once with it
+  // instead of each waiting out the timeout for the same silent peer).
+  struct shared_state {
+    std::atomic<bool> cancelled{false};
+    std::mutex mutex;
+    std::exception_ptr failure;
+  };
+  std::shared_ptr<shared_state> shared_ = std::make_shared<shared_state>();
   job_thread thread_;  // last: joined first, while the members its jobs use are alive
 };
 

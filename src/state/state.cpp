@@ -188,7 +188,12 @@ struct eplb_state::impl {
     if (!s.rendezvous) s.rendezvous = comm::make_prefix_store(p.store, "eplb-comm");
     if (s.dev == nullptr) s.dev = p.dev;
     s.opts.timeout = p.cfg.timeout;
-    if (p.cfg.use_async && s.opts.nice == 0) s.opts.nice = 10;  // transfers yield the CPU to the serving loop
+    if (p.cfg.use_async) {
+      // Transfers yield the CPU to the serving loop, and fewer TCP streams keep the host's network
+      // stack responsive for the per-step agreement (measured: p99 step time on 4 H200 ranks).
+      if (s.opts.nice == 0) s.opts.nice = 10;
+      if (s.opts.lanes == 0) s.opts.lanes = 4;
+    }
     return comm::make_communicator(backend, s);
   }
 
@@ -322,7 +327,7 @@ struct eplb_state::impl {
       } else if (failure) {
         agree->fail_out(mine);
       } else {
-        agreed = agree->step(mine);  // the round of `commit_lag_steps` steps ago
+        agreed = agree->step(mine);  // the round of commit_lag_steps steps ago
       }
     } catch (...) {
       abandon();
