@@ -191,6 +191,7 @@ int main(int argc, char** argv) {
     };
     std::vector<step_sample> slow;  // busy steps, to explain the tail
     int finished_at = -1;
+    const int warmup_steps = 50;
     for (int step = 1; step <= max_steps; ++step) {
       const bool busy = state->stats().rebalance_in_flight;
       const auto t0 = clock_type::now();
@@ -207,9 +208,11 @@ int main(int argc, char** argv) {
                         std::chrono::duration<double, std::milli>(t2 - t1).count(), rep.layers_committed,
                         rep.rebalance_started, step});
       }
-      (in_rebalance ? t.busy_ms : t.quiet_ms).push_back(std::chrono::duration<double, std::milli>(t3 - t0).count());
-      (in_rebalance ? t.busy_step_us : t.quiet_step_us)
-          .push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+      if (step > warmup_steps) {  // the first steps pay for CUDA and NCCL warm-up, not for us
+        (in_rebalance ? t.busy_ms : t.quiet_ms).push_back(std::chrono::duration<double, std::milli>(t3 - t0).count());
+        (in_rebalance ? t.busy_step_us : t.quiet_step_us)
+            .push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+      }
       t.layers_committed += rep.layers_committed;
       if (rep.rebalance_finished) finished_at = step;
       if (finished_at > 0 && step >= finished_at + quiet_steps) break;
@@ -242,25 +245,29 @@ int main(int argc, char** argv) {
       }
     }
 
-    // Phase 2: the same loop with a synchronous rebalance (nccl): one step carries the whole move.
+    // Phase 2: the same loop with synchronous rebalances (nccl): one step carries the whole move.
+    // The first one also sets up NCCL's connections; the second, on a shifted load, is the stall
+    // a running engine sees.
     const int sync_first = 50;
     auto sync_state = make_state(false, "sync", moved, sync_first);
-    std::vector<double> sync_quiet_ms;
-    double stall_ms = 0;
-    std::uint64_t sync_bytes = 0;
-    for (int step = 1; step <= sync_first + 20; ++step) {
+    std::vector<double> sync_quiet_ms, stalls;
+    std::uint64_t sync_bytes = 0, bytes_before = 0;
+    for (int step = 1; step <= 5 * sync_first + 20; ++step) {
       const auto t0 = clock_type::now();
-      forward(*sync_state, 17);
+      forward(*sync_state, step <= sync_first ? 17U : 41U);
       const auto rep = sync_state->step();
       cuda_ok(cudaStreamSynchronize(cs), "serving stream");
       const double ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
       if (rep.rebalance_started) {
-        stall_ms = ms;
-        sync_bytes = sync_state->stats().bytes_moved;
-      } else {
+        stalls.push_back(ms);
+        sync_bytes = sync_state->stats().bytes_moved - bytes_before;
+        bytes_before = sync_state->stats().bytes_moved;
+      } else if (step > sync_first) {
         sync_quiet_ms.push_back(ms);
       }
     }
+    if (stalls.size() != 2) throw std::runtime_error(fmt::format("expected 2 sync rebalances, saw {}", stalls.size()));
+    const double stall_ms = stalls[1];
     sync_state->stop();
     sync_state.reset();
     ncclCommDestroy(tp);
@@ -281,12 +288,12 @@ int main(int argc, char** argv) {
         R"({{"bench":"serving","label":"{}","ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
         R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
         R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
-        R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
+        R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_first_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
         R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
         label, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
         busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes,
-        t.layers_committed, checked, stall_ms, sync_quiet.p50, sync_bytes, tail);
+        t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
     return 0;
   } catch (const std::exception& e) {
     std::cout << fmt::format("rank {}: error {}\n", rank, e.what());
