@@ -20,6 +20,10 @@
 #include "eplb/exec/rearrange.hpp"
 #include "runtime/cpu_group.hpp"
 
+namespace boost::asio {
+class io_context;
+}
+
 namespace eplb::runtime {
 
 struct rebalance_inputs {
@@ -41,6 +45,10 @@ class async_runtime {
   /// `stager` stages on the side stream; `areas` staging areas of stager.layer_area_bytes() each.
   async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
                 device::stream& side, int areas, std::chrono::milliseconds timeout);
+  /// Tests: no thread of its own; everything runs on `io`, which the caller runs (run_one(), poll()).
+  /// stop() runs `io` until the rebalance has ended.
+  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
+                device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context& io);
   ~async_runtime();  // stop()
   async_runtime(const async_runtime&) = delete;
   async_runtime& operator=(const async_runtime&) = delete;
@@ -68,6 +76,8 @@ class async_runtime {
   void stop() noexcept;
 
  private:
+  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
+                device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context* io);
   struct impl;
   std::unique_ptr<impl> impl_;
   std::vector<device::buffer> areas_;
