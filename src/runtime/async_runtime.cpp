@@ -1,5 +1,7 @@
 #include "runtime/async_runtime.hpp"
 
+#include <condition_variable>
+
 #include "runtime/awaitables.hpp"
 #include "util/asio.hpp"
 #include "util/fail.hpp"
@@ -42,6 +44,7 @@ struct async_runtime::impl {
   // Touched only on the io thread.
   staging_ring ring;
   bool stopping = false;
+  bool cancelled = false;  // cancel(): this rebalance only
 
   // Shared with the serving thread.
   mutable std::mutex mutex;
@@ -49,6 +52,8 @@ struct async_runtime::impl {
   std::optional<matrix<expert_id>> target;
   std::optional<matrix<double>> global_load;
   std::exception_ptr failure;
+  std::mutex idle_mutex;  // with idle_cv: wait_idle() sleeps until busy_ turns false
+  std::condition_variable idle_cv;
 
   bool stopped = false;  // stop() ran (touched by the thread that calls stop())
   std::thread thread;    // last
@@ -90,6 +95,9 @@ struct async_runtime::impl {
   }
 
   asio::awaitable<void> rebalance(rebalance_inputs in) {
+    // Areas a failed rebalance staged but never had committed are free again.
+    ring.reset();
+    cancelled = false;
     const auto start = clock::now();
     const auto layers_n = static_cast<int>(in.old_map.rows());
     const auto experts = in.local_load.cols();
@@ -107,6 +115,7 @@ struct async_runtime::impl {
     self.plan_seconds_ = std::chrono::duration<double>(clock::now() - start).count();
     for (int l = 0; l < layers_n; ++l) {
       if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
+      if (cancelled) fail(errc::cancelled, "rebalance abandoned by the serving side");
       const auto t0 = clock::now();
       const int a = co_await ring.acquire();
       auto staged = stager.queue_layer(l, weights, in.old_map.row(static_cast<std::size_t>(l)),
@@ -166,8 +175,24 @@ void async_runtime::start(rebalance_inputs in) {
       std::lock_guard lock(impl_->mutex);
       impl_->failure = e;
     }
-    busy_ = false;
+    {
+      std::lock_guard lock(impl_->idle_mutex);
+      busy_ = false;
+    }
+    impl_->idle_cv.notify_all();
   });
+}
+
+void async_runtime::cancel() {
+  asio::post(impl_->io, [this] {
+    impl_->cancelled = true;
+    impl_->ring.cancel("rebalance abandoned by the serving side");
+  });
+}
+
+bool async_runtime::wait_idle(std::chrono::milliseconds limit) {
+  std::unique_lock lock(impl_->idle_mutex);
+  return impl_->idle_cv.wait_for(lock, limit, [this] { return !busy_.load(std::memory_order_acquire); });
 }
 
 ready_layer async_runtime::get(int layer) const {
@@ -202,7 +227,7 @@ void async_runtime::stop() noexcept {
   impl_->stopped = true;
   asio::post(impl_->io, [this] {
     impl_->stopping = true;
-    impl_->ring.cancel();
+    impl_->ring.cancel("rebalance cancelled by stop()");
   });
   impl_->work.reset();
   // The coroutine ends at its next await: transfers and device waits are bounded by the timeout.

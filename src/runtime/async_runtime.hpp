@@ -53,8 +53,14 @@ class async_runtime {
   async_runtime(const async_runtime&) = delete;
   async_runtime& operator=(const async_runtime&) = delete;
 
-  /// Starts a rebalance (one at a time). Returns at once.
+  /// Starts a rebalance (one at a time: errc::internal while one runs). Returns at once.
   void start(rebalance_inputs in);
+  /// The serving side gave the current rebalance up (a failure here or on a peer): it ends at its
+  /// next check or area wait instead of staging on. No effect on a later start().
+  void cancel();
+  /// Waits until no rebalance runs (a cancelled one ends once its current transfer or device wait
+  /// completes, each bounded by the timeout); false if `limit` passes first.
+  [[nodiscard]] bool wait_idle(std::chrono::milliseconds limit);
   /// Layers 0..n-1 of the current rebalance that are staged and not yet taken.
   [[nodiscard]] int staged_layers() const noexcept { return staged_.load(std::memory_order_acquire); }
   /// The staged layer `layer` (< staged_layers()).

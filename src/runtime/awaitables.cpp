@@ -30,7 +30,7 @@ staging_ring::staging_ring(asio::io_context& io, std::shared_ptr<post_gate> gate
 
 asio::awaitable<int> staging_ring::acquire() {
   while (free_.empty()) {
-    if (cancelled_) fail(errc::cancelled, "rebalance cancelled by stop()");
+    if (cancelled_) fail(errc::cancelled, "{}", reason_);
     waiter_ = std::make_shared<asio::steady_timer>(io_, clock::time_point::max());
     auto keep = waiter_;
     co_await keep->async_wait(asio::as_tuple(asio::use_awaitable));
@@ -50,9 +50,16 @@ void staging_ring::release(int area, device::event consumed) {
   if (waiter_) waiter_->cancel();
 }
 
-void staging_ring::cancel() {
+void staging_ring::cancel(std::string reason) {
   cancelled_ = true;
+  reason_ = std::move(reason);
   if (waiter_) waiter_->cancel();
+}
+
+void staging_ring::reset() {
+  free_.clear();
+  for (int i = 0; i < static_cast<int>(consumed_.size()); ++i) free_.push_back(i);
+  cancelled_ = false;
 }
 
 }  // namespace eplb::runtime

@@ -43,15 +43,18 @@ asio::awaitable<void> await_event(asio::io_context& io, std::shared_ptr<post_gat
 
 /// The staging areas of a rebalance (touched on the io thread only). acquire() takes the oldest free
 /// area, waiting while none is free, then waits for the serving stream's last read of it; release()
-/// hands a committed area back with that read's event. cancel() (stop) makes a waiting or later
-/// acquire() with no free area fail with errc::cancelled.
+/// hands a committed area back with that read's event. cancel() makes a waiting or later acquire()
+/// with no free area fail with errc::cancelled and `reason`. reset() starts a new rebalance: every
+/// area is free again (also those a failed rebalance staged and never had committed; their last
+/// serving reads are still awaited) and the cancel is forgotten.
 class staging_ring {
  public:
   staging_ring(asio::io_context& io, std::shared_ptr<post_gate> gate, int areas, std::chrono::milliseconds timeout);
 
   asio::awaitable<int> acquire();
   void release(int area, device::event consumed);
-  void cancel();
+  void cancel(std::string reason);
+  void reset();
   [[nodiscard]] bool cancelled() const noexcept { return cancelled_; }
   [[nodiscard]] std::size_t free_count() const noexcept { return free_.size(); }
 
@@ -63,6 +66,7 @@ class staging_ring {
   std::vector<device::event> consumed_;  // per area: the serving stream's last read of it
   std::shared_ptr<asio::steady_timer> waiter_;
   bool cancelled_ = false;
+  std::string reason_;
 };
 
 }  // namespace eplb::runtime

@@ -263,7 +263,7 @@ TEST_CASE("staging ring: cancel() fails a waiting acquire() with errc::cancelled
   io.poll();
   CHECK(first->value == 0);
   CHECK_FALSE(waiting->done);
-  ring.cancel();
+  ring.cancel("rebalance cancelled by stop()");
   CHECK(ring.cancelled());
   io.poll();
   CHECK(waiting->done);
@@ -279,6 +279,30 @@ TEST_CASE("staging ring: cancel() fails a waiting acquire() with errc::cancelled
   spawn(io, ring.acquire(), free_one);
   io.poll();
   CHECK(free_one->value == 0);
+}
+
+TEST_CASE("staging ring: reset() frees every area and forgets cancel(); the serving reads are still awaited") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  runtime::staging_ring ring(io, gate, 2, 10s);
+  for (int i = 0; i < 2; ++i) spawn(io, ring.acquire(), std::make_shared<probe>());
+  io.poll();
+  CHECK(ring.free_count() == 0);  // a failed rebalance staged both and never had them committed
+  manual_event read0;
+  ring.release(0, read0.event());  // area 0 was committed; the serving stream still reads it
+  ring.cancel("rebalance abandoned");
+  ring.reset();
+  CHECK(ring.free_count() == 2);
+  CHECK_FALSE(ring.cancelled());
+  auto next = std::make_shared<probe>();
+  spawn(io, ring.acquire(), next);
+  io.poll();
+  CHECK_FALSE(next->done);  // area 0 first, after its read
+  read0.complete();
+  io.poll();
+  CHECK(next->value == 0);
+  CHECK(failure_of(next->failure).empty());
 }
 
 namespace {
@@ -452,4 +476,28 @@ TEST_CASE("async runtime: stop() while the rebalance waits for an area cancels i
   CHECK(failure_of(rt.failure()) == "cancelled: rebalance cancelled by stop()");
   CHECK(rt.staged_layers() == 1);
   rt.stop();  // idempotent
+}
+
+TEST_CASE("async runtime: cancel() ends a rebalance waiting for an area; its areas serve the next rebalance") {
+  runtime_rig rig(1, 20s);
+  auto& rt = *rig.rt;
+  rt.start(rig.inputs());
+  REQUIRE(run_until(rig.io, [&] { return rt.staged_layers() == 1; }));
+  CHECK(rig.io.poll() == 0);  // layer 0 holds the only area; the serving side gives the rebalance up
+  CHECK_FALSE(rt.wait_idle(0ms));
+  rt.cancel();
+  REQUIRE(run_until(
+      rig.io, [&] { return !rt.busy(); }, 3s));
+  CHECK(rt.wait_idle(0ms));
+  CHECK(failure_of(rt.failure()) == "cancelled: rebalance abandoned by the serving side");
+  // The next rebalance gets the area that layer 0 of the abandoned one held (never committed).
+  rt.start(rig.inputs());
+  CHECK(failure_of(rt.failure()).empty());
+  CHECK(run_until(
+      rig.io, [&] { return rt.staged_layers() == 1; }, 3s));
+  rt.release(rig.commit(0), rig.serving->record());
+  CHECK(rig.verify(0).empty());
+  REQUIRE(run_until(
+      rig.io, [&] { return rt.staged_layers() == 2; }, 3s));
+  rt.stop();
 }
