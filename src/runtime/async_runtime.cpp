@@ -55,24 +55,26 @@ struct async_runtime::impl {
   std::mutex idle_mutex;  // with idle_cv: wait_idle() sleeps until busy_ turns false
   std::condition_variable idle_cv;
 
-  bool stopped = false;  // stop() ran (touched by the thread that calls stop())
-  std::thread thread;    // last
+  bool stopped = false;       // stop() ran (touched by the thread that calls stop())
+  bool side_drained = false;  // stop() saw the side stream finish everything queued
+  std::thread thread;         // last
 
   // The load all-reduce blocks on the store: it runs on the blocking worker and resumes here.
   // (A named coroutine with plain parameters: GCC 12 mishandles lambdas passed into coroutines.)
   asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
     auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
     auto out = std::make_shared<std::pair<std::vector<double>, std::exception_ptr>>();
-    blocking.post([this, g = gate, timer, out, local] {
+    // Jobs and callbacks on other threads hold the timer weakly (see await_event).
+    blocking.post([this, g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), out, local] {
       std::pair<std::vector<double>, std::exception_ptr> r;
       try {
         r.first = group.allreduce_sum(local->flat());
       } catch (...) {
         r.second = std::current_exception();
       }
-      g->post([timer, out, r = std::move(r)]() mutable {
+      g->post([weak, out, r = std::move(r)]() mutable {
         *out = std::move(r);
-        timer->cancel();
+        if (auto t = weak.lock()) t->cancel();
       });
     });
     co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
@@ -84,12 +86,13 @@ struct async_runtime::impl {
     auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
     auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
     // The communicator enforces its own timeout; this resumes when it reports, either way.
-    stager.communicator().execute_async([g = gate, timer, result](std::exception_ptr f) {
-      g->post([timer, result, f] {
-        *result = {true, f};
-        timer->cancel();
-      });
-    });
+    stager.communicator().execute_async(
+        [g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), result](std::exception_ptr f) {
+          g->post([weak, result, f] {
+            *result = {true, f};
+            if (auto t = weak.lock()) t->cancel();
+          });
+        });
     co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
     if (result->second) std::rethrow_exception(result->second);
   }
@@ -157,6 +160,21 @@ async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights&
 
 async_runtime::~async_runtime() {
   stop();
+  if (!impl_ || impl_->side_drained || areas_.empty()) return;
+  // The side stream did not drain within the timeout: work queued on it may still write into the
+  // areas, so they must outlive it. Host memory is freed once the stream gets past that work (or
+  // is destroyed); device memory stays allocated (freeing it would wait for the stalled stream, and
+  // no CUDA call may run in a stream callback).
+  auto keep = std::make_shared<std::vector<device::buffer>>(std::move(areas_));
+  if (keep->front().kind() == device::memory_kind::device) {
+    (void)new std::vector<device::buffer>(std::move(*keep));  // deliberately never freed
+    return;
+  }
+  try {
+    impl_->side_stream.record().notify([keep](std::exception_ptr) {});
+  } catch (...) {
+    (void)new std::vector<device::buffer>(std::move(*keep));  // no safe moment to free them
+  }
 }
 
 void async_runtime::start(rebalance_inputs in) {
@@ -243,6 +261,7 @@ void async_runtime::stop() noexcept {
   }
   try {
     impl_->side_stream.synchronize(impl_->timeout);
+    impl_->side_drained = true;
   } catch (...) {
     // A failed or stalled side stream is reported by step(); stop() only must not hang.
   }

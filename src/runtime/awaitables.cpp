@@ -10,10 +10,12 @@ asio::awaitable<void> await_event(asio::io_context& io, std::shared_ptr<post_gat
                                   std::chrono::milliseconds timeout, std::string what) {
   auto timer = std::make_shared<asio::steady_timer>(io, timeout);
   auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
-  e.notify([g = gate, timer, result](std::exception_ptr f) {
-    g->post([timer, result, f] {
+  // The callback runs, and is destroyed, on a stream or driver thread, maybe after the io_context is
+  // gone: it holds the timer weakly, and only the posted handler (on the io thread) touches it.
+  e.notify([g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), result](std::exception_ptr f) {
+    g->post([weak, result, f] {
       *result = {true, f};
-      timer->cancel();
+      if (auto t = weak.lock()) t->cancel();
     });
   });
   co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));

@@ -326,7 +326,9 @@ struct runtime_rig {
   runtime::cpu_group group;
   std::unique_ptr<runtime::async_runtime> rt;  // last: stopped and gone before the rest
 
-  explicit runtime_rig(int areas, std::chrono::milliseconds timeout, device::host_faults faults = {})
+  /// own_thread: the runtime runs its own io_context on its own thread (as in eplb_state).
+  explicit runtime_rig(int areas, std::chrono::milliseconds timeout, device::host_faults faults = {},
+                       bool own_thread = false)
       : dev(device::make_host_device(faults)),
         serving(dev->create_stream()),
         side(dev->create_stream()),
@@ -342,7 +344,10 @@ struct runtime_rig {
         comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = comm::make_loopback_world(1)});
     stager =
         std::make_unique<exec::rearranger>(shape, 0, *dev, *side, *comm, exec::rearrange_options{.timeout = timeout});
-    rt = std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout, io);
+    rt = own_thread
+             ? std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout)
+             : std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout,
+                                                        io);
   }
 
   // Expert 0 is hot in every layer: the policy gives it the redundant slots.
@@ -500,4 +505,16 @@ TEST_CASE("async runtime: cancel() ends a rebalance waiting for an area; its are
   REQUIRE(run_until(
       rig.io, [&] { return rt.staged_layers() == 2; }, 3s));
   rt.stop();
+}
+
+TEST_CASE("async runtime: gone before its stalled side stream; the late completion touches nothing of it") {
+  runtime_rig rig(2, 100ms, {}, true);  // its own io_context and thread, as in eplb_state
+  manual_event opens;
+  rig.side->wait(opens.event());
+  rig.rt->start(rig.inputs());
+  REQUIRE(rig.rt->wait_idle(10s));
+  CHECK(failure_of(rig.rt->failure()) == "timeout: staging layer 0 not done within 100 ms");
+  rig.rt.reset();    // stop() waits 100 ms for the side stream, then the runtime and its io_context go
+  opens.complete();  // the stream runs on: layer 0's event completes and its callback is dropped
+  rig.side->synchronize(10s);
 }
