@@ -223,7 +223,6 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
   std::vector<std::vector<std::byte>> before(layers);
   matrix<expert_id> maps_before = r.state->maps().phy2log();
   bool failed = false;
-  int failed_at = -1;
 
   // Layers the failed (or stopped) rebalance did not commit: bytes and maps as at its start; all
   // layers hold what their maps say.
@@ -277,7 +276,6 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
       if (e.code() == errc::internal) out.broken.push_back(fmt::format("internal error: {}", e.what()));
       if (plan.how == ending::device_fault) {
         failed = true;
-        failed_at = step;
         break;
       }
       check_untouched("after a transfer fault");
@@ -287,7 +285,6 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
       // With this test's 3-step interval that needs a pause.
       if (!failed) std::this_thread::sleep_for(plan.timeout + 200ms);
       failed = true;
-      failed_at = step;
       in_flight = false;
     }
   }
@@ -317,7 +314,6 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
   if (plan.how == ending::device_fault && !failed) {
     out.broken.push_back(fmt::format("rank {}: no error within {} steps of a device fault", rank, last_step));
   }
-  (void)failed_at;
   prog.phase = 3;
   return out;
 }
