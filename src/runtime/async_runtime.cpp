@@ -1,5 +1,8 @@
 #include "runtime/async_runtime.hpp"
 
+#include <condition_variable>
+
+#include "runtime/awaitables.hpp"
 #include "util/asio.hpp"
 #include "util/fail.hpp"
 #include "util/job_thread.hpp"
@@ -10,11 +13,17 @@ using clock = std::chrono::steady_clock;
 
 struct async_runtime::impl {
   impl(async_runtime& owner, exec::rearranger& s, const exec::rank_weights& w, cpu_group& g, device::stream& side,
-       int areas, std::chrono::milliseconds t)
-      : self(owner), stager(s), weights(w), group(g), side_stream(side), timeout(t) {
-    for (int i = 0; i < areas; ++i) free_areas.push_back(i);
-    consumed.resize(static_cast<std::size_t>(areas));
-    thread = std::thread([this] { io.run(); });
+       int areas, std::chrono::milliseconds t, asio::io_context* external)
+      : self(owner),
+        stager(s),
+        weights(w),
+        group(g),
+        side_stream(side),
+        timeout(t),
+        own_io(external != nullptr ? nullptr : std::make_unique<asio::io_context>()),
+        io(external != nullptr ? *external : *own_io),
+        ring(io, gate, areas, t) {
+    if (own_io) thread = std::thread([this] { io.run(); });
   }
 
   async_runtime& self;
@@ -24,28 +33,18 @@ struct async_runtime::impl {
   device::stream& side_stream;
   std::chrono::milliseconds timeout;
 
-  asio::io_context io;
+  std::unique_ptr<asio::io_context> own_io;  // null when the caller runs an io_context of its own
+  asio::io_context& io;
   asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
   // Device and communicator callbacks post here through the gate, which stop() closes, so a late
   // callback never touches a runtime that is gone.
-  struct gate_t {
-    explicit gate_t(asio::io_context* i) : io(i) {}
-    std::mutex mutex;
-    asio::io_context* io;
-  };
-  std::shared_ptr<gate_t> gate = std::make_shared<gate_t>(&io);
-  template <typename Fn>
-  static void post_through(const std::shared_ptr<gate_t>& g, Fn fn) {
-    std::lock_guard lock(g->mutex);
-    if (g->io != nullptr) asio::post(*g->io, std::move(fn));
-  }
+  std::shared_ptr<post_gate> gate = std::make_shared<post_gate>(io);
   job_thread blocking;  // CPU collectives block on the store: they run here, not on the io thread
 
   // Touched only on the io thread.
-  std::deque<int> free_areas;
-  std::vector<device::event> consumed;  // per area: the serving stream's last read of it
-  std::shared_ptr<asio::steady_timer> area_waiter;
+  staging_ring ring;
   bool stopping = false;
+  bool cancelled = false;  // cancel(): this rebalance only
 
   // Shared with the serving thread.
   mutable std::mutex mutex;
@@ -53,39 +52,29 @@ struct async_runtime::impl {
   std::optional<matrix<expert_id>> target;
   std::optional<matrix<double>> global_load;
   std::exception_ptr failure;
+  std::mutex idle_mutex;  // with idle_cv: wait_idle() sleeps until busy_ turns false
+  std::condition_variable idle_cv;
 
-  std::thread thread;  // last
-
-  // Completes when `e` does, or fails with errc::timeout; the driver's callback only posts here.
-  asio::awaitable<void> await_event(device::event e, std::string what) {
-    auto timer = std::make_shared<asio::steady_timer>(io, timeout);
-    auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
-    e.notify([g = gate, timer, result](std::exception_ptr f) {
-      post_through(g, [timer, result, f] {
-        *result = {true, f};
-        timer->cancel();
-      });
-    });
-    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
-    if (!result->first) fail(errc::timeout, "{} not done within {} ms", what, timeout.count());
-    if (result->second) std::rethrow_exception(result->second);
-  }
+  bool stopped = false;       // stop() ran (touched by the thread that calls stop())
+  bool side_drained = false;  // stop() saw the side stream finish everything queued
+  std::thread thread;         // last
 
   // The load all-reduce blocks on the store: it runs on the blocking worker and resumes here.
   // (A named coroutine with plain parameters: GCC 12 mishandles lambdas passed into coroutines.)
   asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
     auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
     auto out = std::make_shared<std::pair<std::vector<double>, std::exception_ptr>>();
-    blocking.post([this, g = gate, timer, out, local] {
+    // Jobs and callbacks on other threads hold the timer weakly (see await_event).
+    blocking.post([this, g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), out, local] {
       std::pair<std::vector<double>, std::exception_ptr> r;
       try {
         r.first = group.allreduce_sum(local->flat());
       } catch (...) {
         r.second = std::current_exception();
       }
-      post_through(g, [timer, out, r = std::move(r)]() mutable {
+      g->post([weak, out, r = std::move(r)]() mutable {
         *out = std::move(r);
-        timer->cancel();
+        if (auto t = weak.lock()) t->cancel();
       });
     });
     co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
@@ -97,33 +86,21 @@ struct async_runtime::impl {
     auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
     auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
     // The communicator enforces its own timeout; this resumes when it reports, either way.
-    stager.communicator().execute_async([g = gate, timer, result](std::exception_ptr f) {
-      post_through(g, [timer, result, f] {
-        *result = {true, f};
-        timer->cancel();
-      });
-    });
+    stager.communicator().execute_async(
+        [g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), result](std::exception_ptr f) {
+          g->post([weak, result, f] {
+            *result = {true, f};
+            if (auto t = weak.lock()) t->cancel();
+          });
+        });
     co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
     if (result->second) std::rethrow_exception(result->second);
   }
 
-  asio::awaitable<int> acquire_area() {
-    while (free_areas.empty()) {
-      if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
-      area_waiter = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
-      auto keep = area_waiter;
-      co_await keep->async_wait(asio::as_tuple(asio::use_awaitable));
-    }
-    const int a = free_areas.front();
-    free_areas.pop_front();
-    if (consumed[static_cast<std::size_t>(a)].valid()) {
-      std::string what = "the serving stream's read of a staging area";
-      co_await await_event(consumed[static_cast<std::size_t>(a)], std::move(what));
-    }
-    co_return a;
-  }
-
   asio::awaitable<void> rebalance(rebalance_inputs in) {
+    // Areas a failed rebalance staged but never had committed are free again.
+    ring.reset();
+    cancelled = false;
     const auto start = clock::now();
     const auto layers_n = static_cast<int>(in.old_map.rows());
     const auto experts = in.local_load.cols();
@@ -141,14 +118,15 @@ struct async_runtime::impl {
     self.plan_seconds_ = std::chrono::duration<double>(clock::now() - start).count();
     for (int l = 0; l < layers_n; ++l) {
       if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
+      if (cancelled) fail(errc::cancelled, "rebalance abandoned by the serving side");
       const auto t0 = clock::now();
-      const int a = co_await acquire_area();
+      const int a = co_await ring.acquire();
       auto staged = stager.queue_layer(l, weights, in.old_map.row(static_cast<std::size_t>(l)),
                                        next.row(static_cast<std::size_t>(l)), self.area(a));
       co_await await_execute();
       auto ready = side_stream.record();
       std::string what = fmt::format("staging layer {}", l);
-      co_await await_event(ready, std::move(what));
+      co_await await_event(io, gate, ready, timeout, std::move(what));
       self.stage_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
       {
         std::lock_guard lock(mutex);
@@ -157,27 +135,46 @@ struct async_runtime::impl {
       self.staged_.store(l + 1, std::memory_order_release);
     }
   }
-
-  void release(int a, device::event e) {
-    consumed[static_cast<std::size_t>(a)] = std::move(e);
-    free_areas.push_back(a);
-    if (area_waiter) area_waiter->cancel();
-  }
 };
 
 async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
-                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout) {
+                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout,
+                             asio::io_context* io) {
   if (areas <= 0) fail(errc::invalid_argument, "async runtime: needs at least one staging area");
   for (int i = 0; i < areas; ++i) {
     areas_.push_back(dev.allocate(stager.layer_area_bytes(), dev.kind() == device::backend_kind::cuda
                                                                  ? device::memory_kind::device
                                                                  : device::memory_kind::host));
   }
-  impl_ = std::make_unique<impl>(*this, stager, weights, group, side, areas, timeout);
+  impl_ = std::make_unique<impl>(*this, stager, weights, group, side, areas, timeout, io);
 }
+
+async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
+                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout)
+    : async_runtime(stager, weights, group, dev, side, areas, timeout, nullptr) {}
+
+async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
+                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout,
+                             asio::io_context& io)
+    : async_runtime(stager, weights, group, dev, side, areas, timeout, &io) {}
 
 async_runtime::~async_runtime() {
   stop();
+  if (!impl_ || impl_->side_drained || areas_.empty()) return;
+  // The side stream did not drain within the timeout: work queued on it may still write into the
+  // areas, so they must outlive it. Host memory is freed once the stream gets past that work (or
+  // is destroyed); device memory stays allocated (freeing it would wait for the stalled stream, and
+  // no CUDA call may run in a stream callback).
+  auto keep = std::make_shared<std::vector<device::buffer>>(std::move(areas_));
+  if (keep->front().kind() == device::memory_kind::device) {
+    (void)new std::vector<device::buffer>(std::move(*keep));  // deliberately never freed
+    return;
+  }
+  try {
+    impl_->side_stream.record().notify([keep](std::exception_ptr) {});
+  } catch (...) {
+    (void)new std::vector<device::buffer>(std::move(*keep));  // no safe moment to free them
+  }
 }
 
 void async_runtime::start(rebalance_inputs in) {
@@ -196,8 +193,24 @@ void async_runtime::start(rebalance_inputs in) {
       std::lock_guard lock(impl_->mutex);
       impl_->failure = e;
     }
-    busy_ = false;
+    {
+      std::lock_guard lock(impl_->idle_mutex);
+      busy_ = false;
+    }
+    impl_->idle_cv.notify_all();
   });
+}
+
+void async_runtime::cancel() {
+  asio::post(impl_->io, [this] {
+    impl_->cancelled = true;
+    impl_->ring.cancel("rebalance abandoned by the serving side");
+  });
+}
+
+bool async_runtime::wait_idle(std::chrono::milliseconds limit) {
+  std::unique_lock lock(impl_->idle_mutex);
+  return impl_->idle_cv.wait_for(lock, limit, [this] { return !busy_.load(std::memory_order_acquire); });
 }
 
 ready_layer async_runtime::get(int layer) const {
@@ -209,7 +222,7 @@ ready_layer async_runtime::get(int layer) const {
 }
 
 void async_runtime::release(int area, device::event consumed) {
-  asio::post(impl_->io, [this, area, consumed] { impl_->release(area, consumed); });
+  asio::post(impl_->io, [this, area, consumed] { impl_->ring.release(area, consumed); });
 }
 
 std::optional<matrix<expert_id>> async_runtime::target() const {
@@ -228,21 +241,31 @@ std::exception_ptr async_runtime::failure() const {
 }
 
 void async_runtime::stop() noexcept {
-  if (!impl_ || !impl_->thread.joinable()) return;
+  if (!impl_ || impl_->stopped) return;
+  impl_->stopped = true;
   asio::post(impl_->io, [this] {
     impl_->stopping = true;
-    if (impl_->area_waiter) impl_->area_waiter->cancel();
+    impl_->ring.cancel("rebalance cancelled by stop()");
   });
   impl_->work.reset();
   // The coroutine ends at its next await: transfers and device waits are bounded by the timeout.
-  impl_->thread.join();
+  if (impl_->thread.joinable()) {
+    impl_->thread.join();
+  } else {
+    // The caller's io_context (tests): run it here until the rebalance has ended.
+    try {
+      if (impl_->io.stopped()) impl_->io.restart();
+      impl_->io.run();
+    } catch (...) {
+    }
+  }
   try {
     impl_->side_stream.synchronize(impl_->timeout);
+    impl_->side_drained = true;
   } catch (...) {
     // A failed or stalled side stream is reported by step(); stop() only must not hang.
   }
-  std::lock_guard lock(impl_->gate->mutex);
-  impl_->gate->io = nullptr;
+  impl_->gate->close();
 }
 
 }  // namespace eplb::runtime

@@ -20,6 +20,10 @@
 #include "eplb/exec/rearrange.hpp"
 #include "runtime/cpu_group.hpp"
 
+namespace boost::asio {
+class io_context;
+}
+
 namespace eplb::runtime {
 
 struct rebalance_inputs {
@@ -41,12 +45,22 @@ class async_runtime {
   /// `stager` stages on the side stream; `areas` staging areas of stager.layer_area_bytes() each.
   async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
                 device::stream& side, int areas, std::chrono::milliseconds timeout);
+  /// Tests: no thread of its own; everything runs on `io`, which the caller runs (run_one(), poll()).
+  /// stop() runs `io` until the rebalance has ended.
+  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
+                device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context& io);
   ~async_runtime();  // stop()
   async_runtime(const async_runtime&) = delete;
   async_runtime& operator=(const async_runtime&) = delete;
 
-  /// Starts a rebalance (one at a time). Returns at once.
+  /// Starts a rebalance (one at a time: errc::internal while one runs). Returns at once.
   void start(rebalance_inputs in);
+  /// The serving side gave the current rebalance up (a failure here or on a peer): it ends at its
+  /// next check or area wait instead of staging on. No effect on a later start().
+  void cancel();
+  /// Waits until no rebalance runs (a cancelled one ends once its current transfer or device wait
+  /// completes, each bounded by the timeout); false if `limit` passes first.
+  [[nodiscard]] bool wait_idle(std::chrono::milliseconds limit);
   /// Layers 0..n-1 of the current rebalance that are staged and not yet taken.
   [[nodiscard]] int staged_layers() const noexcept { return staged_.load(std::memory_order_acquire); }
   /// The staged layer `layer` (< staged_layers()).
@@ -68,6 +82,8 @@ class async_runtime {
   void stop() noexcept;
 
  private:
+  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
+                device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context* io);
   struct impl;
   std::unique_ptr<impl> impl_;
   std::vector<device::buffer> areas_;

@@ -273,6 +273,13 @@ struct eplb_state::impl {
     trigger_time = clock_type::now();
     const policy_kind policy = cfg.resolved_policy();
     if (cfg.use_async) {
+      // A rebalance that failed (here or on a peer) may still be ending on the background thread:
+      // its current transfer or device wait finishes within the timeout, then it stops (abandon()
+      // cancelled it). Starting only then keeps every rank's transfers in the same order.
+      if (!background->wait_idle(2 * cfg.timeout)) {
+        fail(errc::timeout, "rank {}: the previous rebalance did not end within {} ms of being abandoned", rank,
+             2 * cfg.timeout.count());
+      }
       if (agree) agree->begin(m.rebalances);
       background->start({local, maps.phy2log(), policy, model.num_groups, model.num_nodes});
       in_flight = true;
@@ -379,6 +386,7 @@ struct eplb_state::impl {
   void abandon() {
     in_flight = false;
     m.rebalance_in_flight = false;
+    if (background) background->cancel();  // it would wait forever for areas that are never committed
   }
 };
 
