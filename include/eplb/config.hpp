@@ -24,6 +24,10 @@ struct config {
   std::string communicator = "auto";          ///< auto | nccl | gloo | stateless_nccl | loopback
   std::size_t staging_bytes = 0;              ///< cap on staging memory; 0 = one layer (eplb default)
   std::chrono::milliseconds timeout{60'000};  ///< every wait of a rebalance (transfers, device, agreement)
+  /// Async, built-in agreement: layers every rank has staged by step k are committed at step
+  /// k + this (0..1000). The CPU all-reduce runs in the background meanwhile, so step() waits on the
+  /// network only if one round takes longer than this many steps (eplb default).
+  int commit_lag_steps = 8;
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;

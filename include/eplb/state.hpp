@@ -24,9 +24,6 @@
 
 namespace eplb {
 
-/// Async mode's built-in commit agreement runs its CPU all-reduce in the background: what every
-/// rank has staged by its k-th step of a rebalance is committed, on every rank, at step k + this.
-inline constexpr int commit_lag_steps = 8;
 /// Async mode commits at most this many layers in one step, bounding the host time of a step.
 inline constexpr int max_commits_per_step = 2;
 
@@ -50,7 +47,7 @@ struct state_params {
   /// Optional: the minimum over ranks of `staged_here` (or of a negative failure code), folded by the
   /// engine into a collective it already runs; layers agreed on are committed in the same step.
   /// Default: a CPU all-reduce over the store on a background thread, run only while a rebalance
-  /// is in flight and read commit_lag_steps steps later, so step() does not wait on the network.
+  /// is in flight and read config::commit_lag_steps steps later, so step() does not wait on the network.
   std::function<std::int64_t(std::int64_t staged_here)> commit_agreement;
   std::function<void(std::string_view)> log;  ///< balancedness lines; default: stderr on rank 0
 };

@@ -11,10 +11,8 @@ lagged_min::lagged_min(cpu_group& group, int lag, std::chrono::milliseconds time
   if (lag < 0) fail(errc::invalid_argument, "commit agreement: lag must be >= 0, got {}", lag);
 }
 
-lagged_min::~lagged_min() {
-  // Rounds not started yet are skipped; one in progress ends within the group's timeout.
-  shared_->cancelled.store(true);
-}
+lagged_min::~lagged_min() = default;  // queued rounds run (peers may be waiting for them); after a
+                                      // failed one the rest fail at once, so this is bounded by one timeout
 
 void lagged_min::begin(std::int64_t id) {
   {
@@ -29,7 +27,6 @@ void lagged_min::begin(std::int64_t id) {
 void lagged_min::post(std::int64_t value) {
   auto task = std::make_shared<std::packaged_task<std::int64_t()>>(
       [&group = group_, key = fmt::format("{}/{}", id_, next_round_++), value, shared = shared_] {
-        if (shared->cancelled.load()) fail(errc::cancelled, "commit agreement: stopped");
         {
           std::lock_guard lock(shared->mutex);
           if (shared->failure) std::rethrow_exception(shared->failure);

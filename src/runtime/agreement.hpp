@@ -44,10 +44,9 @@ class lagged_min {
   std::int64_t id_ = 0;
   std::int64_t next_round_ = 0;
   std::deque<std::future<std::int64_t>> rounds_;
-  // Shared with the queued rounds: a stop, and the first failure (later rounds fail at once with it
-  // instead of each waiting out the timeout for the same silent peer).
+  // Shared with the queued rounds: the first failure (later rounds fail at once with it instead of
+  // each waiting out the timeout for the same silent peer).
   struct shared_state {
-    std::atomic<bool> cancelled{false};
     std::mutex mutex;
     std::exception_ptr failure;
   };

@@ -18,6 +18,9 @@ void config::validate() const {
   if (num_redundant_experts < 0) {
     fail(errc::invalid_config, "num_redundant_experts: {} is not allowed (must be >= 0)", num_redundant_experts);
   }
+  if (commit_lag_steps < 0 || commit_lag_steps > 1000) {
+    fail(errc::invalid_config, "commit_lag_steps: {} is not allowed (must be in 0..1000)", commit_lag_steps);
+  }
   if (policy != "default" && policy != "min_move") {
     fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\", \"min_move\")", policy);
   }
@@ -108,10 +111,12 @@ config config::from_json(std::string_view text) {
       c.staging_bytes = static_cast<std::size_t>(x);
     } else if (key == "timeout_ms") {
       c.timeout = std::chrono::milliseconds(integer(key, v));
+    } else if (key == "commit_lag_steps") {
+      c.commit_lag_steps = int_field(key, v);
     } else {
       fail(errc::invalid_config,
            "{}: unknown field (known: window_size, step_interval, num_redundant_experts, log_balancedness, "
-           "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms)",
+           "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms, commit_lag_steps)",
            key);
     }
   }

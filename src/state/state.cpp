@@ -34,6 +34,8 @@ struct eplb_state::impl {
   std::unique_ptr<runtime::cpu_group> group;
   std::unique_ptr<runtime::async_runtime> background;
   std::unique_ptr<runtime::lagged_min> agree;  // async, unless the engine supplies the agreement
+  std::optional<std::int64_t> failed_code;     // this rank failed; the group has not seen it yet
+  bool ended_by_failure = false;               // this step ended a failed rebalance
 
   placement maps;
   load_window window;
@@ -110,7 +112,7 @@ struct eplb_state::impl {
              cfg.staging_bytes, area);
       }
       background = std::make_unique<runtime::async_runtime>(*mover, weights, *group, dev, *side, areas, cfg.timeout);
-      if (!agreement) agree = std::make_unique<runtime::lagged_min>(*group, commit_lag_steps, cfg.timeout);
+      if (!agreement) agree = std::make_unique<runtime::lagged_min>(*group, cfg.commit_lag_steps, cfg.timeout);
     } else {
       mover = std::make_unique<exec::rearranger>(shape, rank, dev, serving, *comm, opts);
     }
@@ -323,25 +325,38 @@ struct eplb_state::impl {
   }
 
   void commit_ready(step_report& report) {
+    if (failed_code) {
+      // This rank's part failed; it keeps posting its code until the round that carries the first
+      // failure (of any rank) comes back, which every rank reads in the same step.
+      std::optional<std::int64_t> agreed;
+      try {
+        agreed = agree->step(*failed_code);
+      } catch (...) {
+        end_rebalance();  // the failure was reported when it happened; a silent peer ends it too
+        ended_by_failure = true;
+        return;
+      }
+      if (agreed && *agreed < 0) {
+        end_rebalance();
+        ended_by_failure = true;  // as on the peers, whose step throws: no new rebalance in this step
+      }
+      return;
+    }
     const auto start = clock_type::now();
     const auto failure = background->failure();
-    // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop at once.
+    // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop too.
     const std::int64_t mine = failure ? -(rank + 2) : background->staged_layers();
     std::optional<std::int64_t> agreed;
     try {
-      if (agreement) {
-        agreed = agreement(mine);
-      } else if (failure) {
-        agree->fail_out(mine);
-      } else {
-        agreed = agree->step(mine);  // the round of commit_lag_steps steps ago
-      }
+      // Built in: the round of commit_lag_steps steps ago.
+      agreed = agreement ? agreement(mine) : agree->step(mine);
     } catch (...) {
-      abandon();
+      abandon(mine);
       throw;
     }
+    if (agreed && *agreed < 0) end_rebalance();  // every rank reads this round in this step
     if (failure) {
-      abandon();
+      abandon(mine);
       try {
         std::rethrow_exception(failure);
       } catch (const error& e) {
@@ -349,7 +364,7 @@ struct eplb_state::impl {
       }
     }
     if (agreed && *agreed < 0) {
-      abandon();
+      abandon(mine);
       fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights",
            -*agreed - 2);
     }
@@ -383,10 +398,22 @@ struct eplb_state::impl {
     }
   }
 
-  void abandon() {
+  // Stops this rank's part of the rebalance. Unless it already ended for everyone, it stays in
+  // flight (posting `code`) until the agreement shows the failure to every rank in the same step,
+  // so that all ranks end it, and start the next one, together.
+  void abandon(std::int64_t code) {
+    if (background) background->cancel();  // it would wait forever for areas that are never committed
+    if (!in_flight) return;
+    if (agreement) {
+      end_rebalance();
+    } else {
+      failed_code = code < 0 ? code : -(rank + 2);
+    }
+  }
+  void end_rebalance() {
     in_flight = false;
     m.rebalance_in_flight = false;
-    if (background) background->cancel();  // it would wait forever for areas that are never committed
+    failed_code.reset();
   }
 };
 
@@ -423,26 +450,23 @@ step_report eplb_state::step(bool is_dummy) {
     ++s.m.steps;
     ++s.since_rebalance;
     if (s.cfg.log_balancedness && s.m.steps % s.cfg.log_balancedness_interval == 0) s.log_balancedness();
+    s.ended_by_failure = false;
     if (s.in_flight) s.commit_ready(report);
-    if (!s.in_flight && s.since_rebalance >= s.cfg.step_interval) {
+    if (!s.in_flight && !s.ended_by_failure && s.since_rebalance >= s.cfg.step_interval) {
       s.since_rebalance = 0;
       s.pending_before = 0;
       s.start_rebalance(report);
     }
   } catch (...) {
-    if (s.in_flight) {
-      // Tell the peers at once (their next agreement sees this rank's failure code) rather than
-      // letting them time out; best effort, the original error is what this rank reports.
-      try {
-        const std::int64_t code = -(s.rank + 2);
-        if (s.agreement) {
-          (void)s.agreement(code);
-        } else {
-          s.agree->fail_out(code);
+    if (s.in_flight && !s.failed_code) {
+      // Tell the peers: the engine's agreement now; the built-in one from the next step on.
+      if (s.agreement) {
+        try {
+          (void)s.agreement(-(s.rank + 2));
+        } catch (...) {  // NOLINT(bugprone-empty-catch): the original error is what this rank reports
         }
-      } catch (...) {
       }
-      s.abandon();
+      s.abandon(-(s.rank + 2));
     }
     throw;
   }
@@ -452,6 +476,9 @@ step_report eplb_state::step(bool is_dummy) {
 void eplb_state::stop() noexcept {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
+  // Mid-rebalance, the peers read this rank's failure code from the agreement instead of waiting
+  // for rounds it would never post.
+  if (impl_->in_flight && impl_->agree) impl_->agree->fail_out(impl_->failed_code.value_or(-(impl_->rank + 2)));
   if (impl_->background) impl_->background->stop();
   try {
     impl_->serving.synchronize(impl_->cfg.timeout);

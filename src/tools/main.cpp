@@ -253,6 +253,9 @@ int main(int argc, char** argv) {
   simulate->add_option("--device", sim.device, "host | cuda");
   simulate->add_option("--seed", sim.cfg.seed);
   simulate->add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");
+  simulate->add_option("--commit-lag", sim.cfg.commit_lag,
+                       "async: steps between agreeing on staged layers and "
+                       "committing them (default: the config's, 8)");
   simulate->add_option("--window", sim.cfg.window, "load window in steps (0: the preset's)");
   simulate->add_option("--bytes-scale", sim.cfg.bytes_scale,
                        "divide expert sizes by this (0: 1024 on host for big presets)");

@@ -182,6 +182,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
     state_params sp;
     sp.cfg.window_size = cfg.window != 0 ? cfg.window : p.window;
     sp.cfg.step_interval = cfg.step_interval != 0 ? cfg.step_interval : p.step_interval;
+    if (cfg.commit_lag >= 0) sp.cfg.commit_lag_steps = cfg.commit_lag;
     sp.cfg.num_redundant_experts = p.redundant;
     sp.cfg.use_async = cfg.use_async;
     sp.cfg.communicator = resolved_backend(cfg);

@@ -26,6 +26,7 @@ struct simulate_config {
   device::backend_kind device = device::backend_kind::host;
   std::uint64_t seed = 1;
   int step_interval = 0;        ///< 0: the preset's
+  int commit_lag = -1;          ///< async agreement lag in steps; -1: eplb's default
   int window = 0;               ///< 0: the preset's
   std::size_t bytes_scale = 0;  ///< divide bundle sizes by this (0: the preset's default for the device)
   int tokens_per_step = 256;    ///< routed token slots per rank and layer per step

@@ -9,8 +9,8 @@ import time
 
 eplb = sys.argv[1]
 min_rebalances = 100
-args = ["simulate", "--json", "--procs", "--backend", "gloo", "--ranks", "4", "--steps", "1200",
-        "--step-interval", "3", "--window", "4", "--inject-delay-ms", "1", "--bytes-scale", "64",
+args = ["simulate", "--json", "--procs", "--backend", "gloo", "--ranks", "4", "--steps", "2400",
+        "--step-interval", "3", "--commit-lag", "2", "--window", "4", "--inject-delay-ms", "1", "--bytes-scale", "64",
         "--forward-us", "0", "--seed", "5", "--timeout-ms", "20000"]
 start = time.monotonic()
 r = subprocess.run([eplb, *args], capture_output=True, text=True, timeout=280)
