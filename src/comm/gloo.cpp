@@ -100,6 +100,7 @@ class gloo_communicator final : public communicator {
       opts_.lanes = std::clamp(std::min(64, 2 * cores) / std::max(1, size() - 1), 2, 16);
     }
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "gloo: chunk_bytes must be > 0");
+    if (opts_.staging_bytes == 0) fail(errc::invalid_argument, "gloo: staging_bytes must be > 0");
     // Both ends of a pair must cut messages identically, so the chunk size depends only on values
     // every rank shares; it also lets the cap hold one chunk per peer, direction and lane at worst.
     const auto worst_case_slots =

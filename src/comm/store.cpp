@@ -10,6 +10,7 @@
 #include <sstream>
 #include <thread>
 
+#include "comm/counter.hpp"
 #include "eplb/comm/store.hpp"
 #include "util/fail.hpp"
 
@@ -39,7 +40,7 @@ class memory_store final : public store {
     {
       std::lock_guard lock(mutex_);
       auto& v = values_[key];
-      now = (v.empty() ? 0 : std::stoll(v)) + delta;
+      now = parse_counter(v, key) + delta;
       v = std::to_string(now);
     }
     cv_.notify_all();
@@ -114,7 +115,14 @@ class file_store final : public store {
     ::flock(fd, LOCK_EX);  // processes serialise on the counter file
     char buf[32] = {};
     const auto n = ::pread(fd, buf, sizeof buf - 1, 0);
-    const std::int64_t now = (n > 0 ? std::stoll(std::string(buf, static_cast<std::size_t>(n))) : 0) + delta;
+    std::int64_t now = 0;
+    try {
+      now = parse_counter(std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0))), key) + delta;
+    } catch (...) {
+      ::flock(fd, LOCK_UN);
+      ::close(fd);
+      throw;
+    }
     const auto text = std::to_string(now);
     const bool ok =
         ::ftruncate(fd, 0) == 0 && ::pwrite(fd, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size());

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <thread>
 
+#include "comm/counter.hpp"
 #include "eplb/comm/store.hpp"
 #include "util/asio.hpp"
 #include "util/fail.hpp"
@@ -49,7 +50,8 @@ struct tcp_store_server::impl {
           wake(key);
         } else if (h.op == op_add) {
           auto& v = values[key];
-          v = std::to_string((v.empty() ? 0 : std::stoll(v)) + std::stoll(value));
+          const auto now = parse_counter(v, key) + parse_counter(value, key);
+          v = std::to_string(now);
           reply = v;
           wake(key);
         } else if (h.op == op_get) {
@@ -128,7 +130,7 @@ class tcp_store final : public store {
   }
   std::string get(const std::string& key, milliseconds timeout) override { return exchange(op_get, key, {}, timeout); }
   std::int64_t add(const std::string& key, std::int64_t delta) override {
-    return std::stoll(exchange(op_add, key, std::to_string(delta), connect_timeout_));
+    return parse_counter(exchange(op_add, key, std::to_string(delta), connect_timeout_), key);
   }
 
  private:
@@ -144,7 +146,23 @@ class tcp_store final : public store {
       boost::system::error_code ec;
       tcp::resolver resolver(c->io);
       const auto endpoints = resolver.resolve(host_, std::to_string(port_), ec);
-      if (!ec) asio::connect(c->socket, endpoints, ec);
+      if (!ec) {
+        // Asynchronous, bounded by the deadline: a blocking connect to an unreachable host would
+        // wait out the kernel's SYN retries (minutes).
+        bool done = false;
+        asio::async_connect(c->socket, endpoints, [&](boost::system::error_code e, const tcp::endpoint&) {
+          ec = e;
+          done = true;
+        });
+        c->io.run_until(deadline);
+        if (!done) {
+          c->socket.close();
+          c->io.restart();
+          c->io.run();
+          ec = asio::error::timed_out;
+        }
+        c->io.restart();
+      }
       if (!ec) {
         c->socket.set_option(tcp::no_delay(true));
         return c;

@@ -637,6 +637,16 @@ std::vector<bad_input> table() {
                    },
                    built ? errc::invalid_argument : errc::backend_unavailable,
                    built ? "gloo: nice must be in 0..19, got 20" : "built without Gloo"});
+      t.push_back({"gloo: zero staging bytes",
+                   [](f_t f) {
+                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
+                                                                         .size = 1,
+                                                                         .rendezvous = comm::make_memory_store(),
+                                                                         .dev = f.dev.get(),
+                                                                         .opts = {.staging_bytes = 0}});
+                   },
+                   built ? errc::invalid_argument : errc::backend_unavailable,
+                   built ? "gloo: staging_bytes must be > 0" : "built without Gloo"});
       t.push_back({"gloo: zero chunk size",
                    [](f_t f) {
                      (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
@@ -659,6 +669,21 @@ std::vector<bad_input> table() {
                errc::transport, "tcp store server: cannot listen on not-an-address:0"});
   t.push_back({"tcp store: nobody listening", [](f_t) { (void)comm::make_tcp_store("127.0.0.1", 1, 200ms); },
                errc::timeout, "tcp store: cannot connect to 127.0.0.1:1"});
+  t.push_back({"memory store: add to a key that is not a counter",
+               [](f_t) {
+                 auto st = comm::make_memory_store();
+                 st->set("k", "abc");
+                 (void)st->add("k", 1);
+               },
+               errc::invalid_argument, "store: key \"k\" holds \"abc\", not an integer counter"});
+  t.push_back({"tcp store: add to a key that is not a counter",
+               [](f_t) {
+                 comm::tcp_store_server server("127.0.0.1", 0);
+                 auto st = comm::make_tcp_store("127.0.0.1", server.port(), 2s);
+                 st->set("k", "abc");
+                 (void)st->add("k", 1);
+               },
+               errc::transport, "(key \"k\")"});
   return t;
 }
 

@@ -359,7 +359,7 @@ epoch_plan make_plan(int index, std::uint64_t seed) {
 
 TEST_CASE("stress: async rebalances on 4 loopback ranks with injected timing, faults and stops") {
   const double scale = stress_scale();
-  const int epochs = std::max(4, static_cast<int>(40 * scale));
+  const int epochs = std::max(4, static_cast<int>(80 * scale));
   const auto t_start = clock_type::now();
   std::map<ending, int> per_ending;
   int cycles = 0, faults_fired = 0, recovered = 0;
