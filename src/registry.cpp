@@ -53,6 +53,15 @@ std::unique_ptr<communicator> make_communicator(backend b, const setup& s) {
 #else
       fail(errc::backend_unavailable, "communicator {}: eplb was built without NCCL", to_string(b));
 #endif
+    case backend::cuda_ipc:
+#if EPLB_HAVE_CUDA
+      if (device::cuda_device_count() == 0) {
+        fail(errc::backend_unavailable, "communicator cuda_ipc: no usable GPU on this machine");
+      }
+      return make_cuda_ipc(s);
+#else
+      fail(errc::backend_unavailable, "communicator cuda_ipc: eplb was built without CUDA");
+#endif
   }
   fail(errc::internal, "make_communicator: unhandled backend {}", static_cast<int>(b));
 }
@@ -67,6 +76,12 @@ std::vector<backend_status> backend_report() {
   for (auto b : {backend::nccl, backend::stateless_nccl}) out.push_back({b, true, why.empty(), why});
 #else
   for (auto b : {backend::nccl, backend::stateless_nccl}) out.push_back({b, false, false, "built without NCCL"});
+#endif
+#if EPLB_HAVE_CUDA
+  const bool gpu = device::cuda_device_count() > 0;
+  out.push_back({backend::cuda_ipc, true, gpu, gpu ? "" : "no usable GPU on this machine"});
+#else
+  out.push_back({backend::cuda_ipc, false, false, "built without CUDA"});
 #endif
   return out;
 }

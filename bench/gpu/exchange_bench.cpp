@@ -31,6 +31,8 @@ int main(int argc, char** argv) {
   app.add_option("--chunk", chunk);
   app.add_option("--lanes", lanes);
   app.add_option("--staging-bytes", staging);
+  bool pull = false;
+  app.add_flag("--pull", pull, "cuda_ipc: receivers read from the sender's mailbox");
   CLI11_PARSE(app, argc, argv);
   try {
     const int gpus = device::cuda_device_count();
@@ -51,6 +53,7 @@ int main(int argc, char** argv) {
     s.opts.chunk_bytes = chunk;
     s.opts.lanes = lanes;
     s.opts.staging_bytes = staging;
+    s.opts.cuda_ipc_pull = pull;
     auto c = comm::make_communicator(comm::parse_backend(backend_name), s);
     c->set_stream(stream.get());
     const std::size_t w13 = expert_bytes / 3 * 2;
@@ -95,7 +98,7 @@ int main(int argc, char** argv) {
     std::cout << fmt::format(
         R"({{"bench":"exchange","impl":"eplb","backend":"{}","label":"{}","ranks":{},"rank":{},"expert_bytes":{},"moved":{},"seconds":{:.6f},"gbps":{:.2f},"verified":{}}})"
         "\n",
-        backend_name, label, size, rank, expert_bytes, moved, median, bytes / median / 1e9, ok);
+        backend_name + (pull ? "-pull" : ""), label, size, rank, expert_bytes, moved, median, bytes / median / 1e9, ok);
     return ok ? 0 : 1;
   } catch (const error& e) {
     std::cout << fmt::format("rank {}: error [{}] {}\n", rank, to_string(e.code()), e.what());

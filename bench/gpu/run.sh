@@ -56,10 +56,10 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
     [ -z "${REARRANGE_ONLY:-}" ] || [ "$1" = "$REARRANGE_ONLY" ] || continue
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
-      for flags in "" "--no-pipeline" "--no-pipeline --no-coalesce"; do
+      for flags in "" "--no-pipeline" "--no-pipeline --no-coalesce" "--backend cuda_ipc"; do
         python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
           --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flags \
-          --maps-out /tmp/maps-$1-$ranks.json | grep '^{' | tee -a "$out/rearrange.jsonl"
+          --maps-out /tmp/maps-$1-$ranks.json | grep -E '^\{|error' | tee -a "$out/rearrange.jsonl"
       done
       timeout 400 python3 bench/peers/torch_rearrange.py "$ranks" "$5" /tmp/maps-$1-$ranks.json 3 "$1" 2>&1 \
         | grep '^{' | tee -a "$out/rearrange.jsonl"
@@ -88,10 +88,11 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     set -- $shape
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
-      for backend in nccl gloo; do
+      for backend in nccl gloo cuda_ipc "cuda_ipc --pull"; do
+        [ -z "${BACKENDS:-}" ] || [[ " $BACKENDS " == *" ${backend%% *} "* ]] || continue
         python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 300 -- \
-          --backend "$backend" --label "$1" --expert-bytes "$2" --moved "$3" --reps 10 \
-          | grep '^{' | tee -a "$res"
+          --backend $backend --label "$1" --expert-bytes "$2" --moved "$3" --reps 10 \
+          | grep -E '^\{|error' | tee -a "$res"
       done
       timeout 300 python3 bench/peers/torch_exchange.py "$ranks" "$2" "$3" 9 "$1" 2>&1 | grep '^{' | tee -a "$res"
     done

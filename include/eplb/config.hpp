@@ -21,7 +21,7 @@ struct config {
   bool use_async = false;                     ///< stage on a background thread, commit at step boundaries
   bool elastic = false;                       ///< elastic EP (ranks may join or leave)
   std::string policy = "default";             ///< "default" (more later)
-  std::string communicator = "auto";          ///< auto | nccl | gloo | stateless_nccl | loopback
+  std::string communicator = "auto";          ///< auto | nccl | gloo | stateless_nccl | cuda_ipc | loopback
   std::size_t staging_bytes = 0;              ///< cap on staging memory; 0 = one layer (eplb default)
   std::chrono::milliseconds timeout{60'000};  ///< every wait of a rebalance (transfers, device, agreement)
   /// Async, built-in agreement: layers every rank has staged by step k are committed at step

@@ -15,15 +15,17 @@ std::string_view to_string(backend b) noexcept {
       return "nccl";
     case backend::stateless_nccl:
       return "stateless_nccl";
+    case backend::cuda_ipc:
+      return "cuda_ipc";
   }
   return "unknown";
 }
 
 backend parse_backend(std::string_view name) {
-  for (auto b : {backend::loopback, backend::gloo, backend::nccl, backend::stateless_nccl}) {
+  for (auto b : {backend::loopback, backend::gloo, backend::nccl, backend::stateless_nccl, backend::cuda_ipc}) {
     if (name == to_string(b)) return b;
   }
-  fail(errc::invalid_argument, "communicator: unknown backend \"{}\" (allowed: loopback, gloo, nccl, stateless_nccl)",
+  fail(errc::invalid_argument, "communicator: unknown backend \"{}\" (allowed: loopback, gloo, nccl, stateless_nccl, cuda_ipc)",
        name);
 }
 

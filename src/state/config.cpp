@@ -36,13 +36,13 @@ comm::backend config::resolved_communicator() const {
       b = comm::parse_backend(communicator);
     } catch (const error&) {
       fail(errc::invalid_config,
-           "communicator: \"{}\" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, loopback)", communicator);
+           "communicator: \"{}\" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, cuda_ipc, loopback)", communicator);
     }
   }
   if (use_async && (b == comm::backend::nccl || b == comm::backend::stateless_nccl)) {
     fail(errc::invalid_config,
          "communicator: \"{}\" is not allowed with use_async = true (NCCL kernels launched from the background "
-         "thread collide with the serving loop's NCCL and all-to-all kernels and hang; use gloo or auto)",
+         "thread collide with the serving loop's NCCL and all-to-all kernels and hang; use gloo, cuda_ipc or auto)",
          communicator == "auto" ? std::string(comm::to_string(b)) : communicator);
   }
   return b;

@@ -165,6 +165,11 @@ struct eplb_state::impl {
         }
       }
     }
+    if (p.cfg.resolved_communicator() == comm::backend::cuda_ipc && p.model.num_nodes > 1) {
+      fail(errc::invalid_config,
+           "communicator: cuda_ipc connects the GPUs of one node, the model spans {} nodes (use gloo or nccl)",
+           p.model.num_nodes);
+    }
     // The policy's parameters (groups, nodes) now, not at the first rebalance.
     const auto& shape = p.model.shape;
     const matrix<double> no_load(static_cast<std::size_t>(shape.layers), static_cast<std::size_t>(shape.num_logical));

@@ -222,7 +222,7 @@ int main(int argc, char** argv) {
   exchange->add_option("--experts", ex.cfg.experts, "logical experts per layer");
   exchange->add_option("--redundant", ex.cfg.redundant, "extra physical slots per layer");
   exchange->add_option("--tensor-bytes", ex.tensor_bytes, "bytes per expert of each bundle tensor, comma separated");
-  exchange->add_option("--backend", ex.backend, "loopback | gloo | nccl | stateless_nccl");
+  exchange->add_option("--backend", ex.backend, "loopback | gloo | nccl | stateless_nccl | cuda_ipc");
   exchange->add_option("--device", ex.device, "host | cuda");
   exchange->add_option("--seed", ex.cfg.seed);
   exchange->add_option("--rounds", ex.cfg.rounds);
@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
   simulate->add_option("--steps", sim.cfg.steps);
   simulate->add_flag("--async", sim.async, "stage on a background thread, commit at step boundaries (default)");
   simulate->add_flag("--sync", sim.sync, "rearrange inside step()");
-  simulate->add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl");
+  simulate->add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl | cuda_ipc");
   simulate->add_option("--device", sim.device, "host | cuda");
   simulate->add_option("--seed", sim.cfg.seed);
   simulate->add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");

@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
   int rank = 0, size = 2, rounds = 3, lanes = 2, timeout_ms = 30000;
   std::uint64_t seed = 1;
   std::size_t chunk = 4096, staging = 1 << 20;
-  bool staged = false;
+  bool staged = false, pull = false;
   app.add_option("--backend", backend_name);
   app.add_option("--rank", rank)->required();
   app.add_option("--size", size)->required();
@@ -59,6 +59,7 @@ int main(int argc, char** argv) {
   app.add_option("--staging-bytes", staging);
   app.add_option("--timeout-ms", timeout_ms);
   app.add_flag("--staged", staged, "buffers in device memory, staged through the stream");
+  app.add_flag("--pull", pull, "cuda_ipc: receivers read from the sender's mailbox");
   app.add_option("--hostname", hostname, "gloo: the address this rank listens on");
   CLI11_PARSE(app, argc, argv);
 
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
     s.opts.lanes = lanes;
     s.opts.staging_bytes = staging;
     s.opts.hostname = hostname;
+    s.opts.cuda_ipc_pull = pull;
     const auto backend = comm::parse_backend(backend_name);
     auto c = comm::make_communicator(backend, s);
     const bool use_stream = staged || kind == device::backend_kind::cuda;

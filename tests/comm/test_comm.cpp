@@ -68,6 +68,8 @@ TEST_CASE("communicator argument errors") {
   CHECK_EPLB_ERROR(comm::make_communicator(comm::backend::loopback, comm::setup{}), errc::invalid_argument,
                    "setup.world is missing");
   CHECK(comm::parse_backend("stateless_nccl") == comm::backend::stateless_nccl);
+  CHECK(comm::parse_backend("cuda_ipc") == comm::backend::cuda_ipc);
+  CHECK(comm::to_string(comm::backend::cuda_ipc) == "cuda_ipc");
 }
 
 TEST_CASE("loopback: size mismatch, silent peer and dead peer are clear errors") {
@@ -169,7 +171,8 @@ TEST_CASE("tcp store: a get that timed out does not confuse the next request") {
 
 TEST_CASE("backend report lists every backend with a reason when absent") {
   const auto report = comm::backend_report();
-  REQUIRE(report.size() == 4);
+  REQUIRE(report.size() == 5);
+  CHECK(report[4].kind == comm::backend::cuda_ipc);
   CHECK(report[0].kind == comm::backend::loopback);
   CHECK(report[0].runnable);
   for (const auto& r : report) {
@@ -177,6 +180,8 @@ TEST_CASE("backend report lists every backend with a reason when absent") {
   }
   if (device::cuda_device_count() == 0) {
     CHECK_EPLB_ERROR(comm::make_communicator(comm::backend::nccl, comm::setup{}), errc::backend_unavailable, "nccl");
+    CHECK_EPLB_ERROR(comm::make_communicator(comm::backend::cuda_ipc, comm::setup{}), errc::backend_unavailable,
+                     "communicator cuda_ipc: ");
   }
 }
 

@@ -210,7 +210,7 @@ std::vector<bad_input> table() {
       {"policy: a number", [](f_t) { (void)config::from_json(R"({"policy": 2})"); }, errc::invalid_config,
        "policy: 2 is not allowed (must be a string)"},
       {"communicator: unknown", [](f_t) { (void)config::from_json(R"({"communicator": "mpi"})"); },
-       errc::invalid_config, R"(communicator: "mpi" is not allowed (allowed: auto, nccl, gloo, stateless_nccl)"},
+       errc::invalid_config, R"(communicator: "mpi" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, cuda_ipc, loopback)"},
       {"communicator: wrong case", [](f_t) { (void)config::from_json(R"({"communicator": "Gloo"})"); },
        errc::invalid_config, R"(communicator: "Gloo" is not allowed)"},
       {"communicator: nccl with use_async",
@@ -485,7 +485,7 @@ std::vector<bad_input> table() {
 
       // --- communicators: backend names, setups, peers
       {"backend name: unknown", [](f_t) { (void)comm::parse_backend("mpi"); }, errc::invalid_argument,
-       "communicator: unknown backend \"mpi\" (allowed: loopback, gloo, nccl, stateless_nccl)"},
+       "communicator: unknown backend \"mpi\" (allowed: loopback, gloo, nccl, stateless_nccl, cuda_ipc)"},
       {"backend name: empty", [](f_t) { (void)comm::parse_backend(""); }, errc::invalid_argument,
        "communicator: unknown backend \"\""},
       {"backend name: wrong case", [](f_t) { (void)comm::parse_backend("NCCL"); }, errc::invalid_argument,
@@ -588,6 +588,15 @@ std::vector<bad_input> table() {
          make_state(std::move(p));
        },
        errc::invalid_argument, "eplb_state: model: num_nodes: must be > 0, got 0"},
+      {"state: cuda_ipc for a model on two nodes",
+       [](f_t f) {
+         auto p = f.params();
+         p.cfg.communicator = "cuda_ipc";
+         p.model.num_nodes = 2;
+         make_state(std::move(p));
+       },
+       errc::invalid_config,
+       "communicator: cuda_ipc connects the GPUs of one node, the model spans 2 nodes (use gloo or nccl)"},
       {"state: config names another communicator than the one given",
        [](f_t f) {
          auto p = f.params();

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GPU suite: `eplb simulate` on device memory over RANKS GPUs (one process per GPU): async with
-gloo and sync with nccl; every committed layer verified, same-step commits. Skips (77) without GPUs."""
+gloo and with cuda_ipc, sync with nccl; every committed layer verified, same-step commits. Skips (77) without GPUs."""
 import json
 import os
 import subprocess
@@ -16,7 +16,8 @@ if gpus < ranks:
     sys.exit(77)
 env = dict(os.environ, NCCL_NVLS_ENABLE="0")
 ok = True
-for mode in (["--async", "--backend", "gloo", "--procs"], ["--sync", "--backend", "nccl", "--procs"]):
+for mode in (["--async", "--backend", "gloo", "--procs"], ["--async", "--backend", "cuda_ipc", "--procs"],
+             ["--sync", "--backend", "nccl", "--procs"]):
     r = subprocess.run([eplb, "simulate", "--device", "cuda", "--ranks", str(ranks), "--steps", "1200", "--json", *mode],
                        capture_output=True, text=True, env=env, timeout=280)
     print(" ".join(mode), r.stdout.strip(), r.stderr.strip()[-2000:])

@@ -1,15 +1,26 @@
 #!/usr/bin/env python3
 """Async rebalances across 4 processes over Gloo, with random delays on every host stream
 operation (--inject-delay-ms) and a rebalance every few steps: hundreds of rebalances, every
-committed layer verified on every rank, the same commit steps on every rank, no failure."""
+committed layer verified on every rank, the same commit steps on every rank, no failure.
+
+usage: multiproc_stress.py EPLB [BACKEND DEVICE]  (default gloo host; e.g. cuda_ipc cuda on 4 GPUs,
+which skips with 77 where there are fewer)"""
 import json
+import os
 import subprocess
 import sys
 import time
 
 eplb = sys.argv[1]
+backend, device = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else ("gloo", "host")
+if device == "cuda":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from gpus import gpu_count  # noqa: E402
+    if gpu_count(eplb) < 4:
+        print("skip: 4 ranks need 4 GPUs")
+        sys.exit(77)
 min_rebalances = 100
-args = ["simulate", "--json", "--procs", "--backend", "gloo", "--ranks", "4", "--steps", "2400",
+args = ["simulate", "--json", "--procs", "--backend", backend, "--device", device, "--ranks", "4", "--steps", "2400",
         "--step-interval", "3", "--commit-lag", "2", "--window", "4", "--inject-delay-ms", "1", "--bytes-scale", "64",
         "--forward-us", "0", "--seed", "5", "--timeout-ms", "20000"]
 start = time.monotonic()
@@ -34,7 +45,7 @@ for rank in out.get("rank_reports", []):
         failures.append(f"rank {rank.get('rank')}: {rank['failure']}")
 if out.get("bytes_moved", 0) <= 0:
     failures.append("no bytes moved")
-print(f"async gloo stress: {out.get('rebalances')} rebalances on 4 processes in {took:.1f} s, "
+print(f"async {backend} stress ({device}): {out.get('rebalances')} rebalances on 4 processes in {took:.1f} s, "
       f"{out.get('bytes_moved')} bytes moved, step p99 {out.get('step_p99_ms', 0):.2f} ms")
 if failures:
     print("\n".join(failures))

@@ -1,7 +1,8 @@
 // Point-to-point exchange of raw bytes between the ranks of an EP group: queue sends and receives,
 // then execute() them as one batch. Peers are EP-group ranks. Between any two ranks, sends and
 // receives match in the order they were added; sizes must agree. Backends: loopback (threads),
-// gloo (TCP, staged through pinned host memory), nccl and stateless_nccl (GPU only).
+// gloo (TCP, staged through pinned host memory), nccl and stateless_nccl (GPU only), cuda_ipc (GPUs
+// of one node, one process each: copy engines over NVLink, no NCCL).
 #pragma once
 
 #include <chrono>
@@ -19,7 +20,7 @@
 
 namespace eplb::comm {
 
-enum class backend { loopback, gloo, nccl, stateless_nccl };
+enum class backend { loopback, gloo, nccl, stateless_nccl, cuda_ipc };
 
 [[nodiscard]] std::string_view to_string(backend b) noexcept;
 /// Parses a backend name; error(errc::invalid_argument) listing the known names otherwise.
@@ -39,11 +40,15 @@ struct options {
   milliseconds timeout{30'000};         ///< every wait of one execute(); a silent peer fails after this
   std::size_t chunk_bytes = 16U << 20;  ///< gloo: messages move in chunks of at most this size
   int lanes = 0;  ///< gloo: TCP connections (and sender threads) per pair; 0 = from peers and cores, 2..16
-  std::size_t staging_bytes = 256U << 20;  ///< gloo: cap on pinned staging memory per rank
+  /// gloo: cap on pinned staging memory per rank; cuda_ipc: the device mailbox of each rank
+  std::size_t staging_bytes = 256U << 20;
   std::string hostname = "127.0.0.1";      ///< gloo: address this rank listens on
   /// gloo: nice value (0..19) of the threads that move data; async mode uses 10 so that the
   /// serving thread gets the CPU first. 0 leaves them at the creating thread's priority.
   int nice = 0;
+  /// cuda_ipc: receivers read over NVLink from the sender's mailbox (pull) instead of senders
+  /// writing into the receiver's (push, the default: measured faster on H100/H200).
+  bool cuda_ipc_pull = false;
 };
 
 class communicator {

@@ -1,0 +1,663 @@
+// CUDA IPC: ranks are processes on one node, one GPU each. Every rank allocates one device mailbox
+// at start and shares its IPC handle through the store; a transfer is a cudaMemcpyAsync between two
+// GPUs' memory (copy engines over NVLink: no NCCL, no kernels, no SMs taken from the serving loop).
+//
+// Each ordered pair (sender, receiver) owns a region of a mailbox, cut into `slots` slots. In push
+// mode (default) the region lives on the receiver: the sender copies its data straight into it over
+// NVLink and the receiver copies it out locally; in pull mode it lives on the sender, which packs
+// locally, and the receiver reads over NVLink. A pair's messages of one batch form one byte stream,
+// moved as a FIFO of slot-sized chunks.
+//
+// Hand-offs go through a small shared-memory block, not IPC events: a rank publishes "chunk k is
+// in the slot" or "chunk k was copied out" as a counter once its own CUDA event for that copy has
+// completed. No GPU stream ever waits on another process, so a dead or stalled peer cannot wedge a
+// stream; the host loop sees the counters, a peer's failure flag and whether its process is alive,
+// and every wait ends by the timeout. Every batch starts with a manifest per pair (message count,
+// total bytes, a hash of the sizes), so mismatched sizes are an error on both sides, not a hang.
+#include <cuda_runtime_api.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "comm/backends.hpp"
+#include "device/cuda_check.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::comm {
+namespace {
+
+using clock = std::chrono::steady_clock;
+using device::cuda::check;
+
+constexpr int slots = 4;                      // chunks of one pair in flight
+constexpr std::size_t min_slot_bytes = 4096;  // below this, host hand-offs would dominate
+constexpr std::size_t slot_align = 256;
+constexpr int max_ranks = 256;
+
+// One cache line per counter block so the two writers of a pair never share a line.
+struct alignas(64) pair_control {
+  std::atomic<std::uint64_t> manifest_posted;  // by the sender: manifests written so far
+  std::atomic<std::uint64_t> manifest_read;    // by the receiver: manifests it has checked
+  std::atomic<std::uint64_t> count;            // the current manifest: messages,
+  std::atomic<std::uint64_t> total;            // their bytes,
+  std::atomic<std::uint64_t> hash;             // and a hash of their sizes in order
+  std::atomic<std::uint64_t> filled;           // by the sender: chunks placed in the slots
+  alignas(64) std::atomic<std::uint64_t> drained;  // by the receiver: chunks copied out
+};
+
+struct alignas(64) rank_control {
+  std::atomic<std::uint32_t> failed;
+  char reason[252];
+};
+
+struct control_block {
+  std::atomic<std::uint64_t> magic;
+  std::uint32_t size;
+  // followed by rank_control[size], then pair_control[size * size]
+};
+
+constexpr std::uint64_t control_magic = 0x6570'6c62'6970'6331ULL;
+
+std::size_t control_bytes(int size) {
+  const auto n = static_cast<std::size_t>(size);
+  return 64 + n * sizeof(rank_control) + n * n * sizeof(pair_control);
+}
+
+std::string read_first_line(const char* path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+std::string pid_namespace() {
+  std::array<char, 128> buf{};
+  const auto n = ::readlink("/proc/self/ns/pid", buf.data(), buf.size() - 1);
+  return n > 0 ? std::string(buf.data(), static_cast<std::size_t>(n)) : std::string("unknown");
+}
+
+std::string hex(const void* data, std::size_t n) {
+  std::string out;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < n; ++i) out += fmt::format("{:02x}", p[i]);
+  return out;
+}
+
+bool unhex(const std::string& s, void* data, std::size_t n) {
+  if (s.size() != 2 * n) return false;
+  auto* p = static_cast<unsigned char*>(data);
+  for (std::size_t i = 0; i < n; ++i) {
+    unsigned v = 0;
+    if (std::sscanf(s.c_str() + 2 * i, "%2x", &v) != 1) return false;
+    p[i] = static_cast<unsigned char>(v);
+  }
+  return true;
+}
+
+// Where a rank lives and how to reach its mailbox; published as one line of fields.
+struct rank_info {
+  std::string host;
+  std::string boot_id;
+  std::string pid_ns;
+  long pid = 0;
+  int ordinal = 0;
+  std::string handle;  // hex of cudaIpcMemHandle_t
+
+  std::string encode() const { return fmt::format("{}\n{}\n{}\n{}\n{}\n{}", host, boot_id, pid_ns, pid, ordinal, handle); }
+  static rank_info decode(const std::string& text, int rank) {
+    std::istringstream in(text);
+    rank_info r;
+    std::string pid, ordinal;
+    if (!std::getline(in, r.host) || !std::getline(in, r.boot_id) || !std::getline(in, r.pid_ns) ||
+        !std::getline(in, pid) || !std::getline(in, ordinal) || !std::getline(in, r.handle)) {
+      fail(errc::transport, "cuda_ipc: the store entry of rank {} is malformed", rank);
+    }
+    r.pid = std::stol(pid);
+    r.ordinal = std::stoi(ordinal);
+    return r;
+  }
+};
+
+// False once `pid` has exited, including a zombie its parent has not reaped yet.
+bool process_alive(pid_t pid) {
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+  const std::string stat = read_first_line(fmt::format("/proc/{}/stat", pid).c_str());
+  const auto close = stat.rfind(')');
+  if (close == std::string::npos || close + 2 >= stat.size()) return true;  // cannot tell: alive
+  const char state = stat[close + 2];
+  return state != 'Z' && state != 'X';
+}
+
+// FNV-1a over the message sizes of one pair's batch.
+std::uint64_t size_hash(const std::vector<std::size_t>& sizes) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (auto s : sizes) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= (s >> (8 * i)) & 0xff;
+      h *= 1099511628211ULL;
+    }
+  }
+  return h;
+}
+
+// One direction of one pair within a batch: its messages as a byte stream cut into chunks.
+struct stream_state {
+  int peer = -1;
+  std::vector<std::byte*> data;
+  std::vector<std::size_t> sizes;
+  std::size_t total = 0;
+  std::uint64_t chunks = 0;     // in this batch
+  std::uint64_t base = 0;       // global index of this batch's first chunk
+  std::uint64_t issued = 0;     // copies enqueued
+  std::uint64_t completed = 0;  // copies finished and published
+  std::uint64_t acked = 0;      // sends: chunks the receiver has copied out
+  bool manifest_done = false;
+  clock::time_point last_progress;
+};
+
+class cuda_ipc_communicator final : public communicator {
+ public:
+  explicit cuda_ipc_communicator(const setup& s) : communicator(s.rank, s.size), opts_(s.opts) {
+    if (s.dev == nullptr || s.dev->kind() != device::backend_kind::cuda) {
+      fail(errc::invalid_argument, "cuda_ipc: setup.dev must be a CUDA device");
+    }
+    if (!s.rendezvous) fail(errc::invalid_argument, "cuda_ipc: setup.rendezvous (a store) is missing");
+    if (size() > max_ranks) fail(errc::invalid_argument, "cuda_ipc: at most {} ranks, got {}", max_ranks, size());
+    ordinal_ = s.dev->ordinal();
+    device::cuda::use_device(ordinal_);
+    store_ = s.rendezvous;
+    const std::size_t peers = static_cast<std::size_t>(std::max(1, size() - 1));
+    region_bytes_ = opts_.staging_bytes / peers / slot_align * slot_align;
+    slot_bytes_ = region_bytes_ / slots / slot_align * slot_align;
+    if (slot_bytes_ < min_slot_bytes) {
+      fail(errc::invalid_argument,
+           "cuda_ipc: staging_bytes {} leaves {} bytes per slot ({} peers x {} slots); at least {} are needed",
+           opts_.staging_bytes, slot_bytes_, peers, slots, min_slot_bytes);
+    }
+    if (size() > 1) mailbox_ = s.dev->allocate(region_bytes_ * peers, device::memory_kind::device);
+    try {
+      connect();
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+
+  ~cuda_ipc_communicator() override {
+    finish_async();
+    release();
+  }
+
+  backend kind() const noexcept override { return backend::cuda_ipc; }
+  capabilities caps() const noexcept override {
+    return {.host_complete = true, .background_safe = true, .crosses_nodes = false, .device_memory = true};
+  }
+
+ protected:
+  void run(std::span<const op> ops) override {
+    if (broken_) {
+      fail(errc::transport, "cuda_ipc rank {}: broken by an earlier failure ({}); create a new communicator", rank(),
+           broken_reason_);
+    }
+    try {
+      run_batch(ops);
+    } catch (const error& e) {
+      break_with(e.what());
+      throw;
+    }
+  }
+
+ private:
+  // ---- start-up ----------------------------------------------------------------------------
+
+  void connect() {
+    cudaIpcMemHandle_t handle{};
+    if (mailbox_.data() != nullptr) check(cudaIpcGetMemHandle(&handle, mailbox_.data()), "cudaIpcGetMemHandle");
+    std::array<char, 256> hostname{};
+    (void)::gethostname(hostname.data(), hostname.size() - 1);
+    rank_info me{hostname.data(), read_first_line("/proc/sys/kernel/random/boot_id"), pid_namespace(),
+                 static_cast<long>(::getpid()), ordinal_, hex(&handle, sizeof handle)};
+    store_->set(fmt::format("cuda_ipc/rank/{}", rank()), me.encode());
+    infos_.resize(static_cast<std::size_t>(size()));
+    for (int r = 0; r < size(); ++r) {
+      infos_[static_cast<std::size_t>(r)] =
+          r == rank() ? me : rank_info::decode(store_->get(fmt::format("cuda_ipc/rank/{}", r), opts_.timeout), r);
+    }
+    for (int r = 0; r < size(); ++r) {
+      const auto& other = infos_[static_cast<std::size_t>(r)];
+      if (other.boot_id != me.boot_id) {
+        fail(errc::invalid_config,
+             "cuda_ipc: rank {} runs on host {} and rank {} on host {}: cuda_ipc connects the GPUs of one node "
+             "(use nccl or gloo across nodes)",
+             rank(), me.host, r, other.host);
+      }
+      if (r != rank() && other.pid == me.pid && other.pid_ns == me.pid_ns) {
+        fail(errc::invalid_config,
+             "cuda_ipc: ranks {} and {} are threads of one process; cuda_ipc needs one process per GPU", rank(), r);
+      }
+    }
+    pid_checks_ = std::all_of(infos_.begin(), infos_.end(), [&](const rank_info& r) { return r.pid_ns == me.pid_ns; });
+    open_control();
+    peer_mailbox_.assign(static_cast<std::size_t>(size()), nullptr);
+    for (int r = 0; r < size(); ++r) {
+      if (r == rank()) continue;
+      cudaIpcMemHandle_t h{};
+      if (!unhex(infos_[static_cast<std::size_t>(r)].handle, &h, sizeof h)) {
+        fail(errc::transport, "cuda_ipc: rank {} published a malformed IPC handle", r);
+      }
+      void* p = nullptr;
+      const auto st = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+      if (st != cudaSuccess) {
+        (void)cudaGetLastError();
+        fail(errc::backend_unavailable, "cuda_ipc rank {}: cannot map the mailbox of rank {} (GPU {}): {}", rank(), r,
+             infos_[static_cast<std::size_t>(r)].ordinal, cudaGetErrorString(st));
+      }
+      peer_mailbox_[static_cast<std::size_t>(r)] = static_cast<std::byte*>(p);
+    }
+    auto make_stream = [] {
+      cudaStream_t st = nullptr;
+      check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+      return st;
+    };
+    auto make_event = [] {
+      cudaEvent_t ev = nullptr;
+      check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+      return ev;
+    };
+    const auto n = static_cast<std::size_t>(size());
+    out_streams_.assign(n, nullptr);
+    in_streams_.assign(n, nullptr);
+    out_events_.assign(n * slots, nullptr);
+    in_events_.assign(n * slots, nullptr);
+    for (std::size_t r = 0; r < n; ++r) {
+      if (static_cast<int>(r) == rank()) continue;
+      out_streams_[r] = make_stream();
+      in_streams_[r] = make_stream();
+      for (int k = 0; k < slots; ++k) {
+        out_events_[r * slots + static_cast<std::size_t>(k)] = make_event();
+        in_events_[r * slots + static_cast<std::size_t>(k)] = make_event();
+      }
+    }
+    check(cudaEventCreateWithFlags(&start_event_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    sent_base_.assign(n, 0);
+    received_base_.assign(n, 0);
+    manifests_sent_.assign(n, 0);
+    manifests_received_.assign(n, 0);
+    // Everyone has mapped everything before the control block's name disappears.
+    store_barrier(*store_, "cuda_ipc/ready", size(), opts_.timeout);
+    if (rank() == 0) (void)::shm_unlink(shm_name_.c_str());
+  }
+
+  // The control block: rank 0 creates it under a random name and publishes the name.
+  void open_control() {
+    const auto bytes = control_bytes(size());
+    int fd = -1;
+    if (rank() == 0) {
+      std::random_device rd;
+      shm_name_ = fmt::format("/eplb-ipc-{}-{:016x}", ::getpid(), (static_cast<std::uint64_t>(rd()) << 32) ^ rd());
+      fd = ::shm_open(shm_name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+      if (fd < 0) fail(errc::transport, "cuda_ipc: shm_open({}) failed: {}", shm_name_, std::strerror(errno));
+      if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        const int e = errno;
+        ::close(fd);
+        (void)::shm_unlink(shm_name_.c_str());
+        fail(errc::transport, "cuda_ipc: sizing shared memory {} failed: {}", shm_name_, std::strerror(e));
+      }
+    } else {
+      shm_name_ = store_->get("cuda_ipc/control", opts_.timeout);
+      fd = ::shm_open(shm_name_.c_str(), O_RDWR, 0600);
+      if (fd < 0) {
+        fail(errc::invalid_config,
+             "cuda_ipc rank {}: cannot open the shared memory {} of rank 0 ({}): ranks must share a node and /dev/shm",
+             rank(), shm_name_, std::strerror(errno));
+      }
+    }
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (p == MAP_FAILED) fail(errc::transport, "cuda_ipc: mmap of {} failed: {}", shm_name_, std::strerror(errno));
+    control_ = p;
+    control_size_ = bytes;
+    auto* head = static_cast<control_block*>(control_);
+    if (rank() == 0) {
+      std::memset(control_, 0, bytes);  // a fresh segment is zero already; say so explicitly
+      head->size = static_cast<std::uint32_t>(size());
+      head->magic.store(control_magic, std::memory_order_release);
+      store_->set("cuda_ipc/control", shm_name_);
+    } else if (head->magic.load(std::memory_order_acquire) != control_magic ||
+               head->size != static_cast<std::uint32_t>(size())) {
+      fail(errc::transport, "cuda_ipc rank {}: shared memory {} does not hold a {}-rank control block", rank(),
+           shm_name_, size());
+    }
+  }
+
+  rank_control& rank_ctl(int r) const {
+    return reinterpret_cast<rank_control*>(static_cast<char*>(control_) + 64)[r];
+  }
+  pair_control& pair_ctl(int sender, int receiver) const {
+    auto* pairs = reinterpret_cast<pair_control*>(static_cast<char*>(control_) + 64 +
+                                                  static_cast<std::size_t>(size()) * sizeof(rank_control));
+    return pairs[static_cast<std::size_t>(sender) * static_cast<std::size_t>(size()) +
+                 static_cast<std::size_t>(receiver)];
+  }
+
+  // The region of pair (sender -> receiver) in the mailbox that holds it: the receiver's in push
+  // mode, the sender's in pull mode. Regions are indexed by the other rank, skipping the owner.
+  std::byte* slot_ptr(int sender, int receiver, std::uint64_t chunk) const {
+    const int owner = opts_.cuda_ipc_pull ? sender : receiver;
+    const int other = opts_.cuda_ipc_pull ? receiver : sender;
+    std::byte* base = owner == rank() ? mailbox_.data() : peer_mailbox_[static_cast<std::size_t>(owner)];
+    const auto index = static_cast<std::size_t>(other < owner ? other : other - 1);
+    return base + index * region_bytes_ + static_cast<std::size_t>(chunk % slots) * slot_bytes_;
+  }
+
+  // ---- one batch ---------------------------------------------------------------------------
+
+  void run_batch(std::span<const op> ops) {
+    device::cuda::use_device(ordinal_);
+    const auto n = static_cast<std::size_t>(size());
+    std::vector<stream_state> sends(n), recvs(n);
+    for (const auto& o : ops) {
+      auto& st = (o.is_send ? sends : recvs)[static_cast<std::size_t>(o.peer)];
+      st.peer = o.peer;
+      st.data.push_back(o.data);
+      st.sizes.push_back(o.bytes);
+      st.total += o.bytes;
+    }
+    const auto now = clock::now();
+    std::vector<stream_state*> active_sends, active_recvs;
+    for (std::size_t p = 0; p < n; ++p) {
+      for (auto* st : {&sends[p], &recvs[p]}) {
+        if (st->peer < 0) continue;
+        st->chunks = (st->total + slot_bytes_ - 1) / slot_bytes_;
+        st->base = st == &sends[p] ? sent_base_[p] : received_base_[p];
+        st->last_progress = now;
+        (st == &sends[p] ? active_sends : active_recvs).push_back(st);
+      }
+    }
+    // Our copies start after the work the caller queued before execute() (e.g. packing).
+    if (stream() != nullptr) {
+      check(cudaEventRecord(start_event_, static_cast<cudaStream_t>(stream()->native_handle())), "cudaEventRecord");
+      for (auto* st : active_sends) {
+        check(cudaStreamWaitEvent(out_streams_[static_cast<std::size_t>(st->peer)], start_event_, 0),
+              "cudaStreamWaitEvent");
+      }
+      for (auto* st : active_recvs) {
+        check(cudaStreamWaitEvent(in_streams_[static_cast<std::size_t>(st->peer)], start_event_, 0),
+              "cudaStreamWaitEvent");
+      }
+    }
+    try {
+      drive(active_sends, active_recvs);
+    } catch (...) {
+      settle();  // no copy of ours may still touch the caller's buffers or a mailbox
+      throw;
+    }
+    for (auto* st : active_sends) sent_base_[static_cast<std::size_t>(st->peer)] += st->chunks;
+    for (auto* st : active_recvs) received_base_[static_cast<std::size_t>(st->peer)] += st->chunks;
+  }
+
+  void drive(const std::vector<stream_state*>& sends, const std::vector<stream_state*>& recvs) {
+    int idle_rounds = 0;
+    auto next_liveness = clock::now();
+    for (;;) {
+      bool progress = false;
+      bool done = true;
+      for (auto* st : sends) {
+        progress |= advance_send(*st);
+        done &= finished(*st);
+      }
+      for (auto* st : recvs) {
+        progress |= advance_recv(*st);
+        done &= finished(*st);
+      }
+      if (done) return;
+      const auto now = clock::now();
+      if (progress) {
+        idle_rounds = 0;
+        continue;
+      }
+      check_peers(sends, recvs, now, now >= next_liveness);
+      if (now >= next_liveness) next_liveness = now + std::chrono::milliseconds(5);
+      // Spin briefly (a chunk takes tens of microseconds), then back off so a waiting background
+      // thread does not hold a core away from the serving loop.
+      if (++idle_rounds < 64) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(idle_rounds < 1024 ? 5 : 100));
+      }
+    }
+  }
+
+  // A send is finished only once the receiver has copied every chunk out: then no copy anywhere
+  // still needs this rank (its mailbox may go away, its process may exit).
+  static bool finished(const stream_state& st) {
+    return st.manifest_done && st.completed == st.chunks && st.acked == st.chunks;
+  }
+
+  bool advance_send(stream_state& st) {
+    const auto p = static_cast<std::size_t>(st.peer);
+    auto& ctl = pair_ctl(rank(), st.peer);
+    bool progress = false;
+    if (!st.manifest_done) {
+      // The receiver has checked our previous manifest, so its fields may be overwritten.
+      if (ctl.manifest_read.load(std::memory_order_acquire) == manifests_sent_[p]) {
+        ctl.count.store(st.sizes.size(), std::memory_order_relaxed);
+        ctl.total.store(st.total, std::memory_order_relaxed);
+        ctl.hash.store(size_hash(st.sizes), std::memory_order_relaxed);
+        ctl.manifest_posted.store(++manifests_sent_[p], std::memory_order_release);
+        st.manifest_done = true;
+        progress = true;
+      }
+    }
+    const std::uint64_t drained = ctl.drained.load(std::memory_order_acquire);
+    if (drained > st.base + st.acked && st.acked < st.chunks) {
+      st.acked = std::min(st.chunks, drained - st.base);
+      progress = true;
+    }
+    while (st.issued < st.chunks && st.base + st.issued - drained < slots) {
+      const std::uint64_t g = st.base + st.issued;
+      copy_chunk(st, st.issued, slot_ptr(rank(), st.peer, g), true, out_streams_[p]);
+      check(cudaEventRecord(out_events_[p * slots + g % slots], out_streams_[p]), "cudaEventRecord");
+      ++st.issued;
+      progress = true;
+    }
+    while (st.completed < st.issued && event_done(out_events_[p * slots + (st.base + st.completed) % slots])) {
+      ++st.completed;
+      ctl.filled.store(st.base + st.completed, std::memory_order_release);
+      progress = true;
+    }
+    if (progress) st.last_progress = clock::now();
+    return progress;
+  }
+
+  bool advance_recv(stream_state& st) {
+    const auto p = static_cast<std::size_t>(st.peer);
+    auto& ctl = pair_ctl(st.peer, rank());
+    bool progress = false;
+    if (!st.manifest_done) {
+      if (ctl.manifest_posted.load(std::memory_order_acquire) > manifests_received_[p]) {
+        const auto count = ctl.count.load(std::memory_order_relaxed);
+        const auto total = ctl.total.load(std::memory_order_relaxed);
+        const auto hash = ctl.hash.load(std::memory_order_relaxed);
+        if (count != st.sizes.size() || total != st.total || hash != size_hash(st.sizes)) {
+          fail(errc::invalid_argument,
+               "cuda_ipc rank {}: sizes do not match: rank {} sends {} message(s) of {} bytes in all, this rank "
+               "expects {} message(s) of {} bytes{}",
+               rank(), st.peer, count, total, st.sizes.size(), st.total,
+               count == st.sizes.size() && total == st.total ? " (same totals, different sizes)" : "");
+        }
+        ctl.manifest_read.store(++manifests_received_[p], std::memory_order_release);
+        st.manifest_done = true;
+        progress = true;
+      }
+    }
+    if (st.manifest_done) {
+      const std::uint64_t filled = ctl.filled.load(std::memory_order_acquire);
+      while (st.issued < st.chunks && st.base + st.issued < filled) {
+        const std::uint64_t g = st.base + st.issued;
+        copy_chunk(st, st.issued, slot_ptr(st.peer, rank(), g), false, in_streams_[p]);
+        check(cudaEventRecord(in_events_[p * slots + g % slots], in_streams_[p]), "cudaEventRecord");
+        ++st.issued;
+        progress = true;
+      }
+    }
+    while (st.completed < st.issued && event_done(in_events_[p * slots + (st.base + st.completed) % slots])) {
+      ++st.completed;
+      ctl.drained.store(st.base + st.completed, std::memory_order_release);
+      progress = true;
+    }
+    st.acked = st.completed;
+    if (progress) st.last_progress = clock::now();
+    return progress;
+  }
+
+  // Copies chunk `k` of a pair's byte stream between the messages and `slot` (to the slot when
+  // sending, out of it when receiving); a chunk may span several messages.
+  void copy_chunk(const stream_state& st, std::uint64_t k, std::byte* slot, bool to_slot, cudaStream_t s) {
+    const std::size_t begin = static_cast<std::size_t>(k) * slot_bytes_;
+    const std::size_t end = std::min(st.total, begin + slot_bytes_);
+    std::size_t msg_start = 0;
+    for (std::size_t i = 0; i < st.sizes.size() && msg_start < end; msg_start += st.sizes[i], ++i) {
+      const std::size_t lo = std::max(begin, msg_start);
+      const std::size_t hi = std::min(end, msg_start + st.sizes[i]);
+      if (lo >= hi) continue;
+      std::byte* msg = st.data[i] + (lo - msg_start);
+      std::byte* box = slot + (lo - begin);
+      check(cudaMemcpyAsync(to_slot ? box : msg, to_slot ? msg : box, hi - lo, cudaMemcpyDefault, s),
+            "cudaMemcpyAsync");
+    }
+  }
+
+  static bool event_done(cudaEvent_t e) {
+    const auto st = cudaEventQuery(e);
+    if (st == cudaSuccess) return true;
+    if (st == cudaErrorNotReady) return false;
+    check(st, "cudaEventQuery");
+    return false;
+  }
+
+  void check_peers(const std::vector<stream_state*>& sends, const std::vector<stream_state*>& recvs,
+                   clock::time_point now, bool liveness) {
+    for (const auto* list : {&sends, &recvs}) {
+      for (auto* st : *list) {
+        if (finished(*st)) continue;
+        const int p = st->peer;
+        auto& rc = rank_ctl(p);
+        if (rc.failed.load(std::memory_order_acquire) != 0) {
+          fail(errc::peer_failure, "cuda_ipc rank {}: rank {} failed: {}", rank(), p,
+               std::string(rc.reason, strnlen(rc.reason, sizeof rc.reason)));
+        }
+        const auto pid = static_cast<pid_t>(infos_[static_cast<std::size_t>(p)].pid);
+        if (liveness && pid_checks_ && !process_alive(pid)) {
+          fail(errc::peer_failure, "cuda_ipc rank {}: rank {} (pid {}) exited", rank(), p, pid);
+        }
+        if (now - st->last_progress > opts_.timeout) {
+          fail(errc::timeout,
+               "cuda_ipc rank {}: no progress with rank {} for {} ms ({} {}/{} chunks, manifest {})", rank(), p,
+               opts_.timeout.count(), list == &sends ? "sent" : "received", st->completed, st->chunks,
+               st->manifest_done ? "exchanged" : "pending");
+        }
+      }
+    }
+  }
+
+  // Waits (bounded) until none of our copies runs; after that the caller's buffers are free again.
+  void settle() noexcept {
+    const auto deadline = clock::now() + opts_.timeout;
+    for (const auto& list : {out_streams_, in_streams_}) {
+      for (auto* s : list) {
+        if (s == nullptr) continue;
+        while (cudaStreamQuery(s) == cudaErrorNotReady && clock::now() < deadline) {
+          std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
+      }
+    }
+    (void)cudaGetLastError();
+  }
+
+  void break_with(const std::string& why) noexcept {
+    broken_ = true;
+    broken_reason_ = why;
+    if (control_ == nullptr) return;
+    auto& rc = rank_ctl(rank());
+    const auto n = std::min(why.size(), sizeof rc.reason - 1);
+    std::memcpy(rc.reason, why.data(), n);
+    rc.reason[n] = '\0';
+    rc.failed.store(1, std::memory_order_release);
+  }
+
+  void release() noexcept {
+    (void)cudaSetDevice(ordinal_);
+    settle();
+    for (auto* p : peer_mailbox_) {
+      if (p != nullptr) (void)cudaIpcCloseMemHandle(p);
+    }
+    peer_mailbox_.clear();
+    for (auto* s : out_streams_) {
+      if (s != nullptr) (void)cudaStreamDestroy(s);
+    }
+    for (auto* s : in_streams_) {
+      if (s != nullptr) (void)cudaStreamDestroy(s);
+    }
+    out_streams_.clear();
+    in_streams_.clear();
+    for (auto* e : out_events_) {
+      if (e != nullptr) (void)cudaEventDestroy(e);
+    }
+    for (auto* e : in_events_) {
+      if (e != nullptr) (void)cudaEventDestroy(e);
+    }
+    out_events_.clear();
+    in_events_.clear();
+    if (start_event_ != nullptr) (void)cudaEventDestroy(start_event_);
+    start_event_ = nullptr;
+    if (control_ != nullptr) {
+      (void)::munmap(control_, control_size_);
+      control_ = nullptr;
+    }
+    // Rank 0 unlinks after the start-up barrier; if start-up failed before it, do it now.
+    if (rank() == 0 && !shm_name_.empty()) (void)::shm_unlink(shm_name_.c_str());
+    (void)cudaGetLastError();
+  }
+
+  options opts_;
+  int ordinal_ = 0;
+  std::shared_ptr<store> store_;
+  std::size_t region_bytes_ = 0;
+  std::size_t slot_bytes_ = 0;
+  device::buffer mailbox_;
+  std::vector<rank_info> infos_;
+  std::vector<std::byte*> peer_mailbox_;
+  std::vector<cudaStream_t> out_streams_, in_streams_;
+  std::vector<cudaEvent_t> out_events_, in_events_;
+  cudaEvent_t start_event_ = nullptr;
+  std::vector<std::uint64_t> sent_base_, received_base_, manifests_sent_, manifests_received_;
+  std::string shm_name_;
+  void* control_ = nullptr;
+  std::size_t control_size_ = 0;
+  bool pid_checks_ = false;
+  bool broken_ = false;
+  std::string broken_reason_;
+};
+
+}  // namespace
+
+std::unique_ptr<communicator> make_cuda_ipc(const setup& s) {
+  return std::make_unique<cuda_ipc_communicator>(s);
+}
+
+}  // namespace eplb::comm
