@@ -29,7 +29,7 @@ meson compile -C build-gpu >"$out/build.log" 2>&1 || { grep -E "error|FAILED" -A
 export LD_LIBRARY_PATH=$nccl_root/lib:${LD_LIBRARY_PATH:-}
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  meson test -C build-gpu --suite gpu --suite multiproc --suite comm --print-errorlogs >"$out/tests.log" 2>&1
+  meson test -C build-gpu ${TEST_SUITES:---suite gpu --suite multiproc --suite comm} --print-errorlogs >"$out/tests.log" 2>&1
   grep -E "^ *[0-9]+/[0-9]+ |^(Ok|Fail|Skipped|Timeout):" "$out/tests.log"
 fi
 
@@ -57,6 +57,7 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
       for flags in "" "--no-pipeline" "--no-pipeline --no-coalesce" "--backend cuda_ipc"; do
+        [ -z "${REARRANGE_FLAGS:-}" ] || [[ "$REARRANGE_FLAGS" == *"[$flags]"* ]] || continue
         python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
           --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flags \
           --maps-out /tmp/maps-$1-$ranks.json | grep -E '^\{|error' | tee -a "$out/rearrange.jsonl"
@@ -73,8 +74,10 @@ if [ "$what" = serving ] || [ "$what" = all ]; then
   ngpu=$(nvidia-smi -L | wc -l)
   for ranks in 2 4; do
     [ "$ranks" -le "$ngpu" ] || continue
-    python3 tests/comm/run_ranks.py build-gpu/bench/serving_bench "$ranks" --deadline 400 -- \
-      --label qwen3-30b ${SERVING_ARGS:-} | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
+    for ab in ${SERVING_BACKENDS:-gloo cuda_ipc}; do
+      python3 tests/comm/run_ranks.py build-gpu/bench/serving_bench "$ranks" --deadline 400 -- \
+        --label qwen3-30b --async-backend "$ab" ${SERVING_ARGS:-} | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
+    done
   done
 fi
 

@@ -63,7 +63,7 @@ std::string json(const percentiles& p) {
 
 int main(int argc, char** argv) {
   CLI::App app{"eplb serving-loop benchmark rank"};
-  std::string store_spec, label = "model";
+  std::string store_spec, label = "model", async_backend = "gloo";
   int rank = 0, size = 2, layers = 48, experts = 128, redundant = 16, gemm_n = 1536, gemm_calls = 4;
   int quiet_steps = 300, max_steps = 20000;
   std::size_t expert_bytes = 9'437'184, allreduce_bytes = 4 << 20;
@@ -80,6 +80,7 @@ int main(int argc, char** argv) {
   app.add_option("--allreduce-bytes", allreduce_bytes);
   app.add_option("--quiet-steps", quiet_steps, "steps before the rebalance and after it");
   app.add_option("--max-steps", max_steps);
+  app.add_option("--async-backend", async_backend, "communicator of the async rebalance: gloo or cuda_ipc");
   CLI11_PARSE(app, argc, argv);
   try {
     if (device::cuda_device_count() < size) return 77;
@@ -148,7 +149,7 @@ int main(int argc, char** argv) {
                                 int first_rebalance) {
       state_params sp;
       sp.cfg.use_async = async;
-      sp.cfg.communicator = async ? "gloo" : "nccl";
+      sp.cfg.communicator = async ? async_backend : "nccl";
       sp.cfg.num_redundant_experts = redundant;
       sp.cfg.step_interval = 4 * first_rebalance;  // the first rebalance comes after a quarter interval
       sp.cfg.window_size = first_rebalance;
@@ -285,13 +286,13 @@ int main(int argc, char** argv) {
     tail += "]";
     const auto sync_quiet = summarize(sync_quiet_ms);
     std::cout << fmt::format(
-        R"({{"bench":"serving","label":"{}","ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
+        R"({{"bench":"serving","label":"{}","async_backend":"{}","ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
         R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
         R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
         R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_first_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
         R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
-        label, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
+        label, async_backend, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
         busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes,
         t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
     return 0;
