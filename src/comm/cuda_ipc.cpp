@@ -2,7 +2,8 @@
 // at start and shares its IPC handle through the store; a transfer is a cudaMemcpyAsync between two
 // GPUs' memory (copy engines over NVLink: no NCCL, no kernels, no SMs taken from the serving loop).
 //
-// Each ordered pair (sender, receiver) owns a region of a mailbox, cut into `slots` slots. In push
+// Each ordered pair (sender, receiver) owns a region of a mailbox, cut into slots of at most
+// chunk_bytes (2..64 of them: a deep queue keeps the copy engine busy while hand-offs travel). In push
 // mode (default) the region lives on the receiver: the sender copies its data straight into it over
 // NVLink and the receiver copies it out locally; in pull mode it lives on the sender, which packs
 // locally, and the receiver reads over NVLink. A pair's messages of one batch form one byte stream,
@@ -43,7 +44,7 @@ namespace {
 using clock = std::chrono::steady_clock;
 using device::cuda::check;
 
-constexpr int slots = 4;                      // chunks of one pair in flight
+constexpr std::size_t max_slots = 64;         // chunks of one pair in flight, at most
 constexpr std::size_t min_slot_bytes = 4096;  // below this, host hand-offs would dominate
 constexpr std::size_t slot_align = 256;
 constexpr int max_ranks = 256;
@@ -116,14 +117,18 @@ struct rank_info {
   long pid = 0;
   int ordinal = 0;
   std::string handle;  // hex of cudaIpcMemHandle_t
+  std::string layout;  // mailbox geometry and direction: must be the same on every rank
 
-  std::string encode() const { return fmt::format("{}\n{}\n{}\n{}\n{}\n{}", host, boot_id, pid_ns, pid, ordinal, handle); }
+  std::string encode() const {
+    return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}", host, boot_id, pid_ns, pid, ordinal, handle, layout);
+  }
   static rank_info decode(const std::string& text, int rank) {
     std::istringstream in(text);
     rank_info r;
     std::string pid, ordinal;
     if (!std::getline(in, r.host) || !std::getline(in, r.boot_id) || !std::getline(in, r.pid_ns) ||
-        !std::getline(in, pid) || !std::getline(in, ordinal) || !std::getline(in, r.handle)) {
+        !std::getline(in, pid) || !std::getline(in, ordinal) || !std::getline(in, r.handle) ||
+        !std::getline(in, r.layout)) {
       fail(errc::transport, "cuda_ipc: the store entry of rank {} is malformed", rank);
     }
     r.pid = std::stol(pid);
@@ -181,12 +186,18 @@ class cuda_ipc_communicator final : public communicator {
     device::cuda::use_device(ordinal_);
     store_ = s.rendezvous;
     const std::size_t peers = static_cast<std::size_t>(std::max(1, size() - 1));
+    if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "cuda_ipc: chunk_bytes must be > 0");
+    if (opts_.lanes < 0 || opts_.lanes > 64) {
+      fail(errc::invalid_argument, "cuda_ipc: lanes must be in 0..64 (0 = one copy stream per peer), got {}",
+           opts_.lanes);
+    }
     region_bytes_ = opts_.staging_bytes / peers / slot_align * slot_align;
-    slot_bytes_ = region_bytes_ / slots / slot_align * slot_align;
+    slots_ = std::clamp<std::size_t>(region_bytes_ / std::max<std::size_t>(opts_.chunk_bytes, 1), 2, max_slots);
+    slot_bytes_ = region_bytes_ / slots_ / slot_align * slot_align;
     if (slot_bytes_ < min_slot_bytes) {
       fail(errc::invalid_argument,
            "cuda_ipc: staging_bytes {} leaves {} bytes per slot ({} peers x {} slots); at least {} are needed",
-           opts_.staging_bytes, slot_bytes_, peers, slots, min_slot_bytes);
+           opts_.staging_bytes, slot_bytes_, peers, slots_, min_slot_bytes);
     }
     if (size() > 1) mailbox_ = s.dev->allocate(region_bytes_ * peers, device::memory_kind::device);
     try {
@@ -230,7 +241,9 @@ class cuda_ipc_communicator final : public communicator {
     std::array<char, 256> hostname{};
     (void)::gethostname(hostname.data(), hostname.size() - 1);
     rank_info me{hostname.data(), read_first_line("/proc/sys/kernel/random/boot_id"), pid_namespace(),
-                 static_cast<long>(::getpid()), ordinal_, hex(&handle, sizeof handle)};
+                 static_cast<long>(::getpid()), ordinal_, hex(&handle, sizeof handle),
+                 fmt::format("staging_bytes {}, chunk_bytes {}, {}", opts_.staging_bytes, opts_.chunk_bytes,
+                             opts_.cuda_ipc_pull ? "pull" : "push")};
     store_->set(fmt::format("cuda_ipc/rank/{}", rank()), me.encode());
     infos_.resize(static_cast<std::size_t>(size()));
     for (int r = 0; r < size(); ++r) {
@@ -244,6 +257,10 @@ class cuda_ipc_communicator final : public communicator {
              "cuda_ipc: rank {} runs on host {} and rank {} on host {}: cuda_ipc connects the GPUs of one node "
              "(use nccl or gloo across nodes)",
              rank(), me.host, r, other.host);
+      }
+      if (other.layout != me.layout) {
+        fail(errc::invalid_argument, "cuda_ipc: rank {} uses {}, rank {} uses {}; every rank must pass the same", rank(),
+             me.layout, r, other.layout);
       }
       if (r != rank() && other.pid == me.pid && other.pid_ns == me.pid_ns) {
         fail(errc::invalid_config,
@@ -279,17 +296,24 @@ class cuda_ipc_communicator final : public communicator {
       return ev;
     };
     const auto n = static_cast<std::size_t>(size());
+    // Copy streams per direction: one per peer (lanes 0), or `lanes` shared round-robin.
+    const std::size_t lanes = opts_.lanes == 0 ? n : static_cast<std::size_t>(opts_.lanes);
+    for (std::size_t i = 0; i < std::min(lanes, n); ++i) {
+      owned_streams_.push_back(make_stream());
+      owned_streams_.push_back(make_stream());
+    }
     out_streams_.assign(n, nullptr);
     in_streams_.assign(n, nullptr);
-    out_events_.assign(n * slots, nullptr);
-    in_events_.assign(n * slots, nullptr);
+    out_events_.assign(n * slots_, nullptr);
+    in_events_.assign(n * slots_, nullptr);
     for (std::size_t r = 0; r < n; ++r) {
       if (static_cast<int>(r) == rank()) continue;
-      out_streams_[r] = make_stream();
-      in_streams_[r] = make_stream();
-      for (int k = 0; k < slots; ++k) {
-        out_events_[r * slots + static_cast<std::size_t>(k)] = make_event();
-        in_events_[r * slots + static_cast<std::size_t>(k)] = make_event();
+      const std::size_t lane = r % (owned_streams_.size() / 2);
+      out_streams_[r] = owned_streams_[2 * lane];
+      in_streams_[r] = owned_streams_[2 * lane + 1];
+      for (std::size_t k = 0; k < slots_; ++k) {
+        out_events_[r * slots_ + k] = make_event();
+        in_events_[r * slots_ + k] = make_event();
       }
     }
     check(cudaEventCreateWithFlags(&start_event_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
@@ -361,7 +385,7 @@ class cuda_ipc_communicator final : public communicator {
     const int other = opts_.cuda_ipc_pull ? receiver : sender;
     std::byte* base = owner == rank() ? mailbox_.data() : peer_mailbox_[static_cast<std::size_t>(owner)];
     const auto index = static_cast<std::size_t>(other < owner ? other : other - 1);
-    return base + index * region_bytes_ + static_cast<std::size_t>(chunk % slots) * slot_bytes_;
+    return base + index * region_bytes_ + static_cast<std::size_t>(chunk % slots_) * slot_bytes_;
   }
 
   // ---- one batch ---------------------------------------------------------------------------
@@ -468,14 +492,14 @@ class cuda_ipc_communicator final : public communicator {
       st.acked = std::min(st.chunks, drained - st.base);
       progress = true;
     }
-    while (st.issued < st.chunks && st.base + st.issued - drained < slots) {
+    while (st.issued < st.chunks && st.base + st.issued - drained < slots_) {
       const std::uint64_t g = st.base + st.issued;
       copy_chunk(st, st.issued, slot_ptr(rank(), st.peer, g), true, out_streams_[p]);
-      check(cudaEventRecord(out_events_[p * slots + g % slots], out_streams_[p]), "cudaEventRecord");
+      check(cudaEventRecord(out_events_[p * slots_ + g % slots_], out_streams_[p]), "cudaEventRecord");
       ++st.issued;
       progress = true;
     }
-    while (st.completed < st.issued && event_done(out_events_[p * slots + (st.base + st.completed) % slots])) {
+    while (st.completed < st.issued && event_done(out_events_[p * slots_ + (st.base + st.completed) % slots_])) {
       ++st.completed;
       ctl.filled.store(st.base + st.completed, std::memory_order_release);
       progress = true;
@@ -510,12 +534,12 @@ class cuda_ipc_communicator final : public communicator {
       while (st.issued < st.chunks && st.base + st.issued < filled) {
         const std::uint64_t g = st.base + st.issued;
         copy_chunk(st, st.issued, slot_ptr(st.peer, rank(), g), false, in_streams_[p]);
-        check(cudaEventRecord(in_events_[p * slots + g % slots], in_streams_[p]), "cudaEventRecord");
+        check(cudaEventRecord(in_events_[p * slots_ + g % slots_], in_streams_[p]), "cudaEventRecord");
         ++st.issued;
         progress = true;
       }
     }
-    while (st.completed < st.issued && event_done(in_events_[p * slots + (st.base + st.completed) % slots])) {
+    while (st.completed < st.issued && event_done(in_events_[p * slots_ + (st.base + st.completed) % slots_])) {
       ++st.completed;
       ctl.drained.store(st.base + st.completed, std::memory_order_release);
       progress = true;
@@ -578,12 +602,9 @@ class cuda_ipc_communicator final : public communicator {
   // Waits (bounded) until none of our copies runs; after that the caller's buffers are free again.
   void settle() noexcept {
     const auto deadline = clock::now() + opts_.timeout;
-    for (const auto& list : {out_streams_, in_streams_}) {
-      for (auto* s : list) {
-        if (s == nullptr) continue;
-        while (cudaStreamQuery(s) == cudaErrorNotReady && clock::now() < deadline) {
-          std::this_thread::sleep_for(std::chrono::microseconds(50));
-        }
+    for (auto* s : owned_streams_) {
+      while (cudaStreamQuery(s) == cudaErrorNotReady && clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
     }
     (void)cudaGetLastError();
@@ -607,12 +628,8 @@ class cuda_ipc_communicator final : public communicator {
       if (p != nullptr) (void)cudaIpcCloseMemHandle(p);
     }
     peer_mailbox_.clear();
-    for (auto* s : out_streams_) {
-      if (s != nullptr) (void)cudaStreamDestroy(s);
-    }
-    for (auto* s : in_streams_) {
-      if (s != nullptr) (void)cudaStreamDestroy(s);
-    }
+    for (auto* s : owned_streams_) (void)cudaStreamDestroy(s);
+    owned_streams_.clear();
     out_streams_.clear();
     in_streams_.clear();
     for (auto* e : out_events_) {
@@ -639,10 +656,12 @@ class cuda_ipc_communicator final : public communicator {
   std::shared_ptr<store> store_;
   std::size_t region_bytes_ = 0;
   std::size_t slot_bytes_ = 0;
+  std::size_t slots_ = 2;
   device::buffer mailbox_;
   std::vector<rank_info> infos_;
   std::vector<std::byte*> peer_mailbox_;
-  std::vector<cudaStream_t> out_streams_, in_streams_;
+  std::vector<cudaStream_t> owned_streams_;
+  std::vector<cudaStream_t> out_streams_, in_streams_;  // per peer, into owned_streams_
   std::vector<cudaEvent_t> out_events_, in_events_;
   cudaEvent_t start_event_ = nullptr;
   std::vector<std::uint64_t> sent_base_, received_base_, manifests_sent_, manifests_received_;

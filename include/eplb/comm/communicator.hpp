@@ -38,8 +38,10 @@ struct capabilities {
 
 struct options {
   milliseconds timeout{30'000};         ///< every wait of one execute(); a silent peer fails after this
-  std::size_t chunk_bytes = 16U << 20;  ///< gloo: messages move in chunks of at most this size
-  int lanes = 0;  ///< gloo: TCP connections (and sender threads) per pair; 0 = from peers and cores, 2..16
+  std::size_t chunk_bytes = 16U << 20;  ///< gloo, cuda_ipc: messages move in chunks of at most this size
+  /// gloo: TCP connections (and sender threads) per pair; 0 = from peers and cores, 2..16.
+  /// cuda_ipc: copy streams per direction, shared by the peers; 0 = one per peer.
+  int lanes = 0;
   /// gloo: cap on pinned staging memory per rank; cuda_ipc: the device mailbox of each rank
   std::size_t staging_bytes = 256U << 20;
   std::string hostname = "127.0.0.1";      ///< gloo: address this rank listens on
