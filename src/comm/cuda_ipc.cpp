@@ -402,9 +402,15 @@ class cuda_ipc_communicator final : public communicator {
       st.total += o.bytes;
     }
     const auto now = clock::now();
+    // Peers in shift order: rank r serves r+1, r+2, ... and drains r-1, r-2, ... Copy engines run
+    // copies roughly in the order they were issued, so issuing every rank's sends to the same
+    // peer first would pile all writers onto one GPU; in shift order each phase is a permutation.
     std::vector<stream_state*> active_sends, active_recvs;
-    for (std::size_t p = 0; p < n; ++p) {
-      for (auto* st : {&sends[p], &recvs[p]}) {
+    for (std::size_t shift = 1; shift < n; ++shift) {
+      const std::size_t to = (static_cast<std::size_t>(rank()) + shift) % n;
+      const std::size_t from = (static_cast<std::size_t>(rank()) + n - shift) % n;
+      for (auto* st : {&sends[to], &recvs[from]}) {
+        const std::size_t p = st == &sends[to] ? to : from;
         if (st->peer < 0) continue;
         st->chunks = (st->total + slot_bytes_ - 1) / slot_bytes_;
         st->base = st == &sends[p] ? sent_base_[p] : received_base_[p];
@@ -440,8 +446,11 @@ class cuda_ipc_communicator final : public communicator {
     for (;;) {
       bool progress = false;
       bool done = true;
+      // A send issues its copies once every earlier one in shift order has issued all of its own.
+      bool earlier_issued = true;
       for (auto* st : sends) {
-        progress |= advance_send(*st);
+        progress |= advance_send(*st, earlier_issued);
+        earlier_issued &= st->issued == st->chunks;
         done &= finished(*st);
       }
       for (auto* st : recvs) {
@@ -472,7 +481,7 @@ class cuda_ipc_communicator final : public communicator {
     return st.manifest_done && st.completed == st.chunks && st.acked == st.chunks;
   }
 
-  bool advance_send(stream_state& st) {
+  bool advance_send(stream_state& st, bool may_issue) {
     const auto p = static_cast<std::size_t>(st.peer);
     auto& ctl = pair_ctl(rank(), st.peer);
     bool progress = false;
@@ -492,7 +501,7 @@ class cuda_ipc_communicator final : public communicator {
       st.acked = std::min(st.chunks, drained - st.base);
       progress = true;
     }
-    while (st.issued < st.chunks && st.base + st.issued - drained < slots_) {
+    while (may_issue && st.issued < st.chunks && st.base + st.issued - drained < slots_) {
       const std::uint64_t g = st.base + st.issued;
       copy_chunk(st, st.issued, slot_ptr(rank(), st.peer, g), true, out_streams_[p]);
       check(cudaEventRecord(out_events_[p * slots_ + g % slots_], out_streams_[p]), "cudaEventRecord");
