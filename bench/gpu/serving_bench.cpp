@@ -81,6 +81,8 @@ int main(int argc, char** argv) {
   app.add_option("--quiet-steps", quiet_steps, "steps before the rebalance and after it");
   app.add_option("--max-steps", max_steps);
   app.add_option("--async-backend", async_backend, "communicator of the async rebalance: gloo or cuda_ipc");
+  double ipc_max_gbps = 0;
+  app.add_option("--ipc-max-gbps", ipc_max_gbps, "cuda_ipc: cap on each rank's copy rate (0 = none)");
   CLI11_PARSE(app, argc, argv);
   try {
     if (device::cuda_device_count() < size) return 77;
@@ -150,6 +152,7 @@ int main(int argc, char** argv) {
       state_params sp;
       sp.cfg.use_async = async;
       sp.cfg.communicator = async ? async_backend : "nccl";
+      sp.comm_setup.opts.cuda_ipc_max_gbps = ipc_max_gbps;
       sp.cfg.num_redundant_experts = redundant;
       sp.cfg.step_interval = 4 * first_rebalance;  // the first rebalance comes after a quarter interval
       sp.cfg.window_size = first_rebalance;
@@ -286,13 +289,13 @@ int main(int argc, char** argv) {
     tail += "]";
     const auto sync_quiet = summarize(sync_quiet_ms);
     std::cout << fmt::format(
-        R"({{"bench":"serving","label":"{}","async_backend":"{}","ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
+        R"({{"bench":"serving","label":"{}","async_backend":"{}","ipc_max_gbps":{},"ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
         R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
         R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
         R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_first_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
         R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
-        label, async_backend, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
+        label, async_backend, ipc_max_gbps, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
         busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes,
         t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
     return 0;

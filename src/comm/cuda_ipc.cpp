@@ -13,7 +13,9 @@
 // in the slot" or "chunk k was copied out" as a counter once its own CUDA event for that copy has
 // completed. No GPU stream ever waits on another process, so a dead or stalled peer cannot wedge a
 // stream; the host loop sees the counters, a peer's failure flag and whether its process is alive,
-// and every wait ends by the timeout. Every batch starts with a manifest per pair (message count,
+// and every wait ends by the timeout. Batches run in order on this communicator's own thread:
+// submit() returns at once, so a caller can queue the next layer's copies while one moves. Every
+// batch starts with a manifest per pair (message count,
 // total bytes, a hash of the sizes), so mismatched sizes are an error on both sides, not a hang.
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
@@ -36,7 +38,9 @@
 
 #include "comm/backends.hpp"
 #include "device/cuda_check.hpp"
+#include "device/event_state.hpp"
 #include "util/fail.hpp"
+#include "util/job_thread.hpp"
 
 namespace eplb::comm {
 namespace {
@@ -187,6 +191,10 @@ class cuda_ipc_communicator final : public communicator {
     store_ = s.rendezvous;
     const std::size_t peers = static_cast<std::size_t>(std::max(1, size() - 1));
     if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "cuda_ipc: chunk_bytes must be > 0");
+    if (!(opts_.cuda_ipc_max_gbps >= 0)) {
+      fail(errc::invalid_argument, "cuda_ipc: cuda_ipc_max_gbps must be >= 0 (0 = no cap), got {}",
+           opts_.cuda_ipc_max_gbps);
+    }
     if (opts_.lanes < 0 || opts_.lanes > 64) {
       fail(errc::invalid_argument, "cuda_ipc: lanes must be in 0..64 (0 = one copy stream per peer), got {}",
            opts_.lanes);
@@ -210,6 +218,7 @@ class cuda_ipc_communicator final : public communicator {
 
   ~cuda_ipc_communicator() override {
     finish_async();
+    batches_.reset();  // runs what is queued (each batch ends by its timeouts), then joins
     release();
   }
 
@@ -219,16 +228,58 @@ class cuda_ipc_communicator final : public communicator {
   }
 
  protected:
-  void run(std::span<const op> ops) override {
-    if (broken_) {
+  void run(std::span<const op> ops) override { await(enqueue(ops)); }
+
+  // Queues the batch on the batch thread; the returned event completes (or fails) with it. Our
+  // copies start after the work already queued on the caller's stream, so that point is marked now.
+  device::event enqueue(std::span<const op> ops) override {
+    if (broken_.load(std::memory_order_acquire)) {
       fail(errc::transport, "cuda_ipc rank {}: broken by an earlier failure ({}); create a new communicator", rank(),
            broken_reason_);
     }
-    try {
-      run_batch(ops);
-    } catch (const error& e) {
-      break_with(e.what());
-      throw;
+    device::cuda::use_device(ordinal_);
+    cudaEvent_t start = nullptr;
+    if (stream() != nullptr) {
+      check(cudaEventCreateWithFlags(&start, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+      const auto st = cudaEventRecord(start, static_cast<cudaStream_t>(stream()->native_handle()));
+      if (st != cudaSuccess) (void)cudaEventDestroy(start);
+      check(st, "cudaEventRecord");
+    }
+    auto done = std::make_shared<device::detail::event_state>();
+    batches_->post([this, batch = std::vector<op>(ops.begin(), ops.end()), start, done] {
+      std::exception_ptr failure;
+      try {
+        if (broken_.load(std::memory_order_acquire)) {
+          fail(errc::transport, "cuda_ipc rank {}: broken by an earlier failure ({})", rank(), broken_reason_);
+        }
+        run_batch(batch, start);
+      } catch (const error& e) {
+        break_with(e.what());
+        failure = std::current_exception();
+      } catch (...) {
+        break_with("unexpected exception");
+        failure = std::current_exception();
+      }
+      if (start != nullptr) (void)cudaEventDestroy(start);
+      done->complete(failure);
+    });
+    return device::event(done);
+  }
+
+  // Waits for a submitted batch. The batch ends by itself (its own timeouts); this bound only
+  // guards against a batch thread that stopped making progress without noticing.
+  void await(const device::event& e) override {
+    auto seen = progress_.load(std::memory_order_relaxed);
+    auto last = clock::now();
+    while (!e.wait_for(std::chrono::microseconds(500))) {
+      const auto now_seen = progress_.load(std::memory_order_relaxed);
+      if (now_seen != seen) {
+        seen = now_seen;
+        last = clock::now();
+      } else if (clock::now() - last > 2 * opts_.timeout) {
+        fail(errc::timeout, "cuda_ipc rank {}: the batch made no progress for {} ms", rank(),
+             2 * opts_.timeout.count());
+      }
     }
   }
 
@@ -316,7 +367,6 @@ class cuda_ipc_communicator final : public communicator {
         in_events_[r * slots_ + k] = make_event();
       }
     }
-    check(cudaEventCreateWithFlags(&start_event_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     sent_base_.assign(n, 0);
     received_base_.assign(n, 0);
     manifests_sent_.assign(n, 0);
@@ -390,7 +440,7 @@ class cuda_ipc_communicator final : public communicator {
 
   // ---- one batch ---------------------------------------------------------------------------
 
-  void run_batch(std::span<const op> ops) {
+  void run_batch(std::span<const op> ops, cudaEvent_t start) {
     device::cuda::use_device(ordinal_);
     const auto n = static_cast<std::size_t>(size());
     std::vector<stream_state> sends(n), recvs(n);
@@ -418,16 +468,13 @@ class cuda_ipc_communicator final : public communicator {
         (st == &sends[p] ? active_sends : active_recvs).push_back(st);
       }
     }
-    // Our copies start after the work the caller queued before execute() (e.g. packing).
-    if (stream() != nullptr) {
-      check(cudaEventRecord(start_event_, static_cast<cudaStream_t>(stream()->native_handle())), "cudaEventRecord");
+    // Our copies start after the work the caller queued before submitting (e.g. packing).
+    if (start != nullptr) {
       for (auto* st : active_sends) {
-        check(cudaStreamWaitEvent(out_streams_[static_cast<std::size_t>(st->peer)], start_event_, 0),
-              "cudaStreamWaitEvent");
+        check(cudaStreamWaitEvent(out_streams_[static_cast<std::size_t>(st->peer)], start, 0), "cudaStreamWaitEvent");
       }
       for (auto* st : active_recvs) {
-        check(cudaStreamWaitEvent(in_streams_[static_cast<std::size_t>(st->peer)], start_event_, 0),
-              "cudaStreamWaitEvent");
+        check(cudaStreamWaitEvent(in_streams_[static_cast<std::size_t>(st->peer)], start, 0), "cudaStreamWaitEvent");
       }
     }
     try {
@@ -460,6 +507,7 @@ class cuda_ipc_communicator final : public communicator {
       if (done) return;
       const auto now = clock::now();
       if (progress) {
+        progress_.fetch_add(1, std::memory_order_relaxed);
         idle_rounds = 0;
         continue;
       }
@@ -501,7 +549,7 @@ class cuda_ipc_communicator final : public communicator {
       st.acked = std::min(st.chunks, drained - st.base);
       progress = true;
     }
-    while (may_issue && st.issued < st.chunks && st.base + st.issued - drained < slots_) {
+    while (may_issue && st.issued < st.chunks && st.base + st.issued - drained < slots_ && paced(st)) {
       const std::uint64_t g = st.base + st.issued;
       copy_chunk(st, st.issued, slot_ptr(rank(), st.peer, g), true, out_streams_[p]);
       check(cudaEventRecord(out_events_[p * slots_ + g % slots_], out_streams_[p]), "cudaEventRecord");
@@ -556,6 +604,20 @@ class cuda_ipc_communicator final : public communicator {
     st.acked = st.completed;
     if (progress) st.last_progress = clock::now();
     return progress;
+  }
+
+  // With a rate cap, a chunk may start once the previous ones have had their share of time; the
+  // pace carries over between batches, so an async rebalance of many layers keeps to the cap.
+  bool paced(const stream_state& st) {
+    if (opts_.cuda_ipc_max_gbps <= 0) return true;
+    const auto now = clock::now();
+    if (now < pace_next_) return false;
+    const std::size_t begin = static_cast<std::size_t>(st.issued) * slot_bytes_;
+    const double bytes = static_cast<double>(std::min(st.total, begin + slot_bytes_) - begin);
+    pace_next_ = std::max(now, pace_next_) +
+                 std::chrono::duration_cast<clock::duration>(
+                     std::chrono::duration<double>(bytes / (opts_.cuda_ipc_max_gbps * 1e9)));
+    return true;
   }
 
   // Copies chunk `k` of a pair's byte stream between the messages and `slot` (to the slot when
@@ -620,8 +682,9 @@ class cuda_ipc_communicator final : public communicator {
   }
 
   void break_with(const std::string& why) noexcept {
-    broken_ = true;
-    broken_reason_ = why;
+    if (broken_.load(std::memory_order_acquire)) return;
+    broken_reason_ = why;  // written before the flag is published, never after
+    broken_.store(true, std::memory_order_release);
     if (control_ == nullptr) return;
     auto& rc = rank_ctl(rank());
     const auto n = std::min(why.size(), sizeof rc.reason - 1);
@@ -649,8 +712,6 @@ class cuda_ipc_communicator final : public communicator {
     }
     out_events_.clear();
     in_events_.clear();
-    if (start_event_ != nullptr) (void)cudaEventDestroy(start_event_);
-    start_event_ = nullptr;
     if (control_ != nullptr) {
       (void)::munmap(control_, control_size_);
       control_ = nullptr;
@@ -672,14 +733,16 @@ class cuda_ipc_communicator final : public communicator {
   std::vector<cudaStream_t> owned_streams_;
   std::vector<cudaStream_t> out_streams_, in_streams_;  // per peer, into owned_streams_
   std::vector<cudaEvent_t> out_events_, in_events_;
-  cudaEvent_t start_event_ = nullptr;
   std::vector<std::uint64_t> sent_base_, received_base_, manifests_sent_, manifests_received_;
   std::string shm_name_;
   void* control_ = nullptr;
   std::size_t control_size_ = 0;
   bool pid_checks_ = false;
-  bool broken_ = false;
+  std::atomic<bool> broken_{false};
   std::string broken_reason_;
+  clock::time_point pace_next_{};                     // earliest start of the next paced chunk
+  std::atomic<std::uint64_t> progress_{0};            // hand-offs seen by the batch thread
+  std::unique_ptr<job_thread> batches_ = std::make_unique<job_thread>();
 };
 
 }  // namespace

@@ -472,7 +472,8 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
           fail(e.code(), "layer {}: {}", l, e.what());
         }
         const auto& done = sent[static_cast<std::size_t>(l)];
-        copies_->wait(done.valid() ? done : stream_.record());  // host-complete: bytes are in place
+        // Stream-ordered: the copy stream waits for the transfers; host-complete: they are in place.
+        copies_->wait(done.valid() && comm_.caps().stream_ordered ? done : stream_.record());
         m->write_all(area(l), *copies_);
       }
       maps.set_layer(l, new_map.row(static_cast<std::size_t>(l)));

@@ -60,6 +60,8 @@ int main(int argc, char** argv) {
   app.add_option("--timeout-ms", timeout_ms);
   app.add_flag("--staged", staged, "buffers in device memory, staged through the stream");
   app.add_flag("--pull", pull, "cuda_ipc: receivers read from the sender's mailbox");
+  double max_gbps = 0;
+  app.add_option("--ipc-max-gbps", max_gbps, "cuda_ipc: cap on each rank's copy rate");
   app.add_option("--hostname", hostname, "gloo: the address this rank listens on");
   CLI11_PARSE(app, argc, argv);
 
@@ -85,6 +87,7 @@ int main(int argc, char** argv) {
     s.opts.staging_bytes = staging;
     s.opts.hostname = hostname;
     s.opts.cuda_ipc_pull = pull;
+    s.opts.cuda_ipc_max_gbps = max_gbps;
     const auto backend = comm::parse_backend(backend_name);
     auto c = comm::make_communicator(backend, s);
     const bool use_stream = staged || kind == device::backend_kind::cuda;
