@@ -81,6 +81,22 @@ if [ "$what" = serving ] || [ "$what" = all ]; then
   done
 fi
 
+if [ "$what" = ipc ]; then
+  # cuda_ipc against the NVLink limit, our nccl and the PyTorch peers (NCCL and the Gloo path vLLM
+  # uses for async EPLB), same run, DeepSeek-V3 expert size.
+  res=$out/ipc.jsonl
+  build-gpu/bench/gpu_limits | tee -a "$res"
+  for ranks in 4 2; do
+    [ "$ranks" -le "$(nvidia-smi -L | wc -l)" ] || continue
+    for backend in cuda_ipc nccl; do
+      python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 60 -- \
+        --backend "$backend" --label deepseek-v3 --expert-bytes 44040192 --moved 32 --reps 10 \
+        | grep -E '^\{|error' | tee -a "$res"
+    done
+    timeout 120 python3 bench/peers/torch_exchange.py "$ranks" 44040192 32 3 deepseek-v3 2>&1 | grep '^{' | tee -a "$res"
+  done
+fi
+
 if [ "$what" = bench ] || [ "$what" = all ]; then
   res=$out/bench.jsonl
   : >"$res"
