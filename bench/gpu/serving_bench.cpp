@@ -295,9 +295,9 @@ int main(int argc, char** argv) {
         R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_first_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
         R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
-        label, async_backend, ipc_max_gbps, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
-        busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes,
-        t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
+        label, async_backend, ipc_max_gbps, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy),
+        busy.mean / quiet.mean, busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)),
+        t.rebalance_s, t.bytes, t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
     return 0;
   } catch (const std::exception& e) {
     std::cout << fmt::format("rank {}: error {}\n", rank, e.what());

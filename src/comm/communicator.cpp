@@ -25,8 +25,8 @@ backend parse_backend(std::string_view name) {
   for (auto b : {backend::loopback, backend::gloo, backend::nccl, backend::stateless_nccl, backend::cuda_ipc}) {
     if (name == to_string(b)) return b;
   }
-  fail(errc::invalid_argument, "communicator: unknown backend \"{}\" (allowed: loopback, gloo, nccl, stateless_nccl, cuda_ipc)",
-       name);
+  fail(errc::invalid_argument,
+       "communicator: unknown backend \"{}\" (allowed: loopback, gloo, nccl, stateless_nccl, cuda_ipc)", name);
 }
 
 // One thread per communicator runs execute_async() batches in order, so a caller's thread never

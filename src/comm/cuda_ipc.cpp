@@ -56,12 +56,12 @@ constexpr int max_ranks = 256;
 
 // One cache line per counter block so the two writers of a pair never share a line.
 struct alignas(64) pair_control {
-  std::atomic<std::uint64_t> manifest_posted;  // by the sender: manifests written so far
-  std::atomic<std::uint64_t> manifest_read;    // by the receiver: manifests it has checked
-  std::atomic<std::uint64_t> count;            // the current manifest: messages,
-  std::atomic<std::uint64_t> total;            // their bytes,
-  std::atomic<std::uint64_t> hash;             // and a hash of their sizes in order
-  std::atomic<std::uint64_t> filled;           // by the sender: chunks placed in the slots
+  std::atomic<std::uint64_t> manifest_posted;      // by the sender: manifests written so far
+  std::atomic<std::uint64_t> manifest_read;        // by the receiver: manifests it has checked
+  std::atomic<std::uint64_t> count;                // the current manifest: messages,
+  std::atomic<std::uint64_t> total;                // their bytes,
+  std::atomic<std::uint64_t> hash;                 // and a hash of their sizes in order
+  std::atomic<std::uint64_t> filled;               // by the sender: chunks placed in the slots
   alignas(64) std::atomic<std::uint64_t> drained;  // by the receiver: chunks copied out
 };
 
@@ -296,8 +296,12 @@ class cuda_ipc_communicator final : public communicator {
     if (mailbox_.data() != nullptr) check(cudaIpcGetMemHandle(&handle, mailbox_.data()), "cudaIpcGetMemHandle");
     std::array<char, 256> hostname{};
     (void)::gethostname(hostname.data(), hostname.size() - 1);
-    rank_info me{hostname.data(), read_first_line("/proc/sys/kernel/random/boot_id"), pid_namespace(),
-                 static_cast<long>(::getpid()), ordinal_, hex(&handle, sizeof handle),
+    rank_info me{hostname.data(),
+                 read_first_line("/proc/sys/kernel/random/boot_id"),
+                 pid_namespace(),
+                 static_cast<long>(::getpid()),
+                 ordinal_,
+                 hex(&handle, sizeof handle),
                  fmt::format("staging_bytes {}, chunk_bytes {}, {}", opts_.staging_bytes, opts_.chunk_bytes,
                              opts_.cuda_ipc_pull ? "pull" : "push")};
     store_->set(fmt::format("cuda_ipc/rank/{}", rank()), me.encode());
@@ -315,8 +319,8 @@ class cuda_ipc_communicator final : public communicator {
              rank(), me.host, r, other.host);
       }
       if (other.layout != me.layout) {
-        fail(errc::invalid_argument, "cuda_ipc: rank {} uses {}, rank {} uses {}; every rank must pass the same", rank(),
-             me.layout, r, other.layout);
+        fail(errc::invalid_argument, "cuda_ipc: rank {} uses {}, rank {} uses {}; every rank must pass the same",
+             rank(), me.layout, r, other.layout);
       }
       if (r != rank() && other.pid == me.pid && other.pid_ns == me.pid_ns) {
         fail(errc::invalid_config,
@@ -423,9 +427,7 @@ class cuda_ipc_communicator final : public communicator {
     }
   }
 
-  rank_control& rank_ctl(int r) const {
-    return reinterpret_cast<rank_control*>(static_cast<char*>(control_) + 64)[r];
-  }
+  rank_control& rank_ctl(int r) const { return reinterpret_cast<rank_control*>(static_cast<char*>(control_) + 64)[r]; }
   pair_control& pair_ctl(int sender, int receiver) const {
     auto* pairs = reinterpret_cast<pair_control*>(static_cast<char*>(control_) + 64 +
                                                   static_cast<std::size_t>(size()) * sizeof(rank_control));
@@ -627,9 +629,8 @@ class cuda_ipc_communicator final : public communicator {
     if (now < pace_next_) return false;
     const std::size_t begin = static_cast<std::size_t>(st.issued) * slot_bytes_;
     const double bytes = static_cast<double>(std::min(st.total, begin + slot_bytes_) - begin);
-    pace_next_ = std::max(now, pace_next_) +
-                 std::chrono::duration_cast<clock::duration>(
-                     std::chrono::duration<double>(bytes / (opts_.cuda_ipc_max_gbps * 1e9)));
+    pace_next_ = std::max(now, pace_next_) + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(
+                                                 bytes / (opts_.cuda_ipc_max_gbps * 1e9)));
     return true;
   }
 
@@ -674,9 +675,8 @@ class cuda_ipc_communicator final : public communicator {
           fail(errc::peer_failure, "cuda_ipc rank {}: rank {} (pid {}) exited", rank(), p, pid);
         }
         if (now - st->last_progress > opts_.timeout) {
-          fail(errc::timeout,
-               "cuda_ipc rank {}: no progress with rank {} for {} ms ({} {}/{} chunks, manifest {})", rank(), p,
-               opts_.timeout.count(), list == &sends ? "sent" : "received", st->completed, st->chunks,
+          fail(errc::timeout, "cuda_ipc rank {}: no progress with rank {} for {} ms ({} {}/{} chunks, manifest {})",
+               rank(), p, opts_.timeout.count(), list == &sends ? "sent" : "received", st->completed, st->chunks,
                st->manifest_done ? "exchanged" : "pending");
         }
       }
@@ -753,8 +753,8 @@ class cuda_ipc_communicator final : public communicator {
   bool pid_checks_ = false;
   std::atomic<bool> broken_{false};
   std::string broken_reason_;
-  clock::time_point pace_next_{};                     // earliest start of the next paced chunk
-  std::atomic<std::uint64_t> progress_{0};            // hand-offs seen by the batch thread
+  clock::time_point pace_next_{};           // earliest start of the next paced chunk
+  std::atomic<std::uint64_t> progress_{0};  // hand-offs seen by the batch thread
   std::unique_ptr<job_thread> batches_ = std::make_unique<job_thread>();
 };
 

@@ -36,7 +36,8 @@ comm::backend config::resolved_communicator() const {
       b = comm::parse_backend(communicator);
     } catch (const error&) {
       fail(errc::invalid_config,
-           "communicator: \"{}\" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, cuda_ipc, loopback)", communicator);
+           "communicator: \"{}\" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, cuda_ipc, loopback)",
+           communicator);
     }
   }
   if (use_async && (b == comm::backend::nccl || b == comm::backend::stateless_nccl)) {
@@ -116,7 +117,8 @@ config config::from_json(std::string_view text) {
     } else {
       fail(errc::invalid_config,
            "{}: unknown field (known: window_size, step_interval, num_redundant_experts, log_balancedness, "
-           "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms, commit_lag_steps)",
+           "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms, "
+           "commit_lag_steps)",
            key);
     }
   }

@@ -44,7 +44,7 @@ struct options {
   int lanes = 0;
   /// gloo: cap on pinned staging memory per rank; cuda_ipc: the device mailbox of each rank
   std::size_t staging_bytes = 256U << 20;
-  std::string hostname = "127.0.0.1";      ///< gloo: address this rank listens on
+  std::string hostname = "127.0.0.1";  ///< gloo: address this rank listens on
   /// gloo, cuda_ipc: nice value (0..19) of the threads that move data; async mode uses 10 so that
   /// the serving thread gets the CPU first (cuda_ipc then also polls the driver less often). 0
   /// leaves them at the creating thread's priority.
