@@ -100,6 +100,9 @@ TEST_CASE("config: defaults, auto-selection and every invalid field") {
   c.use_async = false;
   c.elastic = true;
   CHECK(c.resolved_communicator() == comm::backend::stateless_nccl);
+  // cuda_ipc launches no kernels: allowed in async mode, when asked for.
+  const auto ipc = config::from_json(R"({"use_async": true, "communicator": "cuda_ipc"})");
+  CHECK(ipc.resolved_communicator() == comm::backend::cuda_ipc);
   struct bad {
     const char* json;
     const char* text;
