@@ -102,6 +102,13 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   : >"$res"
   ngpu=$(nvidia-smi -L | wc -l)
   build-gpu/bench/gpu_limits | tee -a "$res"
+  # The host's loopback TCP ceiling for Gloo's traffic between 2 and 4 ranks of this host, with the
+  # lane count gloo picks by itself here (communicator options, lanes = 0).
+  for ranks in 2 4; do
+    lanes=$(( $(nproc) * 2 < 64 ? $(nproc) * 2 : 64 )); lanes=$(( lanes / (ranks - 1) ))
+    lanes=$(( lanes < 2 ? 2 : (lanes > 16 ? 16 : lanes) ))
+    timeout 120 build-gpu/bench/tcp_limit --ranks "$ranks" --lanes "$lanes" | tee -a "$res"
+  done
   # name expert-bytes experts-moved-per-rank: Qwen3-30B-A3B bf16, Qwen3-235B-A22B bf16, DeepSeek-V3 fp8.
   for shape in "qwen3-30b 9437184 16" "qwen3-235b 37748736 16" "deepseek-v3 44040192 32"; do
     set -- $shape
