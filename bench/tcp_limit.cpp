@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -67,6 +68,12 @@ std::pair<socket_fd, socket_fd> connected_pair() {
   if (server.get() < 0) sys_fail("accept");
   const int one = 1;
   (void)::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  // A stuck transfer fails (EAGAIN) instead of blocking forever.
+  const timeval limit{.tv_sec = 60, .tv_usec = 0};
+  for (int fd : {client.get(), server.get()}) {
+    (void)::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit);
+    (void)::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+  }
   return {std::move(client), std::move(server)};
 }
 

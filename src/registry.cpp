@@ -32,6 +32,14 @@ int device::cuda_device_count() noexcept {
 }
 
 namespace comm {
+namespace {
+
+// Why the GPU backends (nccl, stateless_nccl, cuda_ipc) cannot run here, or empty when they can.
+[[maybe_unused]] std::string gpu_unavailable_reason() {
+  return device::cuda_device_count() > 0 ? std::string() : std::string("no usable GPU on this machine");
+}
+
+}  // namespace
 
 std::unique_ptr<communicator> make_communicator(backend b, const setup& s) {
   switch (b) {
@@ -46,7 +54,7 @@ std::unique_ptr<communicator> make_communicator(backend b, const setup& s) {
     case backend::nccl:
     case backend::stateless_nccl:
 #if EPLB_HAVE_NCCL
-      if (auto why = nccl_unavailable_reason(); !why.empty()) {
+      if (auto why = gpu_unavailable_reason(); !why.empty()) {
         fail(errc::backend_unavailable, "communicator {}: {}", to_string(b), why);
       }
       return make_nccl(s, b == backend::stateless_nccl);
@@ -55,8 +63,8 @@ std::unique_ptr<communicator> make_communicator(backend b, const setup& s) {
 #endif
     case backend::cuda_ipc:
 #if EPLB_HAVE_CUDA
-      if (device::cuda_device_count() == 0) {
-        fail(errc::backend_unavailable, "communicator cuda_ipc: no usable GPU on this machine");
+      if (auto why = gpu_unavailable_reason(); !why.empty()) {
+        fail(errc::backend_unavailable, "communicator cuda_ipc: {}", why);
       }
       return make_cuda_ipc(s);
 #else
@@ -72,14 +80,14 @@ std::vector<backend_status> backend_report() {
   out.push_back({backend::gloo, EPLB_HAVE_GLOO != 0, EPLB_HAVE_GLOO != 0,
                  EPLB_HAVE_GLOO ? "" : "built without Gloo (libgloo-dev not found)"});
 #if EPLB_HAVE_NCCL
-  const auto why = nccl_unavailable_reason();
+  const auto why = gpu_unavailable_reason();
   for (auto b : {backend::nccl, backend::stateless_nccl}) out.push_back({b, true, why.empty(), why});
 #else
   for (auto b : {backend::nccl, backend::stateless_nccl}) out.push_back({b, false, false, "built without NCCL"});
 #endif
 #if EPLB_HAVE_CUDA
-  const bool gpu = device::cuda_device_count() > 0;
-  out.push_back({backend::cuda_ipc, true, gpu, gpu ? "" : "no usable GPU on this machine"});
+  const auto no_gpu = gpu_unavailable_reason();
+  out.push_back({backend::cuda_ipc, true, no_gpu.empty(), no_gpu});
 #else
   out.push_back({backend::cuda_ipc, false, false, "built without CUDA"});
 #endif

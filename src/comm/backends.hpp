@@ -9,7 +9,5 @@ std::unique_ptr<communicator> make_loopback(const setup& s);
 std::unique_ptr<communicator> make_gloo(const setup& s);
 std::unique_ptr<communicator> make_nccl(const setup& s, bool stateless);
 std::unique_ptr<communicator> make_cuda_ipc(const setup& s);
-/// Why NCCL cannot run here, or empty when it can.
-std::string nccl_unavailable_reason();
 
 }  // namespace eplb::comm

@@ -172,11 +172,6 @@ class nccl_communicator final : public communicator {
 
 }  // namespace
 
-std::string nccl_unavailable_reason() {
-  const int n = device::cuda_device_count();
-  return n > 0 ? std::string() : std::string("no usable GPU on this machine");
-}
-
 std::unique_ptr<communicator> make_nccl(const setup& s, bool stateless) {
   return std::make_unique<nccl_communicator>(s, stateless);
 }

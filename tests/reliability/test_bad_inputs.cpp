@@ -627,48 +627,23 @@ std::vector<bad_input> table() {
                    },
                    built ? errc::invalid_argument : errc::backend_unavailable,
                    built ? "gloo communicator: setup.rendezvous (a store) is missing" : "built without Gloo"});
-      t.push_back({"gloo: too many lanes",
-                   [](f_t f) {
-                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
-                                                                         .size = 1,
-                                                                         .rendezvous = comm::make_memory_store(),
-                                                                         .dev = f.dev.get(),
-                                                                         .opts = {.lanes = 65}});
-                   },
-                   built ? errc::invalid_argument : errc::backend_unavailable,
-                   built ? "gloo: lanes must be in 0..64 (0 = automatic), got 65" : "built without Gloo"});
-      t.push_back({"gloo: nice out of range",
-                   [](f_t f) {
-                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
-                                                                         .size = 1,
-                                                                         .rendezvous = comm::make_memory_store(),
-                                                                         .dev = f.dev.get(),
-                                                                         .opts = {.nice = 20}});
-                   },
-                   built ? errc::invalid_argument : errc::backend_unavailable,
-                   built ? "gloo: nice must be in 0..19, got 20" : "built without Gloo"});
-      t.push_back({"gloo: zero staging bytes",
-                   [](f_t f) {
-                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
-                                                                         .size = 1,
-                                                                         .rendezvous = comm::make_memory_store(),
-                                                                         .dev = f.dev.get(),
-                                                                         .opts = {.staging_bytes = 0}});
-                   },
-                   built ? errc::invalid_argument : errc::backend_unavailable,
-                   built ? "gloo: staging_bytes must be > 0" : "built without Gloo"});
-      t.push_back({"gloo: zero chunk size",
-                   [](f_t f) {
-                     (void)comm::make_communicator(comm::backend::gloo, {.rank = 0,
-                                                                         .size = 1,
-                                                                         .rendezvous = comm::make_memory_store(),
-                                                                         .dev = f.dev.get(),
-                                                                         .opts = {.chunk_bytes = 0}});
-                   },
-                   built ? errc::invalid_argument : errc::backend_unavailable,
-                   built ? "gloo: chunk_bytes must be > 0" : "built without Gloo"});
+      // A gloo communicator with one bad option: its error where Gloo was built, else unavailable.
+      const auto bad_option = [&](const char* name, comm::options opts, const char* text) {
+        t.push_back(
+            {name,
+             [opts](f_t f) {
+               (void)comm::make_communicator(
+                   comm::backend::gloo,
+                   {.rank = 0, .size = 1, .rendezvous = comm::make_memory_store(), .dev = f.dev.get(), .opts = opts});
+             },
+             built ? errc::invalid_argument : errc::backend_unavailable, built ? text : "built without Gloo"});
+      };
+      bad_option("gloo: too many lanes", {.lanes = 65}, "gloo: lanes must be in 0..64 (0 = automatic), got 65");
+      bad_option("gloo: nice out of range", {.nice = 20}, "gloo: nice must be in 0..19, got 20");
+      bad_option("gloo: zero staging bytes", {.staging_bytes = 0}, "gloo: staging_bytes must be > 0");
+      bad_option("gloo: zero chunk size", {.chunk_bytes = 0}, "gloo: chunk_bytes must be > 0");
     } else if (b.kind != comm::backend::loopback && !b.runnable) {
-      // nccl and stateless_nccl where they cannot run (not built, or no GPU here).
+      // nccl, stateless_nccl and cuda_ipc where they cannot run (not built, or no GPU here).
       const auto kind = b.kind;
       t.push_back({fmt::format("{}: unavailable here", comm::to_string(kind)),
                    [kind](f_t f) { (void)comm::make_communicator(kind, {.rank = 0, .size = 1, .dev = f.dev.get()}); },
