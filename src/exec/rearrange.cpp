@@ -459,9 +459,27 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
       fail(e.code(), "layer {}: {}", l, e.what());
     }
   };
+  // A layer's maps change only once its slot writes have landed; by the time layer l's transfers
+  // are done, layer l-1's writes usually are too, so the wait costs little.
+  std::vector<device::event> written(static_cast<std::size_t>(layers));
+  int confirmed = 0;
+  const auto commit_through = [&](int end) {
+    for (; confirmed < end; ++confirmed) {
+      if (const auto& e = written[static_cast<std::size_t>(confirmed)]; e.valid()) {
+        try {
+          e.wait(opts_.timeout);
+        } catch (const error& err) {
+          fail(err.code(), "layer {}: writing its slots failed, the layer is partly written ({})", confirmed,
+               err.what());
+        }
+      }
+      maps.set_layer(confirmed, new_map.row(static_cast<std::size_t>(confirmed)));
+    }
+  };
   std::vector<layer_stats> out;
   int next = 0;
   try {
+    copies_->wait(stream_.record());  // staging reads live slots after the caller's earlier work
     for (; next < std::min(layers, 2); ++next) submit(next);
     for (int l = 0; l < layers; ++l) {
       auto& m = movers[static_cast<std::size_t>(l)];
@@ -471,12 +489,13 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
         } catch (const error& e) {
           fail(e.code(), "layer {}: {}", l, e.what());
         }
+        commit_through(l);
         const auto& done = sent[static_cast<std::size_t>(l)];
         // Stream-ordered: the copy stream waits for the transfers; host-complete: they are in place.
         copies_->wait(done.valid() && comm_.caps().stream_ordered ? done : stream_.record());
         m->write_all(area(l), *copies_);
+        written[static_cast<std::size_t>(l)] = copies_->record();
       }
-      maps.set_layer(l, new_map.row(static_cast<std::size_t>(l)));
       layer_stats st = m ? m->stats : layer_stats{.layer = l};
       st.seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - began[static_cast<std::size_t>(l)]).count();
@@ -484,10 +503,9 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
       m.reset();
       if (next < layers) submit(next++);
     }
-    copies_->synchronize(opts_.timeout);
+    commit_through(layers);
     stream_.synchronize(opts_.timeout);
   } catch (...) {
-    // Committed layers' writes are queued on the copy stream: let them land before reporting.
     // Batches still in flight only touch staging; wait for them so the buffers can be reused.
     for (int l = static_cast<int>(out.size()); l < next; ++l) {
       try {
@@ -495,9 +513,18 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
       } catch (...) {  // NOLINT(bugprone-empty-catch): the first failure is the one reported
       }
     }
+    // Layers whose writes are queued commit once those have landed; if the copy stream failed,
+    // their maps stay old and commit_through's error has named the partly written layer.
+    bool landed = true;
     try {
       copies_->synchronize(opts_.timeout);
-    } catch (...) {  // NOLINT(bugprone-empty-catch): the first failure is the one reported
+    } catch (...) {
+      landed = false;
+    }
+    if (landed) {
+      for (; confirmed < static_cast<int>(out.size()); ++confirmed) {
+        maps.set_layer(confirmed, new_map.row(static_cast<std::size_t>(confirmed)));
+      }
     }
     throw;
   }
