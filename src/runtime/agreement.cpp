@@ -15,9 +15,10 @@ lagged_min::~lagged_min() = default;  // queued rounds run (peers may be waiting
                                       // failed one the rest fail at once, so this is bounded by one timeout
 
 void lagged_min::begin(std::int64_t id) {
-  // Rounds of an earlier rebalance still queued keep their own state: a late failure there must
-  // not fail this rebalance's rounds.
-  shared_ = std::make_shared<shared_state>();
+  {
+    std::lock_guard lock(shared_->mutex);
+    shared_->failure = nullptr;
+  }
   id_ = id;
   next_round_ = 0;
   rounds_.clear();
