@@ -35,6 +35,7 @@ struct eplb_state::impl {
   std::unique_ptr<runtime::async_runtime> background;
   std::unique_ptr<runtime::lagged_min> agree;  // async, unless the engine supplies the agreement
   std::optional<std::int64_t> failed_code;     // this rank failed; the group has not seen it yet
+  bool commits_after_failure = true;           // failed_code: rounds from before the failure still commit
   bool ended_by_failure = false;               // this step ended a failed rebalance
 
   placement maps;
@@ -332,7 +333,9 @@ struct eplb_state::impl {
   void commit_ready(step_report& report) {
     if (failed_code) {
       // This rank's part failed; it keeps posting its code until the round that carries the first
-      // failure (of any rank) comes back, which every rank reads in the same step.
+      // failure (of any rank) comes back, which every rank reads in the same step. Rounds posted
+      // before the failure still commit here as on the peers (their layers are staged on this rank
+      // too), so every rank ends with the same maps.
       std::optional<std::int64_t> agreed;
       try {
         agreed = agree->step(*failed_code);
@@ -344,6 +347,15 @@ struct eplb_state::impl {
       if (agreed && *agreed < 0) {
         end_rebalance();
         ended_by_failure = true;  // as on the peers, whose step throws: no new rebalance in this step
+        return;
+      }
+      if (agreed && commits_after_failure) {
+        try {
+          commit_agreed(*agreed, report);
+        } catch (...) {
+          commits_after_failure = false;  // reported once; later rounds only post the code
+          throw;
+        }
       }
       return;
     }
@@ -361,11 +373,26 @@ struct eplb_state::impl {
     }
     if (agreed && *agreed < 0) end_rebalance();  // every rank reads this round in this step
     if (failure) {
+      // The peers commit this round's layers in this step: so does this rank (they were staged
+      // before the failure), unless the round already carries a failure.
+      std::exception_ptr commit_failure;
+      if (agreed && *agreed >= 0) {
+        try {
+          commit_agreed(*agreed, report);
+        } catch (...) {
+          commit_failure = std::current_exception();
+        }
+      }
       abandon(mine);
+      commits_after_failure = !commit_failure;
       try {
         std::rethrow_exception(failure);
       } catch (const error& e) {
-        fail(e.code(), "rebalance failed on rank {}: {}", rank, e.what());
+        fail(e.code(), "rebalance failed on rank {}: {}{}", rank, e.what(),
+             committed > 0 ? fmt::format(" ({} layers committed so far; up to {} more of those staged before the "
+                                         "failure commit in the next steps, as on the other ranks)",
+                                         committed, cfg.commit_lag_steps * max_commits_per_step)
+                           : std::string());
       }
     }
     if (agreed && *agreed < 0) {
@@ -377,18 +404,7 @@ struct eplb_state::impl {
       // The global load arrives with the policy, before any layer is staged: measure the old maps.
       if (const auto total = background->global_load()) pending_before = balancedness(maps, *total);
     }
-    const std::int64_t limit = agreed ? std::min<std::int64_t>(*agreed, committed + max_commits_per_step) : 0;
-    for (; committed < limit; ++committed) {
-      const auto ready = background->get(committed);
-      serving.wait(ready.ready);
-      mover->commit_layer(ready.staged, weights, background->area(ready.area), serving);
-      maps.set_layer(committed, ready.staged.new_row);
-      publish_maps(committed);
-      background->release(ready.area, serving.record());
-      m.bytes_moved += ready.staged.stats.bytes_received;
-      ++m.layers_committed;
-      ++report.layers_committed;
-    }
+    if (agreed) commit_agreed(*agreed, report);
     m.commit_host_seconds_max =
         std::max(m.commit_host_seconds_max, std::chrono::duration<double>(clock_type::now() - start).count());
     m.plan_seconds = background->plan_seconds();
@@ -400,6 +416,23 @@ struct eplb_state::impl {
       m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
       m.balancedness_before = pending_before;
       if (const auto total = background->global_load()) m.balancedness_after = balancedness(maps, *total);
+    }
+  }
+
+  // Commits the staged layers the agreement allows in this step (every rank reads the same round,
+  // so every rank commits the same layers here).
+  void commit_agreed(std::int64_t agreed, step_report& report) {
+    const std::int64_t limit = std::min<std::int64_t>(agreed, committed + max_commits_per_step);
+    for (; committed < limit; ++committed) {
+      const auto ready = background->get(committed);
+      serving.wait(ready.ready);
+      mover->commit_layer(ready.staged, weights, background->area(ready.area), serving);
+      maps.set_layer(committed, ready.staged.new_row);
+      publish_maps(committed);
+      background->release(ready.area, serving.record());
+      m.bytes_moved += ready.staged.stats.bytes_received;
+      ++m.layers_committed;
+      ++report.layers_committed;
     }
   }
 
@@ -472,6 +505,7 @@ step_report eplb_state::step(bool is_dummy) {
         }
       }
       s.abandon(-(s.rank + 2));
+      s.commits_after_failure = false;  // a commit or the agreement itself failed here
     }
     throw;
   }
