@@ -2,7 +2,7 @@
 # Everything a GPU machine runs in one call: unpack the carried Debian packages, build with CUDA,
 # NCCL (pip wheel) and Gloo, run the gpu and multiproc test suites, then the benchmarks (limits, our
 # exchange per backend, the PyTorch peer) in the same run. Results go to $OUT (or ./gpu-out).
-# usage: bench/gpu/run.sh [tests|rearrange|serving|bench|sweep|all]
+# usage: bench/gpu/run.sh [tests|rearrange|serving|bench|ipc|sweep|tune|all]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 what=${1:-all}
@@ -94,6 +94,32 @@ if [ "$what" = ipc ]; then
         | grep -E '^\{|error' | tee -a "$res"
     done
     timeout 120 python3 bench/peers/torch_exchange.py "$ranks" 44040192 32 3 deepseek-v3 2>&1 | grep '^{' | tee -a "$res"
+  done
+fi
+
+if [ "$what" = tune ]; then
+  # NCCL's point-to-point knobs on the DeepSeek-V3 exchange (one environment per line of TUNE_ENVS,
+  # the first one NCCL's defaults), then the rearrangement for the lines of TUNE_REARRANGE
+  # ("environment | rearrange_bench flags") and the PyTorch peer on the same maps.
+  res=$out/tune.jsonl
+  ngpu=$(nvidia-smi -L | wc -l)
+  default_envs=$'\nNCCL_P2P_NVL_CHUNKSIZE=1048576\nNCCL_P2P_NVL_CHUNKSIZE=4194304\nNCCL_MIN_NCHANNELS=32\nNCCL_MIN_P2P_NCHANNELS=32 NCCL_MAX_P2P_NCHANNELS=32\nNCCL_NTHREADS=512\nNCCL_P2P_USE_CUDA_MEMCPY=1\nNCCL_PROTO=Simple'
+  for ranks in 4 2; do
+    [ "$ranks" -le "$ngpu" ] || continue
+    while IFS= read -r envs; do
+      env $envs python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 60 -- \
+        --backend nccl --label "deepseek-v3 [${envs}]" --expert-bytes 44040192 --moved 32 --reps 10 \
+        | grep -E '^\{|error' | tee -a "$res"
+    done <<<"${TUNE_ENVS:-$default_envs}"
+    [ -n "${TUNE_REARRANGE:-}" ] || continue
+    layers=${DEEPSEEK_LAYERS:-6}
+    while IFS='|' read -r envs flags; do
+      env $envs python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 300 -- \
+        --label "deepseek-v3 [${envs}] [${flags}]" --layers "$layers" --experts 256 --redundant 32 \
+        --expert-bytes 44040192 --reps 3 $flags --maps-out /tmp/maps-tune-$ranks.json | grep -E '^\{|error' | tee -a "$res"
+    done <<<"$TUNE_REARRANGE"
+    timeout 300 python3 bench/peers/torch_rearrange.py "$ranks" 44040192 /tmp/maps-tune-$ranks.json 3 deepseek-v3 2>&1 \
+      | grep '^{' | tee -a "$res"
   done
 fi
 
