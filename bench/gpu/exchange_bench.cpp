@@ -30,6 +30,8 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps);
   app.add_option("--chunk", chunk);
   app.add_option("--lanes", lanes);
+  std::string gloo_via = "auto";
+  app.add_option("--gloo-transport", gloo_via, "gloo: auto | tcp | shared_memory");
   app.add_option("--staging-bytes", staging);
   bool pull = false;
   app.add_flag("--pull", pull, "cuda_ipc: receivers read from the sender's mailbox");
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
     s.opts.timeout = std::chrono::seconds(120);
     s.opts.chunk_bytes = chunk;
     s.opts.lanes = lanes;
+    s.opts.gloo_via = comm::parse_gloo_transport(gloo_via);
     s.opts.staging_bytes = staging;
     s.opts.cuda_ipc_pull = pull;
     auto c = comm::make_communicator(comm::parse_backend(backend_name), s);
@@ -107,7 +110,8 @@ int main(int argc, char** argv) {
     std::cout << fmt::format(
         R"({{"bench":"exchange","impl":"eplb","backend":"{}","label":"{}","ranks":{},"rank":{},"expert_bytes":{},"moved":{},"seconds":{:.6f},"gbps":{:.2f},"verified":{}}})"
         "\n",
-        backend_name + (pull ? "-pull" : ""), label, size, rank, expert_bytes, moved, median, bytes / median / 1e9, ok);
+        backend_name + (pull ? "-pull" : "") + (backend_name == "gloo" && !c->caps().crosses_nodes ? "-shm" : ""),
+        label, size, rank, expert_bytes, moved, median, bytes / median / 1e9, ok);
     return ok ? 0 : 1;
   } catch (const error& e) {
     std::cout << fmt::format("rank {}: error [{}] {}\n", rank, to_string(e.code()), e.what());

@@ -140,7 +140,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     set -- $shape
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
-      for backend in nccl gloo cuda_ipc "cuda_ipc --pull"; do
+      for backend in nccl gloo "gloo --gloo-transport tcp" cuda_ipc "cuda_ipc --pull"; do
         [ -z "${BACKENDS:-}" ] || [[ " $BACKENDS " == *" ${backend%% *} "* ]] || continue
         python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 300 -- \
           --backend $backend --label "$1" --expert-bytes "$2" --moved "$3" --reps 10 \

@@ -25,8 +25,9 @@ for r in rows:
 
 tcp = {r["ranks"]: r["gbps"] for r in rows if r["bench"] == "limit" and r["path"].startswith("tcp_loopback")}
 print("| shape | ranks | MB moved per rank | eplb nccl | torch nccl | nccl ratio | eplb gloo | torch gloo | gloo ratio | "
-      "eplb nccl / NVLink limit | eplb gloo / PCIe D2H limit | eplb gloo / loopback TCP limit | eplb cuda_ipc | cuda_ipc / NVLink limit |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "eplb nccl / NVLink limit | eplb gloo / PCIe D2H limit | eplb gloo / loopback TCP limit | eplb gloo shm | gloo shm ratio | "
+      "gloo shm / PCIe D2H limit | eplb cuda_ipc | cuda_ipc / NVLink limit |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for (label, ranks) in sorted({(k[0], k[1]) for k in ex}, key=lambda x: (x[0], x[1])):
     def gbps(backend):
         v = ex.get((label, ranks, backend))
@@ -34,9 +35,12 @@ for (label, ranks) in sorted({(k[0], k[1]) for k in ex}, key=lambda x: (x[0], x[
     any_row = next(iter(ex[(label, ranks, "nccl")] or ex[(label, ranks, "torch_nccl")]))
     mb = any_row["expert_bytes"] * any_row["moved"] / 1e6
     n, tn, g, tg, ipc = gbps("nccl"), gbps("torch_nccl"), gbps("gloo"), gbps("torch_gloo"), gbps("cuda_ipc")
+    shm = gbps("gloo-shm")
+    d2h = limits.get("d2h_pinned", float("nan"))
     nvlink = limits.get("peer_0_to_1", float("nan"))
     print(f"| {label} | {ranks} | {mb:.0f} | {n:.1f} | {tn:.1f} | {n / tn:.2f}x | {g:.2f} | {tg:.2f} | {g / tg:.2f}x | "
           f"{n / nvlink:.2f} | {g / limits.get('d2h_pinned', float('nan')):.3f} | "
-          f"{g / tcp.get(ranks, float('nan')):.2f} | {ipc:.1f} | {ipc / nvlink:.2f} |")
+          f"{g / tcp.get(ranks, float('nan')):.2f} | {shm:.2f} | {shm / tg:.2f}x | {shm / d2h:.3f} | "
+          f"{ipc:.1f} | {ipc / nvlink:.2f} |")
 print()
 print("limits (GB/s): " + ", ".join(f"{k} {v}" for k, v in limits.items()))

@@ -37,6 +37,7 @@
 #include <thread>
 
 #include "comm/backends.hpp"
+#include "comm/host_identity.hpp"
 #include "device/cuda_check.hpp"
 #include "device/event_state.hpp"
 #include "util/fail.hpp"
@@ -83,19 +84,6 @@ std::size_t control_bytes(int size) {
   return 64 + n * sizeof(rank_control) + n * n * sizeof(pair_control);
 }
 
-std::string read_first_line(const char* path) {
-  std::ifstream in(path);
-  std::string line;
-  std::getline(in, line);
-  return line;
-}
-
-std::string pid_namespace() {
-  std::array<char, 128> buf{};
-  const auto n = ::readlink("/proc/self/ns/pid", buf.data(), buf.size() - 1);
-  return n > 0 ? std::string(buf.data(), static_cast<std::size_t>(n)) : std::string("unknown");
-}
-
 std::string hex(const void* data, std::size_t n) {
   std::string out;
   const auto* p = static_cast<const unsigned char*>(data);
@@ -121,20 +109,20 @@ struct rank_info {
   std::string pid_ns;
   long pid = 0;
   int ordinal = 0;
-  std::string handle;  // hex of cudaIpcMemHandle_t
+  std::string handle;  // hex of cudaIpcMemHandle_t, or the shared-memory name of a host mailbox
   std::string layout;  // mailbox geometry and direction: must be the same on every rank
 
   std::string encode() const {
     return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}", host, boot_id, pid_ns, pid, ordinal, handle, layout);
   }
-  static rank_info decode(const std::string& text, int rank) {
+  static rank_info decode(const std::string& text, int rank, const char* name_) {
     std::istringstream in(text);
     rank_info r;
     std::string pid, ordinal;
     if (!std::getline(in, r.host) || !std::getline(in, r.boot_id) || !std::getline(in, r.pid_ns) ||
         !std::getline(in, pid) || !std::getline(in, ordinal) || !std::getline(in, r.handle) ||
         !std::getline(in, r.layout)) {
-      fail(errc::transport, "cuda_ipc: the store entry of rank {} is malformed", rank);
+      fail(errc::transport, "{}: the store entry of rank {} is malformed", name_, rank);
     }
     r.pid = std::stol(pid);
     r.ordinal = std::stoi(ordinal);
@@ -165,6 +153,8 @@ std::uint64_t size_hash(const std::vector<std::size_t>& sizes) {
 }
 
 // One direction of one pair within a batch: its messages as a byte stream cut into chunks.
+enum class mailbox_kind { device, host_shared };
+
 struct stream_state {
   int peer = -1;
   std::vector<std::byte*> data;
@@ -181,27 +171,32 @@ struct stream_state {
 
 class cuda_ipc_communicator final : public communicator {
  public:
-  explicit cuda_ipc_communicator(const setup& s) : communicator(s.rank, s.size), opts_(s.opts) {
+  cuda_ipc_communicator(const setup& s, mailbox_kind box)
+      : communicator(s.rank, s.size),
+        opts_(s.opts),
+        host_box_(box == mailbox_kind::host_shared),
+        name_(host_box_ ? "gloo (shared memory)" : "cuda_ipc") {
     if (s.dev == nullptr || s.dev->kind() != device::backend_kind::cuda) {
-      fail(errc::invalid_argument, "cuda_ipc: setup.dev must be a CUDA device");
+      fail(errc::invalid_argument, "{}: setup.dev must be a CUDA device", name_);
     }
-    if (!s.rendezvous) fail(errc::invalid_argument, "cuda_ipc: setup.rendezvous (a store) is missing");
-    if (size() > max_ranks) fail(errc::invalid_argument, "cuda_ipc: at most {} ranks, got {}", max_ranks, size());
+    if (!s.rendezvous) fail(errc::invalid_argument, "{}: setup.rendezvous (a store) is missing", name_);
+    if (size() > max_ranks) fail(errc::invalid_argument, "{}: at most {} ranks, got {}", name_, max_ranks, size());
     ordinal_ = s.dev->ordinal();
+    dev_ = s.dev;
     device::cuda::use_device(ordinal_);
     store_ = s.rendezvous;
     const std::size_t peers = static_cast<std::size_t>(std::max(1, size() - 1));
-    if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "cuda_ipc: chunk_bytes must be > 0");
+    if (opts_.chunk_bytes == 0) fail(errc::invalid_argument, "{}: chunk_bytes must be > 0", name_);
     if (opts_.nice < 0 || opts_.nice > 19) {
-      fail(errc::invalid_argument, "cuda_ipc: nice must be in 0..19, got {}", opts_.nice);
+      fail(errc::invalid_argument, "{}: nice must be in 0..19, got {}", name_, opts_.nice);
     }
     batches_->post([nice = opts_.nice] { lower_thread_priority(nice); });
     if (!(opts_.cuda_ipc_max_gbps >= 0)) {
-      fail(errc::invalid_argument, "cuda_ipc: cuda_ipc_max_gbps must be >= 0 (0 = no cap), got {}",
+      fail(errc::invalid_argument, "{}: cuda_ipc_max_gbps must be >= 0 (0 = no cap), got {}", name_,
            opts_.cuda_ipc_max_gbps);
     }
     if (opts_.lanes < 0 || opts_.lanes > 64) {
-      fail(errc::invalid_argument, "cuda_ipc: lanes must be in 0..64 (0 = one copy stream per peer), got {}",
+      fail(errc::invalid_argument, "{}: lanes must be in 0..64 (0 = one copy stream per peer), got {}", name_,
            opts_.lanes);
     }
     region_bytes_ = opts_.staging_bytes / peers / slot_align * slot_align;
@@ -209,11 +204,11 @@ class cuda_ipc_communicator final : public communicator {
     slot_bytes_ = region_bytes_ / slots_ / slot_align * slot_align;
     if (slot_bytes_ < min_slot_bytes) {
       fail(errc::invalid_argument,
-           "cuda_ipc: staging_bytes {} leaves {} bytes per slot ({} peers x {} slots); at least {} are needed",
+           "{}: staging_bytes {} leaves {} bytes per slot ({} peers x {} slots); at least {} are needed", name_,
            opts_.staging_bytes, slot_bytes_, peers, slots_, min_slot_bytes);
     }
-    if (size() > 1) mailbox_ = s.dev->allocate(region_bytes_ * peers, device::memory_kind::device);
     try {
+      if (size() > 1) allocate_mailbox(region_bytes_ * peers);
       connect();
     } catch (...) {
       release();
@@ -227,7 +222,7 @@ class cuda_ipc_communicator final : public communicator {
     release();
   }
 
-  backend kind() const noexcept override { return backend::cuda_ipc; }
+  backend kind() const noexcept override { return host_box_ ? backend::gloo : backend::cuda_ipc; }
   capabilities caps() const noexcept override {
     return {.host_complete = true, .background_safe = true, .crosses_nodes = false, .device_memory = true};
   }
@@ -239,7 +234,7 @@ class cuda_ipc_communicator final : public communicator {
   // copies start after the work already queued on the caller's stream, so that point is marked now.
   device::event enqueue(std::span<const op> ops) override {
     if (broken_.load(std::memory_order_acquire)) {
-      fail(errc::transport, "cuda_ipc rank {}: broken by an earlier failure ({}); create a new communicator", rank(),
+      fail(errc::transport, "{} rank {}: broken by an earlier failure ({}); create a new communicator", name_, rank(),
            broken_reason_);
     }
     device::cuda::use_device(ordinal_);
@@ -255,7 +250,7 @@ class cuda_ipc_communicator final : public communicator {
       std::exception_ptr failure;
       try {
         if (broken_.load(std::memory_order_acquire)) {
-          fail(errc::transport, "cuda_ipc rank {}: broken by an earlier failure ({})", rank(), broken_reason_);
+          fail(errc::transport, "{} rank {}: broken by an earlier failure ({})", name_, rank(), broken_reason_);
         }
         run_batch(batch, start);
       } catch (const error& e) {
@@ -282,7 +277,7 @@ class cuda_ipc_communicator final : public communicator {
         seen = now_seen;
         last = clock::now();
       } else if (clock::now() - last > 2 * opts_.timeout) {
-        fail(errc::timeout, "cuda_ipc rank {}: the batch made no progress for {} ms", rank(),
+        fail(errc::timeout, "{} rank {}: the batch made no progress for {} ms", name_, rank(),
              2 * opts_.timeout.count());
       }
     }
@@ -293,38 +288,40 @@ class cuda_ipc_communicator final : public communicator {
 
   void connect() {
     cudaIpcMemHandle_t handle{};
-    if (mailbox_.data() != nullptr) check(cudaIpcGetMemHandle(&handle, mailbox_.data()), "cudaIpcGetMemHandle");
-    std::array<char, 256> hostname{};
-    (void)::gethostname(hostname.data(), hostname.size() - 1);
-    rank_info me{hostname.data(),
-                 read_first_line("/proc/sys/kernel/random/boot_id"),
-                 pid_namespace(),
-                 static_cast<long>(::getpid()),
+    if (!host_box_ && mailbox_.data() != nullptr) {
+      check(cudaIpcGetMemHandle(&handle, mailbox_.data()), "cudaIpcGetMemHandle");
+    }
+    const auto where = this_process();
+    rank_info me{where.host,
+                 where.boot_id,
+                 where.pid_ns,
+                 where.pid,
                  ordinal_,
-                 hex(&handle, sizeof handle),
-                 fmt::format("staging_bytes {}, chunk_bytes {}, {}", opts_.staging_bytes, opts_.chunk_bytes,
-                             opts_.cuda_ipc_pull ? "pull" : "push")};
+                 host_box_ ? box_name_ : hex(&handle, sizeof handle),
+                 fmt::format("staging_bytes {}, chunk_bytes {}, {}, {} mailbox", opts_.staging_bytes, opts_.chunk_bytes,
+                             opts_.cuda_ipc_pull ? "pull" : "push", host_box_ ? "host" : "device")};
     store_->set(fmt::format("cuda_ipc/rank/{}", rank()), me.encode());
     infos_.resize(static_cast<std::size_t>(size()));
     for (int r = 0; r < size(); ++r) {
       infos_[static_cast<std::size_t>(r)] =
-          r == rank() ? me : rank_info::decode(store_->get(fmt::format("cuda_ipc/rank/{}", r), opts_.timeout), r);
+          r == rank() ? me
+                      : rank_info::decode(store_->get(fmt::format("cuda_ipc/rank/{}", r), opts_.timeout), r, name_);
     }
     for (int r = 0; r < size(); ++r) {
       const auto& other = infos_[static_cast<std::size_t>(r)];
       if (other.boot_id != me.boot_id) {
         fail(errc::invalid_config,
-             "cuda_ipc: rank {} runs on host {} and rank {} on host {}: cuda_ipc connects the GPUs of one node "
+             "{}: rank {} runs on host {} and rank {} on host {}: cuda_ipc connects the GPUs of one node "
              "(use nccl or gloo across nodes)",
-             rank(), me.host, r, other.host);
+             name_, rank(), me.host, r, other.host);
       }
       if (other.layout != me.layout) {
-        fail(errc::invalid_argument, "cuda_ipc: rank {} uses {}, rank {} uses {}; every rank must pass the same",
+        fail(errc::invalid_argument, "{}: rank {} uses {}, rank {} uses {}; every rank must pass the same", name_,
              rank(), me.layout, r, other.layout);
       }
       if (r != rank() && other.pid == me.pid && other.pid_ns == me.pid_ns) {
-        fail(errc::invalid_config,
-             "cuda_ipc: ranks {} and {} are threads of one process; cuda_ipc needs one process per GPU", rank(), r);
+        fail(errc::invalid_config, "{}: ranks {} and {} are threads of one process; cuda_ipc needs one process per GPU",
+             name_, rank(), r);
       }
     }
     pid_checks_ = std::all_of(infos_.begin(), infos_.end(), [&](const rank_info& r) { return r.pid_ns == me.pid_ns; });
@@ -332,15 +329,19 @@ class cuda_ipc_communicator final : public communicator {
     peer_mailbox_.assign(static_cast<std::size_t>(size()), nullptr);
     for (int r = 0; r < size(); ++r) {
       if (r == rank()) continue;
+      if (host_box_) {
+        peer_mailbox_[static_cast<std::size_t>(r)] = map_host_box(infos_[static_cast<std::size_t>(r)].handle, r);
+        continue;
+      }
       cudaIpcMemHandle_t h{};
       if (!unhex(infos_[static_cast<std::size_t>(r)].handle, &h, sizeof h)) {
-        fail(errc::transport, "cuda_ipc: rank {} published a malformed IPC handle", r);
+        fail(errc::transport, "{}: rank {} published a malformed IPC handle", name_, r);
       }
       void* p = nullptr;
       const auto st = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
       if (st != cudaSuccess) {
         (void)cudaGetLastError();
-        fail(errc::backend_unavailable, "cuda_ipc rank {}: cannot map the mailbox of rank {} (GPU {}): {}", rank(), r,
+        fail(errc::backend_unavailable, "{} rank {}: cannot map the mailbox of rank {} (GPU {}): {}", name_, rank(), r,
              infos_[static_cast<std::size_t>(r)].ordinal, cudaGetErrorString(st));
       }
       peer_mailbox_[static_cast<std::size_t>(r)] = static_cast<std::byte*>(p);
@@ -383,6 +384,59 @@ class cuda_ipc_communicator final : public communicator {
     // Everyone has mapped everything before the control block's name disappears.
     store_barrier(*store_, "cuda_ipc/ready", size(), opts_.timeout);
     if (rank() == 0) (void)::shm_unlink(shm_name_.c_str());
+    if (!box_name_.empty()) (void)::shm_unlink(box_name_.c_str());
+    box_name_.clear();
+  }
+
+  // The mailbox: device memory shared through a CUDA IPC handle, or host memory in a POSIX
+  // shared-memory segment that every rank maps and pins (D2H into it, H2D out of it: no TCP).
+  void allocate_mailbox(std::size_t bytes) {
+    box_bytes_ = bytes;
+    if (!host_box_) {
+      mailbox_ = dev_->allocate(bytes, device::memory_kind::device);
+      return;
+    }
+    std::random_device rd;
+    box_name_ = fmt::format("/eplb-box-{}-{:016x}", ::getpid(), (static_cast<std::uint64_t>(rd()) << 32) ^ rd());
+    const int fd = ::shm_open(box_name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) fail(errc::transport, "{}: shm_open({}) failed: {}", name_, box_name_, std::strerror(errno));
+    if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+      const int e = errno;
+      ::close(fd);
+      fail(errc::transport, "{}: sizing shared memory {} to {} bytes failed: {}", name_, box_name_, bytes,
+           std::strerror(e));
+    }
+    own_box_ = pin_mapping(fd, box_name_, -1);
+  }
+
+  std::byte* map_host_box(const std::string& name, int owner) {
+    const int fd = ::shm_open(name.c_str(), O_RDWR, 0600);
+    if (fd < 0) {
+      fail(errc::invalid_config, "{} rank {}: cannot open the mailbox {} of rank {} ({}): ranks must share a host",
+           name_, rank(), name, owner, std::strerror(errno));
+    }
+    return pin_mapping(fd, name, owner);
+  }
+
+  // Maps `fd` (closed here) and pins the mapping for the copy engines.
+  std::byte* pin_mapping(int fd, const std::string& name, int owner) {
+    void* p = ::mmap(nullptr, box_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (p == MAP_FAILED) fail(errc::transport, "{}: mmap of {} failed: {}", name_, name, std::strerror(errno));
+    const auto st = cudaHostRegister(p, box_bytes_, cudaHostRegisterPortable);
+    if (st != cudaSuccess) {
+      (void)cudaGetLastError();
+      (void)::munmap(p, box_bytes_);
+      fail(errc::backend_unavailable, "{} rank {}: cannot pin the mailbox {}{} ({} bytes): {}", name_, rank(), name,
+           owner < 0 ? std::string() : fmt::format(" of rank {}", owner), box_bytes_, cudaGetErrorString(st));
+    }
+    return static_cast<std::byte*>(p);
+  }
+
+  void unmap_host_box(std::byte* p) noexcept {
+    if (p == nullptr) return;
+    (void)cudaHostUnregister(p);
+    (void)::munmap(p, box_bytes_);
   }
 
   // The control block: rank 0 creates it under a random name and publishes the name.
@@ -393,25 +447,25 @@ class cuda_ipc_communicator final : public communicator {
       std::random_device rd;
       shm_name_ = fmt::format("/eplb-ipc-{}-{:016x}", ::getpid(), (static_cast<std::uint64_t>(rd()) << 32) ^ rd());
       fd = ::shm_open(shm_name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-      if (fd < 0) fail(errc::transport, "cuda_ipc: shm_open({}) failed: {}", shm_name_, std::strerror(errno));
+      if (fd < 0) fail(errc::transport, "{}: shm_open({}) failed: {}", name_, shm_name_, std::strerror(errno));
       if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
         const int e = errno;
         ::close(fd);
         (void)::shm_unlink(shm_name_.c_str());
-        fail(errc::transport, "cuda_ipc: sizing shared memory {} failed: {}", shm_name_, std::strerror(e));
+        fail(errc::transport, "{}: sizing shared memory {} failed: {}", name_, shm_name_, std::strerror(e));
       }
     } else {
       shm_name_ = store_->get("cuda_ipc/control", opts_.timeout);
       fd = ::shm_open(shm_name_.c_str(), O_RDWR, 0600);
       if (fd < 0) {
         fail(errc::invalid_config,
-             "cuda_ipc rank {}: cannot open the shared memory {} of rank 0 ({}): ranks must share a node and /dev/shm",
+             "{} rank {}: cannot open the shared memory {} of rank 0 ({}): ranks must share a node and /dev/shm", name_,
              rank(), shm_name_, std::strerror(errno));
       }
     }
     void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     ::close(fd);
-    if (p == MAP_FAILED) fail(errc::transport, "cuda_ipc: mmap of {} failed: {}", shm_name_, std::strerror(errno));
+    if (p == MAP_FAILED) fail(errc::transport, "{}: mmap of {} failed: {}", name_, shm_name_, std::strerror(errno));
     control_ = p;
     control_size_ = bytes;
     auto* head = static_cast<control_block*>(control_);
@@ -422,7 +476,7 @@ class cuda_ipc_communicator final : public communicator {
       store_->set("cuda_ipc/control", shm_name_);
     } else if (head->magic.load(std::memory_order_acquire) != control_magic ||
                head->size != static_cast<std::uint32_t>(size())) {
-      fail(errc::transport, "cuda_ipc rank {}: shared memory {} does not hold a {}-rank control block", rank(),
+      fail(errc::transport, "{} rank {}: shared memory {} does not hold a {}-rank control block", name_, rank(),
            shm_name_, size());
     }
   }
@@ -440,7 +494,7 @@ class cuda_ipc_communicator final : public communicator {
   std::byte* slot_ptr(int sender, int receiver, std::uint64_t chunk) const {
     const int owner = opts_.cuda_ipc_pull ? sender : receiver;
     const int other = opts_.cuda_ipc_pull ? receiver : sender;
-    std::byte* base = owner == rank() ? mailbox_.data() : peer_mailbox_[static_cast<std::size_t>(owner)];
+    std::byte* base = owner == rank() ? own_mailbox() : peer_mailbox_[static_cast<std::size_t>(owner)];
     const auto index = static_cast<std::size_t>(other < owner ? other : other - 1);
     return base + index * region_bytes_ + static_cast<std::size_t>(chunk % slots_) * slot_bytes_;
   }
@@ -591,9 +645,9 @@ class cuda_ipc_communicator final : public communicator {
         const auto hash = ctl.hash.load(std::memory_order_relaxed);
         if (count != st.sizes.size() || total != st.total || hash != size_hash(st.sizes)) {
           fail(errc::invalid_argument,
-               "cuda_ipc rank {}: sizes do not match: rank {} sends {} message(s) of {} bytes in all, this rank "
+               "{} rank {}: sizes do not match: rank {} sends {} message(s) of {} bytes in all, this rank "
                "expects {} message(s) of {} bytes{}",
-               rank(), st.peer, count, total, st.sizes.size(), st.total,
+               name_, rank(), st.peer, count, total, st.sizes.size(), st.total,
                count == st.sizes.size() && total == st.total ? " (same totals, different sizes)" : "");
         }
         ctl.manifest_read.store(++manifests_received_[p], std::memory_order_release);
@@ -667,15 +721,15 @@ class cuda_ipc_communicator final : public communicator {
         const int p = st->peer;
         auto& rc = rank_ctl(p);
         if (rc.failed.load(std::memory_order_acquire) != 0) {
-          fail(errc::peer_failure, "cuda_ipc rank {}: rank {} failed: {}", rank(), p,
+          fail(errc::peer_failure, "{} rank {}: rank {} failed: {}", name_, rank(), p,
                std::string(rc.reason, strnlen(rc.reason, sizeof rc.reason)));
         }
         const auto pid = static_cast<pid_t>(infos_[static_cast<std::size_t>(p)].pid);
         if (liveness && pid_checks_ && !process_alive(pid)) {
-          fail(errc::peer_failure, "cuda_ipc rank {}: rank {} (pid {}) exited", rank(), p, pid);
+          fail(errc::peer_failure, "{} rank {}: rank {} (pid {}) exited", name_, rank(), p, pid);
         }
         if (now - st->last_progress > opts_.timeout) {
-          fail(errc::timeout, "cuda_ipc rank {}: no progress with rank {} for {} ms ({} {}/{} chunks, manifest {})",
+          fail(errc::timeout, "{} rank {}: no progress with rank {} for {} ms ({} {}/{} chunks, manifest {})", name_,
                rank(), p, opts_.timeout.count(), list == &sends ? "sent" : "received", st->completed, st->chunks,
                st->manifest_done ? "exchanged" : "pending");
         }
@@ -710,9 +764,17 @@ class cuda_ipc_communicator final : public communicator {
     (void)cudaSetDevice(ordinal_);
     settle();
     for (auto* p : peer_mailbox_) {
-      if (p != nullptr) (void)cudaIpcCloseMemHandle(p);
+      if (p == nullptr) continue;
+      if (host_box_) {
+        unmap_host_box(p);
+      } else {
+        (void)cudaIpcCloseMemHandle(p);
+      }
     }
     peer_mailbox_.clear();
+    unmap_host_box(own_box_);
+    own_box_ = nullptr;
+    if (!box_name_.empty()) (void)::shm_unlink(box_name_.c_str());
     for (auto* s : owned_streams_) (void)cudaStreamDestroy(s);
     owned_streams_.clear();
     out_streams_.clear();
@@ -734,7 +796,15 @@ class cuda_ipc_communicator final : public communicator {
     (void)cudaGetLastError();
   }
 
+  std::byte* own_mailbox() const { return host_box_ ? own_box_ : mailbox_.data(); }
+
   options opts_;
+  bool host_box_ = false;
+  const char* name_;  // in errors: what the user asked for
+  device::device* dev_ = nullptr;
+  std::size_t box_bytes_ = 0;
+  std::string box_name_;          // host mailbox: its shared-memory name until every rank mapped it
+  std::byte* own_box_ = nullptr;  // host mailbox: this rank's mapping
   int ordinal_ = 0;
   std::shared_ptr<store> store_;
   std::size_t region_bytes_ = 0;
@@ -761,7 +831,11 @@ class cuda_ipc_communicator final : public communicator {
 }  // namespace
 
 std::unique_ptr<communicator> make_cuda_ipc(const setup& s) {
-  return std::make_unique<cuda_ipc_communicator>(s);
+  return std::make_unique<cuda_ipc_communicator>(s, mailbox_kind::device);
+}
+
+std::unique_ptr<communicator> make_shared_memory_gloo(const setup& s) {
+  return std::make_unique<cuda_ipc_communicator>(s, mailbox_kind::host_shared);
 }
 
 }  // namespace eplb::comm

@@ -56,6 +56,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed);
   app.add_option("--chunk", chunk);
   app.add_option("--lanes", lanes);
+  std::string gloo_via = "auto";
+  app.add_option("--gloo-transport", gloo_via, "gloo: auto | tcp | shared_memory");
   app.add_option("--staging-bytes", staging);
   app.add_option("--timeout-ms", timeout_ms);
   app.add_flag("--staged", staged, "buffers in device memory, staged through the stream");
@@ -88,6 +90,7 @@ int main(int argc, char** argv) {
     s.opts.hostname = hostname;
     s.opts.cuda_ipc_pull = pull;
     s.opts.cuda_ipc_max_gbps = max_gbps;
+    s.opts.gloo_via = comm::parse_gloo_transport(gloo_via);
     const auto backend = comm::parse_backend(backend_name);
     auto c = comm::make_communicator(backend, s);
     const bool use_stream = staged || kind == device::backend_kind::cuda;

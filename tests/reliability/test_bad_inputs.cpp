@@ -4,7 +4,9 @@
 // loopback communicator and a rearranger); after the error the maps, every live weight byte (slots
 // and the gaps between them) and the communicator's queue must be exactly as before.
 #include <doctest/doctest.h>
+
 #include <fmt/format.h>
+#include <future>
 
 #include <cstring>
 #include <functional>
@@ -642,6 +644,44 @@ std::vector<bad_input> table() {
       bad_option("gloo: nice out of range", {.nice = 20}, "gloo: nice must be in 0..19, got 20");
       bad_option("gloo: zero staging bytes", {.staging_bytes = 0}, "gloo: staging_bytes must be > 0");
       bad_option("gloo: zero chunk size", {.chunk_bytes = 0}, "gloo: chunk_bytes must be > 0");
+      t.push_back({"gloo: unknown transport", [](f_t) { (void)comm::parse_gloo_transport("rdma"); },
+                   errc::invalid_argument, R"(gloo: unknown transport "rdma" (allowed: auto, tcp, shared_memory))"});
+      // Two ranks as threads choosing the transport: rank 1 runs beside this one and must fail alike.
+      const auto two_ranks = [&](const char* name, comm::gloo_transport rank0, comm::gloo_transport rank1, errc code,
+                                 const char* text) {
+        t.push_back({name,
+                     [rank0, rank1](f_t f) {
+                       auto store = comm::make_memory_store();
+                       const auto make = [&](int rank, comm::gloo_transport via) {
+                         (void)comm::make_communicator(comm::backend::gloo, {.rank = rank,
+                                                                             .size = 2,
+                                                                             .rendezvous = store,
+                                                                             .dev = f.dev.get(),
+                                                                             .opts = {.timeout = 5s, .gloo_via = via}});
+                       };
+                       auto other = std::async(std::launch::async, [&] {
+                         try {
+                           make(1, rank1);
+                         } catch (const error&) {  // NOLINT(bugprone-empty-catch): rank 0 reports the same
+                         }
+                       });
+                       try {
+                         make(0, rank0);
+                       } catch (...) {
+                         other.wait();
+                         throw;
+                       }
+                       other.wait();
+                     },
+                     built ? code : errc::backend_unavailable, built ? text : "built without Gloo"});
+      };
+      two_ranks("gloo: shared memory between threads of a host device", comm::gloo_transport::shared_memory,
+                comm::gloo_transport::automatic, errc::invalid_config,
+                "gloo: the shared_memory transport needs every rank on one host, one process each, with a CUDA "
+                "device: rank 0 has no CUDA device");
+      two_ranks("gloo: ranks ask for different transports", comm::gloo_transport::tcp,
+                comm::gloo_transport::shared_memory, errc::invalid_argument,
+                "gloo: rank 0 asks for the tcp transport, rank 1 for shared_memory");
     } else if (b.kind != comm::backend::loopback && !b.runnable) {
       // nccl, stateless_nccl and cuda_ipc where they cannot run (not built, or no GPU here).
       const auto kind = b.kind;

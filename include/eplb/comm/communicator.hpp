@@ -36,6 +36,16 @@ struct capabilities {
   bool host_memory = false;      ///< accepts host memory
 };
 
+/// How the gloo backend moves data between ranks of one host.
+enum class gloo_transport {
+  automatic,      ///< shared_memory when every rank runs on this host with a CUDA device, else tcp
+  tcp,            ///< Gloo's TCP pairs, staged through pinned host memory (also across hosts)
+  shared_memory,  ///< a pinned host mailbox every rank maps: D2H into it, H2D out of it, no TCP
+};
+[[nodiscard]] std::string_view to_string(gloo_transport t) noexcept;
+/// Parses "auto", "tcp" or "shared_memory"; error(errc::invalid_argument) otherwise.
+[[nodiscard]] gloo_transport parse_gloo_transport(std::string_view name);
+
 struct options {
   milliseconds timeout{30'000};         ///< every wait of one execute(); a silent peer fails after this
   std::size_t chunk_bytes = 16U << 20;  ///< gloo, cuda_ipc: messages move in chunks of at most this size
@@ -55,6 +65,10 @@ struct options {
   /// cuda_ipc: cap on the rate at which each rank starts its outgoing copies (GB/s); 0 = none.
   /// Async mode can leave NVLink and memory bandwidth to the serving loop with it.
   double cuda_ipc_max_gbps = 0;
+  /// gloo: the transport between ranks of one host (the shared-memory one needs CUDA and one
+  /// process per rank; chunk_bytes, staging_bytes, lanes and nice then mean what they mean for
+  /// cuda_ipc, whose machinery it uses with the mailbox in host memory).
+  gloo_transport gloo_via = gloo_transport::automatic;
 };
 
 class communicator {

@@ -1,0 +1,22 @@
+// Where this process runs, as peers compare it: the host's boot id (equal for processes of one
+// host, whatever their network names), the PID namespace and the pid (equal for threads of one
+// process). Used to decide whether ranks can share memory.
+#pragma once
+
+#include <string>
+
+namespace eplb::comm {
+
+struct host_identity {
+  std::string host;     ///< hostname, for messages
+  std::string boot_id;  ///< /proc/sys/kernel/random/boot_id
+  std::string pid_ns;   ///< the /proc/self/ns/pid link
+  long pid = 0;
+};
+
+[[nodiscard]] host_identity this_process();
+
+/// The first line of a text file, empty when it cannot be read.
+[[nodiscard]] std::string read_first_line(const char* path);
+
+}  // namespace eplb::comm
