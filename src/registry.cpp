@@ -2,6 +2,8 @@
 // value, and asking for one that is absent is errc::backend_unavailable.
 #include <fmt/format.h>
 
+#include <sys/statvfs.h>
+
 #include <sstream>
 
 #include "comm/backends.hpp"
@@ -51,12 +53,23 @@ namespace {
 [[maybe_unused]] bool gloo_over_shared_memory(const setup& s) {
   if (s.size < 2 || !s.rendezvous) return false;  // make_gloo reports a missing store
   const auto me = this_process();
-  const bool able = EPLB_HAVE_CUDA != 0 && s.dev != nullptr && s.dev->kind() == device::backend_kind::cuda;
+  // Empty when this rank can use shared memory. Each rank's mailbox takes about staging_bytes of
+  // /dev/shm (containers often give it 64 MB): too little space means tcp, not a crash later.
+  std::string cannot;
+  if (EPLB_HAVE_CUDA == 0 || s.dev == nullptr || s.dev->kind() != device::backend_kind::cuda) {
+    cannot = "has no CUDA device";
+  } else if (struct statvfs fs{}; ::statvfs("/dev/shm", &fs) != 0) {
+    cannot = "has no /dev/shm";
+  } else if (const auto free = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize,
+             need = static_cast<std::uint64_t>(s.opts.staging_bytes) * static_cast<std::uint64_t>(s.size);
+             free < need) {
+    cannot = fmt::format("has {} MB free in /dev/shm, {} ranks' mailboxes need {} MB", free >> 20, s.size, need >> 20);
+  }
   const auto key = [](int r) { return fmt::format("gloo-transport/{}", r); };
-  s.rendezvous->set(key(s.rank), fmt::format("{}\n{}\n{}\n{}\n{}\n{}", me.boot_id, me.pid_ns, me.pid, able ? 1 : 0,
-                                             to_string(s.opts.gloo_via), me.host));
+  s.rendezvous->set(key(s.rank), fmt::format("{}\n{}\n{}\n{}\n{}\n{}", me.boot_id, me.pid_ns, me.pid,
+                                             cannot.empty() ? "ok" : cannot, to_string(s.opts.gloo_via), me.host));
   struct entry {
-    std::string boot_id, pid_ns, pid, able, want, host;
+    std::string boot_id, pid_ns, pid, cannot, want, host;
   };
   std::vector<entry> all;
   for (int r = 0; r < s.size; ++r) {
@@ -71,7 +84,7 @@ namespace {
     std::istringstream in(text);
     entry e;
     if (!std::getline(in, e.boot_id) || !std::getline(in, e.pid_ns) || !std::getline(in, e.pid) ||
-        !std::getline(in, e.able) || !std::getline(in, e.want) || !std::getline(in, e.host)) {
+        !std::getline(in, e.cannot) || !std::getline(in, e.want) || !std::getline(in, e.host)) {
       fail(errc::transport, "gloo: the store entry {} is malformed", key(r));
     }
     all.push_back(std::move(e));
@@ -85,8 +98,8 @@ namespace {
     if (!impossible.empty()) continue;
     if (e.boot_id != all[0].boot_id) {
       impossible = fmt::format("rank {} runs on host {}, rank 0 on host {}", r, e.host, all[0].host);
-    } else if (e.able != "1") {
-      impossible = fmt::format("rank {} has no CUDA device", r);
+    } else if (e.cannot != "ok") {
+      impossible = fmt::format("rank {} {}", r, e.cannot);
     }
     for (int q = 0; q < r && impossible.empty(); ++q) {
       const auto& o = all[static_cast<std::size_t>(q)];

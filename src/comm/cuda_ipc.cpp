@@ -400,11 +400,12 @@ class cuda_ipc_communicator final : public communicator {
     box_name_ = fmt::format("/eplb-box-{}-{:016x}", ::getpid(), (static_cast<std::uint64_t>(rd()) << 32) ^ rd());
     const int fd = ::shm_open(box_name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) fail(errc::transport, "{}: shm_open({}) failed: {}", name_, box_name_, std::strerror(errno));
-    if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-      const int e = errno;
+    // Reserved now: on a full /dev/shm this fails here instead of a later page fault killing the process.
+    if (const int e = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)); e != 0) {
       ::close(fd);
-      fail(errc::transport, "{}: sizing shared memory {} to {} bytes failed: {}", name_, box_name_, bytes,
-           std::strerror(e));
+      (void)::shm_unlink(box_name_.c_str());
+      fail(errc::backend_unavailable, "{}: reserving {} bytes of shared memory for {} failed: {}", name_, bytes,
+           box_name_, std::strerror(e));
     }
     own_box_ = pin_mapping(fd, box_name_, -1);
   }
