@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <iostream>
 
@@ -38,11 +39,13 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     const int gpus = device::cuda_device_count();
-    if (gpus < size) {
+    // EPLB_SHARE_GPUS=1: ranks share the GPUs there are (a proxy where fewer GPUs than ranks are lent).
+    const bool share = std::getenv("EPLB_SHARE_GPUS") != nullptr && gpus > 0;
+    if (gpus < size && !share) {
       std::cout << fmt::format("skip: {} ranks need {} GPUs, found {}\n", size, size, gpus);
       return 77;
     }
-    auto dev = device::make_cuda_device(rank);
+    auto dev = device::make_cuda_device(rank % gpus);
     auto stream = dev->create_stream();
     const auto colon = store_spec.find(':');
     auto store = comm::make_file_store(store_spec.substr(colon + 1));

@@ -19,8 +19,14 @@ import torch.multiprocessing as mp
 
 def worker(rank, size, expert_bytes, moved, reps, label, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=size, device_id=torch.device("cuda", rank))
+    # Fewer GPUs than ranks (EPLB_SHARE_GPUS runs): ranks share them and only the Gloo path runs
+    # (NCCL refuses two ranks on one GPU).
+    shared = torch.cuda.device_count() < size
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    if shared:
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+    else:
+        dist.init_process_group("nccl", rank=rank, world_size=size, device_id=torch.device("cuda", rank))
     gloo = dist.new_group(backend="gloo")
     w13 = expert_bytes // 3 * 2
     w2 = expert_bytes - w13
@@ -62,7 +68,8 @@ def worker(rank, size, expert_bytes, moved, reps, label, port):
                 dst.copy_(buf, non_blocking=True)
         stream.synchronize()
 
-    for name, once, n in (("torch_nccl", nccl_once, reps), ("torch_gloo", gloo_once, max(3, reps // 3))):
+    runs = (("torch_nccl", nccl_once, reps), ("torch_gloo", gloo_once, max(3, reps // 3)))
+    for name, once, n in runs[1:] if shared else runs:
         times = []
         for rep in range(n + 1):
             dist.barrier(group=gloo)

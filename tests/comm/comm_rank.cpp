@@ -70,8 +70,8 @@ int main(int argc, char** argv) {
   try {
     const auto kind = device::parse_backend_kind(device_name);
     const int gpus = device::cuda_device_count();
-    // EPLB_TEST_SHARE_GPUS=1: ranks share the GPUs there are (correctness runs on a one-GPU machine).
-    const bool share = std::getenv("EPLB_TEST_SHARE_GPUS") != nullptr && gpus > 0;
+    // EPLB_SHARE_GPUS=1: ranks share the GPUs there are (correctness runs on a one-GPU machine).
+    const bool share = std::getenv("EPLB_SHARE_GPUS") != nullptr && gpus > 0;
     if (kind == device::backend_kind::cuda && gpus < size && !share) {
       std::cout << fmt::format("rank {}: skip: {} ranks need {} GPUs, found {}\n", rank, size, size, gpus);
       return 77;
