@@ -38,11 +38,17 @@ struct state_params {
   model_desc model;
   int rank = 0;
   device::device* dev = nullptr;
-  device::stream* serving_stream = nullptr;          ///< the engine's stream: load copies and commits
-  exec::rank_weights weights;                        ///< this rank's live expert slots
-  std::shared_ptr<comm::store> store;                ///< CPU collectives: load all-reduce, commit agreement
-  std::unique_ptr<comm::communicator> comm;          ///< or left empty: created from cfg and comm_setup
-  comm::setup comm_setup;                            ///< rank, size and store are filled in from the above
+  device::stream* serving_stream = nullptr;  ///< the engine's stream: load copies and commits
+  exec::rank_weights weights;                ///< this rank's live expert slots
+  std::shared_ptr<comm::store> store;        ///< CPU collectives: load all-reduce, commit agreement
+  std::unique_ptr<comm::communicator> comm;  ///< or left empty: created from cfg and comm_setup
+  comm::setup comm_setup;                    ///< rank, size and store are filled in from the above
+  /// Optional: makes the communicator again after a failed rebalance (a failed batch leaves gloo,
+  /// nccl and cuda_ipc communicators broken). Called with generation 1, 2, ... on every rank at the
+  /// same rebalance, on the background thread in async mode. Without it, a communicator eplb made
+  /// itself is made again from cfg and comm_setup under a fresh store prefix; one handed in through
+  /// `comm` is kept.
+  std::function<std::unique_ptr<comm::communicator>(int generation)> comm_factory;
   std::optional<matrix<expert_id>> initial_phy2log;  ///< default: vLLM's round-robin start
   /// Optional: the minimum over ranks of `staged_here` (or of a negative failure code), folded by the
   /// engine into a collective it already runs; layers agreed on are committed in the same step.

@@ -52,12 +52,9 @@ std::uint64_t checksum(std::span<const std::byte> bytes) noexcept {
 
 rearranger::rearranger(model_shape shape, int rank, device::device& dev, device::stream& stream,
                        comm::communicator& comm, rearrange_options opts)
-    : shape_(std::move(shape)), rank_(rank), dev_(dev), stream_(stream), comm_(comm), opts_(std::move(opts)) {
+    : shape_(std::move(shape)), rank_(rank), dev_(dev), stream_(stream), comm_(&comm), opts_(std::move(opts)) {
   shape_.validate();
-  if (comm_.size() != shape_.num_ranks || comm_.rank() != rank_) {
-    fail(errc::invalid_argument, "rearranger: communicator is rank {} of {}, model says rank {} of {}", comm_.rank(),
-         comm_.size(), rank_, shape_.num_ranks);
-  }
+  check_communicator(comm);
   for (const auto& t : shape_.bundle) {
     offsets_.push_back(row_bytes_);
     row_bytes_ += t.bytes_per_expert;
@@ -68,7 +65,20 @@ rearranger::rearranger(model_shape shape, int rank, device::device& dev, device:
     fail(errc::invalid_argument, "staging_bytes: {} is smaller than one expert bundle ({} bytes)", opts_.staging_bytes,
          row_bytes_);
   }
-  comm_.set_stream(&stream_);
+  comm_->set_stream(&stream_);
+}
+
+void rearranger::check_communicator(const comm::communicator& c) const {
+  if (c.size() != shape_.num_ranks || c.rank() != rank_) {
+    fail(errc::invalid_argument, "rearranger: communicator is rank {} of {}, model says rank {} of {}", c.rank(),
+         c.size(), rank_, shape_.num_ranks);
+  }
+}
+
+void rearranger::set_communicator(comm::communicator& c) {
+  check_communicator(c);
+  c.set_stream(&stream_);
+  comm_ = &c;
 }
 
 std::byte* rearranger::row(std::size_t r, int tensor) const {
@@ -382,9 +392,9 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
       const int pos = chunks.position[static_cast<std::size_t>(e)];
       return pos >= lo && pos < hi;
     };
-    m.post(in_chunk, staging_.data(), pack_.data(), stream_, comm_);
+    m.post(in_chunk, staging_.data(), pack_.data(), stream_, *comm_);
     try {
-      comm_.execute();
+      comm_->execute();
     } catch (const error& e) {
       if (c == 0) throw;
       fail(e.code(), "failed in chunk {} of {} after earlier chunks were written: the layer is partly moved ({})",
@@ -452,9 +462,9 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
     began[static_cast<std::size_t>(l)] = std::chrono::steady_clock::now();
     if (!m) return;
     try {
-      m->post([](expert_id) { return true; }, area(l), pack_area(l), *copies_, comm_);
+      m->post([](expert_id) { return true; }, area(l), pack_area(l), *copies_, *comm_);
       stream_.wait(copies_->record());  // transfers start once staged and packed
-      sent[static_cast<std::size_t>(l)] = comm_.submit();
+      sent[static_cast<std::size_t>(l)] = comm_->submit();
     } catch (const error& e) {
       fail(e.code(), "layer {}: {}", l, e.what());
     }
@@ -485,14 +495,14 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
       auto& m = movers[static_cast<std::size_t>(l)];
       if (m) {
         try {
-          comm_.wait(sent[static_cast<std::size_t>(l)]);
+          comm_->wait(sent[static_cast<std::size_t>(l)]);
         } catch (const error& e) {
           fail(e.code(), "layer {}: {}", l, e.what());
         }
         commit_through(l);
         const auto& done = sent[static_cast<std::size_t>(l)];
         // Stream-ordered: the copy stream waits for the transfers; host-complete: they are in place.
-        copies_->wait(done.valid() && comm_.caps().stream_ordered ? done : stream_.record());
+        copies_->wait(done.valid() && comm_->caps().stream_ordered ? done : stream_.record());
         m->write_all(area(l), *copies_);
         written[static_cast<std::size_t>(l)] = copies_->record();
       }
@@ -509,7 +519,7 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
     // Batches still in flight only touch staging; wait for them so the buffers can be reused.
     for (int l = static_cast<int>(out.size()); l < next; ++l) {
       try {
-        if (movers[static_cast<std::size_t>(l)]) comm_.wait(sent[static_cast<std::size_t>(l)]);
+        if (movers[static_cast<std::size_t>(l)]) comm_->wait(sent[static_cast<std::size_t>(l)]);
       } catch (...) {  // NOLINT(bugprone-empty-catch): the first failure is the one reported
       }
     }
@@ -569,13 +579,13 @@ staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span
     }
   }
   for (const auto& r : p.recvs) {
-    for (int t = 0; t < tensors; ++t) comm_.add_recv({at(r.slot, t), bytes(t)}, r.peer);
+    for (int t = 0; t < tensors; ++t) comm_->add_recv({at(r.slot, t), bytes(t)}, r.peer);
     out.stats.messages += tensors;
     out.stats.bytes_received += eb;
     (r.peer / rpn == rank_ / rpn ? out.stats.bytes_same_node : out.stats.bytes_cross_node) += eb;
   }
   for (const auto& snd : p.sends) {
-    for (int t = 0; t < tensors; ++t) comm_.add_send({w.slot(shape_, layer, t, snd.slot), bytes(t)}, snd.peer);
+    for (int t = 0; t < tensors; ++t) comm_->add_send({w.slot(shape_, layer, t, snd.slot), bytes(t)}, snd.peer);
     out.stats.messages += tensors;
     out.stats.bytes_sent += eb;
     (snd.peer / rpn == rank_ / rpn ? out.stats.bytes_same_node : out.stats.bytes_cross_node) += eb;

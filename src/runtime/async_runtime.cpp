@@ -1,6 +1,7 @@
 #include "runtime/async_runtime.hpp"
 
 #include <condition_variable>
+#include <functional>
 
 #include "runtime/awaitables.hpp"
 #include "util/asio.hpp"
@@ -59,27 +60,35 @@ struct async_runtime::impl {
   bool side_drained = false;  // stop() saw the side stream finish everything queued
   std::thread thread;         // last
 
-  // The load all-reduce blocks on the store: it runs on the blocking worker and resumes here.
-  // (A named coroutine with plain parameters: GCC 12 mishandles lambdas passed into coroutines.)
-  asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
+  // Runs `job` (which may block on the network) on the blocking worker and resumes here when it is
+  // done, rethrowing its error. (A named coroutine taking a named std::function: GCC 12 mishandles
+  // lambdas passed into coroutines.)
+  asio::awaitable<void> on_blocking_worker(std::function<void()> job) {
     auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
-    auto out = std::make_shared<std::pair<std::vector<double>, std::exception_ptr>>();
+    auto failure = std::make_shared<std::exception_ptr>();
     // Jobs and callbacks on other threads hold the timer weakly (see await_event).
-    blocking.post([this, g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), out, local] {
-      std::pair<std::vector<double>, std::exception_ptr> r;
+    blocking.post([g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), failure, job = std::move(job)] {
+      std::exception_ptr f;
       try {
-        r.first = group.allreduce_sum(local->flat());
+        job();
       } catch (...) {
-        r.second = std::current_exception();
+        f = std::current_exception();
       }
-      g->post([weak, out, r = std::move(r)]() mutable {
-        *out = std::move(r);
+      g->post([weak, failure, f] {
+        *failure = f;
         if (auto t = weak.lock()) t->cancel();
       });
     });
     co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
-    if (out->second) std::rethrow_exception(out->second);
-    co_return std::move(out->first);
+    if (*failure) std::rethrow_exception(*failure);
+  }
+
+  // The load all-reduce blocks on the store.
+  asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
+    auto out = std::make_shared<std::vector<double>>();
+    std::function<void()> job = [this, out, local] { *out = group.allreduce_sum(local->flat()); };
+    co_await on_blocking_worker(std::move(job));
+    co_return std::move(*out);
   }
 
   asio::awaitable<void> await_execute() {
@@ -102,6 +111,7 @@ struct async_runtime::impl {
     ring.reset();
     cancelled = false;
     const auto start = clock::now();
+    if (in.prepare) co_await on_blocking_worker(std::move(in.prepare));
     const auto layers_n = static_cast<int>(in.old_map.rows());
     const auto experts = in.local_load.cols();
     const auto local = std::make_shared<const matrix<double>>(std::move(in.local_load));

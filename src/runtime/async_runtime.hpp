@@ -9,6 +9,7 @@
 #include <chrono>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -32,6 +33,9 @@ struct rebalance_inputs {
   policy_kind policy;
   int num_groups;
   int num_nodes;
+  /// Runs on the background thread before anything else (e.g. makes the communicator again after
+  /// a failed rebalance); its error fails the rebalance.
+  std::function<void()> prepare;
 };
 
 struct ready_layer {

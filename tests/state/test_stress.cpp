@@ -5,7 +5,8 @@
 // rank's transfer fails once and the ranks go on. Checked: no rank hangs (a hard limit on every
 // wait), the bytes of every committed layer, the same commit steps on every rank, layers not
 // committed unchanged (bytes and maps) after a failure or stop, stop() bounded, recovery after a
-// transient failure. EPLB_STRESS_SCALE (default 1) scales the number of epochs (CI's sanitizer runs
+// transient failure (on a communicator the state makes again: the faulty one stays broken, as real
+// backends do). EPLB_STRESS_SCALE (default 1) scales the number of epochs (CI's sanitizer runs
 // shrink it).
 #include <doctest/doctest.h>
 #include <fmt/format.h>
@@ -16,6 +17,7 @@
 #include <cstdlib>
 #include <future>
 #include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -35,21 +37,27 @@ double stress_scale() {
   return v > 0 ? v : 1.0;
 }
 
+// What a rank's communicators share across the generations eplb_state makes after failures.
+struct comm_slot {
+  std::atomic<int> countdown{0};  ///< the n-th batch from arming fails after it ran
+  std::atomic<bool> fired{false};
+  std::atomic<int> made{0};  ///< communicators made (generation 0 included)
+};
+
 // Loopback underneath, with a random delay before each batch and an optional one-off fault: the
-// armed batch runs (peers get their bytes), then reports a transport error on this rank only.
+// armed batch runs (peers get their bytes), then reports a transport error on this rank only, and
+// the communicator is broken from then on, as gloo, nccl and cuda_ipc are after a failed batch.
 class jittery_comm final : public comm::communicator {
  public:
-  jittery_comm(std::unique_ptr<comm::communicator> inner, std::uint64_t seed)
-      : communicator(inner->rank(), inner->size()), inner_(std::move(inner)), rng_(seed) {}
+  jittery_comm(std::unique_ptr<comm::communicator> inner, std::uint64_t seed, std::shared_ptr<comm_slot> slot)
+      : communicator(inner->rank(), inner->size()), inner_(std::move(inner)), rng_(seed), slot_(std::move(slot)) {}
   ~jittery_comm() override { finish_async(); }
   comm::backend kind() const noexcept override { return inner_->kind(); }
   comm::capabilities caps() const noexcept override { return inner_->caps(); }
-  /// The `n`-th batch from now fails after it ran.
-  void fail_batch_after(int n) { countdown_ = n; }
-  [[nodiscard]] bool fired() const { return fired_; }
 
  protected:
   void run(std::span<const op> ops) override {
+    if (broken_) throw error(errc::transport, fmt::format("rank {}: broken by an earlier failure", rank()));
     if (rng_() % 2 == 0) std::this_thread::sleep_for(std::chrono::microseconds(rng_() % 300));
     inner_->set_stream(stream());
     for (const auto& o : ops) {
@@ -60,8 +68,9 @@ class jittery_comm final : public comm::communicator {
       }
     }
     inner_->execute();
-    if (countdown_ > 0 && --countdown_ == 0) {
-      fired_ = true;
+    if (slot_->countdown.load() > 0 && --slot_->countdown == 0) {
+      slot_->fired = true;
+      broken_ = true;
       throw error(errc::transport, fmt::format("injected transfer fault on rank {}", rank()));
     }
   }
@@ -69,8 +78,25 @@ class jittery_comm final : public comm::communicator {
  private:
   std::unique_ptr<comm::communicator> inner_;
   std::mt19937_64 rng_;  // used by the communicator's worker thread only
-  std::atomic<int> countdown_{0};
-  std::atomic<bool> fired_{false};
+  std::shared_ptr<comm_slot> slot_;
+  bool broken_ = false;  // worker thread only
+};
+
+// One loopback world per communicator generation, shared by the ranks of an epoch.
+class worlds {
+ public:
+  std::shared_ptr<comm::loopback_world> get(int generation) {
+    std::lock_guard lock(mutex_);
+    auto& w = by_generation_[generation];
+    if (!w) w = comm::make_loopback_world(ranks_);
+    return w;
+  }
+  explicit worlds(int ranks) : ranks_(ranks) {}
+
+ private:
+  int ranks_;
+  std::mutex mutex_;
+  std::map<int, std::shared_ptr<comm::loopback_world>> by_generation_;
 };
 
 constexpr int ranks = 4;
@@ -117,6 +143,7 @@ struct rank_result {
   std::vector<std::string> broken;  ///< violated checks
   double stop_seconds = 0;
   bool fault_fired = false;
+  int communicators_made = 0;
   matrix<expert_id> final_maps;
 };
 
@@ -130,7 +157,7 @@ struct rank_ctx {
   std::unique_ptr<device::device> dev;
   std::unique_ptr<device::stream> stream;
   std::unique_ptr<tools::pattern_model> model;
-  jittery_comm* comm = nullptr;
+  std::shared_ptr<comm_slot> comm = std::make_shared<comm_slot>();
   std::unique_ptr<eplb_state> state;
   int rank = 0;
 };
@@ -177,7 +204,7 @@ std::vector<std::byte> bytes_of(rank_ctx& r, int layer) {
   return out;
 }
 
-rank_ctx make_rank(const epoch_plan& plan, int rank, const std::shared_ptr<comm::loopback_world>& world,
+rank_ctx make_rank(const epoch_plan& plan, int rank, const std::shared_ptr<worlds>& world,
                    const std::shared_ptr<comm::store>& store) {
   rank_ctx r;
   r.rank = rank;
@@ -204,17 +231,21 @@ rank_ctx make_rank(const epoch_plan& plan, int rank, const std::shared_ptr<comm:
   p.serving_stream = r.stream.get();
   p.weights = r.model->weights();
   p.store = store;
-  auto inner = comm::make_communicator(
-      comm::backend::loopback, {.rank = rank, .size = ranks, .world = world, .opts = {.timeout = plan.timeout}});
-  auto wrapped = std::make_unique<jittery_comm>(std::move(inner), plan.seed * 131 + static_cast<std::uint64_t>(rank));
-  r.comm = wrapped.get();
-  p.comm = std::move(wrapped);
+  // Made again by the state after a failed rebalance (generation 1, 2, ...), on a fresh world.
+  p.comm_factory = [world, rank, slot = r.comm, timeout = plan.timeout,
+                    seed = plan.seed * 131 + static_cast<std::uint64_t>(rank)](int generation) {
+    auto inner = comm::make_communicator(
+        comm::backend::loopback,
+        {.rank = rank, .size = ranks, .world = world->get(generation), .opts = {.timeout = timeout}});
+    ++slot->made;
+    return std::make_unique<jittery_comm>(std::move(inner), seed + static_cast<std::uint64_t>(generation) * 7919, slot);
+  };
   p.log = [](std::string_view) {};
   r.state = std::make_unique<eplb_state>(std::move(p));
   return r;
 }
 
-rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<comm::loopback_world>& world,
+rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<worlds>& world,
                      const std::shared_ptr<comm::store>& store, progress& prog) {
   rank_result out;
   auto r = make_rank(plan, rank, world, store);
@@ -283,7 +314,7 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
         maps_before = r.state->maps().phy2log();
         if (faulty && rebalance == plan.fault_rebalance) {
           if (plan.how == ending::device_fault) device::fail_host_device_after(*r.dev, plan.fault_count);
-          if (plan.how == ending::transfer_fault) r.comm->fail_batch_after(plan.fault_count);
+          if (plan.how == ending::transfer_fault) r.comm->countdown = plan.fault_count;
         }
       }
     } catch (const error& e) {
@@ -308,7 +339,7 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
   }
   out.steps = step;
   // Sampled before stop(): a batch failing during stop() is reported by no step.
-  out.fault_fired = faulty && (plan.how == ending::transfer_fault ? r.comm->fired() : failed);
+  out.fault_fired = faulty && (plan.how == ending::transfer_fault ? r.comm->fired.load() : failed);
   if (plan.how == ending::stop) {
     // A random moment of the rebalance in flight (or of the pause between two).
     std::this_thread::sleep_for(std::chrono::microseconds(pace() % 1500));
@@ -330,6 +361,7 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<com
     check_untouched(plan.how == ending::stop ? "after stop()" : "at the end");
   }
   out.final_maps = r.state->maps().phy2log();
+  out.communicators_made = r.comm->made;
   if (plan.how == ending::device_fault && !failed) {
     out.broken.push_back(fmt::format("rank {}: no error within {} steps of a device fault", rank, last_step));
   }
@@ -377,7 +409,7 @@ TEST_CASE("stress: async rebalances on 4 loopback ranks with injected timing, fa
     CAPTURE(plan.seed);
     CAPTURE(name(plan.how));
     const auto epoch_start = clock_type::now();
-    auto world = comm::make_loopback_world(ranks);
+    auto world = std::make_shared<worlds>(ranks);
     auto store = comm::make_memory_store();
     std::vector<progress> prog(ranks);
     std::vector<std::future<rank_result>> futures;
@@ -429,6 +461,7 @@ TEST_CASE("stress: async rebalances on 4 loopback ranks with injected timing, fa
           if (results[static_cast<std::size_t>(plan.fault_rank)].fault_fired) {
             CHECK(!res.errors.empty());
             CHECK(res.rebalances_after_failure > 0);  // the next interval starts a fresh rebalance
+            CHECK(res.communicators_made >= 2);       // on a communicator made again (the old one is broken)
           } else {
             CHECK(res.errors.empty());
           }

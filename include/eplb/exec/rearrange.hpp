@@ -85,7 +85,10 @@ class rearranger {
   void verify_layer(int layer, const rank_weights& weights, const placement& maps, const checksum_fn& expected);
 
   [[nodiscard]] std::size_t staging_rows() const noexcept { return rows_; }
-  [[nodiscard]] comm::communicator& communicator() const noexcept { return comm_; }
+  [[nodiscard]] comm::communicator& communicator() const noexcept { return *comm_; }
+  /// Moves on `c` from now on (a communicator made again after a failure): same rank and size.
+  /// Only between rearrangements.
+  void set_communicator(comm::communicator& c);
 
   /// Async building blocks. Bytes of one staging area: a row per local slot (a whole layer).
   [[nodiscard]] std::size_t layer_area_bytes() const noexcept;
@@ -100,6 +103,7 @@ class rearranger {
 
  private:
   std::byte* row(std::size_t r, int tensor) const;
+  void check_communicator(const comm::communicator& c) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
                    std::span<const expert_id> new_row);
   [[nodiscard]] bool pipelines() const noexcept;
@@ -112,7 +116,7 @@ class rearranger {
   int rank_;
   device::device& dev_;
   device::stream& stream_;
-  comm::communicator& comm_;
+  comm::communicator* comm_;
   rearrange_options opts_;
   std::vector<std::size_t> offsets_;  // of each tensor inside a staging row
   std::size_t row_bytes_ = 0;
