@@ -74,9 +74,12 @@ if [ "$what" = serving ] || [ "$what" = all ]; then
   ngpu=$(nvidia-smi -L | wc -l)
   for ranks in 2 4; do
     [ "$ranks" -le "$ngpu" ] || continue
+    # Entries: a backend, or gloo:TRANSPORT (gloo:tcp, gloo:shared_memory; plain gloo is auto).
     for ab in ${SERVING_BACKENDS:-gloo cuda_ipc}; do
+      via=${ab#*:}; [ "$via" != "$ab" ] || via=auto
       python3 tests/comm/run_ranks.py build-gpu/bench/serving_bench "$ranks" --deadline 400 -- \
-        --label qwen3-30b --async-backend "$ab" ${SERVING_ARGS:-} | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
+        --label qwen3-30b --async-backend "${ab%%:*}" --gloo-transport "$via" ${SERVING_ARGS:-} \
+        | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
     done
   done
 fi
