@@ -83,6 +83,10 @@ int main(int argc, char** argv) {
   app.add_option("--async-backend", async_backend, "communicator of the async rebalance: gloo or cuda_ipc");
   double ipc_max_gbps = 0;
   std::string gloo_via = "auto";
+  std::size_t chunk_bytes = 0;
+  int lanes = 0;
+  app.add_option("--chunk-bytes", chunk_bytes, "async communicator's chunk size (0 = its default)");
+  app.add_option("--lanes", lanes, "async communicator's lanes (0 = eplb_state's choice)");
   app.add_option("--gloo-transport", gloo_via, "gloo: auto | tcp | shared_memory");
   app.add_option("--ipc-max-gbps", ipc_max_gbps, "cuda_ipc: cap on each rank's copy rate (0 = none)");
   CLI11_PARSE(app, argc, argv);
@@ -155,7 +159,11 @@ int main(int argc, char** argv) {
       sp.cfg.use_async = async;
       sp.cfg.communicator = async ? async_backend : "nccl";
       sp.comm_setup.opts.cuda_ipc_max_gbps = ipc_max_gbps;
-      if (async) sp.comm_setup.opts.gloo_via = comm::parse_gloo_transport(gloo_via);
+      if (async) {
+        sp.comm_setup.opts.gloo_via = comm::parse_gloo_transport(gloo_via);
+        if (chunk_bytes != 0) sp.comm_setup.opts.chunk_bytes = chunk_bytes;
+        sp.comm_setup.opts.lanes = lanes;
+      }
       sp.cfg.num_redundant_experts = redundant;
       sp.cfg.step_interval = 4 * first_rebalance;  // the first rebalance comes after a quarter interval
       sp.cfg.window_size = first_rebalance;
@@ -292,13 +300,13 @@ int main(int argc, char** argv) {
     tail += "]";
     const auto sync_quiet = summarize(sync_quiet_ms);
     std::cout << fmt::format(
-        R"({{"bench":"serving","label":"{}","async_backend":"{}","ipc_max_gbps":{},"ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
+        R"({{"bench":"serving","label":"{}","async_backend":"{}","ipc_max_gbps":{},"chunk_bytes":{},"lanes":{},"ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
         R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
         R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
         R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_first_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
         R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
-        label, async_backend == "gloo" ? fmt::format("gloo-{}", gloo_via) : async_backend, ipc_max_gbps, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy),
+        label, async_backend == "gloo" ? fmt::format("gloo-{}", gloo_via) : async_backend, ipc_max_gbps, chunk_bytes, lanes, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy),
         busy.mean / quiet.mean, busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)),
         t.rebalance_s, t.bytes, t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
     return 0;
