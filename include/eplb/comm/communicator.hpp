@@ -62,7 +62,8 @@ struct options {
   /// cuda_ipc: receivers read over NVLink from the sender's mailbox (pull) instead of senders
   /// writing into the receiver's (push, the default: measured faster on H100/H200).
   bool cuda_ipc_pull = false;
-  /// cuda_ipc: cap on the rate at which each rank starts its outgoing copies (GB/s); 0 = none.
+  /// cuda_ipc and gloo's shared-memory transport: cap on the rate at which each rank starts its
+  /// outgoing copies (GB/s); 0 = none.
   /// Async mode can leave NVLink and memory bandwidth to the serving loop with it.
   double cuda_ipc_max_gbps = 0;
   /// gloo: the transport between ranks of one host (the shared-memory one needs CUDA and one
