@@ -17,6 +17,10 @@
 // submit() returns at once, so a caller can queue the next layer's copies while one moves. Every
 // batch starts with a manifest per pair (message count,
 // total bytes, a hash of the sizes), so mismatched sizes are an error on both sides, not a hang.
+//
+// The same machinery is gloo's shared-memory transport between processes of one host: there each
+// mailbox is a POSIX shared-memory segment that every rank maps and pins, so the sender's copy engine
+// writes D2H into the receiver's mailbox and the receiver's copies it out H2D (no socket, no CPU copy).
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -152,9 +156,11 @@ std::uint64_t size_hash(const std::vector<std::size_t>& sizes) {
   return h;
 }
 
-// One direction of one pair within a batch: its messages as a byte stream cut into chunks.
+// Where the mailboxes live: device memory (cuda_ipc), or pinned host memory in POSIX shared memory
+// (gloo's shared-memory transport: chunks then move D2H into the mailbox and H2D out of it).
 enum class mailbox_kind { device, host_shared };
 
+// One direction of one pair within a batch: its messages as a byte stream cut into chunks.
 struct stream_state {
   int peer = -1;
   std::vector<std::byte*> data;
