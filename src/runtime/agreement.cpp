@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <utility>
+
 #include "util/fail.hpp"
 
 namespace eplb::runtime {
@@ -12,13 +14,13 @@ lagged_min::lagged_min(cpu_group& group, int lag, std::chrono::milliseconds time
 }
 
 lagged_min::~lagged_min() = default;  // queued rounds run (peers may be waiting for them); after a
-                                      // failed one the rest fail at once, so this is bounded by one timeout
+                                      // failed one the rest of its rebalance fail at once, so each
+                                      // thread is bounded by one timeout
 
 void lagged_min::begin(std::int64_t id) {
-  {
-    std::lock_guard lock(shared_->mutex);
-    shared_->failure = nullptr;
-  }
+  std::erase_if(retired_, [](const auto& t) { return t->idle(); });
+  retired_.push_back(std::exchange(thread_, std::make_unique<job_thread>()));
+  shared_ = std::make_shared<shared_state>();
   id_ = id;
   next_round_ = 0;
   rounds_.clear();
@@ -40,7 +42,7 @@ void lagged_min::post(std::int64_t value) {
         }
       });
   rounds_.push_back(task->get_future());
-  thread_.post([task] { (*task)(); });
+  thread_->post([task] { (*task)(); });
 }
 
 std::optional<std::int64_t> lagged_min::step(std::int64_t mine) {

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "runtime/cpu_group.hpp"
 #include "util/job_thread.hpp"
@@ -25,8 +26,10 @@ class lagged_min {
   lagged_min(const lagged_min&) = delete;
   lagged_min& operator=(const lagged_min&) = delete;
 
-  /// Starts the rounds of rebalance `id` (the same on every rank); rounds of an earlier one are
-  /// forgotten (they complete on the thread: every rank posted them).
+  /// Starts the rounds of rebalance `id` (the same on every rank) on a fresh thread with fresh
+  /// failure state. Rounds of an earlier rebalance are forgotten: they finish on their own thread
+  /// (after a failure each may wait out the timeout), so they never delay the new rounds, which
+  /// would leave ranks a round apart.
   void begin(std::int64_t id);
   /// Posts this step's value. Returns the minimum of the round posted `lag` steps ago, or nothing
   /// in the first `lag` steps. Rethrows the all-reduce's error (errc::timeout naming a silent rank).
@@ -51,7 +54,10 @@ class lagged_min {
     std::exception_ptr failure;
   };
   std::shared_ptr<shared_state> shared_ = std::make_shared<shared_state>();
-  job_thread thread_;  // last: joined first, while the members its jobs use are alive
+  // Last: joined first, while the members their jobs use are alive. Threads of earlier rebalances
+  // stay in `retired_` until their rounds have finished.
+  std::vector<std::unique_ptr<job_thread>> retired_;
+  std::unique_ptr<job_thread> thread_ = std::make_unique<job_thread>();
 };
 
 }  // namespace eplb::runtime

@@ -83,10 +83,12 @@ struct async_runtime::impl {
     if (*failure) std::rethrow_exception(*failure);
   }
 
-  // The load all-reduce blocks on the store.
+  // The load all-reduce blocks on the store. After a failed rebalance a rank may start this about a
+  // timeout after its peers (it first lets its last transfer time out), so this one wait allows
+  // twice the timeout; it also lines the ranks up before anything else of the rebalance.
   asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
     auto out = std::make_shared<std::vector<double>>();
-    std::function<void()> job = [this, out, local] { *out = group.allreduce_sum(local->flat()); };
+    std::function<void()> job = [this, out, local] { *out = group.allreduce_sum(local->flat(), 2 * timeout); };
     co_await on_blocking_worker(std::move(job));
     co_return std::move(*out);
   }
@@ -111,11 +113,11 @@ struct async_runtime::impl {
     ring.reset();
     cancelled = false;
     const auto start = clock::now();
-    if (in.prepare) co_await on_blocking_worker(std::move(in.prepare));
     const auto layers_n = static_cast<int>(in.old_map.rows());
     const auto experts = in.local_load.cols();
     const auto local = std::make_shared<const matrix<double>>(std::move(in.local_load));
     const auto summed = co_await allreduce(local);
+    if (in.prepare) co_await on_blocking_worker(std::move(in.prepare));
     matrix<double> total(static_cast<std::size_t>(layers_n), experts);
     std::copy(summed.begin(), summed.end(), total.flat().begin());
     auto next = eplb::rebalance(in.policy, {total, static_cast<int>(in.old_map.cols()), in.num_groups, in.num_nodes,

@@ -11,10 +11,11 @@ cpu_group::cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std
   if (!store_) fail(errc::invalid_argument, "cpu group: a store is required");
 }
 
-std::vector<std::string> cpu_group::exchange(const std::string& key, std::string mine) {
+std::vector<std::string> cpu_group::exchange(const std::string& key, std::string mine,
+                                             std::chrono::milliseconds timeout) {
   store_->set(fmt::format("{}/{}", key, rank_), mine);
   std::vector<std::string> all(static_cast<std::size_t>(size_));
-  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) {
       all[static_cast<std::size_t>(r)] = std::move(mine);
@@ -28,16 +29,17 @@ std::vector<std::string> cpu_group::exchange(const std::string& key, std::string
     } catch (const error& e) {
       if (e.code() != errc::timeout) throw;
       fail(errc::timeout, "cpu group rank {}: rank {} did not join {} within {} ms (dead or stalled?)", rank_, r, key,
-           timeout_.count());
+           timeout.count());
     }
   }
   return all;
 }
 
-std::vector<double> cpu_group::allreduce_sum(std::span<const double> values) {
+std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
+                                             std::optional<std::chrono::milliseconds> timeout) {
   std::string mine(values.size_bytes(), '\0');
   std::memcpy(mine.data(), values.data(), values.size_bytes());
-  const auto all = exchange(fmt::format("sum/{}", sum_generation_++), std::move(mine));
+  const auto all = exchange(fmt::format("sum/{}", sum_generation_++), std::move(mine), timeout.value_or(timeout_));
   std::vector<double> out(values.size(), 0.0);
   for (int r = 0; r < size_; ++r) {
     const auto& v = all[static_cast<std::size_t>(r)];
@@ -55,7 +57,7 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values) {
 }
 
 std::int64_t cpu_group::allreduce_min(std::int64_t value, const std::string& round) {
-  const auto all = exchange("min/" + round, std::to_string(value));
+  const auto all = exchange("min/" + round, std::to_string(value), timeout_);
   std::int64_t out = value;
   for (const auto& v : all) out = std::min(out, static_cast<std::int64_t>(std::stoll(v)));
   return out;

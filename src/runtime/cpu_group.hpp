@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -20,14 +21,16 @@ class cpu_group {
 
   [[nodiscard]] int rank() const noexcept { return rank_; }
   [[nodiscard]] int size() const noexcept { return size_; }
-  /// Element-wise sum over ranks; every rank passes the same length.
-  [[nodiscard]] std::vector<double> allreduce_sum(std::span<const double> values);
+  /// Element-wise sum over ranks; every rank passes the same length. `timeout` (default: the
+  /// group's) bounds the wait for the other ranks.
+  [[nodiscard]] std::vector<double> allreduce_sum(std::span<const double> values,
+                                                  std::optional<std::chrono::milliseconds> timeout = {});
   /// Minimum over ranks of round `round` (a key every rank derives alike: rounds are independent,
   /// so one abandoned by a failure cannot shift the next).
   [[nodiscard]] std::int64_t allreduce_min(std::int64_t value, const std::string& round);
 
  private:
-  std::vector<std::string> exchange(const std::string& key, std::string mine);
+  std::vector<std::string> exchange(const std::string& key, std::string mine, std::chrono::milliseconds timeout);
 
   std::shared_ptr<comm::store> store_;
   int rank_;

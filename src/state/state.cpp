@@ -73,6 +73,8 @@ struct eplb_state::impl {
   std::int64_t since_rebalance;
   double pending_before = 0;  // balancedness of the rebalance in flight, before it (async)
   bool in_flight = false;
+  std::optional<runtime::rebalance_inputs> deferred;  // async: started, background part not yet
+  clock_type::time_point deferred_since;
   int committed = 0;
   clock_type::time_point trigger_time;
   bool stopped = false;
@@ -323,20 +325,21 @@ struct eplb_state::impl {
     trigger_time = clock_type::now();
     const policy_kind policy = cfg.resolved_policy();
     if (cfg.use_async) {
-      // A rebalance that failed (here or on a peer) may still be ending on the background thread:
-      // its current transfer or device wait finishes within the timeout, then it stops (abandon()
-      // cancelled it). Starting only then keeps every rank's transfers in the same order.
-      if (!background->wait_idle(2 * cfg.timeout)) {
-        fail(errc::timeout, "rank {}: the previous rebalance did not end within {} ms of being abandoned", rank,
-             2 * cfg.timeout.count());
-      }
+      // The rebalance starts in this step on every rank (its agreement rounds from now on), but a
+      // rebalance that failed (here or on a peer) may still be ending on the background thread: its
+      // current transfer or device wait finishes within the timeout, then it stops (abandon()
+      // cancelled it). The background part starts once it has, checked every step, so step() never
+      // blocks on it; this rank posts "nothing staged" meanwhile.
       if (agree) agree->begin(m.rebalances);
       std::function<void()> prepare;
       if (std::exchange(comm_suspect, false) && can_remake_comm) prepare = [this] { remake_comm(); };
-      background->start({local, maps.phy2log(), policy, model.num_groups, model.num_nodes, std::move(prepare)});
+      deferred = runtime::rebalance_inputs{local,           maps.phy2log(),    policy, model.num_groups,
+                                           model.num_nodes, std::move(prepare)};
+      deferred_since = clock_type::now();
       in_flight = true;
       committed = 0;
       m.rebalance_in_flight = true;
+      start_background_when_idle();
       return;
     }
     // Sync: everything happens inside this step, on the serving stream.
@@ -383,6 +386,19 @@ struct eplb_state::impl {
     report.rebalance_finished = true;
   }
 
+  void start_background_when_idle() {
+    if (!deferred) return;
+    if (background->busy()) {
+      if (clock_type::now() - deferred_since > 2 * cfg.timeout) {
+        fail(errc::timeout, "rank {}: the previous rebalance did not end within {} ms of being abandoned", rank,
+             2 * cfg.timeout.count());
+      }
+      return;
+    }
+    background->start(std::move(*deferred));
+    deferred.reset();
+  }
+
   void commit_ready(step_report& report) {
     if (failed_code) {
       // This rank's part failed; it keeps posting its code until the round that carries the first
@@ -413,9 +429,11 @@ struct eplb_state::impl {
       return;
     }
     const auto start = clock_type::now();
-    const auto failure = background->failure();
+    start_background_when_idle();
+    // Until it started, the background's state is the previous rebalance's.
+    const auto failure = deferred ? nullptr : background->failure();
     // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop too.
-    const std::int64_t mine = failure ? -(rank + 2) : background->staged_layers();
+    const std::int64_t mine = failure ? -(rank + 2) : deferred ? 0 : background->staged_layers();
     std::optional<std::int64_t> agreed;
     try {
       // Built in: the round of commit_lag_steps steps ago.
@@ -453,7 +471,7 @@ struct eplb_state::impl {
       fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights",
            -*agreed - 2);
     }
-    if (pending_before == 0) {
+    if (pending_before == 0 && !deferred) {
       // The global load arrives with the policy, before any layer is staged: measure the old maps.
       if (const auto total = background->global_load()) pending_before = balancedness(maps, *total);
     }
@@ -493,6 +511,7 @@ struct eplb_state::impl {
   // flight (posting `code`) until the agreement shows the failure to every rank in the same step,
   // so that all ranks end it, and start the next one, together.
   void abandon(std::int64_t code) {
+    deferred.reset();
     if (background) background->cancel();  // it would wait forever for areas that are never committed
     comm_suspect = true;
     if (!in_flight) return;
@@ -503,6 +522,7 @@ struct eplb_state::impl {
     }
   }
   void end_rebalance() {
+    deferred.reset();
     in_flight = false;
     m.rebalance_in_flight = false;
     failed_code.reset();

@@ -266,6 +266,9 @@ int main(int argc, char** argv) {
   simulate->add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
   simulate->add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
   simulate->add_option("--fail-step", sim.cfg.fail_step);
+  simulate->add_option("--transfer-fault-rank", sim.cfg.transfer_fault_rank,
+                       "this rank's first batch after --transfer-fault-step fails once; the run goes on");
+  simulate->add_option("--transfer-fault-step", sim.cfg.transfer_fault_step);
   simulate->add_flag("--json", sim.json, "print one JSON object");
   simulate->add_option("--rank", sim.rank, "run only this rank (with --procs; one process per rank, needs --store)");
   simulate->add_option("--store", sim.store, "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT");

@@ -14,6 +14,7 @@
 #include "eplb/comm/store.hpp"
 #include "eplb/state.hpp"
 #include "tools/exchange.hpp"
+#include "tools/faulty_comm.hpp"
 #include "tools/rank_processes.hpp"
 #include "util/fail.hpp"
 
@@ -44,6 +45,12 @@ void validate(const simulate_config& c) {
   if (c.fail_rank >= c.ranks)
     fail(errc::invalid_argument, "--fail-rank: {} is not a rank (0..{})", c.fail_rank, c.ranks - 1);
   if ((c.fail_rank >= 0) != (c.fail_step >= 0)) fail(errc::invalid_argument, "--fail-rank and --fail-step go together");
+  if (c.transfer_fault_rank >= c.ranks) {
+    fail(errc::invalid_argument, "--transfer-fault-rank: {} is not a rank (0..{})", c.transfer_fault_rank, c.ranks - 1);
+  }
+  if ((c.transfer_fault_rank >= 0) != (c.transfer_fault_step >= 0)) {
+    fail(errc::invalid_argument, "--transfer-fault-rank and --transfer-fault-step go together");
+  }
   if (c.backend != "auto") (void)comm::parse_backend(c.backend);
   const bool loopback =
       c.backend == "loopback" || (c.backend == "auto" && !c.procs && c.device == device::backend_kind::host);
@@ -197,6 +204,26 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
     sp.comm_setup.world = world;
     sp.comm_setup.opts.hostname = cfg.hostname;
     sp.log = [](std::string_view) {};
+    const bool transfer_fault = cfg.transfer_fault_rank >= 0;
+    auto faults = std::make_shared<fault_switch>();
+    if (transfer_fault) {
+      // The state's communicators, each generation under its own prefix; the faulty rank's wrapped.
+      sp.comm_factory = [&cfg, rank, store, world, faults, &dev, backend = sp.cfg.resolved_communicator(),
+                         mine = rank == cfg.transfer_fault_rank](int generation) {
+        comm::setup s{.rank = rank,
+                      .size = cfg.ranks,
+                      .rendezvous = comm::make_prefix_store(store, fmt::format("simulate-comm-{}", generation)),
+                      .world = world,
+                      .dev = dev.get()};
+        s.opts.timeout = cfg.timeout;
+        s.opts.hostname = cfg.hostname;
+        auto c = comm::make_communicator(backend, s);
+        ++faults->made;
+        if (!mine) return c;
+        return std::unique_ptr<comm::communicator>(std::make_unique<faulty_communicator>(std::move(c), faults));
+      };
+    }
+    json errors = json::array();
     eplb_state state(std::move(sp));
     router route(cfg, p.layers, p.experts, rank);
     progress bar(print_progress && rank == 0, cfg.steps);
@@ -212,9 +239,20 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
         // The forward pass stand-in: background staging overlaps it, as it overlaps real forwards.
         if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
         for (int l = 0; l < p.layers; ++l) state.record_load(l, route.route(l, step, state.maps()));
+        if (transfer_fault && rank == cfg.transfer_fault_rank && step == cfg.transfer_fault_step) faults->countdown = 1;
         const bool busy = state.stats().rebalance_in_flight;
+        const auto committed_before = state.stats().layers_committed;
         const auto t0 = clock_type::now();
-        const auto rep = state.step();
+        step_report rep;
+        try {
+          rep = state.step();
+        } catch (const error& e) {
+          // With an injected transfer fault every rank reports an error (its own, or a peer's) and
+          // serves on; the layers it committed in this step are still checked below.
+          if (!transfer_fault || e.code() == errc::verification_failed) throw;
+          errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
+        }
+        const auto committed_now = static_cast<int>(state.stats().layers_committed - committed_before);
         const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
         (busy || rep.rebalance_started ? busy_us : idle_us).push_back(us);
         // Sync: a rebalance starts and commits in one step. Async: commits in a step belong to the
@@ -225,7 +263,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
           trigger_step = step;
         };
         if (rep.rebalance_started && !cfg.use_async) begin_rebalance();
-        for (int k = 0; k < rep.layers_committed; ++k, ++layer) {
+        for (int k = 0; k < committed_now; ++k, ++layer) {
           commits.push_back({rebalance, layer, step});
           if (auto bad = verify_layer(state, model, layer, rank); !bad.empty())
             fail(errc::verification_failed, "{}", bad);
@@ -251,6 +289,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
       bool intact = true;
       for (int l = 0; l < p.layers && intact; ++l) intact = verify_layer(state, model, l, rank).empty();
       out["weights_intact"] = intact;
+      out["errors"] = errors;
       out["busy_us"] = busy_us;
       out["idle_us"] = idle_us;
       out["commits"] = commits;
@@ -261,6 +300,8 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
       if (auto bad = verify_layer(state, model, l, rank); !bad.empty()) fail(errc::verification_failed, "{}", bad);
     }
     out["bytes_moved"] = state.stats().bytes_moved;
+    out["errors"] = errors;
+    out["communicators_made"] = transfer_fault ? faults->made.load() : 1;
     out["verified"] = true;
     state.stop();
   } catch (const error& e) {
@@ -310,12 +351,25 @@ json merge(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["step_idle_p50_ms"] = percentile(idle, 0.5);
   out["step_idle_p99_ms"] = percentile(idle, 0.99);
   out["commit_steps_consistent"] = consistent;
+  // Errors a run went on after (--transfer-fault-*), and the rebalances that finished after the last.
+  int errors = 0, last_error_step = -1;
+  for (const auto& r : ranks) {
+    for (const auto& e : r.value("errors", json::array())) {
+      ++errors;
+      last_error_step = std::max(last_error_step, e.value("step", -1));
+    }
+  }
+  out["errors"] = errors;
+  out["rebalances_after_errors"] = errors == 0 ? 0 : std::count_if(rb.begin(), rb.end(), [&](const json& x) {
+    return x.value("trigger_step", 0) > last_error_step;
+  });
   out["rebalance_log"] = rb;
   out["ranks"] = cfg.ranks;
   out["steps"] = cfg.steps;
   json details = json::array();
   for (const auto& r : ranks) {
     json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
+    if (r.contains("errors")) d["errors"] = r["errors"];
     if (r.contains("weights_intact")) d["weights_intact"] = r["weights_intact"];
     details.push_back(d);
   }

@@ -36,6 +36,10 @@ struct simulate_config {
   std::chrono::milliseconds inject_delay{0};
   int fail_rank = -1;
   int fail_step = -1;
+  /// This rank's first batch after the step fails (the communicator then stays broken, as real ones
+  /// do); every rank reports the error and goes on, and later rebalances run on new communicators.
+  int transfer_fault_rank = -1;
+  int transfer_fault_step = -1;
   std::chrono::milliseconds timeout{10'000};
   bool procs = false;
   std::string hostname = "127.0.0.1";  ///< gloo: the address this rank listens on

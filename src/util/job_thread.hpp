@@ -23,6 +23,12 @@ class job_thread {
   job_thread(const job_thread&) = delete;
   job_thread& operator=(const job_thread&) = delete;
 
+  /// Nothing queued and no job running.
+  [[nodiscard]] bool idle() {
+    std::lock_guard lock(mutex_);
+    return jobs_.empty() && !running_;
+  }
+
   void post(std::function<void()> job) {
     {
       std::lock_guard lock(mutex_);
@@ -41,8 +47,11 @@ class job_thread {
         if (jobs_.empty()) return;  // stopping, and every queued job has run
         job = std::move(jobs_.front());
         jobs_.pop_front();
+        running_ = true;
       }
       job();
+      std::lock_guard lock(mutex_);
+      running_ = false;
     }
   }
 
@@ -50,6 +59,7 @@ class job_thread {
   std::condition_variable cv_;
   std::deque<std::function<void()>> jobs_;
   bool stopping_ = false;
+  bool running_ = false;
   std::thread thread_;  // last: starts after the members it uses
 };
 

@@ -24,6 +24,7 @@
 #include "check_error.hpp"
 #include "eplb/state.hpp"
 #include "tools/exchange.hpp"
+#include "tools/faulty_comm.hpp"
 
 using namespace eplb;
 using namespace std::chrono_literals;
@@ -36,51 +37,6 @@ double stress_scale() {
   const double v = s != nullptr ? std::atof(s) : 1.0;
   return v > 0 ? v : 1.0;
 }
-
-// What a rank's communicators share across the generations eplb_state makes after failures.
-struct comm_slot {
-  std::atomic<int> countdown{0};  ///< the n-th batch from arming fails after it ran
-  std::atomic<bool> fired{false};
-  std::atomic<int> made{0};  ///< communicators made (generation 0 included)
-};
-
-// Loopback underneath, with a random delay before each batch and an optional one-off fault: the
-// armed batch runs (peers get their bytes), then reports a transport error on this rank only, and
-// the communicator is broken from then on, as gloo, nccl and cuda_ipc are after a failed batch.
-class jittery_comm final : public comm::communicator {
- public:
-  jittery_comm(std::unique_ptr<comm::communicator> inner, std::uint64_t seed, std::shared_ptr<comm_slot> slot)
-      : communicator(inner->rank(), inner->size()), inner_(std::move(inner)), rng_(seed), slot_(std::move(slot)) {}
-  ~jittery_comm() override { finish_async(); }
-  comm::backend kind() const noexcept override { return inner_->kind(); }
-  comm::capabilities caps() const noexcept override { return inner_->caps(); }
-
- protected:
-  void run(std::span<const op> ops) override {
-    if (broken_) throw error(errc::transport, fmt::format("rank {}: broken by an earlier failure", rank()));
-    if (rng_() % 2 == 0) std::this_thread::sleep_for(std::chrono::microseconds(rng_() % 300));
-    inner_->set_stream(stream());
-    for (const auto& o : ops) {
-      if (o.is_send) {
-        inner_->add_send({o.data, o.bytes}, o.peer);
-      } else {
-        inner_->add_recv({o.data, o.bytes}, o.peer);
-      }
-    }
-    inner_->execute();
-    if (slot_->countdown.load() > 0 && --slot_->countdown == 0) {
-      slot_->fired = true;
-      broken_ = true;
-      throw error(errc::transport, fmt::format("injected transfer fault on rank {}", rank()));
-    }
-  }
-
- private:
-  std::unique_ptr<comm::communicator> inner_;
-  std::mt19937_64 rng_;  // used by the communicator's worker thread only
-  std::shared_ptr<comm_slot> slot_;
-  bool broken_ = false;  // worker thread only
-};
 
 // One loopback world per communicator generation, shared by the ranks of an epoch.
 class worlds {
@@ -157,7 +113,7 @@ struct rank_ctx {
   std::unique_ptr<device::device> dev;
   std::unique_ptr<device::stream> stream;
   std::unique_ptr<tools::pattern_model> model;
-  std::shared_ptr<comm_slot> comm = std::make_shared<comm_slot>();
+  std::shared_ptr<tools::fault_switch> comm = std::make_shared<tools::fault_switch>();
   std::unique_ptr<eplb_state> state;
   int rank = 0;
 };
@@ -238,7 +194,9 @@ rank_ctx make_rank(const epoch_plan& plan, int rank, const std::shared_ptr<world
         comm::backend::loopback,
         {.rank = rank, .size = ranks, .world = world->get(generation), .opts = {.timeout = timeout}});
     ++slot->made;
-    return std::make_unique<jittery_comm>(std::move(inner), seed + static_cast<std::uint64_t>(generation) * 7919, slot);
+    // Random delays before batches; the armed fault breaks the communicator, as real ones break.
+    return std::make_unique<tools::faulty_communicator>(
+        std::move(inner), slot, seed + static_cast<std::uint64_t>(generation) * 7919, std::chrono::microseconds(300));
   };
   p.log = [](std::string_view) {};
   r.state = std::make_unique<eplb_state>(std::move(p));

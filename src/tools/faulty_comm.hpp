@@ -1,0 +1,70 @@
+// Fault injection for `eplb simulate` and the stress tests: a communicator around another that
+// fails one armed batch. The batch runs (peers get their bytes), then reports errc::transport on
+// this rank, and the communicator stays broken from then on, as gloo, nccl and cuda_ipc do after a
+// failed batch. Optionally a random delay before half the batches.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <random>
+#include <thread>
+
+#include "eplb/comm/communicator.hpp"
+#include "eplb/error.hpp"
+
+namespace eplb::tools {
+
+/// Shared by the communicators a rank makes over time (eplb_state makes new ones after failures).
+struct fault_switch {
+  std::atomic<int> countdown{0};  ///< the n-th batch from when this is set fails (0: none armed)
+  std::atomic<bool> fired{false};
+  std::atomic<int> made{0};  ///< communicators made so far (counted by whoever makes them)
+};
+
+class faulty_communicator final : public comm::communicator {
+ public:
+  faulty_communicator(std::unique_ptr<comm::communicator> inner, std::shared_ptr<fault_switch> sw,
+                      std::uint64_t seed = 0, std::chrono::microseconds max_delay = {})
+      : communicator(inner->rank(), inner->size()),
+        inner_(std::move(inner)),
+        switch_(std::move(sw)),
+        rng_(seed),
+        max_delay_(max_delay) {}
+  ~faulty_communicator() override { finish_async(); }
+  comm::backend kind() const noexcept override { return inner_->kind(); }
+  comm::capabilities caps() const noexcept override { return inner_->caps(); }
+
+ protected:
+  void run(std::span<const op> ops) override {
+    if (broken_) throw error(errc::transport, fmt::format("rank {}: broken by an earlier failure", rank()));
+    if (max_delay_.count() > 0 && rng_() % 2 == 0) {
+      std::this_thread::sleep_for(std::chrono::microseconds(rng_() % static_cast<std::uint64_t>(max_delay_.count())));
+    }
+    inner_->set_stream(stream());
+    for (const auto& o : ops) {
+      if (o.is_send) {
+        inner_->add_send({o.data, o.bytes}, o.peer);
+      } else {
+        inner_->add_recv({o.data, o.bytes}, o.peer);
+      }
+    }
+    inner_->execute();
+    if (switch_->countdown.load() > 0 && --switch_->countdown == 0) {
+      switch_->fired = true;
+      broken_ = true;
+      throw error(errc::transport, fmt::format("injected transfer fault on rank {}", rank()));
+    }
+  }
+
+ private:
+  std::unique_ptr<comm::communicator> inner_;
+  std::shared_ptr<fault_switch> switch_;
+  std::mt19937_64 rng_;  // the worker thread's only
+  std::chrono::microseconds max_delay_;
+  bool broken_ = false;  // the worker thread's only
+};
+
+}  // namespace eplb::tools

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Recovery after a transient transfer fault, with real Gloo between 4 processes: `eplb simulate
+--procs --backend gloo` where rank 1's communicator fails one batch after step 100 and stays broken
+(as real ones do after a failed batch). Every rank must report exactly one error (rank 1 its own,
+the others naming rank 1), go on serving, and finish later rebalances on communicators made again;
+every committed layer verified and committed in the same step on every rank.
+
+usage: multiproc_recovery.py EPLB"""
+import json
+import subprocess
+import sys
+
+eplb = sys.argv[1]
+args = ["simulate", "--json", "--procs", "--backend", "gloo", "--ranks", "4", "--steps", "3000", "--step-interval",
+        "20", "--window", "10", "--forward-us", "1000", "--timeout-ms", "1000", "--seed", "3",
+        "--transfer-fault-rank", "1", "--transfer-fault-step", "100"]
+r = subprocess.run([eplb, *args], capture_output=True, text=True, timeout=200)
+try:
+    out = json.loads(r.stdout)
+except json.JSONDecodeError:
+    print(f"no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
+    sys.exit(1)
+failures = []
+if r.returncode != 0:
+    failures.append(f"exit {r.returncode}: {out.get('failure')} {r.stderr[-2000:]}")
+if not out.get("verified"):
+    failures.append("not every committed layer verified on every rank")
+if not out.get("commit_steps_consistent"):
+    failures.append("ranks committed layers in different steps")
+for rep in out.get("rank_reports", []):
+    errors = [e["error"] for e in rep.get("errors", [])]
+    want = "injected transfer fault on rank 1" if rep["rank"] == 1 else "rebalance failed on rank 1"
+    if len(errors) != 1 or want not in errors[0]:
+        failures.append(f"rank {rep['rank']}: expected one error containing '{want}', got {errors[:5]}")
+after = out.get("rebalances_after_errors", 0)
+if after < 10:
+    failures.append(f"{after} rebalances finished after the fault, expected at least 10")
+print(f"recovery over gloo: {out.get('errors')} errors, {after} of {out.get('rebalances')} rebalances after them")
+for f in failures:
+    print("FAIL", f)
+sys.exit(1 if failures else 0)
