@@ -221,8 +221,8 @@ struct eplb_state::impl {
       if (backend == comm::backend::gloo && s.opts.lanes == 0) s.opts.lanes = 4;
       // gloo's shared-memory transport saturates PCIe and delayed the serving loop (2 H200 ranks,
       // Qwen3-30B shape: +12% mean step time, +67% p99, against +0% over TCP), so async keeps TCP
-      // unless asked; asked, it is capped at 10 GB/s per rank (+0.5-2.2% mean, +5-7% p99, and the
-      // rebalance 1.8 s instead of TCP's 2.6 s).
+      // unless asked; asked, it is capped at 10 GB/s per rank (+0.5-3.1% mean, +4-11% p99 over four
+      // runs, and the rebalance 1.7-1.8 s instead of TCP's 2.6-2.9 s).
       if (backend == comm::backend::gloo && s.opts.gloo_via == comm::gloo_transport::automatic) {
         s.opts.gloo_via = comm::gloo_transport::tcp;
       }
