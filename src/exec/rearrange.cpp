@@ -392,7 +392,12 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
       const int pos = chunks.position[static_cast<std::size_t>(e)];
       return pos >= lo && pos < hi;
     };
-    m.post(in_chunk, staging_.data(), pack_.data(), stream_, *comm_);
+    try {
+      m.post(in_chunk, staging_.data(), pack_.data(), stream_, *comm_);
+    } catch (...) {
+      comm_->discard_pending();  // half a batch must not join the next one
+      throw;
+    }
     try {
       comm_->execute();
     } catch (const error& e) {
@@ -466,6 +471,7 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
       stream_.wait(copies_->record());  // transfers start once staged and packed
       sent[static_cast<std::size_t>(l)] = comm_->submit();
     } catch (const error& e) {
+      comm_->discard_pending();  // half a batch must not join the next one
       fail(e.code(), "layer {}: {}", l, e.what());
     }
   };

@@ -1,7 +1,9 @@
 // In-process communicator tests: loopback conformance (threads), error cases, stores.
 #include <doctest/doctest.h>
+
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <array>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -70,6 +72,25 @@ TEST_CASE("communicator argument errors") {
   CHECK(comm::parse_backend("stateless_nccl") == comm::backend::stateless_nccl);
   CHECK(comm::parse_backend("cuda_ipc") == comm::backend::cuda_ipc);
   CHECK(comm::to_string(comm::backend::cuda_ipc) == "cuda_ipc");
+}
+
+TEST_CASE("discarded operations never join a later batch") {
+  auto world = comm::make_loopback_world(2);
+  auto c0 = comm::make_communicator(comm::backend::loopback, loopback_setup(world, 0, 2));
+  auto c1 = comm::make_communicator(comm::backend::loopback, loopback_setup(world, 1, 2));
+  std::array<std::byte, 4> stale{}, fresh{}, got{};
+  stale.fill(std::byte{1});
+  fresh.fill(std::byte{2});
+  c0->add_send(stale, 1);  // a batch whose posting failed half-way
+  c0->add_send(stale, 1);
+  c0->discard_pending();
+  CHECK(c0->pending() == 0);
+  c0->add_send(fresh, 1);
+  c1->add_recv(got, 0);
+  auto other = std::async(std::launch::async, [&] { c1->execute(); });
+  c0->execute();
+  other.get();
+  CHECK(got == fresh);
 }
 
 TEST_CASE("loopback: size mismatch, silent peer and dead peer are clear errors") {

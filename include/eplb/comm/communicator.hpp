@@ -89,6 +89,9 @@ class communicator {
   /// Queues a receive into `data` from `peer`; the matching send must have the same size.
   void add_recv(std::span<std::byte> data, int peer);
   [[nodiscard]] std::size_t pending() const noexcept { return ops_.size(); }
+  /// Drops the operations queued since the last execute() (a batch whose posting failed half-way),
+  /// so that they can never join a later batch.
+  void discard_pending() noexcept { ops_.clear(); }
 
   /// Runs every queued operation as one batch and clears the queue (also on failure). Errors name
   /// the peer: errc::timeout for a silent peer, errc::peer_failure for a dead one.
