@@ -235,7 +235,7 @@ struct eplb_state::impl {
   }
 
   // After a failed rebalance, on every rank at the start of the next one (async: on the background
-  // thread, before the load all-reduce; the serving thread does not touch the communicator).
+  // thread, right after the load all-reduce; the serving thread does not touch the communicator).
   void remake_comm() {
     const int generation = comm_generation + 1;
     auto fresh = comm_factory ? comm_factory(generation) : make_comm(generation);
@@ -339,7 +339,7 @@ struct eplb_state::impl {
       in_flight = true;
       committed = 0;
       m.rebalance_in_flight = true;
-      start_background_when_idle();
+      (void)start_background_when_idle();  // not late yet: it was deferred just now
       return;
     }
     // Sync: everything happens inside this step, on the serving stream.
@@ -386,17 +386,21 @@ struct eplb_state::impl {
     report.rebalance_finished = true;
   }
 
-  void start_background_when_idle() {
-    if (!deferred) return;
+  // Starts the deferred background part once the previous one has ended. A previous one that does
+  // not end in time is this rank's failure, returned so that commit_ready() posts it in the
+  // agreement in this step like any other (throwing here would skip this step's round and put this
+  // rank a round behind its peers).
+  std::exception_ptr start_background_when_idle() {
+    if (!deferred) return nullptr;
     if (background->busy()) {
-      if (clock_type::now() - deferred_since > 2 * cfg.timeout) {
-        fail(errc::timeout, "rank {}: the previous rebalance did not end within {} ms of being abandoned", rank,
-             2 * cfg.timeout.count());
-      }
-      return;
+      if (clock_type::now() - deferred_since <= 2 * cfg.timeout) return nullptr;
+      return std::make_exception_ptr(error(
+          errc::timeout,
+          fmt::format("the previous rebalance did not end within {} ms of being abandoned", 2 * cfg.timeout.count())));
     }
     background->start(std::move(*deferred));
     deferred.reset();
+    return nullptr;
   }
 
   void commit_ready(step_report& report) {
@@ -429,9 +433,9 @@ struct eplb_state::impl {
       return;
     }
     const auto start = clock_type::now();
-    start_background_when_idle();
+    const auto late = start_background_when_idle();
     // Until it started, the background's state is the previous rebalance's.
-    const auto failure = deferred ? nullptr : background->failure();
+    const auto failure = late ? late : deferred ? nullptr : background->failure();
     // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop too.
     const std::int64_t mine = failure ? -(rank + 2) : deferred ? 0 : background->staged_layers();
     std::optional<std::int64_t> agreed;

@@ -6,27 +6,17 @@ the others naming rank 1), go on serving, and finish later rebalances on communi
 every committed layer verified and committed in the same step on every rank.
 
 usage: multiproc_recovery.py EPLB"""
-import json
-import subprocess
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from simulate_run import run_simulate  # noqa: E402
+
 eplb = sys.argv[1]
-args = ["simulate", "--json", "--procs", "--backend", "gloo", "--ranks", "4", "--steps", "3000", "--step-interval",
+args = ["--procs", "--backend", "gloo", "--ranks", "4", "--steps", "3000", "--step-interval",
         "20", "--window", "10", "--forward-us", "1000", "--timeout-ms", "1000", "--seed", "3",
         "--transfer-fault-rank", "1", "--transfer-fault-step", "100"]
-r = subprocess.run([eplb, *args], capture_output=True, text=True, timeout=200)
-try:
-    out = json.loads(r.stdout)
-except json.JSONDecodeError:
-    print(f"no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
-    sys.exit(1)
-failures = []
-if r.returncode != 0:
-    failures.append(f"exit {r.returncode}: {out.get('failure')} {r.stderr[-2000:]}")
-if not out.get("verified"):
-    failures.append("not every committed layer verified on every rank")
-if not out.get("commit_steps_consistent"):
-    failures.append("ranks committed layers in different steps")
+out, failures = run_simulate(eplb, args, 200)
 for rep in out.get("rank_reports", []):
     errors = [e["error"] for e in rep.get("errors", [])]
     want = "injected transfer fault on rank 1" if rep["rank"] == 1 else "rebalance failed on rank 1"
