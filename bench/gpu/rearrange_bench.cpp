@@ -39,6 +39,8 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-coalesce", coalesce, "one message per tensor of every expert");
   bool pipeline = true;
   app.add_flag("!--no-pipeline", pipeline, "one layer at a time, waiting for its copies");
+  bool register_buffers = false;
+  app.add_flag("--register", register_buffers, "register staging and packing buffers with the communicator");
   CLI11_PARSE(app, argc, argv);
   try {
     if (device::cuda_device_count() < size) return 77;
@@ -83,7 +85,10 @@ int main(int argc, char** argv) {
       out << "]}";
     }
     exec::rearranger r(shape, rank, *dev, *stream, *c,
-                       {.timeout = std::chrono::seconds(300), .coalesce = coalesce, .pipeline = pipeline});
+                       {.timeout = std::chrono::seconds(300),
+                        .coalesce = coalesce,
+                        .pipeline = pipeline,
+                        .register_buffers = register_buffers});
     std::vector<double> seconds;
     std::uint64_t bytes = 0;
     for (int rep = 0; rep <= reps; ++rep) {
@@ -101,7 +106,9 @@ int main(int argc, char** argv) {
     std::cout << fmt::format(
         R"({{"bench":"rearrange","impl":"{}","backend":"{}","label":"{}","ranks":{},"rank":{},"layers":{},"bytes_received":{},"seconds":{:.4f},"ms_per_layer":{:.3f},"gbps":{:.2f}}})"
         "\n",
-        pipeline ? (coalesce ? "eplb" : "eplb-per-tensor") : (coalesce ? "eplb-serial" : "eplb-serial-per-tensor"),
+        std::string(pipeline ? (coalesce ? "eplb" : "eplb-per-tensor")
+                             : (coalesce ? "eplb-serial" : "eplb-serial-per-tensor")) +
+            (register_buffers ? "-registered" : ""),
         backend_name, label, size, rank, layers, bytes, med, med * 1000 / layers,
         static_cast<double>(bytes) / med / 1e9);
     return 0;

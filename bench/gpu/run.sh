@@ -56,7 +56,7 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
     [ -z "${REARRANGE_ONLY:-}" ] || [ "$1" = "$REARRANGE_ONLY" ] || continue
     for ranks in 2 4; do
       [ "$ranks" -le "$ngpu" ] || continue
-      for flags in "" "--no-pipeline" "--no-pipeline --no-coalesce" "--backend cuda_ipc"; do
+      for flags in "" "--register" "--no-pipeline" "--no-pipeline --no-coalesce" "--backend cuda_ipc"; do
         [ -z "${REARRANGE_FLAGS:-}" ] || [[ "$REARRANGE_FLAGS" == *"[$flags]"* ]] || continue
         python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
           --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flags \

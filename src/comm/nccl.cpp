@@ -22,6 +22,11 @@ namespace {
 
 using clock = std::chrono::steady_clock;
 
+void free_nccl_memory(std::byte* p, int ordinal) noexcept {
+  (void)cudaSetDevice(ordinal);
+  (void)ncclMemFree(p);
+}
+
 class nccl_communicator final : public communicator {
  public:
   nccl_communicator(const setup& s, bool stateless)
@@ -81,6 +86,33 @@ class nccl_communicator final : public communicator {
   }
 
   backend kind() const noexcept override { return stateless_ ? backend::stateless_nccl : backend::nccl; }
+
+  // NCCL decides per transfer whether a registered buffer can be used (peer reachable by CUDA IPC,
+  // memory exportable); otherwise it falls back to its own buffers.
+  registration register_memory(std::span<std::byte> region) override {
+    if (region.empty()) return {};
+    if (aborted_)
+      fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
+    device::cuda::use_device(ordinal_);
+    void* handle = nullptr;
+    check(ncclCommRegister(comm_, region.data(), region.size(), &handle), "ncclCommRegister");
+    return registration([this, handle] {
+      if (comm_ == nullptr) return;  // an aborted communicator freed its registrations already
+      (void)cudaSetDevice(ordinal_);
+      (void)ncclCommDeregister(comm_, handle);
+    });
+  }
+
+  registered_memory allocate_registered(std::size_t bytes) override {
+    if (bytes == 0) return {};
+    device::cuda::use_device(ordinal_);
+    void* p = nullptr;
+    check(ncclMemAlloc(&p, bytes), "ncclMemAlloc");
+    registered_memory m{.memory = device::buffer(static_cast<std::byte*>(p), bytes, device::memory_kind::device,
+                                                 ordinal_, &free_nccl_memory)};
+    m.reg = register_memory(m.memory.span());
+    return m;
+  }
   capabilities caps() const noexcept override {
     return {.stream_ordered = true, .host_complete = true, .crosses_nodes = true, .device_memory = true};
   }

@@ -65,6 +65,14 @@ rearranger::rearranger(model_shape shape, int rank, device::device& dev, device:
     fail(errc::invalid_argument, "staging_bytes: {} is smaller than one expert bundle ({} bytes)", opts_.staging_bytes,
          row_bytes_);
   }
+  // Registered transfers must move between registered memory at both ends (NCCL leaves a mix
+  // undefined), so every message is packed, which needs a layer in one chunk.
+  if (opts_.register_buffers && (!opts_.coalesce || rows_ < layer_rows)) {
+    fail(errc::invalid_argument,
+         "register_buffers needs coalesce and a staging cap of at least one layer of this rank's slots ({} bytes), "
+         "got coalesce={} and staging_bytes={}",
+         layer_rows * row_bytes_, opts_.coalesce, opts_.staging_bytes);
+  }
   comm_->set_stream(&stream_);
 }
 
@@ -77,8 +85,37 @@ void rearranger::check_communicator(const comm::communicator& c) const {
 
 void rearranger::set_communicator(comm::communicator& c) {
   check_communicator(c);
+  staging_reg_ = {};  // registrations belong to the old communicator, which still exists here
+  pack_reg_ = {};
   c.set_stream(&stream_);
   comm_ = &c;
+  if (opts_.register_buffers) {
+    if (staging_.size() > 0) staging_reg_ = comm_->register_memory(staging_.span());
+    if (pack_.size() > 0) pack_reg_ = comm_->register_memory(pack_.span());
+  }
+}
+
+// Grows a staging or packing buffer; an unregistered one goes first, so that both never need to
+// fit at once. Registered buffers are made at their largest expected size (they rarely grow again):
+// NCCL keeps peers' mappings of a registration by address, and a buffer that reused a freed
+// registered address was seen to fail its registration on one rank only, corrupting transfers.
+void rearranger::reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest) {
+  if (b.size() >= bytes) return;
+  if (!opts_.register_buffers) {
+    b = {};
+    b = dev_.allocate(bytes, staging_kind());
+    return;
+  }
+  // The new buffer exists before the old one goes, so it cannot take the old address.
+  auto m = staging_kind() == device::memory_kind::device ? comm_->allocate_registered(std::max(bytes, largest))
+                                                         : comm::registered_memory{};
+  if (m.memory.size() == 0) {
+    m.memory = dev_.allocate(std::max(bytes, largest), staging_kind());
+    m.reg = comm_->register_memory(m.memory.span());
+  }
+  reg = {};
+  b = std::move(m.memory);
+  reg = std::move(m.reg);
 }
 
 std::byte* rearranger::row(std::size_t r, int tensor) const {
@@ -180,7 +217,7 @@ void write_rows(const model_shape& shape, std::span<const std::size_t> offsets, 
 class layer_mover {
  public:
   layer_mover(const model_shape& shape, std::span<const std::size_t> offsets, std::size_t row_bytes, int rank,
-              int layer, const rank_weights& w, layer_plan plan, std::size_t rows, std::size_t pack_cap)
+              int layer, const rank_weights& w, layer_plan plan, std::size_t rows, std::size_t pack_cap, bool pack_all)
       : shape_(shape),
         offsets_(offsets),
         row_bytes_(row_bytes),
@@ -198,10 +235,12 @@ class layer_mover {
     recv_bytes_.resize(n_);
     for (const auto& s : p_.sends) send_bytes_[static_cast<std::size_t>(s.peer)] += eb_;
     for (const auto& r : p_.recvs) recv_bytes_[static_cast<std::size_t>(r.peer)] += eb_;
-    // A pair is packed when both ends see the same bytes under the cap (0 = off).
+    // A pair is packed when both ends see the same bytes under the cap (0 = off), or always with
+    // pack_all (registered buffers: every message then moves between registered memory).
     pack_send_.resize(n_);
     pack_recv_.resize(n_);
     const auto worth = [&](std::size_t bytes) {
+      if (pack_all) return bytes > 0;
       return pack_cap > 0 && bytes <= pack_cap && (bytes / eb_) * shape_.bundle.size() >= 2;
     };
     for (std::size_t q = 0; q < n_; ++q) {
@@ -362,10 +401,11 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   if (p.is_noop()) return layer_stats{.layer = layer};
   const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
   const bool one_chunk = chunks.ranges.size() == 1;
-  layer_mover m(shape_, offsets_, row_bytes_, rank_, layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0);
+  layer_mover m(shape_, offsets_, row_bytes_, rank_, layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0,
+                opts_.register_buffers);
   const auto& plan = m.plan();
-  if (staging_.size() < rows_ * row_bytes_) staging_ = dev_.allocate(rows_ * row_bytes_, staging_kind());
-  if (pack_.size() < m.pack_bytes()) pack_ = dev_.allocate(m.pack_bytes(), staging_kind());
+  reserve(staging_, staging_reg_, rows_ * row_bytes_, 2 * rows_ * row_bytes_);
+  reserve(pack_, pack_reg_, m.pack_bytes(), 2 * layer_area_bytes());
   m.stats.chunks = static_cast<int>(chunks.ranges.size());
   const auto eb = shape_.expert_bytes();
 
@@ -449,13 +489,14 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
     auto p = plan_layer(old_row, new_map.row(static_cast<std::size_t>(l)), shape_.num_ranks, rank_);
     if (p.is_noop()) continue;
     auto& m = movers[static_cast<std::size_t>(l)];
-    m = std::make_unique<layer_mover>(shape_, offsets_, row_bytes_, rank_, l, w, std::move(p), all_rows, pack_cap());
+    m = std::make_unique<layer_mover>(shape_, offsets_, row_bytes_, rank_, l, w, std::move(p), all_rows, pack_cap(),
+                                      opts_.register_buffers);
     m->stats.chunks = 1;
     rows = std::max(rows, m->rows_needed());  // rows are taken in order from 0
     pack = std::max(pack, m->pack_bytes());
   }
-  if (staging_.size() < 2 * rows * row_bytes_) staging_ = dev_.allocate(2 * rows * row_bytes_, staging_kind());
-  if (pack_.size() < 2 * pack) pack_ = dev_.allocate(2 * pack, staging_kind());
+  reserve(staging_, staging_reg_, 2 * rows * row_bytes_, 2 * rows_ * row_bytes_);
+  reserve(pack_, pack_reg_, 2 * pack, 2 * layer_area_bytes());
   if (!copies_) copies_ = dev_.create_stream();
   const auto area = [&](int l) { return staging_.data() + static_cast<std::size_t>(l % 2) * rows * row_bytes_; };
   const auto pack_area = [&](int l) { return pack_.data() + static_cast<std::size_t>(l % 2) * pack; };

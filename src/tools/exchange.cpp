@@ -150,6 +150,7 @@ exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::co
   exec::rearrange_options opts;
   opts.staging_bytes = cfg.staging_bytes;
   opts.coalesce = cfg.coalesce;
+  opts.register_buffers = cfg.register_buffers;
   opts.timeout = cfg.timeout;
   opts.verify = model.reference();
   try {

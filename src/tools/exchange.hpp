@@ -27,7 +27,8 @@ struct exchange_config {
   std::uint64_t seed = 1;
   int rounds = 4;
   std::size_t staging_bytes = 0;
-  bool coalesce = true;  ///< one message per peer where a layer fits (rearrange_options::coalesce)
+  bool coalesce = true;           ///< one message per peer where a layer fits (rearrange_options::coalesce)
+  bool register_buffers = false;  ///< rearrange_options::register_buffers
   std::chrono::milliseconds timeout{30'000};
   device::host_faults faults;  ///< host device only
   int fault_rank = -1;         ///< the rank whose device gets `faults` (-1: every rank)

@@ -228,6 +228,8 @@ int main(int argc, char** argv) {
   exchange->add_option("--rounds", ex.cfg.rounds);
   exchange->add_option("--staging-bytes", ex.cfg.staging_bytes, "staging cap (0 = one layer)");
   exchange->add_flag("!--no-coalesce", ex.cfg.coalesce, "one message per tensor of every expert, not per peer");
+  exchange->add_flag("--register", ex.cfg.register_buffers,
+                     "register the staging buffers with the communicator (nccl: zero-copy over NVLink)");
   exchange->add_option("--timeout-ms", ex.timeout_ms);
   exchange->add_option("--inject-delay-ms", ex.delay_ms, "host device: random delay up to this per stream operation");
   exchange->add_option("--inject-fail-op", ex.fail_op, "host device: the Nth stream operation fails");

@@ -14,12 +14,16 @@ if gpus < ranks:
     print(f"skip: {ranks} ranks need {ranks} GPUs, found {gpus}")
     sys.exit(77)
 env = dict(os.environ, NCCL_NVLS_ENABLE="0")
-# A cap of 5 bundles (a layer has 9 slots per rank): the layer moves in chunks.
-for staging in ("0", str(5 * (1048576 + 4096 + 64))):
+# A cap of 5 bundles (a layer has 9 slots per rank): the layer moves in chunks. nccl also runs with
+# its staging and packing buffers registered (NCCL moves them without its own buffers over NVLink).
+runs = [("0", []), (str(5 * (1048576 + 4096 + 64)), [])]
+if "nccl" in backend:
+    runs.append(("0", ["--register"]))
+for staging, extra in runs:
     r = subprocess.run([eplb, "exchange", "--device", "cuda", "--backend", backend, "--ranks", str(ranks),
                         "--layers", "4", "--experts", str(8 * ranks), "--redundant", str(ranks),
-                        "--tensor-bytes", "1048576,4096,64", "--rounds", "6", "--staging-bytes", staging, "--json"],
-                       capture_output=True, text=True, env=env, timeout=280)
+                        "--tensor-bytes", "1048576,4096,64", "--rounds", "6", "--staging-bytes", staging, "--json"]
+                       + extra, capture_output=True, text=True, env=env, timeout=280)
     print(r.stdout, r.stderr)
     out = json.loads(r.stdout)
     if r.returncode != 0 or not out["verified"]:

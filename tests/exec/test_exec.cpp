@@ -160,6 +160,100 @@ TEST_CASE("coalescing: one message per peer and direction, same bytes as one per
   }
 }
 
+// Loopback with a registration log: what the rearranger asks of a backend that registers memory
+// (nccl), and whether every transfer then touches registered memory only.
+class registering_comm final : public comm::communicator {
+ public:
+  explicit registering_comm(std::unique_ptr<comm::communicator> inner)
+      : communicator(inner->rank(), inner->size()), inner_(std::move(inner)) {}
+  ~registering_comm() override { finish_async(); }
+  comm::backend kind() const noexcept override { return inner_->kind(); }
+  comm::capabilities caps() const noexcept override { return inner_->caps(); }
+  comm::registration register_memory(std::span<std::byte> region) override {
+    live.push_back(region);
+    ++registered;
+    return comm::registration([this, region] {
+      std::erase_if(live, [&](const auto& x) { return x.data() == region.data() && x.size() == region.size(); });
+    });
+  }
+  std::vector<std::span<std::byte>> live;
+  int registered = 0;
+  int outside = 0;  // transfers touching memory that was not registered when they ran
+
+ protected:
+  void run(std::span<const op> ops) override {
+    inner_->set_stream(stream());
+    for (const auto& o : ops) {
+      const bool inside = std::any_of(live.begin(), live.end(), [&](const auto& x) {
+        return o.data >= x.data() && o.data + o.bytes <= x.data() + x.size();
+      });
+      if (!inside) ++outside;
+      if (o.is_send) {
+        inner_->add_send({o.data, o.bytes}, o.peer);
+      } else {
+        inner_->add_recv({o.data, o.bytes}, o.peer);
+      }
+    }
+    inner_->execute();
+  }
+
+ private:
+  std::unique_ptr<comm::communicator> inner_;
+};
+
+TEST_CASE("registered buffers: every transfer touches them, they follow set_communicator, end before freed") {
+  const int ranks = 3;
+  const tools::exchange_config cfg{
+      .ranks = ranks, .layers = 3, .experts = 12, .redundant = 3, .tensor_bytes = {300, 64, 7}, .seed = 4};
+  for (const bool reg : {true, false}) {
+    CAPTURE(reg);
+    auto world1 = comm::make_loopback_world(ranks), world2 = comm::make_loopback_world(ranks);
+    on_ranks(ranks, [&](int r) {
+      auto dev = device::make_host_device();
+      auto stream = dev->create_stream();
+      const auto loopback = [&](auto& world) {
+        return std::make_unique<registering_comm>(
+            comm::make_communicator(comm::backend::loopback, comm::setup{.rank = r, .size = ranks, .world = world}));
+      };
+      auto c1 = loopback(world1), c2 = loopback(world2);
+      auto current = tools::round_placement(cfg, 0, {});
+      placement maps(current, cfg.experts, ranks);
+      tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, current, 10s);
+      {
+        exec::rearranger re(model.shape(), r, *dev, *stream, *c1,
+                            {.verify = model.reference(), .register_buffers = reg});
+        for (int round = 1; round <= 4; ++round) {
+          if (round == 3) {
+            const auto held = c1->live.size();
+            re.set_communicator(*c2);
+            CHECK(c1->live.empty());
+            CHECK(c2->live.size() == held);
+          }
+          const auto next = tools::round_placement(cfg, round, current);
+          re.rearrange(model.weights(), maps, next);
+          current = next;
+        }
+        CHECK(c2->live.size() == (reg ? 2U : 0U));  // staging and packing, both still held
+      }
+      CHECK(c2->live.empty());  // released with the rearranger, before its buffers
+      if (reg) {                // a staging cap below one layer would leave messages unpacked: refused
+        CHECK_EPLB_ERROR(
+            exec::rearranger(model.shape(), r, *dev, *stream, *c1, {.staging_bytes = 371, .register_buffers = true}),
+            errc::invalid_argument, "register_buffers needs coalesce and a staging cap");
+      }
+      if (reg) {
+        CHECK(c1->outside == 0);
+        CHECK(c2->outside == 0);
+        CHECK(c1->registered >= 2);
+      } else {
+        CHECK(c1->registered + c2->registered == 0);
+        CHECK(c1->outside > 0);
+      }
+      return 0;
+    });
+  }
+}
+
 TEST_CASE("rearrange with a staging cap uses several chunks and still verifies") {
   const int ranks = 4;
   auto world = comm::make_loopback_world(ranks);

@@ -13,6 +13,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "eplb/comm/store.hpp"
@@ -72,6 +73,35 @@ struct options {
   gloo_transport gloo_via = gloo_transport::automatic;
 };
 
+/// Memory registered with a communicator (communicator::register_memory); the registration ends
+/// when this handle is destroyed. Empty when the backend has nothing to register.
+class registration {
+ public:
+  registration() = default;
+  explicit registration(std::function<void()> release) : release_(std::move(release)) {}
+  registration(registration&& other) noexcept : release_(std::exchange(other.release_, {})) {}
+  registration& operator=(registration&& other) noexcept {
+    registration(std::move(other)).swap(*this);
+    return *this;
+  }
+  registration(const registration&) = delete;
+  registration& operator=(const registration&) = delete;
+  ~registration() {
+    if (release_) release_();
+  }
+  [[nodiscard]] bool active() const noexcept { return static_cast<bool>(release_); }
+
+ private:
+  void swap(registration& o) noexcept { std::swap(release_, o.release_); }
+  std::function<void()> release_;
+};
+
+/// Memory and its registration; the registration is declared last, so it ends before the memory.
+struct registered_memory {
+  device::buffer memory;
+  registration reg;
+};
+
 class communicator {
  public:
   communicator(int rank, int size);
@@ -109,6 +139,17 @@ class communicator {
   /// The stream that orders the transfers against other work (device memory); not owned.
   void set_stream(device::stream* s) noexcept { stream_ = s; }
   [[nodiscard]] device::stream* stream() const noexcept { return stream_; }
+
+  /// Registers memory this rank sends from or receives into, so that transfers touching it can
+  /// skip the backend's internal copies (nccl: ncclCommRegister; over NVLink NCCL then moves data
+  /// straight between the two ends' buffers when both registered theirs). Every rank must register
+  /// alike, since a transfer's two ends must agree. Release the handle before the memory is freed
+  /// and before this communicator is destroyed. Backends without registration return an empty one.
+  [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
+  /// Device memory of the kind this backend registers best (nccl: ncclMemAlloc, exportable without
+  /// legacy CUDA IPC), registered with it. Empty when the backend has no such memory: allocate
+  /// ordinary memory then.
+  [[nodiscard]] virtual registered_memory allocate_registered(std::size_t bytes);
 
  protected:
   struct op {

@@ -39,6 +39,13 @@ struct rearrange_options {
   /// transfers run while a second stream writes layer L-1 into place and stages layer L+1, and the
   /// host waits only for transfers. Each layer still commits only after its own transfers succeed.
   bool pipeline = true;
+  /// Makes the staging and packing buffers registered memory of the communicator
+  /// (allocate_registered), so that a backend that can (nccl over NVLink) moves bytes straight
+  /// between them instead of through its own buffers. Every message is then packed (both ends of
+  /// every transfer in registered memory), so it needs coalesce and a staging cap of at least one
+  /// layer (error(errc::invalid_argument) otherwise); the buffers are made at their largest expected
+  /// size (two layers of this rank's slots each). Every rank must set it alike.
+  bool register_buffers = false;
 };
 
 struct layer_stats {
@@ -111,6 +118,7 @@ class rearranger {
                                                const matrix<expert_id>& new_map);
   [[nodiscard]] device::memory_kind staging_kind() const;
   [[nodiscard]] std::size_t pack_cap() const noexcept;
+  void reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest);
 
   model_shape shape_;
   int rank_;
@@ -122,8 +130,9 @@ class rearranger {
   std::size_t row_bytes_ = 0;
   std::size_t rows_ = 0;
   device::buffer staging_;
-  device::buffer pack_;                     // sends packed per peer (coalesce)
-  std::unique_ptr<device::stream> copies_;  // the pipelined path's staging and write-back stream
+  device::buffer pack_;                        // sends packed per peer (coalesce)
+  comm::registration staging_reg_, pack_reg_;  // declared after the buffers: released before them
+  std::unique_ptr<device::stream> copies_;     // the pipelined path's staging and write-back stream
 };
 
 }  // namespace eplb::exec
