@@ -28,6 +28,10 @@ struct config {
   /// k + this (0..1000). The CPU all-reduce runs in the background meanwhile, so step() waits on the
   /// network only if one round takes longer than this many steps (eplb default).
   int commit_lag_steps = 8;
+  /// Sync mode: the staging buffers are registered memory of the communicator, so that nccl moves
+  /// bytes between ranks' buffers without its own (rearrange_options::register_buffers: needs a
+  /// staging cap of 0 or at least one layer). Every rank must set it alike. Not with use_async.
+  bool register_buffers = false;
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;

@@ -24,6 +24,11 @@ void config::validate() const {
   if (policy != "default" && policy != "min_move") {
     fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\", \"min_move\")", policy);
   }
+  if (register_buffers && use_async) {
+    fail(errc::invalid_config,
+         "register_buffers: true is not allowed with use_async = true (async communicators move bytes through their "
+         "own mailboxes)");
+  }
   (void)resolved_communicator();
 }
 
@@ -114,11 +119,13 @@ config config::from_json(std::string_view text) {
       c.timeout = std::chrono::milliseconds(integer(key, v));
     } else if (key == "commit_lag_steps") {
       c.commit_lag_steps = int_field(key, v);
+    } else if (key == "register_buffers") {
+      c.register_buffers = boolean(key, v);
     } else {
       fail(errc::invalid_config,
            "{}: unknown field (known: window_size, step_interval, num_redundant_experts, log_balancedness, "
            "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms, "
-           "commit_lag_steps)",
+           "commit_lag_steps, register_buffers)",
            key);
     }
   }

@@ -115,7 +115,9 @@ struct eplb_state::impl {
     }
     group = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(p.store, "eplb-cpu"), rank, shape.num_ranks,
                                                  cfg.timeout);
-    exec::rearrange_options opts{.staging_bytes = cfg.use_async ? 0 : cfg.staging_bytes, .timeout = cfg.timeout};
+    exec::rearrange_options opts{.staging_bytes = cfg.use_async ? 0 : cfg.staging_bytes,
+                                 .timeout = cfg.timeout,
+                                 .register_buffers = cfg.register_buffers};
     if (cfg.use_async) {
       side = dev.create_stream();
       mover = std::make_unique<exec::rearranger>(shape, rank, dev, *side, *comm, opts);

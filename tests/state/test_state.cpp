@@ -150,30 +150,34 @@ TEST_CASE("state: bad parameters are clear errors") {
 
 TEST_CASE("sync rebalance on 4 loopback ranks: balancedness improves, every byte verified") {
   const int ranks = 4;
-  auto world = comm::make_loopback_world(ranks);
-  auto store = comm::make_memory_store();
-  const auto cfg = loopback_config(false, 20, 40, 10s);
-  const auto results = on_ranks(ranks, [&](int rank) -> std::string {
-    auto r = make_rank(rank, ranks, cfg, world, store);
-    int rebalances = 0;
-    for (int step = 0; step < 100; ++step) {
-      for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l, rank));
-      const auto rep = r.state->step();
-      if (rep.rebalance_finished) {
-        ++rebalances;
-        CHECK(rep.layers_committed == 4);
-        for (int l = 0; l < 4; ++l) {
-          if (auto bad = verify(r, l, rank); !bad.empty()) return bad;
+  for (const bool reg : {false, true}) {  // registered staging packs every message: same outcome
+    CAPTURE(reg);
+    auto world = comm::make_loopback_world(ranks);
+    auto store = comm::make_memory_store();
+    auto cfg = loopback_config(false, 20, 40, 10s);
+    cfg.register_buffers = reg;
+    const auto results = on_ranks(ranks, [&](int rank) -> std::string {
+      auto r = make_rank(rank, ranks, cfg, world, store);
+      int rebalances = 0;
+      for (int step = 0; step < 100; ++step) {
+        for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l, rank));
+        const auto rep = r.state->step();
+        if (rep.rebalance_finished) {
+          ++rebalances;
+          CHECK(rep.layers_committed == 4);
+          for (int l = 0; l < 4; ++l) {
+            if (auto bad = verify(r, l, rank); !bad.empty()) return bad;
+          }
         }
       }
-    }
-    const auto& m = r.state->stats();
-    CHECK(rebalances == 3);  // steps 10, 50, 90: the first after a quarter interval
-    CHECK(m.balancedness_after >= m.balancedness_before);
-    CHECK(m.layers_committed == 12);
-    return "";
-  });
-  for (const auto& r : results) CHECK_MESSAGE(r.empty(), r);
+      const auto& m = r.state->stats();
+      CHECK(rebalances == 3);  // steps 10, 50, 90: the first after a quarter interval
+      CHECK(m.balancedness_after >= m.balancedness_before);
+      CHECK(m.layers_committed == 12);
+      return "";
+    });
+    for (const auto& r : results) CHECK_MESSAGE(r.empty(), r);
+  }
 }
 
 TEST_CASE("async rebalances on 4 loopback ranks under injected delays: same-step commits, bytes verified") {
