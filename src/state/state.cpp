@@ -30,6 +30,7 @@ struct eplb_state::impl {
   std::shared_ptr<comm::store> store;
   comm::setup comm_setup;
   std::function<std::unique_ptr<comm::communicator>(int)> comm_factory;
+  std::function<std::unique_ptr<comm::communicator>(std::unique_ptr<comm::communicator>, int)> comm_wrap;
   bool can_remake_comm;
   int comm_generation = 0;
   bool comm_suspect = false;  // a rebalance failed: the communicator may be broken
@@ -92,6 +93,7 @@ struct eplb_state::impl {
         store(p.store),
         comm_setup(p.comm_setup),
         comm_factory(std::move(p.comm_factory)),
+        comm_wrap(std::move(p.comm_wrap)),
         can_remake_comm(comm_factory || !p.comm),
         maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log"),
         window(p.cfg.window_size, p.model.shape.layers, p.model.shape.num_physical),
@@ -233,7 +235,8 @@ struct eplb_state::impl {
         s.opts.cuda_ipc_max_gbps = 10;
       }
     }
-    return comm::make_communicator(backend, s);
+    auto made = comm::make_communicator(backend, s);
+    return comm_wrap ? comm_wrap(std::move(made), generation) : std::move(made);
   }
 
   // After a failed rebalance, on every rank at the start of the next one (async: on the background

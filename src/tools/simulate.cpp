@@ -207,20 +207,13 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
     const bool transfer_fault = cfg.transfer_fault_rank >= 0;
     auto faults = std::make_shared<fault_switch>();
     if (transfer_fault) {
-      // The state's communicators, each generation under its own prefix; the faulty rank's wrapped.
-      sp.comm_factory = [&cfg, rank, store, world, faults, &dev, backend = sp.cfg.resolved_communicator(),
-                         mine = rank == cfg.transfer_fault_rank](int generation) {
-        comm::setup s{.rank = rank,
-                      .size = cfg.ranks,
-                      .rendezvous = comm::make_prefix_store(store, fmt::format("simulate-comm-{}", generation)),
-                      .world = world,
-                      .dev = dev.get()};
-        s.opts.timeout = cfg.timeout;
-        s.opts.hostname = cfg.hostname;
-        auto c = comm::make_communicator(backend, s);
+      // The state makes its communicators itself (and again after a failure); the faulty rank's
+      // are wrapped, so the fault breaks the same communicator the state would use.
+      sp.comm_wrap = [faults, mine = rank == cfg.transfer_fault_rank](std::unique_ptr<comm::communicator> c,
+                                                                      int) -> std::unique_ptr<comm::communicator> {
         ++faults->made;
         if (!mine) return c;
-        return std::unique_ptr<comm::communicator>(std::make_unique<faulty_communicator>(std::move(c), faults));
+        return std::make_unique<faulty_communicator>(std::move(c), faults);
       };
     }
     json errors = json::array();
@@ -371,6 +364,7 @@ json merge(const simulate_config& cfg, const std::vector<json>& ranks) {
     json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
     if (r.contains("errors")) d["errors"] = r["errors"];
     if (r.contains("weights_intact")) d["weights_intact"] = r["weights_intact"];
+    if (r.contains("communicators_made")) d["communicators_made"] = r["communicators_made"];
     details.push_back(d);
   }
   out["rank_reports"] = details;

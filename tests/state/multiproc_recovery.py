@@ -2,7 +2,8 @@
 """Recovery after a transient transfer fault, with real Gloo between 4 processes: `eplb simulate
 --procs --backend gloo` where rank 1's communicator fails one batch after step 100 and stays broken
 (as real ones do after a failed batch). Every rank must report exactly one error (rank 1 its own,
-the others naming rank 1), go on serving, and finish later rebalances on communicators made again;
+the others naming rank 1), go on serving, and finish later rebalances on communicators the state
+made again itself (under a fresh store prefix, with its async settings);
 every committed layer verified and committed in the same step on every rank.
 
 usage: multiproc_recovery.py EPLB"""
@@ -22,6 +23,9 @@ for rep in out.get("rank_reports", []):
     want = "injected transfer fault on rank 1" if rep["rank"] == 1 else "rebalance failed on rank 1"
     if len(errors) != 1 or want not in errors[0]:
         failures.append(f"rank {rep['rank']}: expected one error containing '{want}', got {errors[:5]}")
+    # The state's own communicator path made it again (generation 1), not a factory of the test.
+    if rep.get("communicators_made", 0) < 2:
+        failures.append(f"rank {rep['rank']}: {rep.get('communicators_made')} communicators made, expected >= 2")
 after = out.get("rebalances_after_errors", 0)
 if after < 10:
     failures.append(f"{after} rebalances finished after the fault, expected at least 10")
