@@ -107,7 +107,7 @@ if [ "$what" = tune ]; then
   res=$out/tune.jsonl
   ngpu=$(nvidia-smi -L | wc -l)
   default_envs=$'\nNCCL_P2P_NVL_CHUNKSIZE=1048576\nNCCL_P2P_NVL_CHUNKSIZE=4194304\nNCCL_MIN_NCHANNELS=32\nNCCL_MIN_P2P_NCHANNELS=32 NCCL_MAX_P2P_NCHANNELS=32\nNCCL_NTHREADS=512\nNCCL_P2P_USE_CUDA_MEMCPY=1\nNCCL_PROTO=Simple'
-  for ranks in 4 2; do
+  for ranks in ${TUNE_RANKS:-4 2}; do
     [ "$ranks" -le "$ngpu" ] || continue
     while IFS= read -r envs; do
       env $envs python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 60 -- \
