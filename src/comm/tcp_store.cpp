@@ -139,6 +139,20 @@ class tcp_store final : public store {
     tcp::socket socket{io};
   };
 
+  // Runs the connection's queued operations until `done` or the deadline. On a timeout the socket
+  // is closed and the cancelled handlers are run here, so none outlives the caller's frame.
+  static bool finish_by(connection& c, clock::time_point deadline, const bool& done) {
+    c.io.run_until(deadline);
+    const bool finished = done;  // the cancelled handlers below set it too
+    if (!finished) {
+      c.socket.close();
+      c.io.restart();
+      c.io.run();
+    }
+    c.io.restart();
+    return finished;
+  }
+
   std::unique_ptr<connection> connect(clock::time_point deadline) {
     auto step = milliseconds(5);
     for (;;) {
@@ -154,14 +168,7 @@ class tcp_store final : public store {
           ec = e;
           done = true;
         });
-        c->io.run_until(deadline);
-        if (!done) {
-          c->socket.close();
-          c->io.restart();
-          c->io.run();
-          ec = asio::error::timed_out;
-        }
-        c->io.restart();
+        if (!finish_by(*c, deadline, done)) ec = asio::error::timed_out;
       }
       if (!ec) {
         c->socket.set_option(tcp::no_delay(true));
@@ -221,16 +228,11 @@ class tcp_store final : public store {
         });
       });
     });
-    c->io.run_until(deadline);
-    if (!done) {
-      // Drop the connection: its late reply belongs to this request.
-      socket.close();
-      c->io.restart();
-      c->io.run();
+    if (!finish_by(*c, deadline, done)) {
+      // The connection is dropped: its late reply belongs to this request.
       fail(errc::timeout, "tcp store {}:{}: no reply for key \"{}\" within {} ms", host_, port_, key, timeout.count());
     }
     if (failure) fail(errc::transport, "tcp store {}:{}: {} (key \"{}\")", host_, port_, failure.message(), key);
-    c->io.restart();
     give_back(std::move(c));
     return reply;
   }
