@@ -126,6 +126,10 @@ class nccl_communicator final : public communicator {
     if (stream() == nullptr) fail(errc::invalid_argument, "{}: set_stream() must be called before execute()", name());
     device::cuda::use_device(ordinal_);
     auto* s = static_cast<cudaStream_t>(stream()->native_handle());
+    peers_.clear();
+    for (const auto& o : ops) {
+      if (std::find(peers_.begin(), peers_.end(), o.peer) == peers_.end()) peers_.push_back(o.peer);
+    }
     check(ncclGroupStart(), "ncclGroupStart");
     for (const auto& o : ops) {
       const ncclResult_t r = o.is_send ? ncclSend(o.data, o.bytes, ncclUint8, o.peer, comm_, s)
@@ -137,11 +141,8 @@ class nccl_communicator final : public communicator {
     }
     const ncclResult_t end = ncclGroupEnd();
     if (end != ncclSuccess && end != ncclInProgress) check(end, "ncclGroupEnd");
-    await_comm(clock::now() + opts_.timeout, "enqueueing the batch");
-    peers_.clear();
-    for (const auto& o : ops) {
-      if (std::find(peers_.begin(), peers_.end(), o.peer) == peers_.end()) peers_.push_back(o.peer);
-    }
+    // Enqueueing can wait on peers too (connecting, exchanging registered buffers' handles).
+    await_comm(clock::now() + opts_.timeout, fmt::format("enqueueing the batch with peers {}", fmt::join(peers_, ",")));
     return stream()->record();
   }
 
@@ -171,7 +172,7 @@ class nccl_communicator final : public communicator {
          ncclGetLastError(comm_));
   }
 
-  void await_comm(clock::time_point deadline, const char* what) {
+  void await_comm(clock::time_point deadline, const std::string& what) {
     for (;;) {
       ncclResult_t state = ncclSuccess;
       check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");

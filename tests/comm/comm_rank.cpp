@@ -1,10 +1,13 @@
 // One rank of a multi-process communicator test (gloo between processes, nccl on GPUs). The
 // launcher (run_ranks.py) starts one per rank. Modes: conformance (random batches, every byte
-// verified), mismatch (rank 1 expects more than rank 0 sends), die (rank 1 exits after connecting),
-// recreate (stateless_nccl: a second communicator over a subset of the ranks).
+// verified), registered (every pair exchanges between registered buffers, every byte verified),
+// mismatch (rank 1 expects more than rank 0 sends), die (rank 1 exits after connecting; with
+// --register rank 0's buffers are registered). Conformance on stateless_nccl also makes a second
+// communicator over a subset of the ranks.
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
 
+#include <array>
 #include <cstdlib>
 #include <iostream>
 
@@ -62,6 +65,8 @@ int main(int argc, char** argv) {
   app.add_option("--timeout-ms", timeout_ms);
   app.add_flag("--staged", staged, "buffers in device memory, staged through the stream");
   app.add_flag("--pull", pull, "cuda_ipc: receivers read from the sender's mailbox");
+  bool registered = false;
+  app.add_flag("--register", registered, "die: the buffers are the communicator's registered memory");
   double max_gbps = 0;
   app.add_option("--ipc-max-gbps", max_gbps, "cuda_ipc: cap on each rank's copy rate");
   app.add_option("--hostname", hostname, "gloo: the address this rank listens on");
@@ -124,6 +129,63 @@ int main(int argc, char** argv) {
       return 0;
     }
 
+    // Registered memory of the communicator, or ordinary memory registered with it (an empty
+    // registration where the backend has none).
+    const auto registered_block = [&](std::size_t bytes) {
+      auto m = c->allocate_registered(bytes);
+      if (m.memory.size() == 0) {
+        m.memory = dev->allocate(bytes, use_stream ? device::memory_kind::device : device::memory_kind::host);
+        m.reg = c->register_memory(m.memory.span());
+      }
+      return m;
+    };
+    if (mode == "registered") {
+      // Rounds of different sizes at odd offsets between every pair; both ends in registered memory.
+      c->set_stream(use_stream ? stream.get() : nullptr);
+      const std::size_t region = 4U << 20;
+      const auto at = [&](int q, int round) { return static_cast<std::size_t>(q) * region + 7U * round; };
+      auto out = registered_block(region * static_cast<std::size_t>(size));
+      auto in = registered_block(region * static_cast<std::size_t>(size));
+      const auto pattern = [](int from, int to, int round, std::size_t i) {
+        return static_cast<std::byte>((from * 31 + to * 17 + round * 13 + static_cast<int>(i % 251)) & 0xff);
+      };
+      for (int round = 0; round < 4; ++round) {
+        const std::size_t bytes = std::array<std::size_t, 4>{1, 4097, 1U << 20, (4U << 20) - 64}[round];
+        std::vector<std::byte> host(bytes);
+        for (int q = 0; q < size; ++q) {
+          if (q == rank) continue;
+          for (std::size_t i = 0; i < bytes; ++i) host[i] = pattern(rank, q, round, i);
+          stream->copy(out.memory.data() + at(q, round), host.data(), bytes);
+          stream->synchronize(std::chrono::seconds(30));
+          c->add_send(std::span<const std::byte>(out.memory.data() + at(q, round), bytes), q);
+          c->add_recv(std::span<std::byte>(in.memory.data() + at(q, round), bytes), q);
+        }
+        c->execute();
+        stream->synchronize(std::chrono::seconds(30));
+        for (int q = 0; q < size; ++q) {
+          if (q == rank) continue;
+          stream->copy(host.data(), in.memory.data() + at(q, round), bytes);
+          stream->synchronize(std::chrono::seconds(30));
+          for (std::size_t i = 0; i < bytes; ++i) {
+            if (host[i] != pattern(q, rank, round, i)) {
+              std::cout << fmt::format("rank {}: FAIL round {} ({} bytes) from rank {}: byte {} differs\n", rank, round,
+                                       bytes, q, i);
+              return 1;
+            }
+          }
+        }
+      }
+      const bool nccl = backend == comm::backend::nccl || backend == comm::backend::stateless_nccl;
+      if (nccl && (!out.reg.active() || !in.reg.active())) {
+        std::cout << fmt::format("rank {}: FAIL: {} gave no registration\n", rank, backend_name);
+        return 1;
+      }
+      std::cout << fmt::format("rank {}: {} registered exchange ok (registration {})\n", rank, backend_name,
+                               out.reg.active() ? "active" : "none");
+      return 0;
+    }
+
+    auto reg_block = registered ? registered_block(64) : comm::registered_memory{};
     std::vector<std::byte> small(8), large(16);
     auto dev_small = dev->allocate(8, use_stream ? device::memory_kind::device : device::memory_kind::host);
     auto dev_large = dev->allocate(16, use_stream ? device::memory_kind::device : device::memory_kind::host);
@@ -133,8 +195,9 @@ int main(int argc, char** argv) {
       if (rank == 1) c->add_recv(std::span<std::byte>(dev_large.data(), 16), 0);
     } else if (mode == "die") {
       if (rank == 1) std::_Exit(0);  // connected, then gone without a word
-      c->add_send(std::span<const std::byte>(dev_small.data(), 8), 1);
-      c->add_recv(std::span<std::byte>(dev_small.data(), 8), 1);
+      std::byte* buf = registered ? reg_block.memory.data() : dev_small.data();
+      c->add_send(std::span<const std::byte>(buf, 8), 1);
+      c->add_recv(std::span<std::byte>(buf + 8, 8), 1);
     } else {
       throw error(errc::invalid_argument, "--mode: unknown mode " + mode);
     }
