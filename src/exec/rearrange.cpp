@@ -404,8 +404,11 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   layer_mover m(shape_, offsets_, row_bytes_, rank_, layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0,
                 opts_.register_buffers);
   const auto& plan = m.plan();
-  reserve(staging_, staging_reg_, rows_ * row_bytes_, 2 * rows_ * row_bytes_);
-  reserve(pack_, pack_reg_, m.pack_bytes(), 2 * layer_area_bytes());
+  // Registered buffers are made for the larger path right away (two layers where this rearranger
+  // may pipeline, one within a smaller cap).
+  const std::size_t areas = pipelines() ? 2 : 1;
+  reserve(staging_, staging_reg_, rows_ * row_bytes_, areas * rows_ * row_bytes_);
+  reserve(pack_, pack_reg_, m.pack_bytes(), areas * layer_area_bytes());
   m.stats.chunks = static_cast<int>(chunks.ranges.size());
   const auto eb = shape_.expert_bytes();
 

@@ -205,8 +205,11 @@ TEST_CASE("registered buffers: every transfer touches them, they follow set_comm
   const int ranks = 3;
   const tools::exchange_config cfg{
       .ranks = ranks, .layers = 3, .experts = 12, .redundant = 3, .tensor_bytes = {300, 64, 7}, .seed = 4};
-  for (const bool reg : {true, false}) {
+  // Registered: pipelined (no cap) and one layer at a time (a cap of exactly one layer); unregistered.
+  const std::size_t one_layer = 5 * 371;  // 15 slots over 3 ranks, 371 bytes a bundle
+  for (const auto& [reg, cap] : {std::pair{true, std::size_t{0}}, {true, one_layer}, {false, std::size_t{0}}}) {
     CAPTURE(reg);
+    CAPTURE(cap);
     auto world1 = comm::make_loopback_world(ranks), world2 = comm::make_loopback_world(ranks);
     on_ranks(ranks, [&](int r) {
       auto dev = device::make_host_device();
@@ -221,7 +224,7 @@ TEST_CASE("registered buffers: every transfer touches them, they follow set_comm
       tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, current, 10s);
       {
         exec::rearranger re(model.shape(), r, *dev, *stream, *c1,
-                            {.verify = model.reference(), .register_buffers = reg});
+                            {.staging_bytes = cap, .verify = model.reference(), .register_buffers = reg});
         for (int round = 1; round <= 4; ++round) {
           if (round == 3) {
             const auto held = c1->live.size();
@@ -233,7 +236,8 @@ TEST_CASE("registered buffers: every transfer touches them, they follow set_comm
           re.rearrange(model.weights(), maps, next);
           current = next;
         }
-        CHECK(c2->live.size() == (reg ? 2U : 0U));  // staging and packing, both still held
+        CHECK(c2->live.size() == (reg ? 2U : 0U));                            // staging and packing, both still held
+        for (const auto& x : c2->live) CHECK((cap == 0 || x.size() <= cap));  // within the cap
       }
       CHECK(c2->live.empty());  // released with the rearranger, before its buffers
       if (reg) {                // a staging cap below one layer would leave messages unpacked: refused

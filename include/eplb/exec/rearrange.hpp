@@ -44,7 +44,8 @@ struct rearrange_options {
   /// between them instead of through its own buffers. Every message is then packed (both ends of
   /// every transfer in registered memory), so it needs coalesce and a staging cap of at least one
   /// layer (error(errc::invalid_argument) otherwise); the buffers are made at their largest expected
-  /// size (two layers of this rank's slots each). Every rank must set it alike.
+  /// size (two layers of this rank's slots each when layers are pipelined, else one). Every rank
+  /// must set it alike.
   bool register_buffers = false;
 };
 
