@@ -49,8 +49,9 @@ struct state_params {
   /// itself is made again from cfg and comm_setup under a fresh store prefix; one handed in through
   /// `comm` is kept.
   std::function<std::unique_ptr<comm::communicator>(int generation)> comm_factory;
-  /// Optional: wraps each communicator eplb makes itself (from cfg and comm_setup, not through
-  /// comm_factory), e.g. for tracing or fault injection; gets the generation, returns the wrapper.
+  /// Optional: wraps each communicator eplb makes itself (from cfg and comm_setup), e.g. for
+  /// tracing or fault injection; gets the generation, returns the wrapper (which must forward
+  /// register_memory and allocate_registered). Not with comm_factory or `comm`.
   std::function<std::unique_ptr<comm::communicator>(std::unique_ptr<comm::communicator>, int generation)> comm_wrap;
   std::optional<matrix<expert_id>> initial_phy2log;  ///< default: vLLM's round-robin start
   /// Optional: the minimum over ranks of `staged_here` (or of a negative failure code), folded by the

@@ -96,6 +96,7 @@ class nccl_communicator final : public communicator {
     device::cuda::use_device(ordinal_);
     void* handle = nullptr;
     check(ncclCommRegister(comm_, region.data(), region.size(), &handle), "ncclCommRegister");
+    if (handle == nullptr) return {};  // registration is off in this NCCL (NCCL_LOCAL_REGISTER=0)
     return registration([this, handle] {
       if (comm_ == nullptr) return;  // an aborted communicator freed its registrations already
       (void)cudaSetDevice(ordinal_);
@@ -108,10 +109,9 @@ class nccl_communicator final : public communicator {
     device::cuda::use_device(ordinal_);
     void* p = nullptr;
     check(ncclMemAlloc(&p, bytes), "ncclMemAlloc");
-    registered_memory m{.memory = device::buffer(static_cast<std::byte*>(p), bytes, device::memory_kind::device,
-                                                 ordinal_, &free_nccl_memory)};
-    m.reg = register_memory(m.memory.span());
-    return m;
+    device::buffer memory(static_cast<std::byte*>(p), bytes, device::memory_kind::device, ordinal_, &free_nccl_memory);
+    auto reg = register_memory(memory.span());
+    return {std::move(memory), std::move(reg)};
   }
   capabilities caps() const noexcept override {
     return {.stream_ordered = true, .host_complete = true, .crosses_nodes = true, .device_memory = true};
@@ -142,7 +142,7 @@ class nccl_communicator final : public communicator {
     const ncclResult_t end = ncclGroupEnd();
     if (end != ncclSuccess && end != ncclInProgress) check(end, "ncclGroupEnd");
     // Enqueueing can wait on peers too (connecting, exchanging registered buffers' handles).
-    await_comm(clock::now() + opts_.timeout, fmt::format("enqueueing the batch with peers {}", fmt::join(peers_, ",")));
+    await_comm(clock::now() + opts_.timeout, "enqueueing the batch", true);
     return stream()->record();
   }
 
@@ -172,15 +172,19 @@ class nccl_communicator final : public communicator {
          ncclGetLastError(comm_));
   }
 
-  void await_comm(clock::time_point deadline, const std::string& what) {
+  // `with_peers`: the wait is on the last batch's peers, named in the error.
+  void await_comm(clock::time_point deadline, const char* what, bool with_peers = false) {
+    const auto doing = [&] {
+      return with_peers ? fmt::format("{} with peers {}", what, fmt::join(peers_, ",")) : std::string(what);
+    };
     for (;;) {
       ncclResult_t state = ncclSuccess;
       check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
       if (state == ncclSuccess) return;
       if (state != ncclInProgress)
-        abort_with(errc::peer_failure, fmt::format("{}: {}", what, ncclGetErrorString(state)));
+        abort_with(errc::peer_failure, fmt::format("{}: {}", doing(), ncclGetErrorString(state)));
       if (clock::now() >= deadline)
-        abort_with(errc::timeout, fmt::format("{}: not done within {} ms", what, opts_.timeout.count()));
+        abort_with(errc::timeout, fmt::format("{}: not done within {} ms", doing(), opts_.timeout.count()));
       std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }

@@ -85,20 +85,25 @@ void rearranger::check_communicator(const comm::communicator& c) const {
 
 void rearranger::set_communicator(comm::communicator& c) {
   check_communicator(c);
-  staging_reg_ = {};  // registrations belong to the old communicator, which still exists here
-  pack_reg_ = {};
+  // Registered with the new communicator first: if that throws, nothing has changed.
+  comm::registration staging_reg, pack_reg;
+  if (opts_.register_buffers) {
+    if (staging_.size() > 0) staging_reg = c.register_memory(staging_.span());
+    if (pack_.size() > 0) pack_reg = c.register_memory(pack_.span());
+  }
+  staging_reg_ = std::move(staging_reg);  // ends the old registrations while their communicator exists
+  pack_reg_ = std::move(pack_reg);
+  retired_.clear();
   c.set_stream(&stream_);
   comm_ = &c;
-  if (opts_.register_buffers) {
-    if (staging_.size() > 0) staging_reg_ = comm_->register_memory(staging_.span());
-    if (pack_.size() > 0) pack_reg_ = comm_->register_memory(pack_.span());
-  }
 }
 
 // Grows a staging or packing buffer; an unregistered one goes first, so that both never need to
-// fit at once. Registered buffers are made at their largest expected size (they rarely grow again):
-// NCCL keeps peers' mappings of a registration by address, and a buffer that reused a freed
-// registered address was seen to fail its registration on one rank only, corrupting transfers.
+// fit at once. Registered buffers are made at their largest expected size and, should they grow
+// anyway (a rank can send one expert to several peers), at least double; the old one stays
+// allocated and registered until the communicator changes: NCCL keeps peers' mappings of a
+// registration by address, and a buffer that reused a freed registered address was seen to fail
+// its registration on one rank only, corrupting transfers.
 void rearranger::reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest) {
   if (b.size() >= bytes) return;
   if (!opts_.register_buffers) {
@@ -106,14 +111,14 @@ void rearranger::reserve(device::buffer& b, comm::registration& reg, std::size_t
     b = dev_.allocate(bytes, staging_kind());
     return;
   }
-  // The new buffer exists before the old one goes, so it cannot take the old address.
-  auto m = staging_kind() == device::memory_kind::device ? comm_->allocate_registered(std::max(bytes, largest))
-                                                         : comm::registered_memory{};
+  const std::size_t size = std::max({bytes, largest, 2 * b.size()});
+  auto m = staging_kind() == device::memory_kind::device ? comm_->allocate_registered(size) : comm::registered_memory{};
   if (m.memory.size() == 0) {
-    m.memory = dev_.allocate(std::max(bytes, largest), staging_kind());
-    m.reg = comm_->register_memory(m.memory.span());
+    auto memory = dev_.allocate(size, staging_kind());
+    auto r = comm_->register_memory(memory.span());
+    m = comm::registered_memory(std::move(memory), std::move(r));
   }
-  reg = {};
+  if (b.size() > 0) retired_.emplace_back(std::move(b), std::move(reg));
   b = std::move(m.memory);
   reg = std::move(m.reg);
 }
@@ -401,6 +406,9 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   if (p.is_noop()) return layer_stats{.layer = layer};
   const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
   const bool one_chunk = chunks.ranges.size() == 1;
+  // The constructor keeps register_buffers to caps of at least one layer, which never need chunks.
+  if (opts_.register_buffers && !one_chunk)
+    fail(errc::internal, "layer {}: registered buffers but several chunks", layer);
   layer_mover m(shape_, offsets_, row_bytes_, rank_, layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0,
                 opts_.register_buffers);
   const auto& plan = m.plan();

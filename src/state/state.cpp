@@ -104,6 +104,21 @@ struct eplb_state::impl {
     const auto& shape = model.shape;
     const bool on_gpu = dev.kind() == device::backend_kind::cuda;
     const auto mem = on_gpu ? device::memory_kind::device : device::memory_kind::host;
+    if (comm_wrap && (comm_factory || p.comm)) {
+      fail(errc::invalid_argument,
+           "eplb_state: comm_wrap wraps the communicators eplb makes itself; with {} it would "
+           "never be used",
+           comm_factory ? "comm_factory" : "a communicator handed in");
+    }
+    if (cfg.register_buffers && !cfg.use_async && cfg.staging_bytes != 0) {
+      const std::size_t layer = shape.expert_bytes() * static_cast<std::size_t>(shape.slots_per_rank());
+      if (cfg.staging_bytes < layer) {
+        fail(errc::invalid_config,
+             "register_buffers: true is not allowed with staging_bytes = {} (registered transfers need one layer of "
+             "this rank in one piece: {} bytes)",
+             cfg.staging_bytes, layer);
+      }
+    }
     comm = p.comm ? std::move(p.comm) : comm_factory ? comm_factory(0) : make_comm(0);
     if (!comm) fail(errc::invalid_argument, "eplb_state: comm_factory(0) returned no communicator");
     comm_kind = comm->kind();

@@ -36,6 +36,8 @@ class faulty_communicator final : public comm::communicator {
   ~faulty_communicator() override { finish_async(); }
   comm::backend kind() const noexcept override { return inner_->kind(); }
   comm::capabilities caps() const noexcept override { return inner_->caps(); }
+  comm::registration register_memory(std::span<std::byte> region) override { return inner_->register_memory(region); }
+  comm::registered_memory allocate_registered(std::size_t bytes) override { return inner_->allocate_registered(bytes); }
 
  protected:
   void run(std::span<const op> ops) override {

@@ -170,14 +170,15 @@ class registering_comm final : public comm::communicator {
   comm::backend kind() const noexcept override { return inner_->kind(); }
   comm::capabilities caps() const noexcept override { return inner_->caps(); }
   comm::registration register_memory(std::span<std::byte> region) override {
+    if (++registered == fail_at) throw error(errc::transport, "injected registration failure");
     live.push_back(region);
-    ++registered;
     return comm::registration([this, region] {
       std::erase_if(live, [&](const auto& x) { return x.data() == region.data() && x.size() == region.size(); });
     });
   }
   std::vector<std::span<std::byte>> live;
   int registered = 0;
+  int fail_at = 0;  // the registration (1, 2, ...) that throws; 0: none
   int outside = 0;  // transfers touching memory that was not registered when they ran
 
  protected:
@@ -201,7 +202,7 @@ class registering_comm final : public comm::communicator {
   std::unique_ptr<comm::communicator> inner_;
 };
 
-TEST_CASE("registered buffers: every transfer touches them, they follow set_communicator, end before freed") {
+TEST_CASE("registered buffers: every transfer touches them, they follow set_communicator and the rearranger") {
   const int ranks = 3;
   const tools::exchange_config cfg{
       .ranks = ranks, .layers = 3, .experts = 12, .redundant = 3, .tensor_bytes = {300, 64, 7}, .seed = 4};
@@ -256,6 +257,61 @@ TEST_CASE("registered buffers: every transfer touches them, they follow set_comm
       return 0;
     });
   }
+}
+
+TEST_CASE("registered buffers: a failed move to a new communicator changes nothing; outgrown ones stay registered") {
+  // 3 ranks x 2 slots, experts 0..3. Round 1 has rank 0 send one bundle (its packing buffer is
+  // made for two layers' worth, 4 bundles); round 2 has it send three (6 when pipelined), so it
+  // grows.
+  const int ranks = 3;
+  const tools::exchange_config cfg{
+      .ranks = ranks, .layers = 1, .experts = 4, .redundant = 2, .tensor_bytes = {300, 64, 7}};
+  const auto row = [](std::vector<expert_id> v) {
+    matrix<expert_id> m(1, v.size());
+    std::copy(v.begin(), v.end(), m.flat().begin());
+    return m;
+  };
+  const std::vector<matrix<expert_id>> rounds = {row({0, 1, 2, 0, 2, 3}), row({2, 3, 0, 1, 0, 1}),
+                                                 row({0, 1, 2, 3, 2, 3})};
+  auto world1 = comm::make_loopback_world(ranks), world2 = comm::make_loopback_world(ranks),
+       world3 = comm::make_loopback_world(ranks);
+  const auto results = on_ranks(ranks, [&](int r) -> std::string {
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    const auto loopback = [&](auto& world) {
+      return std::make_unique<registering_comm>(
+          comm::make_communicator(comm::backend::loopback, comm::setup{.rank = r, .size = ranks, .world = world}));
+    };
+    auto c1 = loopback(world1), c2 = loopback(world3);  // both outlive the rearranger
+    const auto current = row({0, 1, 2, 3, 0, 1});
+    placement maps(current, cfg.experts, ranks);
+    tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, current, 10s);
+    exec::rearranger re(model.shape(), r, *dev, *stream, *c1, {.verify = model.reference(), .register_buffers = true});
+    re.rearrange(model.weights(), maps, rounds[0]);
+    const auto first = c1->live.size();
+    // Rank 0 holds a packing buffer only (it stages nothing yet), rank 1 both: on rank 1 the staging
+    // registration with the new communicator succeeds and the packing one throws.
+    CHECK(first == (r == 1 ? 2U : 1U));
+    {
+      auto broken = loopback(world2);
+      broken->fail_at = static_cast<int>(first);
+      CHECK_EPLB_ERROR(re.set_communicator(*broken), errc::transport, "injected registration failure");
+      CHECK(broken->live.empty());      // its one registration was released
+      CHECK(c1->live.size() == first);  // still on c1, still registered
+    }                                   // the failed communicator is gone; the rearranger must not touch it again
+    re.rearrange(model.weights(), maps, rounds[1]);
+    if (r == 0) CHECK(c1->live.size() == 3);  // the outgrown packing buffer is kept registered
+    re.set_communicator(*c2);
+    CHECK(c1->live.empty());
+    CHECK(c2->live.size() == 2);  // the retired buffer went with the old communicator
+    re.rearrange(model.weights(), maps, rounds[2]);
+    CHECK(c1->outside + c2->outside == 0);
+    const auto p2l = maps.phy2log(0);
+    return std::vector<expert_id>(p2l.begin(), p2l.end()) == std::vector<expert_id>{0, 1, 2, 3, 2, 3}
+               ? ""
+               : fmt::format("rank {}: maps not as asked", r);
+  });
+  for (const auto& e : results) CHECK_MESSAGE(e.empty(), e);
 }
 
 TEST_CASE("rearrange with a staging cap uses several chunks and still verifies") {

@@ -622,6 +622,27 @@ std::vector<bad_input> table() {
        },
        errc::invalid_config,
        "staging_bytes: 100 is not allowed in async mode (one layer of this rank needs 704 bytes)"},
+      {"state: registered staging with a cap below one layer",
+       [](f_t f) {
+         auto p = f.params();
+         p.cfg.register_buffers = true;
+         p.cfg.staging_bytes = 100;
+         make_state(std::move(p));
+       },
+       errc::invalid_config,
+       "register_buffers: true is not allowed with staging_bytes = 100 (registered transfers need one layer of this "
+       "rank in one piece: 704 bytes)"},
+      {"state: comm_wrap beside comm_factory",
+       [](f_t f) {
+         auto p = f.params();
+         p.comm_wrap = [](std::unique_ptr<comm::communicator> c, int) { return c; };
+         p.comm_factory = [w = f.world](int) {
+           return comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = w});
+         };
+         make_state(std::move(p));
+       },
+       errc::invalid_argument,
+       "eplb_state: comm_wrap wraps the communicators eplb makes itself; with comm_factory it would never be used"},
   };
 
   // Backends that depend on the build and the machine.

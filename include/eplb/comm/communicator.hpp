@@ -96,10 +96,21 @@ class registration {
   std::function<void()> release_;
 };
 
-/// Memory and its registration; the registration is declared last, so it ends before the memory.
+/// Memory and its registration; the registration always ends before the memory is freed.
 struct registered_memory {
+  registered_memory() = default;
+  registered_memory(device::buffer m, registration r) noexcept : memory(std::move(m)), reg(std::move(r)) {}
+  registered_memory(registered_memory&&) noexcept = default;
+  registered_memory& operator=(registered_memory&& other) noexcept {
+    reg = {};
+    memory = std::move(other.memory);
+    reg = std::move(other.reg);
+    return *this;
+  }
+  ~registered_memory() { reg = {}; }
+
   device::buffer memory;
-  registration reg;
+  registration reg;  ///< declared last: also destroyed first
 };
 
 class communicator {
@@ -145,6 +156,8 @@ class communicator {
   /// straight between the two ends' buffers when both registered theirs). Every rank must register
   /// alike, since a transfer's two ends must agree. Release the handle before the memory is freed
   /// and before this communicator is destroyed. Backends without registration return an empty one.
+  /// A communicator that wraps another must forward this and allocate_registered(), or its rank
+  /// would be the only one unregistered.
   [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
   /// Device memory of the kind this backend registers best (nccl: ncclMemAlloc, exportable without
   /// legacy CUDA IPC), registered with it. Empty when the backend has no such memory: allocate

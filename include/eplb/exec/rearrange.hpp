@@ -95,7 +95,9 @@ class rearranger {
   [[nodiscard]] std::size_t staging_rows() const noexcept { return rows_; }
   [[nodiscard]] comm::communicator& communicator() const noexcept { return *comm_; }
   /// Moves on `c` from now on (a communicator made again after a failure): same rank and size.
-  /// Only between rearrangements.
+  /// Only between rearrangements, while the old communicator still exists (registered buffers move
+  /// from it to `c`; if registering with `c` throws, nothing has changed). Every communicator the
+  /// rearranger used must outlive it.
   void set_communicator(comm::communicator& c);
 
   /// Async building blocks. Bytes of one staging area: a row per local slot (a whole layer).
@@ -131,9 +133,10 @@ class rearranger {
   std::size_t row_bytes_ = 0;
   std::size_t rows_ = 0;
   device::buffer staging_;
-  device::buffer pack_;                        // sends packed per peer (coalesce)
-  comm::registration staging_reg_, pack_reg_;  // declared after the buffers: released before them
-  std::unique_ptr<device::stream> copies_;     // the pipelined path's staging and write-back stream
+  device::buffer pack_;                           // sends packed per peer (coalesce)
+  comm::registration staging_reg_, pack_reg_;     // declared after the buffers: released before them
+  std::vector<comm::registered_memory> retired_;  // outgrown registered buffers, kept until the comm changes
+  std::unique_ptr<device::stream> copies_;        // the pipelined path's staging and write-back stream
 };
 
 }  // namespace eplb::exec
