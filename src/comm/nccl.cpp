@@ -91,8 +91,7 @@ class nccl_communicator final : public communicator {
   // memory exportable); otherwise it falls back to its own buffers.
   registration register_memory(std::span<std::byte> region) override {
     if (region.empty()) return {};
-    if (aborted_)
-      fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
+    check_alive();
     device::cuda::use_device(ordinal_);
     void* handle = nullptr;
     check(ncclCommRegister(comm_, region.data(), region.size(), &handle), "ncclCommRegister");
@@ -121,8 +120,7 @@ class nccl_communicator final : public communicator {
   void run(std::span<const op> ops) override { await(enqueue(ops)); }
 
   device::event enqueue(std::span<const op> ops) override {
-    if (aborted_)
-      fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
+    check_alive();
     if (stream() == nullptr) fail(errc::invalid_argument, "{}: set_stream() must be called before execute()", name());
     device::cuda::use_device(ordinal_);
     auto* s = static_cast<cudaStream_t>(stream()->native_handle());
@@ -165,6 +163,11 @@ class nccl_communicator final : public communicator {
 
  private:
   const char* name() const { return stateless_ ? "stateless_nccl" : "nccl"; }
+
+  void check_alive() const {
+    if (aborted_)
+      fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
+  }
 
   void check(ncclResult_t r, const char* what) {
     if (r == ncclSuccess) return;

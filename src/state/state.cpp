@@ -110,14 +110,14 @@ struct eplb_state::impl {
            "never be used",
            comm_factory ? "comm_factory" : "a communicator handed in");
     }
-    if (cfg.register_buffers && !cfg.use_async && cfg.staging_bytes != 0) {
-      const std::size_t layer = shape.expert_bytes() * static_cast<std::size_t>(shape.slots_per_rank());
-      if (cfg.staging_bytes < layer) {
-        fail(errc::invalid_config,
-             "register_buffers: true is not allowed with staging_bytes = {} (registered transfers need one layer of "
-             "this rank in one piece: {} bytes)",
-             cfg.staging_bytes, layer);
-      }
+    // One layer of this rank's slots (rearranger::layer_area_bytes()): the least staging either
+    // async mode or registered buffers can work with.
+    const std::size_t area = shape.expert_bytes() * static_cast<std::size_t>(shape.slots_per_rank());
+    if (cfg.register_buffers && !cfg.use_async && cfg.staging_bytes != 0 && cfg.staging_bytes < area) {
+      fail(errc::invalid_config,
+           "register_buffers: true is not allowed with staging_bytes = {} (registered transfers need one layer of "
+           "this rank in one piece: {} bytes)",
+           cfg.staging_bytes, area);
     }
     comm = p.comm ? std::move(p.comm) : comm_factory ? comm_factory(0) : make_comm(0);
     if (!comm) fail(errc::invalid_argument, "eplb_state: comm_factory(0) returned no communicator");
@@ -138,7 +138,6 @@ struct eplb_state::impl {
     if (cfg.use_async) {
       side = dev.create_stream();
       mover = std::make_unique<exec::rearranger>(shape, rank, dev, *side, *comm, opts);
-      const std::size_t area = mover->layer_area_bytes();
       const int areas =
           cfg.staging_bytes == 0 ? 2 : static_cast<int>(std::max<std::size_t>(1, cfg.staging_bytes / area));
       if (cfg.staging_bytes != 0 && cfg.staging_bytes < area) {

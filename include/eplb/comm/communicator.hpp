@@ -107,7 +107,6 @@ struct registered_memory {
     reg = std::move(other.reg);
     return *this;
   }
-  ~registered_memory() { reg = {}; }
 
   device::buffer memory;
   registration reg;  ///< declared last: also destroyed first
