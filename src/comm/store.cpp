@@ -2,7 +2,9 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -46,6 +48,15 @@ class memory_store final : public store {
     cv_.notify_all();
     return now;
   }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    std::string held;
+    {
+      std::lock_guard lock(mutex_);
+      held = values_.try_emplace(key, value).first->second;
+    }
+    cv_.notify_all();
+    return held;
+  }
 
  private:
   std::mutex mutex_;
@@ -78,13 +89,7 @@ class file_store final : public store {
   void set(const std::string& key, const std::string& value) override {
     const auto path = dir_ / file_name(key);
     // Write then rename: readers see the whole value or nothing.
-    const auto tmp =
-        path.string() + fmt::format(".tmp.{}.{}", ::getpid(), std::hash<std::thread::id>{}(std::this_thread::get_id()));
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      out << value;
-      if (!out) fail(errc::transport, "file store: cannot write {}", tmp);
-    }
+    const auto tmp = write_temp(path, value);
     std::error_code ec;
     fs::rename(tmp, path, ec);
     if (ec) fail(errc::transport, "file store: cannot rename {} to {}: {}", tmp, path.string(), ec.message());
@@ -132,8 +137,31 @@ class file_store final : public store {
     set(key, text);  // so that get() sees counters too
     return now;
   }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    const auto path = dir_ / file_name(key);
+    const auto tmp = write_temp(path, value);
+    // link() fails when the name exists: of several processes exactly one creates it, whole.
+    const bool created = ::link(tmp.c_str(), path.c_str()) == 0;
+    const int link_errno = errno;
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    if (created) return value;
+    if (link_errno != EEXIST)
+      fail(errc::transport, "file store: cannot create {}: {}", path.string(), std::strerror(link_errno));
+    return get(key, milliseconds(0));
+  }
 
  private:
+  static std::string write_temp(const fs::path& path, const std::string& value) {
+    auto tmp =
+        path.string() + fmt::format(".tmp.{}.{}", ::getpid(), std::hash<std::thread::id>{}(std::this_thread::get_id()));
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << value;
+    out.close();
+    if (!out) fail(errc::transport, "file store: cannot write {}", tmp);
+    return tmp;
+  }
+
   fs::path dir_;
 };
 
@@ -144,6 +172,9 @@ class prefix_store final : public store {
   void set(const std::string& key, const std::string& value) override { inner_->set(prefix_ + key, value); }
   std::string get(const std::string& key, milliseconds timeout) override { return inner_->get(prefix_ + key, timeout); }
   std::int64_t add(const std::string& key, std::int64_t delta) override { return inner_->add(prefix_ + key, delta); }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    return inner_->set_if_absent(prefix_ + key, value);
+  }
 
  private:
   std::shared_ptr<store> inner_;

@@ -17,7 +17,7 @@ namespace {
 using tcp = asio::ip::tcp;
 using clock = std::chrono::steady_clock;
 
-enum : char { op_set = 'S', op_get = 'G', op_add = 'A' };
+enum : char { op_set = 'S', op_get = 'G', op_add = 'A', op_set_if_absent = 'C' };
 
 struct wire_header {
   char op;
@@ -54,6 +54,10 @@ struct tcp_store_server::impl {
           v = std::to_string(now);
           reply = v;
           wake(key);
+        } else if (h.op == op_set_if_absent) {
+          const auto [it, inserted] = values.try_emplace(key, std::move(value));
+          reply = it->second;
+          if (inserted) wake(key);
         } else if (h.op == op_get) {
           while (values.count(key) == 0) {
             asio::steady_timer timer(io, clock::time_point::max());
@@ -131,6 +135,9 @@ class tcp_store final : public store {
   std::string get(const std::string& key, milliseconds timeout) override { return exchange(op_get, key, {}, timeout); }
   std::int64_t add(const std::string& key, std::int64_t delta) override {
     return parse_counter(exchange(op_add, key, std::to_string(delta), connect_timeout_), key);
+  }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    return exchange(op_set_if_absent, key, value, connect_timeout_);
   }
 
  private:

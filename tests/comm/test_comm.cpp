@@ -3,6 +3,7 @@
 
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <algorithm>
 #include <array>
 #include <fstream>
 #include <set>
@@ -177,6 +178,38 @@ TEST_CASE("stores: memory, file, tcp and prefix") {
       return 0;
     });
     CHECK_EPLB_ERROR(comm::store_barrier(*s, "lonely", 2, 50ms), errc::timeout, "1 of 2 ranks");
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("stores: set_if_absent has one winner that every racer reads") {
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-store-claim-{}", ::getpid());
+  comm::tcp_store_server server("127.0.0.1", 0);
+  std::vector<std::shared_ptr<comm::store>> stores{comm::make_memory_store(), comm::make_file_store(dir.string()),
+                                                   comm::make_tcp_store("127.0.0.1", server.port(), 5s)};
+  for (auto& s : stores) {
+    for (int round = 0; round < 20; ++round) {
+      const auto key = fmt::format("decision/{}", round);
+      std::vector<std::string> seen(6);
+      on_ranks(6, [&](int r) {
+        seen[static_cast<std::size_t>(r)] = s->set_if_absent(key, fmt::format("rank {}", r));
+        return 0;
+      });
+      // One rank's value won, every racer returned it, and a later set_if_absent cannot change it.
+      CHECK(std::all_of(seen.begin(), seen.end(), [&](const auto& v) { return v == seen[0]; }));
+      CHECK(seen[0].rfind("rank ", 0) == 0);
+      CHECK(s->get(key, 1s) == seen[0]);
+      CHECK(s->set_if_absent(key, "late") == seen[0]);
+    }
+    // A waiting get is answered by set_if_absent.
+    std::thread setter([&] {
+      std::this_thread::sleep_for(30ms);
+      (void)s->set_if_absent("claimed-late", "w");
+    });
+    CHECK(s->get("claimed-late", 5s) == "w");
+    setter.join();
+    CHECK(comm::make_prefix_store(s, "p")->set_if_absent("k", "a") == "a");
+    CHECK(s->get("p/k", 1s) == "a");
   }
   std::filesystem::remove_all(dir);
 }

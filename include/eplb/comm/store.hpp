@@ -20,6 +20,10 @@ class store {
   [[nodiscard]] virtual std::string get(const std::string& key, milliseconds timeout) = 0;
   /// Atomically adds `delta` to the integer at `key` (0 when absent) and returns the new value.
   virtual std::int64_t add(const std::string& key, std::int64_t delta) = 0;
+  /// Sets `key` to `value` unless it is already set, atomically; returns the value `key` holds
+  /// afterwards (`value` when this call set it). The first writer wins on every store, so ranks
+  /// that race to decide something all read the same decision.
+  [[nodiscard]] virtual std::string set_if_absent(const std::string& key, const std::string& value) = 0;
 };
 
 [[nodiscard]] std::shared_ptr<store> make_memory_store();
