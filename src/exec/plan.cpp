@@ -260,4 +260,31 @@ matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map, std::spa
   return out;
 }
 
+int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot) {
+  const auto s = static_cast<std::size_t>(slot);
+  if (!plan.from_local[s] && !plan.primary[s] && plan.primary_of[s] < 0) return -1;
+  int ready = chunks.position[static_cast<std::size_t>(plan.new_local[s])];
+  if (const expert_id x = plan.read_until(slot); x >= 0)
+    ready = std::max(ready, chunks.position[static_cast<std::size_t>(x)]);
+  return ready;
+}
+
+std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                        int num_ranks, const chunk_plan& chunks, int done) {
+  std::vector<expert_id> row(old_row.begin(), old_row.end());
+  if (done <= 0) return row;
+  const int written_before = chunks.ranges[static_cast<std::size_t>(done - 1)].second;
+  for (int q = 0; q < num_ranks; ++q) {
+    const auto plan = plan_layer(old_row, new_row, num_ranks, q);
+    for (int s = 0; s < plan.slots; ++s) {
+      const int ready = write_ready_after(plan, chunks, s);
+      if (ready >= 0 && ready < written_before) {
+        const auto p = static_cast<std::size_t>(q * plan.slots + s);
+        row[p] = new_row[p];
+      }
+    }
+  }
+  return row;
+}
+
 }  // namespace eplb::exec

@@ -1,5 +1,7 @@
 #include "eplb/exec/rearrange.hpp"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -164,14 +166,46 @@ void check_layer_inputs(const model_shape& shape, int layer, const rank_weights&
 
 }  // namespace
 
+namespace {
+
+std::vector<expert_id> missing_experts(std::span<const expert_id> row, int num_logical) {
+  std::vector<char> seen(static_cast<std::size_t>(num_logical));
+  for (const expert_id e : row) {
+    if (e >= 0) seen[static_cast<std::size_t>(e)] = 1;
+  }
+  std::vector<expert_id> lost;
+  for (int e = 0; e < num_logical; ++e) {
+    if (!seen[static_cast<std::size_t>(e)]) lost.push_back(e);
+  }
+  return lost;
+}
+
+}  // namespace
+
 layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placement& maps,
                                         std::span<const expert_id> new_row) {
   check_layer_inputs(shape_, layer, w, maps, new_row);
   const std::vector<expert_id> old_row(maps.phy2log(layer).begin(), maps.phy2log(layer).end());
   layer_stats stats;
+  int chunks_written = 0;
   try {
-    stats = move(layer, w, old_row, new_row);
+    stats = move(layer, w, old_row, new_row, chunks_written);
   } catch (const error& e) {
+    if (chunks_written > 0 && opts_.commit_gate) {
+      // Every rank stopped after the same chunks: the maps say which slots hold which expert.
+      const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+      const auto row = row_after_chunks(old_row, new_row, shape_.num_ranks, chunks, chunks_written);
+      if (const auto lost = missing_experts(row, shape_.num_logical); !lost.empty()) {
+        // Known gap: a held staging row was the only copy (see README, "Faults").
+        fail(e.code(),
+             "layer {}: {} (stopped on every rank after {} of {} chunks; experts {} were only in staging "
+             "rows, so the layer keeps its old maps while some of its slots hold new bytes)",
+             layer, e.what(), chunks_written, chunks.ranges.size(), fmt::join(lost, ","));
+      }
+      maps.set_layer(layer, row);
+      fail(e.code(), "layer {}: {} (stopped on every rank after {} of {} chunks; the maps name what each slot holds)",
+           layer, e.what(), chunks_written, chunks.ranges.size());
+    }
     fail(e.code(), "layer {}: {}", layer, e.what());
   }
   maps.set_layer(layer, new_row);
@@ -399,11 +433,33 @@ std::size_t rearranger::pack_cap() const noexcept {
   return opts_.pack_bytes > 0 ? opts_.pack_bytes : layer_area_bytes();
 }
 
+void rearranger::pass_gate(int layer, int chunk, std::exception_ptr failure) const {
+  if (!opts_.commit_gate) {
+    if (failure) std::rethrow_exception(failure);
+    return;
+  }
+  const auto verdict = opts_.commit_gate(layer, chunk, failure);
+  if (failure) std::rethrow_exception(failure);
+  if (!verdict.empty()) fail(errc::peer_failure, "not written on any rank: {}", verdict);
+}
+
+// A layer that changes elsewhere but not on this rank: its batches are still voted on, since every
+// rank decides each batch.
+void rearranger::vote_noop_layer(int layer, std::span<const expert_id> old_row,
+                                 std::span<const expert_id> new_row) const {
+  if (!opts_.commit_gate || std::equal(old_row.begin(), old_row.end(), new_row.begin(), new_row.end())) return;
+  const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+  for (std::size_t c = 0; c < chunks.ranges.size(); ++c) pass_gate(layer, static_cast<int>(c), nullptr);
+}
+
 layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
-                             std::span<const expert_id> new_row) {
+                             std::span<const expert_id> new_row, int& chunks_written) {
   const auto start = std::chrono::steady_clock::now();
   auto p = plan_layer(old_row, new_row, shape_.num_ranks, rank_);
-  if (p.is_noop()) return layer_stats{.layer = layer};
+  if (p.is_noop()) {
+    vote_noop_layer(layer, old_row, new_row);
+    return layer_stats{.layer = layer};
+  }
   const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
   const bool one_chunk = chunks.ranges.size() == 1;
   // The constructor keeps register_buffers to caps of at least one layer, which never need chunks.
@@ -420,8 +476,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   m.stats.chunks = static_cast<int>(chunks.ranges.size());
   const auto eb = shape_.expert_bytes();
 
-  // The expert after whose chunk each write may happen (a slot still read as a source is
-  // overwritten only once its old expert's chunk is done).
+  // Each write happens after the chunk at position ready_after (see write_ready_after).
   struct pending_write {
     int slot;         // live slot to write
     int from_slot;    // the staged slot whose row holds its bytes
@@ -429,10 +484,8 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   };
   std::vector<pending_write> writes;
   for (int s = 0; s < plan.slots; ++s) {
-    if (!plan.from_local[s] && !plan.primary[s] && plan.primary_of[s] < 0) continue;  // nothing to write
-    int ready = chunks.position[static_cast<std::size_t>(plan.new_local[s])];
-    if (const expert_id x = plan.read_until(s); x >= 0)
-      ready = std::max(ready, chunks.position[static_cast<std::size_t>(x)]);
+    const int ready = write_ready_after(plan, chunks, s);
+    if (ready < 0) continue;  // nothing to write
     if (plan.from_local[s] || plan.primary[s]) writes.push_back({s, s, ready});
     if (plan.primary_of[s] >= 0) writes.push_back({s, plan.primary_of[s], ready});
   }
@@ -443,19 +496,23 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
       const int pos = chunks.position[static_cast<std::size_t>(e)];
       return pos >= lo && pos < hi;
     };
+    std::exception_ptr failure;
     try {
-      m.post(in_chunk, staging_.data(), pack_.data(), stream_, *comm_);
-    } catch (...) {
-      comm_->discard_pending();  // half a batch must not join the next one
-      throw;
-    }
-    try {
+      try {
+        m.post(in_chunk, staging_.data(), pack_.data(), stream_, *comm_);
+      } catch (...) {
+        comm_->discard_pending();  // half a batch must not join the next one
+        throw;
+      }
       comm_->execute();
     } catch (const error& e) {
-      if (c == 0) throw;
-      fail(e.code(), "failed in chunk {} of {} after earlier chunks were written: the layer is partly moved ({})",
-           c + 1, chunks.ranges.size(), e.what());
+      failure = c == 0 ? std::current_exception()
+                       : std::make_exception_ptr(error(
+                             e.code(), fmt::format("failed in chunk {} of {} after earlier chunks were written: the "
+                                                   "layer is partly moved ({})",
+                                                   c + 1, chunks.ranges.size(), e.what())));
     }
+    pass_gate(layer, static_cast<int>(c), failure);
     // Writes whose expert and whose slot's old expert are both done; then free rows no write needs.
     std::erase_if(writes, [&](const pending_write& wr) {
       if (wr.ready_after >= hi) return false;
@@ -464,6 +521,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
       if (wr.slot != wr.from_slot) m.stats.bytes_copied_locally += eb;
       return true;
     });
+    chunks_written = static_cast<int>(c) + 1;
     for (int s : plan.buffer_slots()) {
       auto& r = m.row_of[static_cast<std::size_t>(s)];
       if (r < 0) continue;
@@ -551,9 +609,22 @@ std::vector<layer_stats> rearranger::rearrange_pipelined(const rank_weights& w, 
     for (; next < std::min(layers, 2); ++next) submit(next);
     for (int l = 0; l < layers; ++l) {
       auto& m = movers[static_cast<std::size_t>(l)];
+      if (!m) {
+        try {
+          vote_noop_layer(l, maps.phy2log(l), new_map.row(static_cast<std::size_t>(l)));
+        } catch (const error& e) {
+          fail(e.code(), "layer {}: {}", l, e.what());
+        }
+      }
       if (m) {
+        std::exception_ptr failure;
         try {
           comm_->wait(sent[static_cast<std::size_t>(l)]);
+        } catch (...) {
+          failure = std::current_exception();
+        }
+        try {
+          pass_gate(l, 0, failure);
         } catch (const error& e) {
           fail(e.code(), "layer {}: {}", l, e.what());
         }

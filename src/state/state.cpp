@@ -10,6 +10,7 @@
 #include "eplb/exec/rearrange.hpp"
 #include "runtime/agreement.hpp"
 #include "runtime/async_runtime.hpp"
+#include "runtime/commit_vote.hpp"
 #include "runtime/cpu_group.hpp"
 #include "util/fail.hpp"
 
@@ -42,6 +43,7 @@ struct eplb_state::impl {
   std::unique_ptr<runtime::cpu_group> group;
   std::unique_ptr<runtime::async_runtime> background;
   std::unique_ptr<runtime::lagged_min> agree;  // async, unless the engine supplies the agreement
+  std::unique_ptr<runtime::commit_vote> vote;  // sync: every batch's write is decided by all ranks
   std::optional<std::int64_t> failed_code;     // this rank failed; the group has not seen it yet
   bool commits_after_failure = true;           // failed_code: rounds from before the failure still commit
   bool ended_by_failure = false;               // this step ended a failed rebalance
@@ -148,6 +150,11 @@ struct eplb_state::impl {
       background = std::make_unique<runtime::async_runtime>(*mover, weights, *group, dev, *side, areas, cfg.timeout);
       if (!agreement) agree = std::make_unique<runtime::lagged_min>(*group, cfg.commit_lag_steps, cfg.timeout);
     } else {
+      vote = std::make_unique<runtime::commit_vote>(comm::make_prefix_store(p.store, "eplb-cpu"), rank, shape.num_ranks,
+                                                    cfg.timeout);
+      opts.commit_gate = [v = vote.get()](int layer, int chunk, std::exception_ptr failure) {
+        return v->decide(layer, chunk, failure);
+      };
       mover = std::make_unique<exec::rearranger>(shape, rank, dev, serving, *comm, opts);
     }
     load = dev.allocate(load_count * sizeof(std::int64_t), mem);
@@ -255,8 +262,8 @@ struct eplb_state::impl {
 
   // After a failed rebalance, on every rank at the start of the next one (async: on the background
   // thread, right after the load all-reduce; the serving thread does not touch the communicator).
-  void remake_comm() {
-    const int generation = comm_generation + 1;
+  void remake_comm() { remake_comm(comm_generation + 1); }
+  void remake_comm(int generation) {
     auto fresh = comm_factory ? comm_factory(generation) : make_comm(generation);
     if (!fresh) fail(errc::invalid_argument, "eplb_state: comm_factory({}) returned no communicator", generation);
     if (fresh->kind() != comm_kind) {
@@ -361,30 +368,15 @@ struct eplb_state::impl {
       (void)start_background_when_idle();  // not late yet: it was deferred just now
       return;
     }
-    // Sync: everything happens inside this step, on the serving stream.
-    if (std::exchange(comm_suspect, false) && can_remake_comm) {
-      try {
-        remake_comm();
-      } catch (...) {
-        comm_suspect = true;  // tried again at the next rebalance
-        throw;
-      }
-    }
-    const auto summed = group->allreduce_sum(local.flat());
-    matrix<double> total(local.rows(), local.cols());
-    std::copy(summed.begin(), summed.end(), total.flat().begin());
+    // Sync: everything happens inside this step, on the serving stream. A failure anywhere (here or
+    // on a peer) ends it on every rank at the same batch: the vote decides each batch's write.
+    vote->begin(m.rebalances);
     const auto old = maps.phy2log();
-    const auto next = rebalance(
-        policy, {total, model.shape.num_physical, model.num_groups, model.num_nodes, model.shape.num_ranks, &old});
-    m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
-    m.balancedness_before = balancedness(maps, total);
-    // Layers are pipelined (transfers of one overlap the copies of its neighbours); a failure
-    // leaves the layers before it committed and the rest untouched, and the device maps follow.
-    std::vector<exec::layer_stats> moved;
     try {
-      moved = mover->rearrange(weights, maps, next);
-    } catch (...) {
-      comm_suspect = true;
+      rebalance_now(report, local, policy);
+    } catch (const std::exception& e) {
+      comm_suspect = true;  // every rank fails this rebalance, so every rank re-makes it next time
+      vote->abort(e.what());
       for (int l = 0; l < model.shape.layers; ++l) {
         const auto row = maps.phy2log(l);
         if (!std::equal(row.begin(), row.end(), old.row(static_cast<std::size_t>(l)).begin())) {
@@ -394,7 +386,26 @@ struct eplb_state::impl {
       }
       throw;
     }
-    for (const auto& st : moved) {
+  }
+
+  // The synchronous rebalance. The load sum carries whether any rank's communicator is suspect, so
+  // every rank re-makes it in the same rebalance, under a generation every rank derives alike.
+  void rebalance_now(step_report& report, const matrix<double>& local, policy_kind policy) {
+    std::vector<double> values(local.flat().begin(), local.flat().end());
+    values.push_back(std::exchange(comm_suspect, false) ? 1.0 : 0.0);
+    auto summed = group->allreduce_sum(values);
+    if (summed.back() > 0 && can_remake_comm) remake_comm(static_cast<int>(m.rebalances));
+    summed.pop_back();
+    matrix<double> total(local.rows(), local.cols());
+    std::copy(summed.begin(), summed.end(), total.flat().begin());
+    const auto old = maps.phy2log();
+    const auto next = rebalance(
+        policy, {total, model.shape.num_physical, model.num_groups, model.num_nodes, model.shape.num_ranks, &old});
+    m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();
+    m.balancedness_before = balancedness(maps, total);
+    // Layers are pipelined (transfers of one overlap the copies of its neighbours); a failure
+    // leaves the layers before it committed on every rank and the rest untouched.
+    for (const auto& st : mover->rearrange(weights, maps, next)) {
       m.bytes_moved += st.bytes_received;
       publish_maps(st.layer);
       ++m.layers_committed;

@@ -66,6 +66,19 @@ struct chunk_plan {
 [[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                      int num_ranks, int num_logical, std::size_t buffer_rows, int layer);
 
+/// The serial path's schedule: the position in `chunks`' order after whose chunk live slot `slot`
+/// of `plan` is written (its new expert is staged and its old expert, if still read, was sent), or
+/// -1 when the slot is not written.
+[[nodiscard]] int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
+
+/// The row a layer holds on every rank after its first `done` chunks were written everywhere (a
+/// rearrangement that every rank stopped at the same chunk): a slot holds its new expert where its
+/// write happened, else its old one. Every expert keeps a slot: an old copy is overwritten only
+/// after its own chunk, which writes the expert's new copies.
+[[nodiscard]] std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,
+                                                      std::span<const expert_id> new_row, int num_ranks,
+                                                      const chunk_plan& chunks, int done);
+
 /// Elastic EP, scale-down: `survivors` is a placement over the ranks that stay; `mapping[r]` is the
 /// new rank of old rank r or -1 when it leaves. Returns the same placement over the old ranks, with
 /// -1 in the slots of leaving ranks, so their experts are moved out while they are still alive.

@@ -47,6 +47,15 @@ struct rearrange_options {
   /// size (two layers of this rank's slots each when layers are pipelined, else one). Every rank
   /// must set it alike.
   bool register_buffers = false;
+  /// Makes the write of every batch into live slots a collective decision (EplbState's sync mode).
+  /// Called on every rank for every batch of every layer whose row changes (one batch per layer,
+  /// or per chunk when a layer is moved in chunks), in the same order, once this rank's transfers of
+  /// the batch ended (`failure` holds their error, if any); it returns "" when every rank may write
+  /// the batch, else why not (the first failure, naming its rank), and gives every rank the same
+  /// answer. A refused batch ends the rearrangement on every rank at the same place: layers before
+  /// it committed, a chunked layer partly moved with its maps saying which slots hold what. Empty:
+  /// each rank writes as soon as its own transfers succeed.
+  std::function<std::string(int layer, int chunk, std::exception_ptr failure)> commit_gate;
 };
 
 struct layer_stats {
@@ -115,7 +124,9 @@ class rearranger {
   std::byte* row(std::size_t r, int tensor) const;
   void check_communicator(const comm::communicator& c) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
-                   std::span<const expert_id> new_row);
+                   std::span<const expert_id> new_row, int& chunks_written);
+  void pass_gate(int layer, int chunk, std::exception_ptr failure) const;
+  void vote_noop_layer(int layer, std::span<const expert_id> old_row, std::span<const expert_id> new_row) const;
   [[nodiscard]] bool pipelines() const noexcept;
   std::vector<layer_stats> rearrange_pipelined(const rank_weights& w, placement& maps,
                                                const matrix<expert_id>& new_map);

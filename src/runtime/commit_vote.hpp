@@ -1,0 +1,43 @@
+// The write decision of a synchronous rebalance: before any rank writes a batch of a layer into
+// live slots, every rank says whether its own transfers of that batch succeeded, and one decision,
+// written once in the store (the first writer wins), tells every rank the same thing. So all ranks
+// stop at the same batch and end with identical maps, whatever failed where.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+
+#include "eplb/comm/store.hpp"
+
+namespace eplb::runtime {
+
+class commit_vote {
+ public:
+  commit_vote(std::shared_ptr<comm::store> store, int rank, int size, std::chrono::milliseconds timeout);
+
+  /// Starts rebalance `id`: its batches are numbered from 0 in the order every rank decides them.
+  void begin(std::int64_t id);
+  /// This rank's verdict on the next batch (`layer`, `chunk` name it in messages; `failure` is this
+  /// rank's error, if any) and the group's decision: "" = every rank writes it, else why not. Blocks
+  /// the calling thread at most twice the timeout (a peer's transfers of the batch have the timeout
+  /// too); a decision that has not come by then is made "not written", naming how many ranks voted.
+  [[nodiscard]] std::string decide(int layer, int chunk, const std::exception_ptr& failure);
+  /// This rank stopped outside a batch (the load sum, the policy, a posting error): its next batch
+  /// is decided "not written" at once, so its peers do not wait for a vote that never comes.
+  void abort(const std::string& why) noexcept;
+
+ private:
+  [[nodiscard]] std::string key(const char* what) const;
+
+  std::shared_ptr<comm::store> store_;
+  int rank_;
+  int size_;
+  std::chrono::milliseconds timeout_;
+  std::int64_t id_ = -1;
+  std::int64_t batch_ = 0;
+};
+
+}  // namespace eplb::runtime
