@@ -65,4 +65,11 @@ void commit_vote::abort(const std::string& why) noexcept {
   id_ = -1;  // one abort per rebalance; later batches are never reached
 }
 
+void commit_vote::settle(std::int64_t id) noexcept {
+  try {
+    comm::store_barrier(*store_, fmt::format("sync-vote/{}/ended", id), size_, 3 * timeout_);
+  } catch (...) {  // NOLINT(bugprone-empty-catch): the rebalance's own error is what gets reported
+  }
+}
+
 }  // namespace eplb::runtime

@@ -28,6 +28,11 @@ class commit_vote {
   /// This rank stopped outside a batch (the load sum, the policy, a posting error): its next batch
   /// is decided "not written" at once, so its peers do not wait for a vote that never comes.
   void abort(const std::string& why) noexcept;
+  /// After a failed rebalance: waits until every rank has ended it too (at most three timeouts:
+  /// a peer may still wait out a transfer and its in-flight batches), so that a rank that failed
+  /// fast does not run ahead into the next collective alone and time out there. A dead peer
+  /// costs the wait once; nothing is thrown.
+  void settle(std::int64_t id) noexcept;
 
  private:
   [[nodiscard]] std::string key(const char* what) const;

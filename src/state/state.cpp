@@ -53,10 +53,12 @@ struct eplb_state::impl {
   metrics m;
 
   // Load: the engine increments `load`; each step copies it into a pinned slot and clears it, in
-  // stream order; slots are folded into the window once their copy is done (no host wait).
+  // stream order; slots are folded into the window once their copy is done (no host wait). The
+  // buffers here are stream_buffers: after a timed-out wait the serving stream may still touch
+  // them, so they are freed only once it has passed what was queued.
   std::size_t load_count;
-  device::buffer load;
-  std::vector<device::buffer> load_ring;
+  device::stream_buffer load;
+  std::vector<device::stream_buffer> load_ring;
   struct pending_load {
     int slot;
     bool dummy;
@@ -69,8 +71,8 @@ struct eplb_state::impl {
 
   // Device maps and their pinned mirrors (one region per layer, rewritten once per commit).
   int max_rep;
-  device::buffer dev_phy2log, dev_log2phy, dev_counts;
-  device::buffer pin_phy2log, pin_log2phy, pin_counts;
+  device::stream_buffer dev_phy2log, dev_log2phy, dev_counts;
+  device::stream_buffer pin_phy2log, pin_log2phy, pin_counts;
   std::vector<device::event> map_copied;  // per layer: last copy out of its mirror region
 
   std::int64_t since_rebalance;
@@ -157,24 +159,46 @@ struct eplb_state::impl {
       };
       mover = std::make_unique<exec::rearranger>(shape, rank, dev, serving, *comm, opts);
     }
-    load = dev.allocate(load_count * sizeof(std::int64_t), mem);
+    const auto on_serving = [&](std::size_t bytes, device::memory_kind kind) {
+      return device::stream_buffer(dev, serving, bytes, kind);
+    };
+    load = on_serving(load_count * sizeof(std::int64_t), mem);
     serving.fill(load.data(), std::byte{0}, load.size());
-    for (int i = 0; i < 4; ++i) load_ring.push_back(dev.allocate(load.size(), device::memory_kind::pinned));
+    for (int i = 0; i < 4; ++i) load_ring.push_back(on_serving(load.size(), device::memory_kind::pinned));
     host_extra.assign(load_count, 0);
     const auto L = static_cast<std::size_t>(shape.layers);
     const auto R = static_cast<std::size_t>(shape.num_physical);
     const auto E = static_cast<std::size_t>(shape.num_logical);
     const auto W = static_cast<std::size_t>(max_rep);
-    dev_phy2log = dev.allocate(L * R * 4, mem);
-    dev_log2phy = dev.allocate(L * E * W * 4, mem);
-    dev_counts = dev.allocate(L * E * 4, mem);
-    pin_phy2log = dev.allocate(L * R * 4, device::memory_kind::pinned);
-    pin_log2phy = dev.allocate(L * E * W * 4, device::memory_kind::pinned);
-    pin_counts = dev.allocate(L * E * 4, device::memory_kind::pinned);
+    dev_phy2log = on_serving(L * R * 4, mem);
+    dev_log2phy = on_serving(L * E * W * 4, mem);
+    dev_counts = on_serving(L * E * 4, mem);
+    pin_phy2log = on_serving(L * R * 4, device::memory_kind::pinned);
+    pin_log2phy = on_serving(L * E * W * 4, device::memory_kind::pinned);
+    pin_counts = on_serving(L * E * 4, device::memory_kind::pinned);
     map_copied.resize(L);
     for (int l = 0; l < shape.layers; ++l) publish_maps(l);
     serving.synchronize(cfg.timeout);
   }
+
+  // Ends what may still touch staging before it goes (member order does the same when the
+  // constructor throws): the background thread first (it waits for the transfer in flight), then
+  // the mover, whose staging the device frees once the streams have passed the work queued on it,
+  // then the side stream (its worker stops, queued work is cancelled), then the communicator (its
+  // threads and its own staging). The staging areas are read by the serving stream too.
+  ~impl() {
+    if (background) {
+      background->stop();
+      background->release_areas_after(serving);
+    }
+    background.reset();
+    agree.reset();
+    mover.reset();
+    side.reset();
+    comm.reset();
+  }
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
 
   static void validate(const state_params& p) {
     p.cfg.validate();
@@ -377,6 +401,7 @@ struct eplb_state::impl {
     } catch (const std::exception& e) {
       comm_suspect = true;  // every rank fails this rebalance, so every rank re-makes it next time
       vote->abort(e.what());
+      vote->settle(m.rebalances);
       for (int l = 0; l < model.shape.layers; ++l) {
         const auto row = maps.phy2log(l);
         if (!std::equal(row.begin(), row.end(), old.row(static_cast<std::size_t>(l)).begin())) {
