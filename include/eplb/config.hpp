@@ -9,8 +9,19 @@
 
 #include "eplb/comm/communicator.hpp"
 #include "eplb/core/policy.hpp"
+#include "eplb/error.hpp"
 
 namespace eplb {
+
+/// Every timeout eplb accepts (config timeout_ms, the `eplb` command's --timeout-ms) lies in
+/// [min_timeout, max_timeout] = 1 ms .. 24 h (86,400,000 ms). Deadlines are steady_clock::now() +
+/// timeout in nanoseconds: far larger timeouts overflow that arithmetic, and none is meaningful.
+inline constexpr std::chrono::milliseconds min_timeout{1};
+inline constexpr std::chrono::milliseconds max_timeout{86'400'000};
+
+/// Throws error(code) naming `field`, the value and the allowed range when `timeout` is outside
+/// [min_timeout, max_timeout].
+void check_timeout(std::string_view field, std::chrono::milliseconds timeout, errc code = errc::invalid_config);
 
 struct config {
   int window_size = 1000;         ///< steps of load kept in the window (> 0)
@@ -23,7 +34,7 @@ struct config {
   std::string policy = "default";             ///< "default" (more later)
   std::string communicator = "auto";          ///< auto | nccl | gloo | stateless_nccl | cuda_ipc | loopback
   std::size_t staging_bytes = 0;              ///< cap on staging memory; 0 = one layer (eplb default)
-  std::chrono::milliseconds timeout{60'000};  ///< every wait of a rebalance (transfers, device, agreement)
+  std::chrono::milliseconds timeout{60'000};  ///< every wait of a rebalance; min_timeout..max_timeout
   /// Async, built-in agreement: layers every rank has staged by step k are committed at step
   /// k + this (0..1000). The CPU all-reduce runs in the background meanwhile, so step() waits on the
   /// network only if one round takes longer than this many steps (eplb default).

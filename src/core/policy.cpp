@@ -262,21 +262,67 @@ void detail::preserve_rank_slots(std::span<expert_id> row, std::span<const exper
   }
 }
 
+namespace {
+
+// Loads must be finite, >= 0, and every layer's total below max_layer_load: the default policy sums
+// groups in float32, and a sum that overflows to inf breaks its packing (experts went missing from
+// the placement for loads near FLT_MAX). The error names the entry where the total crosses it.
+void validate_loads(const matrix<double>& load) {
+  for (std::size_t l = 0; l < load.rows(); ++l) {
+    double total = 0.0;
+    for (std::size_t e = 0; e < load.cols(); ++e) {
+      const double v = load(l, e);
+      if (!(v >= 0.0 && v <= std::numeric_limits<float>::max())) {  // true for NaN too
+        if (!std::isfinite(v) || v < 0.0) {
+          fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, v);
+        }
+        fail(errc::invalid_argument, "load[{}][{}]: {} does not fit in float32", l, e, v);
+      }
+      total += v;
+      if (total >= max_layer_load) {
+        fail(errc::invalid_argument,
+             "load[{}][{}]: layer {}'s total load reaches {:g} here, at or above the allowed {:g} (float32 sums of "
+             "the policy must not overflow; scale the loads down)",
+             l, e, l, total, max_layer_load);
+      }
+    }
+  }
+}
+
+// A defensive check of a policy's output, so that a broken placement is an error and not silently
+// lost experts: every layer has num_replicas slots and holds every logical expert at least once.
+matrix<expert_id> every_expert_placed(policy_kind kind, const rebalance_input& in, matrix<expert_id> out) {
+  const auto experts = in.load.cols();
+  if (out.rows() != in.load.rows() || out.cols() != static_cast<std::size_t>(in.num_replicas)) {
+    fail(errc::internal, "policy {}: returned {}x{} slots, expected {}x{}", to_string(kind), out.rows(), out.cols(),
+         in.load.rows(), in.num_replicas);
+  }
+  std::vector<char> seen(experts);
+  for (std::size_t l = 0; l < out.rows(); ++l) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (const expert_id e : out.row(l)) {
+      if (e < empty_slot || (e >= 0 && static_cast<std::size_t>(e) >= experts)) {
+        fail(errc::internal, "policy {}: layer {} holds expert id {} (out of range -1..{})", to_string(kind), l, e,
+             experts - 1);
+      }
+      if (e >= 0) seen[static_cast<std::size_t>(e)] = 1;
+    }
+    if (const auto it = std::find(seen.begin(), seen.end(), 0); it != seen.end()) {
+      fail(errc::internal, "policy {}: layer {} has no replica of logical expert {} (a bug in the policy)",
+           to_string(kind), l, it - seen.begin());
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 void validate(const rebalance_input& in) {
   const auto layers = in.load.rows();
   const auto experts = static_cast<int>(in.load.cols());
   if (layers == 0) fail(errc::invalid_argument, "load: needs at least one layer");
   if (experts == 0) fail(errc::invalid_argument, "load: needs at least one expert per layer");
-  for (std::size_t l = 0; l < layers; ++l) {
-    for (int e = 0; e < experts; ++e) {
-      const double v = in.load(l, e);
-      if (v >= 0.0 && v <= std::numeric_limits<float>::max()) continue;  // false for NaN too
-      if (!std::isfinite(v) || v < 0.0) {
-        fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, v);
-      }
-      fail(errc::invalid_argument, "load[{}][{}]: {} does not fit in float32", l, e, v);
-    }
-  }
+  validate_loads(in.load);
   if (in.num_ranks <= 0) fail(errc::invalid_argument, "num_ranks: must be > 0, got {}", in.num_ranks);
   if (in.num_groups <= 0) fail(errc::invalid_argument, "num_groups: must be > 0, got {}", in.num_groups);
   if (in.num_nodes <= 0) fail(errc::invalid_argument, "num_nodes: must be > 0, got {}", in.num_nodes);
@@ -340,9 +386,9 @@ matrix<expert_id> rebalance_default(const rebalance_input& in) {
 matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in) {
   switch (kind) {
     case policy_kind::deepseek_default:
-      return rebalance_default(in);
+      return every_expert_placed(kind, in, rebalance_default(in));
     case policy_kind::min_move:
-      return rebalance_min_move(in);
+      return every_expert_placed(kind, in, rebalance_min_move(in));
   }
   fail(errc::internal, "rebalance: unhandled policy kind {}", static_cast<int>(kind));
 }

@@ -4,8 +4,15 @@
 #include <nlohmann/json.hpp>
 
 #include "util/fail.hpp"
+#include "util/json_text.hpp"
 
 namespace eplb {
+
+void check_timeout(std::string_view field, std::chrono::milliseconds timeout, errc code) {
+  if (timeout >= min_timeout && timeout <= max_timeout) return;
+  fail(code, "{}: {} is not allowed (must be in {}..{} ms, i.e. 1 ms to 24 h)", field, timeout.count(),
+       min_timeout.count(), max_timeout.count());
+}
 
 void config::validate() const {
   const auto positive = [](const char* field, long v) {
@@ -14,7 +21,7 @@ void config::validate() const {
   positive("window_size", window_size);
   positive("step_interval", step_interval);
   positive("log_balancedness_interval", log_balancedness_interval);
-  positive("timeout_ms", timeout.count());
+  check_timeout("timeout_ms", timeout);
   if (num_redundant_experts < 0) {
     fail(errc::invalid_config, "num_redundant_experts: {} is not allowed (must be >= 0)", num_redundant_experts);
   }
@@ -22,7 +29,7 @@ void config::validate() const {
     fail(errc::invalid_config, "commit_lag_steps: {} is not allowed (must be in 0..1000)", commit_lag_steps);
   }
   if (policy != "default" && policy != "min_move") {
-    fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\", \"min_move\")", policy);
+    fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\", \"min_move\")", excerpt(policy));
   }
   if (register_buffers && use_async) {
     fail(errc::invalid_config,
@@ -42,7 +49,7 @@ comm::backend config::resolved_communicator() const {
     } catch (const error&) {
       fail(errc::invalid_config,
            "communicator: \"{}\" is not allowed (allowed: auto, nccl, gloo, stateless_nccl, cuda_ipc, loopback)",
-           communicator);
+           excerpt(communicator));
     }
   }
   if (use_async && (b == comm::backend::nccl || b == comm::backend::stateless_nccl)) {
@@ -59,18 +66,12 @@ policy_kind config::resolved_policy() const {
 }
 
 config config::from_json(std::string_view text) {
-  nlohmann::json doc;
-  try {
-    doc = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail(errc::invalid_config, "config: not valid JSON (byte {}: {})", e.byte, e.what());
-  } catch (const nlohmann::json::exception& e) {  // e.g. a number out of range
-    fail(errc::invalid_config, "config: not valid JSON ({})", e.what());
-  }
+  const auto doc = parse_json(text, errc::invalid_config, "config");
   if (!doc.is_object()) fail(errc::invalid_config, "config: must be a JSON object, got {}", doc.type_name());
   config c;
   const auto integer = [](const std::string& key, const nlohmann::json& v) -> long {
-    if (!v.is_number_integer()) fail(errc::invalid_config, "{}: {} is not allowed (must be an integer)", key, v.dump());
+    if (!v.is_number_integer())
+      fail(errc::invalid_config, "{}: {} is not allowed (must be an integer)", key, json_excerpt(v));
     const auto x = v.get<std::int64_t>();
     if (x < -1'000'000'000'000 || x > 1'000'000'000'000) fail(errc::invalid_config, "{}: {} is out of range", key, x);
     return static_cast<long>(x);
@@ -85,11 +86,12 @@ config config::from_json(std::string_view text) {
     return static_cast<int>(x);
   };
   const auto boolean = [](const std::string& key, const nlohmann::json& v) {
-    if (!v.is_boolean()) fail(errc::invalid_config, "{}: {} is not allowed (must be true or false)", key, v.dump());
+    if (!v.is_boolean())
+      fail(errc::invalid_config, "{}: {} is not allowed (must be true or false)", key, json_excerpt(v));
     return v.get<bool>();
   };
   const auto string = [](const std::string& key, const nlohmann::json& v) {
-    if (!v.is_string()) fail(errc::invalid_config, "{}: {} is not allowed (must be a string)", key, v.dump());
+    if (!v.is_string()) fail(errc::invalid_config, "{}: {} is not allowed (must be a string)", key, json_excerpt(v));
     return v.get<std::string>();
   };
   for (const auto& [key, v] : doc.items()) {
@@ -126,7 +128,7 @@ config config::from_json(std::string_view text) {
            "{}: unknown field (known: window_size, step_interval, num_redundant_experts, log_balancedness, "
            "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms, "
            "commit_lag_steps, register_buffers)",
-           key);
+           excerpt(key));
     }
   }
   c.validate();

@@ -9,22 +9,53 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <limits>
 #include <map>
 #include <random>
 #include <sstream>
 #include <thread>
 
 #include "eplb/comm/store.hpp"
+#include "eplb/config.hpp"
 #include "tools/rank_processes.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::tools {
 
+namespace {
+
+void check_range(const char* flag, std::int64_t v, std::int64_t lo, std::int64_t hi) {
+  if (v < lo || v > hi) fail(errc::invalid_argument, "{}: must be in {}..{}, got {}", flag, lo, hi, v);
+}
+
+// Each tensor at most 4 GiB, and one rank's live weights (layers x its slots x the bundle) at most
+// 64 GiB, so that a typo is an error instead of an allocation that fails or swaps.
+void check_model_bytes(const exchange_config& c) {
+  constexpr std::size_t max_tensor = std::size_t{1} << 32;
+  constexpr double max_rank_bytes = 64.0 * (1ULL << 30);
+  double bundle = 0;
+  for (auto b : c.tensor_bytes) {
+    if (b == 0 || b > max_tensor)
+      fail(errc::invalid_argument, "--tensor-bytes: sizes must be in 1..{}, got {}", max_tensor, b);
+    bundle += static_cast<double>(b);
+  }
+  const double per_rank = bundle * c.layers * ((c.experts + c.redundant) / c.ranks);
+  if (per_rank > max_rank_bytes) {
+    fail(
+        errc::invalid_argument,
+        "--tensor-bytes: {} layers x {} slots per rank x {} bytes per bundle is {:.0f} bytes per rank (at most 64 GiB)",
+        c.layers, (c.experts + c.redundant) / c.ranks, bundle, per_rank);
+  }
+}
+
+}  // namespace
+
 void validate(const exchange_config& c) {
-  if (c.ranks < 2 || c.ranks > 64) fail(errc::invalid_argument, "--ranks: must be in 2..64, got {}", c.ranks);
-  if (c.layers < 1) fail(errc::invalid_argument, "--layers: must be >= 1, got {}", c.layers);
-  if (c.experts < 1) fail(errc::invalid_argument, "--experts: must be >= 1, got {}", c.experts);
-  if (c.redundant < 0) fail(errc::invalid_argument, "--redundant: must be >= 0, got {}", c.redundant);
+  check_range("--ranks", c.ranks, 2, 64);
+  check_range("--layers", c.layers, 1, 10'000);
+  check_range("--experts", c.experts, 1, 100'000);
+  check_range("--redundant", c.redundant, 0, 100'000);
   if ((c.experts + c.redundant) % c.ranks != 0) {
     fail(errc::invalid_argument, "--experts + --redundant = {} must be divisible by --ranks {}",
          c.experts + c.redundant, c.ranks);
@@ -32,10 +63,12 @@ void validate(const exchange_config& c) {
   if (c.tensor_bytes.empty() || c.tensor_bytes.size() > 8) {
     fail(errc::invalid_argument, "--tensor-bytes: give 1 to 8 sizes, got {}", c.tensor_bytes.size());
   }
-  for (auto b : c.tensor_bytes) {
-    if (b == 0) fail(errc::invalid_argument, "--tensor-bytes: sizes must be > 0");
-  }
-  if (c.rounds < 0) fail(errc::invalid_argument, "--rounds: must be >= 0, got {}", c.rounds);
+  check_model_bytes(c);
+  check_range("--rounds", c.rounds, 0, 1'000'000);
+  check_timeout("--timeout-ms", c.timeout, errc::invalid_argument);
+  check_range("--inject-delay-ms", c.faults.max_delay.count(), 0, 60'000);
+  check_range("--inject-fail-op", c.faults.fail_at_op, -1, std::numeric_limits<std::int64_t>::max());
+  check_range("--fault-rank", c.fault_rank, -1, c.ranks - 1);
 }
 
 std::byte weight_byte(int layer, expert_id expert, int tensor, std::size_t offset) noexcept {
@@ -216,8 +249,9 @@ exchange_result run_exchange(const exchange_config& cfg, const std::string& self
   }
   // Other backends: one process per rank. Every rank has its own timeouts; this deadline only
   // guards against a wedged child.
-  const auto deadline =
-      std::chrono::steady_clock::now() + cfg.timeout * (cfg.rounds + 2) * cfg.layers + std::chrono::seconds(30);
+  // validate() bounds the timeout, rounds and layers, so this product fits (< 2^63 ms);
+  // deadline_after() saturates where the clock's nanoseconds would not.
+  const auto deadline = deadline_after(cfg.timeout * (cfg.rounds + 2) * cfg.layers + std::chrono::seconds(30));
   const auto procs = run_rank_processes(self_exe, child_args, cfg.ranks, deadline);
   std::vector<exchange_result> parts(static_cast<std::size_t>(cfg.ranks));
   for (int r = 0; r < cfg.ranks; ++r) {

@@ -2,8 +2,12 @@
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "eplb/comm/communicator.hpp"
@@ -15,11 +19,54 @@
 #include "tools/plan_json.hpp"
 #include "tools/rank_processes.hpp"
 #include "tools/simulate.hpp"
+#include "util/fail.hpp"
+#include "util/json_text.hpp"
 
 namespace {
 
 // Exit statuses: 0 ok, 1 runtime failure, 2 bad input.
 constexpr int exit_bad_input = 2;
+
+// Output that could not be written (stdout on a full disk, an unwritable --result): the run's
+// result is lost, so it is a failure (exit 1), never a silent exit 0.
+class write_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+std::string errno_text(int err) {
+  return err != 0 ? fmt::format(" ({})", std::strerror(err)) : std::string();
+}
+
+// Flushes `out` and throws write_error naming `what` (a path, or "stdout") if anything written to
+// it was lost; a stream keeps its failure bit from the first failed write on.
+void check_written(std::ostream& out, const std::string& what) {
+  errno = 0;
+  out.flush();
+  if (!out) throw write_error(fmt::format("{}: write failed{}; output lost", what, errno_text(errno)));
+}
+
+// --result FILE, opened before the run so that an unwritable path is a bad input found at once,
+// not a finished run whose result is lost. Empty when no path is given.
+std::unique_ptr<std::ofstream> open_result(const std::string& path) {
+  if (path.empty()) return nullptr;
+  errno = 0;
+  auto out = std::make_unique<std::ofstream>(path, std::ios::trunc);
+  if (!*out) {
+    throw eplb::error(eplb::errc::invalid_argument,
+                      fmt::format("--result {}: cannot open for writing{}", eplb::excerpt(path), errno_text(errno)));
+  }
+  return out;
+}
+
+// CLI11 reads "-1" into an unsigned option as 2^64 - 1: options that take no sign refuse one.
+const CLI::Validator no_sign(
+    [](std::string& text) -> std::string {
+      const auto first = text.find_first_not_of(" \t");
+      if (first == std::string::npos || (text[first] != '-' && text[first] != '+')) return {};
+      return fmt::format("must be a whole number >= 0, got {}", eplb::excerpt(text));
+    },
+    "UINT", "no_sign");
 
 std::string read_input(const std::string& path) {
   std::ostringstream text;
@@ -28,7 +75,10 @@ std::string read_input(const std::string& path) {
     return text.str();
   }
   std::ifstream file(path, std::ios::binary);
-  if (!file) throw eplb::error(eplb::errc::invalid_argument, fmt::format("{}: cannot open for reading", path));
+  if (!file) {
+    throw eplb::error(eplb::errc::invalid_argument,
+                      fmt::format("{}: cannot open for reading", eplb::excerpt(path, 200)));
+  }
   text << file.rdbuf();
   return text.str();
 }
@@ -63,11 +113,12 @@ std::vector<std::size_t> parse_sizes(const std::string& text) {
   std::stringstream in(text);
   for (std::string part; std::getline(in, part, ',');) {
     try {
-      std::size_t used = 0;
-      out.push_back(std::stoull(part, &used));
-      if (used != part.size()) throw std::invalid_argument(part);
+      // stoull would read "-1" as 2^64 - 1 and skip leading spaces: only digits are a byte count.
+      if (part.empty() || part.find_first_not_of("0123456789") != std::string::npos) throw std::invalid_argument(part);
+      out.push_back(std::stoull(part));
     } catch (const std::exception&) {
-      throw eplb::error(eplb::errc::invalid_argument, fmt::format("--tensor-bytes: \"{}\" is not a byte count", part));
+      throw eplb::error(eplb::errc::invalid_argument,
+                        fmt::format("--tensor-bytes: \"{}\" is not a byte count", eplb::excerpt(part)));
     }
   }
   return out;
@@ -88,6 +139,7 @@ struct exchange_flags {
 int run_exchange_child(const exchange_flags& f) {
   using namespace eplb;
   const auto& cfg = f.cfg;
+  const auto result_file = open_result(f.result);
   tools::exchange_result res;
   std::unique_ptr<tools::rank_store> store;
   try {
@@ -108,10 +160,10 @@ int run_exchange_child(const exchange_flags& f) {
   } catch (const error& e) {
     res.failure = fmt::format("rank {}: [{}] {}", f.rank, to_string(e.code()), e.what());
   }
-  if (!f.result.empty()) {
-    std::ofstream out(f.result);
-    out << (res.verified ? 1 : 0) << ' ' << res.rounds << ' ' << res.bytes_moved << ' ' << res.seconds << '\n'
-        << res.failure << '\n';
+  if (result_file) {
+    *result_file << (res.verified ? 1 : 0) << ' ' << res.rounds << ' ' << res.bytes_moved << ' ' << res.seconds << '\n'
+                 << res.failure << '\n';
+    check_written(*result_file, "--result " + excerpt(f.result));
   } else {
     std::cout << fmt::format("rank {}: {} rounds, {} bytes received in {:.3f} s, {}\n", f.rank, res.rounds,
                              res.bytes_moved, res.seconds, res.verified ? "every byte verified" : "FAILED");
@@ -132,6 +184,9 @@ int run_exchange(exchange_flags& f, const std::vector<std::string>& child_args) 
   cfg.faults.fail_at_op = f.fail_op;
   cfg.faults.seed = cfg.seed;
   tools::validate(cfg);
+  if (f.rank < -1 || f.rank >= cfg.ranks) {
+    throw error(errc::invalid_argument, fmt::format("--rank: {} is not a rank (0..{})", f.rank, cfg.ranks - 1));
+  }
   if (f.rank >= 0) return run_exchange_child(f);
   const auto res = tools::run_exchange(cfg, "/proc/self/exe", child_args);
   if (f.json) {
@@ -166,13 +221,16 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
   cfg.inject_delay = std::chrono::milliseconds(f.delay_ms);
   cfg.forward = std::chrono::microseconds(f.forward_us);
   tools::validate(cfg);
+  if (f.rank < -1 || f.rank >= cfg.ranks) {
+    throw error(errc::invalid_argument, fmt::format("--rank: {} is not a rank (0..{})", f.rank, cfg.ranks - 1));
+  }
   if (f.rank >= 0) {  // one rank of a --procs run, or started by hand (one per host)
-    if (f.rank >= cfg.ranks)
-      throw error(errc::invalid_argument, fmt::format("--rank: {} is not a rank (0..{})", f.rank, cfg.ranks - 1));
+    const auto result_file = open_result(f.result);
     tools::rank_store store(f.store, cfg.ranks, cfg.timeout);
     const auto report = tools::simulate_rank(cfg, f.rank, store.get(), !f.json);
-    if (!f.result.empty()) {
-      std::ofstream(f.result) << report.dump();
+    if (result_file) {
+      *result_file << report.dump();
+      check_written(*result_file, "--result " + excerpt(f.result));
     } else {
       std::cout << report.dump() << '\n';
     }
@@ -200,6 +258,22 @@ bool is_bad_input(eplb::errc code) {
          code == errc::invalid_config;
 }
 
+// Parses the command line; an exit status when the run ends here. CLI11's own statuses (104, 109,
+// 114...) are not the documented 2 for bad input, and its messages may span lines or echo a long
+// value: one line, the value cut to an excerpt.
+std::optional<int> parse_flags(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+    return std::nullopt;
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    std::cerr << "eplb: " << eplb::excerpt(what, 200) << " (run with --help for more information)\n";
+    return exit_bad_input;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -224,9 +298,9 @@ int main(int argc, char** argv) {
   exchange->add_option("--tensor-bytes", ex.tensor_bytes, "bytes per expert of each bundle tensor, comma separated");
   exchange->add_option("--backend", ex.backend, "loopback | gloo | nccl | stateless_nccl | cuda_ipc");
   exchange->add_option("--device", ex.device, "host | cuda");
-  exchange->add_option("--seed", ex.cfg.seed);
+  exchange->add_option("--seed", ex.cfg.seed)->check(no_sign);
   exchange->add_option("--rounds", ex.cfg.rounds);
-  exchange->add_option("--staging-bytes", ex.cfg.staging_bytes, "staging cap (0 = one layer)");
+  exchange->add_option("--staging-bytes", ex.cfg.staging_bytes, "staging cap (0 = one layer)")->check(no_sign);
   exchange->add_flag("!--no-coalesce", ex.cfg.coalesce, "one message per tensor of every expert, not per peer");
   exchange->add_flag("--register", ex.cfg.register_buffers,
                      "register the staging buffers with the communicator (nccl: zero-copy over NVLink)");
@@ -253,14 +327,16 @@ int main(int argc, char** argv) {
   simulate->add_flag("--sync", sim.sync, "rearrange inside step()");
   simulate->add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl | cuda_ipc");
   simulate->add_option("--device", sim.device, "host | cuda");
-  simulate->add_option("--seed", sim.cfg.seed);
+  simulate->add_option("--seed", sim.cfg.seed)->check(no_sign);
   simulate->add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");
   simulate->add_option("--commit-lag", sim.cfg.commit_lag,
                        "async: steps between agreeing on staged layers and "
                        "committing them (default: the config's, 8)");
   simulate->add_option("--window", sim.cfg.window, "load window in steps (0: the preset's)");
-  simulate->add_option("--bytes-scale", sim.cfg.bytes_scale,
-                       "divide expert sizes by this (0: 1024 on host for big presets)");
+  simulate
+      ->add_option("--bytes-scale", sim.cfg.bytes_scale,
+                   "divide expert sizes by this (0: 1024 on host for big presets)")
+      ->check(no_sign);
   simulate->add_option("--tokens", sim.cfg.tokens_per_step, "routed token slots per rank, layer and step");
   simulate->add_option("--drift-steps", sim.cfg.drift_steps, "the hot experts move this often");
   simulate->add_option("--timeout-ms", sim.timeout_ms);
@@ -277,26 +353,26 @@ int main(int argc, char** argv) {
   simulate->add_option("--hostname", sim.cfg.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
   simulate->add_option("--result", sim.result, "with --rank: write the JSON report here instead of printing it");
 
-  CLI11_PARSE(app, argc, argv);
+  if (const auto status = parse_flags(app, argc, argv)) return *status;
   try {
-    if (plan->parsed()) return run_plan(plan_path, plan_text);
-    if (info->parsed()) return run_info();
-    if (simulate->parsed()) {
-      std::vector<std::string> child_args;
-      for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);
-      return run_simulate(sim, child_args);
-    }
-    if (exchange->parsed()) {
-      std::vector<std::string> child_args;
-      for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);
-      return run_exchange(ex, child_args);
-    }
-  } catch (const eplb::error& e) {
+    std::vector<std::string> child_args;
+    for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);
+    int status = 0;
+    if (plan->parsed()) status = run_plan(plan_path, plan_text);
+    if (info->parsed()) status = run_info();
+    if (simulate->parsed()) status = run_simulate(sim, child_args);
+    if (exchange->parsed()) status = run_exchange(ex, child_args);
+    check_written(std::cout, "stdout");
+    return status;
+  } catch (const write_error& e) {
     std::cerr << "eplb: " << e.what() << '\n';
+    return 1;
+  } catch (const eplb::error& e) {
+    // One line whatever a message echoes (a flag's value may hold a newline).
+    std::cerr << "eplb: " << eplb::excerpt(e.what(), 2000) << '\n';
     return is_bad_input(e.code()) ? exit_bad_input : 1;
   } catch (const std::exception& e) {
-    std::cerr << "eplb: unexpected error: " << e.what() << '\n';
+    std::cerr << "eplb: unexpected error: " << eplb::excerpt(e.what(), 2000) << '\n';
     return 1;
   }
-  return 0;
 }

@@ -6,6 +6,7 @@
 
 #include "eplb/core/load.hpp"
 #include "util/fail.hpp"
+#include "util/json_text.hpp"
 
 namespace eplb::tools {
 namespace {
@@ -18,7 +19,7 @@ int get_int(const json& doc, const char* field, bool required, int fallback = 0)
     if (required) fail(errc::invalid_json, "{}: missing (an integer is required)", field);
     return fallback;
   }
-  if (!it->is_number_integer()) fail(errc::invalid_json, "{}: must be an integer, got {}", field, it->dump());
+  if (!it->is_number_integer()) fail(errc::invalid_json, "{}: must be an integer, got {}", field, json_excerpt(*it));
   const auto v = it->get<std::int64_t>();
   if (v <= 0 || v > 1'000'000) fail(errc::invalid_argument, "{}: must be in 1..1000000, got {}", field, v);
   return static_cast<int>(v);
@@ -28,7 +29,8 @@ const json& get_rows(const json& doc, const char* field) {
   const auto& rows = doc.at(field);
   if (!rows.is_array() || rows.empty()) fail(errc::invalid_json, "{}: must be a non-empty array of arrays", field);
   for (std::size_t l = 0; l < rows.size(); ++l) {
-    if (!rows[l].is_array()) fail(errc::invalid_json, "{}[{}]: must be an array, got {}", field, l, rows[l].dump());
+    if (!rows[l].is_array())
+      fail(errc::invalid_json, "{}[{}]: must be an array, got {}", field, l, json_excerpt(rows[l]));
     if (rows[l].size() != rows[0].size()) {
       fail(errc::invalid_json, "{}[{}]: row has {} entries, row 0 has {} (rows must all be the same length)", field, l,
            rows[l].size(), rows[0].size());
@@ -48,7 +50,8 @@ plan_request parse_plan_request(const json& doc) {
     const std::string key = item.key();  // a named copy: lambdas below capture it
     if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) == std::end(known)) {
       fail(errc::invalid_json,
-           "{}: unknown field (known: load, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log, policy)", key);
+           "{}: unknown field (known: load, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log, policy)",
+           excerpt(key));
     }
   }
   if (!doc.contains("load")) fail(errc::invalid_json, "load: missing (layers x logical experts array is required)");
@@ -58,10 +61,10 @@ plan_request parse_plan_request(const json& doc) {
   for (std::size_t l = 0; l < load.size(); ++l) {
     for (std::size_t e = 0; e < load[l].size(); ++e) {
       const auto& v = load[l][e];
-      if (!v.is_number()) fail(errc::invalid_json, "load[{}][{}]: must be a number, got {}", l, e, v.dump());
+      if (!v.is_number()) fail(errc::invalid_json, "load[{}][{}]: must be a number, got {}", l, e, json_excerpt(v));
       const double x = v.get<double>();
       if (!std::isfinite(x) || x < 0.0) {
-        fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, v.dump());
+        fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, json_excerpt(v));
       }
       req.load(l, e) = x;
     }
@@ -71,8 +74,13 @@ plan_request parse_plan_request(const json& doc) {
   req.num_nodes = get_int(doc, "num_nodes", true);
   req.num_ranks = get_int(doc, "num_ranks", true);
   if (const auto it = doc.find("policy"); it != doc.end()) {
-    if (!it->is_string()) fail(errc::invalid_json, "policy: must be a string, got {}", it->dump());
-    req.policy = parse_policy(it->get<std::string>());
+    if (!it->is_string()) fail(errc::invalid_json, "policy: must be a string, got {}", json_excerpt(*it));
+    const auto& name = it->get_ref<const std::string&>();
+    // parse_policy echoes the name whole; a hostile one is shown as an excerpt.
+    if (name != "default" && name != "min_move") {
+      fail(errc::invalid_argument, "policy: unknown policy \"{}\" (allowed: \"default\", \"min_move\")", excerpt(name));
+    }
+    req.policy = parse_policy(name);
   }
   if (doc.contains("old_phy2log")) {
     const auto& old = get_rows(doc, "old_phy2log");
@@ -87,7 +95,7 @@ plan_request parse_plan_request(const json& doc) {
     for (std::size_t l = 0; l < old.size(); ++l) {
       for (std::size_t p = 0; p < old[l].size(); ++p) {
         if (!old[l][p].is_number_integer()) {
-          fail(errc::invalid_json, "old_phy2log[{}][{}]: must be an integer, got {}", l, p, old[l][p].dump());
+          fail(errc::invalid_json, "old_phy2log[{}][{}]: must be an integer, got {}", l, p, json_excerpt(old[l][p]));
         }
         rows[l].push_back(old[l][p].get<std::int64_t>());
       }
@@ -100,15 +108,7 @@ plan_request parse_plan_request(const json& doc) {
 }
 
 plan_request parse_plan_text(std::string_view text) {
-  json doc;
-  try {
-    doc = json::parse(text);
-  } catch (const json::parse_error& e) {
-    fail(errc::invalid_json, "input: not valid JSON (byte {}: {})", e.byte, e.what());
-  } catch (const json::exception& e) {  // e.g. a number out of range (found by fuzz_plan_json)
-    fail(errc::invalid_json, "input: not valid JSON ({})", e.what());
-  }
-  return parse_plan_request(doc);
+  return parse_plan_request(parse_json(text, errc::invalid_json, "input"));
 }
 
 plan_result run_plan(const plan_request& req) {

@@ -10,7 +10,9 @@
 #include <sstream>
 #include <thread>
 
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
+#include "util/json_text.hpp"
 
 namespace eplb::tools {
 
@@ -53,7 +55,7 @@ std::vector<rank_process> run_rank_processes(const std::string& self_exe, const 
       o.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
       done[static_cast<std::size_t>(r)] = true;
       --left;
-      if (o.exit_status != 0) deadline = std::min(deadline, std::chrono::steady_clock::now() + grace);
+      if (o.exit_status != 0) deadline = std::min(deadline, deadline_after(grace));
     }
     if (left > 0 && std::chrono::steady_clock::now() > deadline) {
       for (int r = 0; r < ranks; ++r) {
@@ -100,7 +102,7 @@ rank_store::rank_store(const std::string& spec, int ranks, std::chrono::millisec
     }
   }
   if (port <= 0 || port > 65535) {
-    fail(errc::invalid_argument, "--store: \"{}\" is not {}:HOST:PORT with a port in 1..65535", spec, kind);
+    fail(errc::invalid_argument, "--store: \"{}\" is not {}:HOST:PORT with a port in 1..65535", excerpt(spec), kind);
   }
   const auto host = rest.substr(0, last);
   if (kind == "tcp-serve") server_ = std::make_unique<comm::tcp_store_server>(host, static_cast<std::uint16_t>(port));
@@ -112,7 +114,7 @@ void rank_store::finish() {
     (void)store_->add("eplb-ranks-done", 1);
     return;
   }
-  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  const auto deadline = deadline_after(timeout_);
   while (store_->add("eplb-ranks-done", 0) < ranks_ - 1 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }

@@ -7,16 +7,21 @@
 #include <cmath>
 #include <future>
 #include <iostream>
+#include <limits>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <thread>
 
 #include "eplb/comm/store.hpp"
+#include "eplb/config.hpp"
 #include "eplb/state.hpp"
 #include "tools/exchange.hpp"
 #include "tools/faulty_comm.hpp"
 #include "tools/rank_processes.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
+#include "util/json_text.hpp"
 
 namespace eplb::tools {
 
@@ -28,8 +33,47 @@ preset_shape find_preset(const std::string& name) {
   if (name == "tiny") return {4, 16, 4, 4, 1, {4096, 2048, 64}, 200, 100};
   if (name == "qwen3-30b-a3b") return {48, 128, 16, 1, 1, {6291456, 3145728}, 3000, 1000};
   if (name == "deepseek-v3") return {58, 256, 32, 8, 4, {29360128, 14680064, 229376, 114688}, 3000, 1000};
-  fail(errc::invalid_argument, "--preset: unknown preset \"{}\" (allowed: tiny, qwen3-30b-a3b, deepseek-v3)", name);
+  fail(errc::invalid_argument, "--preset: unknown preset \"{}\" (allowed: tiny, qwen3-30b-a3b, deepseek-v3)",
+       excerpt(name));
 }
+
+namespace {
+
+// Every number a flag gives is range-checked: "must be in LO..HI, got V" naming the flag.
+void check_range(const char* flag, std::int64_t v, std::int64_t lo, std::int64_t hi) {
+  if (v < lo || v > hi) fail(errc::invalid_argument, "{}: must be in {}..{}, got {}", flag, lo, hi, v);
+}
+
+// The injected faults: a rank (-1: none) and a step within the run, given together.
+void check_fault(const simulate_config& c, const char* rank_flag, int rank, const char* step_flag, int step) {
+  check_range(rank_flag, rank, -1, c.ranks - 1);
+  if (step != -1) check_range(step_flag, step, 1, c.steps);
+  if ((rank >= 0) != (step >= 0)) fail(errc::invalid_argument, "{} and {} go together", rank_flag, step_flag);
+}
+
+// Bounds that keep a run's time and memory finite whatever the flags say.
+void check_numbers(const simulate_config& c, const preset_shape& p) {
+  check_range("--steps", c.steps, 1, 10'000'000);  // each step keeps a few numbers for the report
+  check_range("--step-interval", c.step_interval, 0, std::numeric_limits<int>::max());
+  check_range("--window", c.window, 0, std::numeric_limits<int>::max());
+  // The load window holds window x layers x slots counters of 8 bytes on every rank.
+  const auto window = static_cast<std::int64_t>(c.window != 0 ? c.window : p.window);
+  const std::int64_t counters = window * p.layers * (p.experts + p.redundant);
+  if (counters > (std::int64_t{1} << 28)) {
+    fail(errc::invalid_argument, "--window: {} steps x {} layers x {} slots is {} load counters (at most {}, 2 GiB)",
+         window, p.layers, p.experts + p.redundant, counters, std::int64_t{1} << 28);
+  }
+  check_range("--commit-lag", c.commit_lag, -1, 1000);
+  check_range("--tokens", c.tokens_per_step, 1, 1 << 20);
+  check_range("--drift-steps", c.drift_steps, 1, std::numeric_limits<int>::max());  // a divisor
+  check_range("--forward-us", c.forward.count(), 0, 1'000'000);
+  check_range("--inject-delay-ms", c.inject_delay.count(), 0, 60'000);
+  check_timeout("--timeout-ms", c.timeout, errc::invalid_argument);
+  check_fault(c, "--fail-rank", c.fail_rank, "--fail-step", c.fail_step);
+  check_fault(c, "--transfer-fault-rank", c.transfer_fault_rank, "--transfer-fault-step", c.transfer_fault_step);
+}
+
+}  // namespace
 
 void validate(const simulate_config& c) {
   const auto p = find_preset(c.preset);
@@ -38,19 +82,7 @@ void validate(const simulate_config& c) {
     fail(errc::invalid_argument, "--ranks: {} does not divide the {} slots per layer of preset {}", c.ranks,
          p.experts + p.redundant, c.preset);
   }
-  if (c.steps <= 0) fail(errc::invalid_argument, "--steps: must be > 0, got {}", c.steps);
-  if (c.step_interval < 0 || c.window < 0) fail(errc::invalid_argument, "--step-interval and --window must be >= 0");
-  if (c.tokens_per_step <= 0) fail(errc::invalid_argument, "--tokens: must be > 0, got {}", c.tokens_per_step);
-  if (c.forward.count() < 0) fail(errc::invalid_argument, "--forward-us: must be >= 0, got {}", c.forward.count());
-  if (c.fail_rank >= c.ranks)
-    fail(errc::invalid_argument, "--fail-rank: {} is not a rank (0..{})", c.fail_rank, c.ranks - 1);
-  if ((c.fail_rank >= 0) != (c.fail_step >= 0)) fail(errc::invalid_argument, "--fail-rank and --fail-step go together");
-  if (c.transfer_fault_rank >= c.ranks) {
-    fail(errc::invalid_argument, "--transfer-fault-rank: {} is not a rank (0..{})", c.transfer_fault_rank, c.ranks - 1);
-  }
-  if ((c.transfer_fault_rank >= 0) != (c.transfer_fault_step >= 0)) {
-    fail(errc::invalid_argument, "--transfer-fault-rank and --transfer-fault-step go together");
-  }
+  check_numbers(c, p);
   if (c.backend != "auto") (void)comm::parse_backend(c.backend);
   const bool loopback =
       c.backend == "loopback" || (c.backend == "auto" && !c.procs && c.device == device::backend_kind::host);
@@ -120,6 +152,12 @@ class router {
   std::mt19937_64 rng_;
   std::map<std::pair<int, int>, std::discrete_distribution<int>> cache_;
 };
+
+// A digest of every layer's phy2log: survivors of a failure must end with identical maps.
+std::string maps_digest(const eplb_state& state) {
+  const auto& flat = state.maps().phy2log().flat();
+  return fmt::format("{:016x}", exec::checksum(std::as_bytes(std::span(flat.data(), flat.size()))));
+}
 
 std::string verify_layer(const eplb_state& state, pattern_model& model, int layer, int rank) {
   const auto& shape = model.shape();
@@ -282,6 +320,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
       bool intact = true;
       for (int l = 0; l < p.layers && intact; ++l) intact = verify_layer(state, model, l, rank).empty();
       out["weights_intact"] = intact;
+      out["maps_digest"] = maps_digest(state);
       out["errors"] = errors;
       out["busy_us"] = busy_us;
       out["idle_us"] = idle_us;
@@ -293,6 +332,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
       if (auto bad = verify_layer(state, model, l, rank); !bad.empty()) fail(errc::verification_failed, "{}", bad);
     }
     out["bytes_moved"] = state.stats().bytes_moved;
+    out["maps_digest"] = maps_digest(state);
     out["errors"] = errors;
     out["communicators_made"] = transfer_fault ? faults->made.load() : 1;
     out["verified"] = true;
@@ -311,28 +351,92 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
   return out;
 }
 
+// Every error any rank reported, for the merged report: errors the run went on after (an injected
+// transfer fault) and failures that ended a rank. At most 100; the rank reports keep the rest.
+json collect_failures(const std::vector<json>& ranks, int& errors, int& last_error_step) {
+  json list = json::array();
+  std::size_t omitted = 0;
+  const auto add = [&](json entry) {
+    if (list.size() < 100) {
+      list.push_back(std::move(entry));
+    } else {
+      ++omitted;
+    }
+  };
+  for (const auto& r : ranks) {
+    const int rank = r.value("rank", -1);
+    for (const auto& e : r.value("errors", json::array())) {
+      ++errors;
+      last_error_step = std::max(last_error_step, e.value("step", -1));
+      add({{"rank", rank}, {"step", e.value("step", -1)}, {"error", e.value("error", "")}, {"recovered", true}});
+    }
+    if (const auto f = r.value("failure", std::string()); !f.empty()) {
+      add({{"rank", rank}, {"error", f}, {"recovered", false}});
+    }
+  }
+  if (omitted > 0) list.push_back({{"omitted", omitted}});
+  return list;
+}
+
+// The first rank whose commits (rebalance, layer, step) differ from the first surviving rank's, or -1.
+int first_inconsistent(const std::vector<json>& ranks, const std::vector<bool>& alive) {
+  std::optional<json> reference;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (!alive[i]) continue;
+    auto commits = ranks[i].value("commits", json::array());
+    if (!reference) {
+      reference = std::move(commits);
+    } else if (commits != *reference) {
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
+}
+
+// The run's outcome: "verified" is true when every surviving rank (all but those that died on
+// purpose, --fail-rank) verified its live slots: at the end, or after a failure (weights_intact).
+// "failure" is set by any rank's failure, by commits that differ between ranks, and by a rank that
+// exited unsuccessfully after writing its report; "failures" lists every rank's errors.
+void merge_outcome(const std::vector<json>& ranks, json& out) {
+  std::vector<bool> alive;
+  bool verified = true;
+  std::string failure, fallback;
+  for (const auto& r : ranks) {
+    alive.push_back(!r.value("died", false));
+    if (alive.back()) verified = verified && (r.value("verified", false) || r.value("weights_intact", false));
+    const auto f = r.value("failure", std::string());
+    if (f.empty()) continue;
+    if (alive.back() && failure.empty()) failure = f;  // a survivor names what went wrong
+    if (fallback.empty()) fallback = f;
+  }
+  if (failure.empty()) failure = fallback;
+  const int differs = first_inconsistent(ranks, alive);
+  if (failure.empty() && differs >= 0) {
+    failure =
+        fmt::format("rank {} committed layers in other steps than rank 0 (maps may differ between ranks)", differs);
+  }
+  int errors = 0, last_error_step = -1;
+  out["failures"] = collect_failures(ranks, errors, last_error_step);
+  out["verified"] = verified;
+  out["commit_steps_consistent"] = differs < 0;
+  out["errors"] = errors;
+  const auto& rb = out["rebalance_log"];
+  out["rebalances_after_errors"] = errors == 0 ? 0 : std::count_if(rb.begin(), rb.end(), [&](const json& x) {
+    return x.value("trigger_step", 0) > last_error_step;
+  });
+  if (!failure.empty()) out["failure"] = failure;
+}
+
 json merge(const simulate_config& cfg, const std::vector<json>& ranks) {
   json out;
-  bool verified = true, consistent = true;
   std::uint64_t bytes = 0;
   std::vector<double> all, busy, idle;
-  std::string failure;
   for (const auto& r : ranks) {
-    verified = verified && r.value("verified", false);
-    if (failure.empty() && !r.value("failure", std::string()).empty() && !r.value("died", false))
-      failure = r["failure"];
     bytes += r.value("bytes_moved", std::uint64_t{0});
     for (double v : r.value("busy_us", std::vector<double>{})) busy.push_back(v / 1000), all.push_back(v / 1000);
     for (double v : r.value("idle_us", std::vector<double>{})) idle.push_back(v / 1000), all.push_back(v / 1000);
-    consistent = consistent && r.value("commits", json::array()) == ranks.front().value("commits", json::array());
-  }
-  if (failure.empty()) {
-    for (const auto& r : ranks) {
-      if (!r.value("failure", std::string()).empty()) failure = r["failure"];
-    }
   }
   const auto& rb = ranks.front().value("rebalances", json::array());
-  out["verified"] = verified;
   out["rebalances"] = rb.size();
   out["balancedness_before"] = rb.empty() ? 0.0 : rb.front().value("before", 0.0);
   out["balancedness_after"] = rb.empty() ? 0.0 : rb.back().value("after", 0.0);
@@ -343,36 +447,27 @@ json merge(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["step_rebalancing_p99_ms"] = percentile(busy, 0.99);
   out["step_idle_p50_ms"] = percentile(idle, 0.5);
   out["step_idle_p99_ms"] = percentile(idle, 0.99);
-  out["commit_steps_consistent"] = consistent;
-  // Errors a run went on after (--transfer-fault-*), and the rebalances that finished after the last.
-  int errors = 0, last_error_step = -1;
-  for (const auto& r : ranks) {
-    for (const auto& e : r.value("errors", json::array())) {
-      ++errors;
-      last_error_step = std::max(last_error_step, e.value("step", -1));
-    }
-  }
-  out["errors"] = errors;
-  out["rebalances_after_errors"] = errors == 0 ? 0 : std::count_if(rb.begin(), rb.end(), [&](const json& x) {
-    return x.value("trigger_step", 0) > last_error_step;
-  });
   out["rebalance_log"] = rb;
   out["ranks"] = cfg.ranks;
   out["steps"] = cfg.steps;
+  merge_outcome(ranks, out);
   json details = json::array();
   for (const auto& r : ranks) {
     json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
-    if (r.contains("errors")) d["errors"] = r["errors"];
-    if (r.contains("weights_intact")) d["weights_intact"] = r["weights_intact"];
-    if (r.contains("communicators_made")) d["communicators_made"] = r["communicators_made"];
+    for (const char* key : {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest"}) {
+      if (r.contains(key)) d[key] = r[key];
+    }
     details.push_back(d);
   }
   out["rank_reports"] = details;
-  if (!failure.empty()) out["failure"] = failure;
   return out;
 }
 
 }  // namespace
+
+json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
+  return merge(cfg, ranks);
+}
 
 json simulate_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store, bool print_progress) {
   return run_rank(cfg, rank, std::move(store), nullptr, print_progress);
@@ -392,7 +487,7 @@ json run_simulation(const simulate_config& cfg, const std::string& self_exe, con
     }
     for (auto& f : futures) ranks.push_back(f.get());
   } else {
-    const auto deadline = clock_type::now() + std::chrono::hours(1);
+    const auto deadline = deadline_after(std::chrono::hours(1));
     // A rank that is stopped (SIGSTOP) or wedged never exits: once another rank failed, it gets
     // twice the timeout, then it is killed.
     for (const auto& p :
@@ -400,15 +495,49 @@ json run_simulation(const simulate_config& cfg, const std::string& self_exe, con
       const int r = static_cast<int>(ranks.size());
       json doc = json::parse(p.result, nullptr, false);
       if (doc.is_discarded() || !doc.is_object()) {
-        doc = {{"rank", r},
-               {"verified", false},
-               {"failure", fmt::format("rank {}: exited with status {} without a report", r, p.exit_status)}};
+        doc = {
+            {"rank", r},
+            {"verified", false},
+            {"failure", p.killed ? fmt::format("rank {}: did not finish in time (killed)", r)
+                                 : fmt::format("rank {}: exited with status {} without a report", r, p.exit_status)}};
+      } else if (p.exit_status != 0 && doc.value("failure", std::string()).empty()) {
+        // Its report says all went well, yet the process failed after writing it (a crash at exit).
+        doc["failure"] = fmt::format("rank {}: exited with status {} after its report", r, p.exit_status);
       }
+      doc["exit_status"] = p.exit_status;
       ranks.push_back(doc);
     }
   }
   return merge(cfg, ranks);
 }
+
+namespace {
+
+// The errors ranks reported (transfer faults the run went on after, and failures), a few lines.
+std::string failures_text(const json& r) {
+  const auto errors = r.value("errors", 0);
+  std::string out;
+  if (errors > 0) {
+    out += fmt::format("errors: {} reported by ranks (the run went on; {} rebalances finished after the last)\n",
+                       errors, r.value("rebalances_after_errors", 0));
+  }
+  int shown = 0;
+  for (const auto& f : r.value("failures", json::array())) {
+    if (!f.contains("error")) continue;
+    if (++shown > 8) {
+      out += "  ... (more in --json's \"failures\")\n";
+      break;
+    }
+    if (f.value("recovered", false)) {
+      out += fmt::format("  rank {} step {}: {}\n", f.value("rank", -1), f.value("step", -1), f.value("error", ""));
+    } else {  // a failure names its rank itself
+      out += fmt::format("  {} (ended the rank's run)\n", f.value("error", ""));
+    }
+  }
+  return out;
+}
+
+}  // namespace
 
 std::string summary_table(const simulate_config& cfg, const json& r) {
   std::string out =
@@ -430,8 +559,9 @@ std::string summary_table(const simulate_config& cfg, const json& r) {
       r.value("step_rebalancing_p50_ms", 0.0), r.value("step_rebalancing_p99_ms", 0.0),
       r.value("step_idle_p50_ms", 0.0), r.value("step_idle_p99_ms", 0.0));
   out += fmt::format("verification: {}; commits in the same step on every rank: {}\n",
-                     r.value("verified", false) ? "every committed layer verified on every rank" : "FAILED",
+                     r.value("verified", false) ? "every committed layer verified on every surviving rank" : "FAILED",
                      r.value("commit_steps_consistent", false) ? "yes" : "NO");
+  out += failures_text(r);
   if (r.contains("failure")) out += fmt::format("failure: {}\n", r["failure"].get<std::string>());
   return out;
 }

@@ -62,6 +62,11 @@ void validate(const simulate_config& cfg);
 [[nodiscard]] nlohmann::json simulate_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
                                            bool print_progress);
 
+/// Merges the ranks' reports (simulate_rank's) into the run's: "verified" when every surviving rank
+/// verified its live slots, "failure" when any rank failed or ranks committed in different steps,
+/// "failures" listing every error a rank reported (also those the run went on after).
+[[nodiscard]] nlohmann::json merge_reports(const simulate_config& cfg, const std::vector<nlohmann::json>& ranks);
+
 /// Runs every rank (threads, or processes of `self_exe` with --procs) and merges the reports.
 [[nodiscard]] nlohmann::json run_simulation(const simulate_config& cfg, const std::string& self_exe,
                                             const std::vector<std::string>& child_args, bool print_progress);

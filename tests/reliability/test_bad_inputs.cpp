@@ -16,10 +16,14 @@
 #include "eplb/comm/store.hpp"
 #include "eplb/config.hpp"
 #include "eplb/core/placement.hpp"
+#include "eplb/core/policy.hpp"
 #include "eplb/exec/rearrange.hpp"
 #include "eplb/state.hpp"
 #include "on_ranks.hpp"
 #include "tools/exchange.hpp"
+#include "tools/plan_json.hpp"
+#include "tools/simulate.hpp"
+#include "util/deadline.hpp"
 
 using namespace eplb;
 using eplb::testing::on_ranks;
@@ -113,6 +117,29 @@ config from_struct(const std::function<void(config&)>& change) {
 
 void make_state(state_params p) {
   eplb_state s(std::move(p));
+}
+
+std::string repeat(std::string_view part, int times) {
+  std::string out;
+  for (int i = 0; i < times; ++i) out += part;
+  return out;
+}
+
+// JSON arrays nested `depth` levels deep: "[[[...]]]".
+std::string nested(int depth) {
+  return std::string(static_cast<std::size_t>(depth), '[') + std::string(static_cast<std::size_t>(depth), ']');
+}
+
+// 100,000 characters starting with a newline and a control character (JSON escapes for them).
+std::string hostile_text() {
+  return "a\\nb\\u0001c" + std::string(100'000, 'x');
+}
+
+// A policy input of one layer: the first four loads `big`, the rest 1 (as in issue 15's example).
+rebalance_input policy_input(double big) {
+  static matrix<double> load(1, 8);
+  for (std::size_t e = 0; e < 8; ++e) load(0, e) = e < 4 ? big : 1.0;
+  return {load, 8, 4, 2, 2};
 }
 
 // Two loopback ranks whose bundles differ (rank 1's tensor is twice as large): the rearrangement
@@ -236,11 +263,64 @@ std::vector<bad_input> table() {
       {"commit_lag_steps: 1001", [](f_t) { (void)config::from_json(R"({"commit_lag_steps": 1001})"); },
        errc::invalid_config, "commit_lag_steps: 1001 is not allowed (must be in 0..1000)"},
       {"timeout_ms: 0", [](f_t) { (void)config::from_json(R"({"timeout_ms": 0})"); }, errc::invalid_config,
-       "timeout_ms: 0 is not allowed (must be > 0)"},
+       "timeout_ms: 0 is not allowed (must be in 1..86400000 ms"},
       {"timeout_ms: a string", [](f_t) { (void)config::from_json(R"({"timeout_ms": "5s"})"); }, errc::invalid_config,
        R"(timeout_ms: "5s" is not allowed (must be an integer))"},
       {"config struct: negative timeout", [](f_t) { (void)from_struct([](config& c) { c.timeout = -1ms; }); },
-       errc::invalid_config, "timeout_ms: -1 is not allowed (must be > 0)"},
+       errc::invalid_config, "timeout_ms: -1 is not allowed (must be in 1..86400000 ms"},
+      // --- issue 15: hostile values (timeouts that overflow deadlines, deep nesting, huge echoes)
+      {"config struct: timeout of milliseconds::max()",
+       [](f_t) { (void)from_struct([](config& c) { c.timeout = std::chrono::milliseconds::max(); }); },
+       errc::invalid_config,
+       "timeout_ms: 9223372036854775807 is not allowed (must be in 1..86400000 ms, i.e. 1 ms to 24 h)"},
+      {"config struct: timeout of one day and 1 ms",
+       [](f_t) { (void)from_struct([](config& c) { c.timeout = std::chrono::hours(24) + 1ms; }); },
+       errc::invalid_config, "timeout_ms: 86400001 is not allowed (must be in 1..86400000 ms"},
+      {"timeout_ms: beyond a day", [](f_t) { (void)config::from_json(R"({"timeout_ms": 86400001})"); },
+       errc::invalid_config, "timeout_ms: 86400001 is not allowed (must be in 1..86400000 ms"},
+      {"timeout_ms: negative", [](f_t) { (void)config::from_json(R"({"timeout_ms": -1})"); }, errc::invalid_config,
+       "timeout_ms: -1 is not allowed (must be in 1..86400000 ms"},
+      {"config: nested 100,000 levels deep",
+       [](f_t) { (void)config::from_json(R"({"policy": )" + nested(100'000) + "}"); }, errc::invalid_config,
+       "config: nested deeper than 64 levels at byte 74"},
+      {"config: nested 65 levels in a value", [](f_t) { (void)config::from_json(nested(65)); }, errc::invalid_config,
+       "config: nested deeper than 64 levels at byte 64"},
+      {"config: a long string with control characters echoed as an excerpt",
+       [](f_t) { (void)config::from_json(R"({"policy": ")" + hostile_text() + R"("})"); }, errc::invalid_config,
+       R"(policy: "a\nb\x01c)"},
+      {"config: a long unknown key echoed as an excerpt",
+       [](f_t) { (void)config::from_json(R"({")" + hostile_text() + R"(": 1})"); }, errc::invalid_config,
+       R"(a\nb\x01c)" + std::string(31, 'x') + "...: unknown field"},
+      {"config: a long array echoed as an excerpt",
+       [](f_t) { (void)config::from_json(R"({"window_size": [)" + repeat("1,", 100'000) + "1]}"); },
+       errc::invalid_config, "window_size: [" + repeat("1,", 19) + "1... is not allowed (must be an integer)"},
+      {"config: a long bad token echoed as an excerpt",
+       [](f_t) { (void)config::from_json(R"({"window_size": ")" + std::string(100'000, 'x')); }, errc::invalid_config,
+       "last read: '\"" + std::string(39, 'x') + "...'"},
+      {"plan: nested 100,000 levels deep", [](f_t) { (void)tools::parse_plan_text(nested(100'000)); },
+       errc::invalid_json, "input: nested deeper than 64 levels at byte 64"},
+      {"plan: a long policy name echoed as an excerpt",
+       [](f_t) {
+         (void)tools::parse_plan_text(R"({"load": [[1]], "num_replicas": 1, "num_groups": 1, "num_nodes": 1,
+                                          "num_ranks": 1, "policy": ")" +
+                                      hostile_text() + R"("})");
+       },
+       errc::invalid_argument, R"(policy: unknown policy "a\nb\x01c)"},
+      {"plan: a deep value echoed as an excerpt",
+       [](f_t) { (void)tools::parse_plan_text(R"({"load": [[1]], "num_replicas": )" + nested(60) + "}"); },
+       errc::invalid_json, "num_replicas: must be an integer, got [[[[[[[[[...]]]]]]]]]"},
+      {"policy: loads near FLT_MAX whose float32 sums overflow",
+       [](f_t) { (void)rebalance(policy_kind::deepseek_default, policy_input(3e38)); }, errc::invalid_argument,
+       "load[0][0]: layer 0's total load reaches 3e+38 here, at or above the allowed 1e+30"},
+      {"policy: a layer total that reaches the bound at a later expert",
+       [](f_t) { (void)rebalance(policy_kind::min_move, policy_input(5e29)); }, errc::invalid_argument,
+       "load[0][1]: layer 0's total load reaches 1e+30 here"},
+      {"plan: loads near FLT_MAX",
+       [](f_t) {
+         (void)tools::parse_plan_text(R"({"load":[[3e38,3e38,3e38,3e38,1,1,1,1]],"num_replicas":8,"num_groups":4,
+                                          "num_nodes":2,"num_ranks":2})");
+       },
+       errc::invalid_argument, "load[0][0]: layer 0's total load reaches 3e+38"},
       {"config struct: unknown policy", [](f_t) { (void)from_struct([](config& c) { c.policy = ""; }); },
        errc::invalid_config, R"(policy: "" is not allowed)"},
 
@@ -758,5 +838,112 @@ TEST_CASE("bad inputs: a clear error with the right code, and nothing changed") 
     // The fixture still works after the error: a valid rearrangement moves and verifies every byte.
     CHECK_NOTHROW(f.re.rearrange(f.weights(), f.maps, rows({moving_row, moving_row})));
     CHECK(f.maps.phy2log(0)[0] == 5);
+  }
+}
+
+// Issue 15: an error that echoes a hostile value stays one short line, whatever the value.
+TEST_CASE("errors echo hostile values as short excerpts without control characters") {
+  const std::string plan_head =
+      R"({"load": [[1]], "num_replicas": 1, "num_groups": 1, "num_nodes": 1, "num_ranks": 1, )";
+  const std::vector<std::function<void()>> inputs = {
+      [] { (void)config::from_json(R"({"policy": ")" + hostile_text() + R"("})"); },
+      [] { (void)config::from_json(R"({"communicator": ")" + hostile_text() + R"("})"); },
+      [] { (void)config::from_json(R"({")" + hostile_text() + R"(": true})"); },
+      [] { (void)config::from_json(R"({"use_async": [")" + hostile_text() + R"("]})"); },
+      [] { (void)config::from_json(R"({"window_size": ")" + hostile_text()); },
+      [] { (void)config::from_json(nested(100'000)); },
+      [&] { (void)tools::parse_plan_text(plan_head + R"("policy": ")" + hostile_text() + R"("})"); },
+      [&] { (void)tools::parse_plan_text(plan_head + R"(")" + hostile_text() + R"(": 1})"); },
+      [&] { (void)tools::parse_plan_text(plan_head + R"("policy": )" + nested(64) + "}"); },
+      [] { (void)tools::parse_plan_text(R"({"load": [[")" + hostile_text() + R"("]]})"); },
+      [] {
+        (void)tools::parse_plan_text(R"({"load": [[1]], "num_ranks": )" + repeat("[1,", 60) + "1" + repeat("]", 60) +
+                                     "}");
+      },
+      [] { (void)tools::parse_plan_text(std::string(100'000, '9') + "e99999"); },
+  };
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    CAPTURE(i);
+    std::string message;
+    try {
+      inputs[i]();
+    } catch (const error& e) {
+      message = e.what();
+    }
+    CAPTURE(message);
+    CHECK(!message.empty());
+    CHECK(message.size() < 500);
+    CHECK(std::none_of(message.begin(), message.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; }));
+  }
+}
+
+TEST_CASE("deadline_after saturates instead of overflowing") {
+  using clock = std::chrono::steady_clock;
+  CHECK(deadline_after(std::chrono::milliseconds::max()) == clock::time_point::max());
+  CHECK(deadline_after(std::chrono::milliseconds(std::chrono::hours(24 * 365 * 1000))) == clock::time_point::max());
+  const auto before = clock::now();
+  const auto day = deadline_after(max_timeout);
+  CHECK(day >= before + std::chrono::hours(24));
+  CHECK(day <= clock::now() + std::chrono::hours(24));
+  const auto zero = deadline_after(0ms);
+  const auto negative = deadline_after(std::chrono::milliseconds::min());
+  CHECK(zero <= clock::now());
+  CHECK(negative <= clock::now());
+}
+
+// Issue 15 F: the merged report of `eplb simulate` tells what the ranks said, all of it.
+TEST_CASE("merged simulate reports are truthful") {
+  using nlohmann::json;
+  tools::simulate_config cfg;
+  cfg.ranks = 2;
+  const json commits = json::array({json::array({0, 0, 50})});
+  const auto rank = [&](int r, bool verified, json errors, json rank_commits) {
+    return json{{"rank", r},
+                {"verified", verified},
+                {"failure", ""},
+                {"errors", std::move(errors)},
+                {"commits", rank_commits},
+                {"rebalances", json::array()},
+                {"busy_us", {1.0}},
+                {"idle_us", {1.0}}};
+  };
+  SUBCASE("errors a run went on after are listed") {
+    const json err =
+        json::array({{{"step", 151}, {"error", "[transport] layer 1: injected transfer fault on rank 1"}}});
+    const auto out = tools::merge_reports(cfg, {rank(0, true, json::array(), commits), rank(1, true, err, commits)});
+    CHECK(out["verified"] == true);
+    CHECK(out["errors"] == 1);
+    REQUIRE(out["failures"].size() == 1);
+    CHECK(out["failures"][0]["rank"] == 1);
+    CHECK(out["failures"][0]["step"] == 151);
+    CHECK(out["failures"][0]["error"].get<std::string>().find("injected transfer fault") != std::string::npos);
+    CHECK(tools::summary_table(cfg, out).find("rank 1 step 151: [transport] layer 1: injected transfer fault") !=
+          std::string::npos);
+  }
+  SUBCASE("commits in different steps are a failure, even when every rank verified") {
+    const json other = json::array({json::array({0, 0, 51})});
+    const auto out =
+        tools::merge_reports(cfg, {rank(0, true, json::array(), commits), rank(1, true, json::array(), other)});
+    CHECK(out["commit_steps_consistent"] == false);
+    REQUIRE(out.contains("failure"));
+    CHECK(out["failure"].get<std::string>().find("rank 1 committed layers in other steps") != std::string::npos);
+  }
+  SUBCASE("a rank that is not verified makes the run unverified") {
+    auto bad = rank(1, false, json::array(), commits);
+    bad["failure"] = "rank 1: [verification_failed] layer 0 slot 1 tensor 0 does not hold expert 3's bytes";
+    const auto out = tools::merge_reports(cfg, {rank(0, true, json::array(), commits), bad});
+    CHECK(out["verified"] == false);
+    CHECK(out["failure"] == bad["failure"]);
+    CHECK(out["failures"].size() == 1);
+  }
+  SUBCASE("a rank that died on purpose does not count against verified; survivors do") {
+    json died = {{"rank", 1}, {"verified", false}, {"failure", "rank 1: died at step 120 (injected)"}, {"died", true}};
+    auto survivor = rank(0, false, json::array(), commits);
+    survivor["failure"] = "rank 0: [timeout] rank 1 did not join";
+    survivor["weights_intact"] = true;
+    const auto out = tools::merge_reports(cfg, {survivor, died});
+    CHECK(out["verified"] == true);
+    CHECK(out["failure"] == survivor["failure"]);
+    CHECK(out["failures"].size() == 2);
   }
 }

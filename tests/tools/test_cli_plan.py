@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """End-to-end checks of `eplb plan`: output shape, stdin, and exit status 2 with one clear line."""
 import json
+import os
 import subprocess
 import sys
+import time
 
 eplb, data = sys.argv[1], sys.argv[2]
 failures = []
@@ -48,6 +50,41 @@ expect(r.returncode == 2 and "cannot open" in r.stderr, f"missing file: {r.retur
 
 r = run(["plan", "--text", f"{data}/readme_example.json"])
 expect(r.returncode == 0 and "rank   0" in r.stdout and "balancedness" in r.stdout, "text output")
+
+# Issue 15: hostile inputs end in one short line naming the field, exit 2, within a time bound.
+hostile = "a\\nb\\u0001c" + "x" * 100000  # JSON escapes: a newline and a control character
+plan_head = '{"load": [[1]], "num_replicas": 1, "num_groups": 1, "num_nodes": 1, "num_ranks": 1, '
+hostile_inputs = {
+    "[" * 100000 + "]" * 100000: "input: nested deeper than 64 levels at byte 64",
+    '{"load": ' + "[" * 100000 + "]" * 100000 + "}": "input: nested deeper than 64 levels",
+    '{"load":[[3e38,3e38,3e38,3e38,1,1,1,1]],"num_replicas":8,"num_groups":4,"num_nodes":2,"num_ranks":2}':
+        "load[0][0]: layer 0's total load reaches 3e+38 here, at or above the allowed 1e+30",
+    '{"load":[[5e29,5e29,1,1]],"num_replicas":4,"num_groups":1,"num_nodes":1,"num_ranks":1}':
+        "load[0][1]: layer 0's total load reaches 1e+30",
+    plan_head + '"policy": "' + hostile + '"}': 'policy: unknown policy "a\\nb\\x01cxxx',
+    plan_head + '"' + hostile + '": 1}': "a\\nb\\x01cxxx",
+    '{"load": [[1, "' + hostile + '"]], "num_replicas": 2, "num_groups": 1, "num_nodes": 1, "num_ranks": 1}':
+        'load[0][1]: must be a number, got "a\\nb\\u0001cxxx',
+    '{"load": [[1, "' + "x" * 100000: "input: not valid JSON",
+}
+for text, message in hostile_inputs.items():
+    started = time.monotonic()
+    r = run(["plan", "-"], stdin=text)
+    took = time.monotonic() - started
+    what = f"{text[:40]!r}... ({len(text)} bytes)"
+    expect(r.returncode == 2, f"{what}: exit {r.returncode}, want 2 ({r.stderr[-300:]!r})")
+    expect(r.stdout == "", f"{what}: stdout not empty")
+    lines = r.stderr.strip().splitlines()
+    expect(len(lines) == 1 and message in lines[0], f"{what}: stderr {r.stderr[:300]!r} lacks {message!r}")
+    expect(len(r.stderr) < 500, f"{what}: stderr is {len(r.stderr)} characters, want a short excerpt")
+    expect(took < 5, f"{what}: took {took:.1f} s")
+
+# Output that cannot be written is an error naming where, not a silent exit 0.
+if os.path.exists("/dev/full"):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([eplb, "plan", f"{data}/readme_example.json"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=30)
+    expect(r.returncode == 1 and "stdout: write failed" in r.stderr, f"plan > /dev/full: {r.returncode} {r.stderr!r}")
 
 if failures:
     print("\n".join(failures))

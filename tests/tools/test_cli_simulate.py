@@ -4,6 +4,7 @@ and async), a rank that dies is named by the others with a non-zero exit, bad fl
 import json
 import subprocess
 import sys
+import time
 
 eplb = sys.argv[1]
 with_gloo = len(sys.argv) > 2 and sys.argv[2] == "gloo"
@@ -52,6 +53,82 @@ r = run(["simulate", "--sync", "--async"])
 expect(r.returncode == 2 and "exclude each other" in r.stderr, f"sync+async: {r.returncode} {r.stderr}")
 r = run(["simulate", "--device", "tpu"])
 expect(r.returncode == 2 and "unknown device backend \"tpu\"" in r.stderr, f"bad device: {r.stderr}")
+
+# Issue 15: every numeric flag is range-checked, CLI11's parse errors too: one line naming the flag,
+# exit 2, at once.
+limit = "must be in 1..86400000 ms"
+bad_flags = [
+    (["simulate", "--drift-steps", "0"], "--drift-steps: must be in 1.."),
+    (["simulate", "--timeout-ms", "0"], "--timeout-ms: 0 is not allowed (" + limit),
+    (["simulate", "--timeout-ms", "-5"], "--timeout-ms: -5 is not allowed (" + limit),
+    (["simulate", "--timeout-ms", "86400001"], "--timeout-ms: 86400001 is not allowed (" + limit),
+    (["simulate", "--timeout-ms", "9223372036854775807"], "--timeout-ms: 9223372036854775807 is not allowed"),
+    (["exchange", "--timeout-ms", "0"], "--timeout-ms: 0 is not allowed (" + limit),
+    (["exchange", "--timeout-ms", "9223372036854775807"], "--timeout-ms: 9223372036854775807 is not allowed"),
+    (["exchange", "--tensor-bytes", "-1"], '--tensor-bytes: "-1" is not a byte count'),
+    (["exchange", "--tensor-bytes", "4096, 5"], '--tensor-bytes: " 5" is not a byte count'),
+    (["exchange", "--tensor-bytes", "8589934592"], "--tensor-bytes: sizes must be in 1..4294967296"),
+    (["exchange", "--layers", "5000", "--tensor-bytes", "4294967296"], "at most 64 GiB"),
+    (["exchange", "--staging-bytes", "-1"], "--staging-bytes: must be a whole number >= 0, got -1"),
+    (["exchange", "--seed", "-1"], "--seed: must be a whole number >= 0, got -1"),
+    (["exchange", "--rounds", "-1"], "--rounds: must be in 0..1000000, got -1"),
+    (["exchange", "--layers", "0"], "--layers: must be in 1..10000, got 0"),
+    (["exchange", "--inject-delay-ms", "-1"], "--inject-delay-ms: must be in 0..60000, got -1"),
+    (["exchange", "--inject-fail-op", "-2"], "--inject-fail-op: must be in -1.."),
+    (["exchange", "--fault-rank", "7"], "--fault-rank: must be in -1..1, got 7"),
+    (["exchange", "--rank", "5"], "--rank: 5 is not a rank (0..1)"),
+    (["exchange", "--rank", "-3"], "--rank: -3 is not a rank"),
+    (["simulate", "--seed", "-1"], "--seed: must be a whole number >= 0, got -1"),
+    (["simulate", "--bytes-scale", "-1"], "--bytes-scale: must be a whole number >= 0, got -1"),
+    (["simulate", "--steps", "abc"], "--steps"),
+    (["simulate", "--steps", "0"], "--steps: must be in 1..10000000, got 0"),
+    (["simulate", "--steps", "99999999999"], "--steps"),
+    (["simulate", "--tokens", "-1"], "--tokens: must be in 1..1048576, got -1"),
+    (["simulate", "--window", "-1"], "--window: must be in 0.."),
+    (["simulate", "--preset", "deepseek-v3", "--ranks", "4", "--window", "100000000"], "--window: 100000000 steps"),
+    (["simulate", "--step-interval", "-1"], "--step-interval: must be in 0.."),
+    (["simulate", "--commit-lag", "1001"], "--commit-lag: must be in -1..1000, got 1001"),
+    (["simulate", "--forward-us", "-1"], "--forward-us: must be in 0..1000000, got -1"),
+    (["simulate", "--inject-delay-ms", "-1"], "--inject-delay-ms: must be in 0..60000, got -1"),
+    (["simulate", "--fail-rank", "-2", "--fail-step", "5"], "--fail-rank: must be in -1..3, got -2"),
+    (["simulate", "--fail-rank", "1", "--fail-step", "0"], "--fail-step: must be in 1..2000, got 0"),
+    (["simulate", "--transfer-fault-rank", "1", "--transfer-fault-step", "3000"],
+     "--transfer-fault-step: must be in 1..2000, got 3000"),
+    (["simulate", "--rank", "-2"], "--rank: -2 is not a rank"),
+    (["simulate", "--no-such-flag"], "--no-such-flag"),
+    (["simulate", "--rank", "0", "--store", "/tmp", "--result", "/nonexistent/dir/result.json"],
+     "--result /nonexistent/dir/result.json: cannot open for writing"),
+    (["exchange", "--rank", "0", "--store", "/tmp", "--result", "/nonexistent/dir/result"],
+     "--result /nonexistent/dir/result: cannot open for writing"),
+    (["frobnicate"], "A subcommand is required"),
+]
+for args, message in bad_flags:
+    started = time.monotonic()
+    r = run(args, timeout=30)
+    took = time.monotonic() - started
+    lines = r.stderr.strip().splitlines()
+    expect(r.returncode == 2, f"{args}: exit {r.returncode}, want 2 ({r.stderr[-300:]!r})")
+    expect(len(lines) == 1 and message in lines[0], f"{args}: stderr {r.stderr[-300:]!r} lacks {message!r}")
+    expect(took < 5, f"{args}: took {took:.1f} s")
+
+if with_gloo:
+    # Issue 15 F: a transfer fault in sync mode between processes; whatever the exit status, every
+    # rank's error is in the merged report and the text output, and "verified" agrees with the ranks.
+    fault = ["--procs", "--backend", "gloo", "--sync", "--timeout-ms", "2000", "--steps", "400",
+             "--transfer-fault-rank", "3", "--transfer-fault-step", "150"]
+    r = run(["simulate", "--json", *fault])
+    out = json.loads(r.stdout) if r.stdout.startswith("{") else {}
+    faults = [f for f in out.get("failures", []) if "injected transfer fault" in f.get("error", "")]
+    expect(any(f.get("rank") == 3 for f in faults), f"transfer fault: rank 3's error not in failures: {out}")
+    expect(len({f.get("rank") for f in faults}) == 4, f"transfer fault: every rank's error expected: {faults}")
+    reports = out.get("rank_reports", [])
+    if out.get("verified"):
+        expect(all(not rep.get("failure") or rep.get("weights_intact") for rep in reports),
+               f"transfer fault: verified although a rank is not: {reports}")
+    if r.returncode != 0:
+        expect(out.get("failure"), f"transfer fault: exit {r.returncode} without a failure in the report: {out}")
+    r = run(["simulate", *fault])
+    expect("injected transfer fault on rank 3" in r.stdout, f"transfer fault: text output lacks it: {r.stdout}")
 
 r = run(["info"])
 expect(r.returncode == 0 and "loopback" in r.stdout and "runnable" in r.stdout, f"info: {r.stdout}")

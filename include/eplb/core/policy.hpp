@@ -15,16 +15,21 @@ enum class policy_kind { deepseek_default, min_move };
 [[nodiscard]] policy_kind parse_policy(std::string_view name, std::string_view field = "policy");
 [[nodiscard]] std::string_view to_string(policy_kind kind) noexcept;
 
+/// Bound on one layer's total load (rebalance_input::load): the default policy sums loads in float32
+/// (as vLLM does), and totals near FLT_MAX (3.4e38) would overflow to inf. Token counts are far below.
+inline constexpr double max_layer_load = 1e30;
+
 struct rebalance_input {
-  const matrix<double>& load;                      ///< layers x logical experts, finite and >= 0
-  int num_replicas;                                ///< physical slots per layer, a multiple of num_ranks, >= experts
-  int num_groups;                                  ///< expert groups (group-limited routing); divides the expert count
-  int num_nodes;                                   ///< nodes; hierarchical balancing when num_groups % num_nodes == 0
-  int num_ranks;                                   ///< EP ranks, a multiple of num_nodes in hierarchical mode
+  const matrix<double>& load;  ///< layers x logical experts, finite, >= 0, each row's sum < max_layer_load
+  int num_replicas;            ///< physical slots per layer, a multiple of num_ranks, >= experts
+  int num_groups;              ///< expert groups (group-limited routing); divides the expert count
+  int num_nodes;               ///< nodes; hierarchical balancing when num_groups % num_nodes == 0
+  int num_ranks;               ///< EP ranks, a multiple of num_nodes in hierarchical mode
   const matrix<expert_id>* old_phy2log = nullptr;  ///< optional: keep experts in their old slots
 };
 
-/// Checks the input; throws error(errc::invalid_argument) naming the field and the rule.
+/// Checks the input (loads as documented on rebalance_input, shapes, old_phy2log ids); throws
+/// error(errc::invalid_argument) naming the field and the rule.
 void validate(const rebalance_input& in);
 
 /// DeepSeek's EPLB as vLLM's DefaultEplbPolicy runs it, bit for bit: loads are rounded to float32
