@@ -143,7 +143,7 @@ int run_exchange_child(const exchange_flags& f) {
   tools::exchange_result res;
   std::unique_ptr<tools::rank_store> store;
   try {
-    store = std::make_unique<tools::rank_store>(f.store, cfg.ranks, cfg.timeout);
+    store = std::make_unique<tools::rank_store>(f.store, cfg.ranks, f.rank, cfg.timeout);
     const bool faulty = cfg.fault_rank < 0 || cfg.fault_rank == f.rank;
     auto dev = cfg.device == device::backend_kind::cuda
                    ? device::make_cuda_device(f.rank % std::max(1, device::cuda_device_count()))
@@ -226,7 +226,7 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
   }
   if (f.rank >= 0) {  // one rank of a --procs run, or started by hand (one per host)
     const auto result_file = open_result(f.result);
-    tools::rank_store store(f.store, cfg.ranks, cfg.timeout);
+    tools::rank_store store(f.store, cfg.ranks, f.rank, cfg.timeout);
     const auto report = tools::simulate_rank(cfg, f.rank, store.get(), !f.json);
     if (result_file) {
       *result_file << report.dump();

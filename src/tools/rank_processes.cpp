@@ -1,5 +1,7 @@
 #include "tools/rank_processes.hpp"
 
+#include <fmt/ranges.h>
+
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -79,7 +81,7 @@ std::vector<rank_process> run_rank_processes(const std::string& self_exe, const 
   return out;
 }
 
-rank_store::rank_store(const std::string& spec, int ranks, std::chrono::milliseconds timeout)
+rank_store::rank_store(const std::string& spec, int ranks, int rank, std::chrono::milliseconds timeout)
     : ranks_(ranks), timeout_(timeout) {
   const auto colon = spec.find(':');
   const auto kind = colon == std::string::npos ? std::string() : spec.substr(0, colon);
@@ -87,6 +89,7 @@ rank_store::rank_store(const std::string& spec, int ranks, std::chrono::millisec
     if (spec.empty())
       fail(errc::invalid_argument, "--store: required with --rank (DIR, tcp:HOST:PORT or tcp-serve:HOST:PORT)");
     store_ = comm::make_file_store(kind == "file" ? spec.substr(colon + 1) : spec);
+    join_run(spec, rank);
     return;
   }
   const auto rest = spec.substr(colon + 1);
@@ -107,6 +110,28 @@ rank_store::rank_store(const std::string& spec, int ranks, std::chrono::millisec
   const auto host = rest.substr(0, last);
   if (kind == "tcp-serve") server_ = std::make_unique<comm::tcp_store_server>(host, static_cast<std::uint16_t>(port));
   store_ = comm::make_tcp_store(host, static_cast<std::uint16_t>(port), timeout);
+  join_run(spec, rank);
+}
+
+void rank_store::join_run(const std::string& spec, int rank) {
+  const auto joins_of = [&](int q) { return fmt::format("eplb-run/rank-{}", q); };
+  const std::int64_t run = store_->add(joins_of(rank), 1) - 1;
+  auto mine = comm::make_prefix_store(store_, fmt::format("run-{}", run));
+  try {
+    comm::store_barrier(*mine, "joined", ranks_, timeout_);
+  } catch (const error& e) {
+    if (e.code() != errc::timeout) throw;
+    std::vector<int> missing;
+    for (int q = 0; q < ranks_; ++q) {
+      if (store_->add(joins_of(q), 0) <= run) missing.push_back(q);
+    }
+    fail(errc::timeout, "--store {}: rank {} is in run {} of this store; ranks {} did not join it within {} ms{}",
+         excerpt(spec), rank, run, fmt::join(missing, ","), timeout_.count(),
+         run > 0 ? " (not started, too slow, or one of the earlier runs on this store did not start every rank: "
+                   "then use a fresh store)"
+                 : " (not started or too slow)");
+  }
+  store_ = std::move(mine);
 }
 
 void rank_store::finish() {

@@ -29,15 +29,23 @@ struct rank_process {
 /// SPEC: DIR or file:DIR (a file store the ranks share), tcp:HOST:PORT (connect to a TCP store),
 /// tcp-serve:HOST:PORT (serve the TCP store on HOST:PORT, then connect to it: one rank does this).
 /// error(errc::invalid_argument) naming --store for anything else.
+///
+/// A store may outlive a run (a directory used again, a tcp-serve still up), so every run works
+/// under its own prefix, run-K, K being how often rank `rank` joined this store before; ranks of one
+/// run meet there before anything else. Ranks that disagree on K (an earlier run on this store did
+/// not start every rank) time out at that meeting with error(errc::timeout) naming each rank's joins
+/// and the stale store, instead of reading an older run's keys.
 class rank_store {
  public:
-  rank_store(const std::string& spec, int ranks, std::chrono::milliseconds timeout);
+  rank_store(const std::string& spec, int ranks, int rank, std::chrono::milliseconds timeout);
   [[nodiscard]] const std::shared_ptr<comm::store>& get() const noexcept { return store_; }
   /// After a successful run: every rank says it is done with the store, and the rank serving it
   /// waits (up to the timeout) until all others are, so no rank loses the server mid-request.
   void finish();
 
  private:
+  void join_run(const std::string& spec, int rank);
+
   std::unique_ptr<comm::tcp_store_server> server_;
   std::shared_ptr<comm::store> store_;
   int ranks_;
