@@ -6,6 +6,31 @@
 
 namespace eplb {
 
+namespace {
+
+// log2phy is padded to the most replicas of any expert in any layer: a small map whose one expert
+// fills a long row would ask for gigabytes, so the table's size is checked before it is allocated.
+void check_log2phy_size(std::size_t layers, int num_logical, int widest, std::string_view field) {
+  const auto entries = static_cast<std::int64_t>(layers) * num_logical * widest;
+  if (entries > max_log2phy_entries) {
+    fail(errc::invalid_map,
+         "{}: log2phy for {} layers x {} experts x {} replicas (the most of one expert) has {} entries, over the "
+         "limit of {} (eplb::max_log2phy_entries)",
+         field, layers, num_logical, widest, entries, max_log2phy_entries);
+  }
+}
+
+int widest_row(std::span<const expert_id> row, std::vector<int>& count) {
+  std::fill(count.begin(), count.end(), 0);
+  int widest = 0;
+  for (expert_id e : row) {
+    if (e >= 0) widest = std::max(widest, ++count[static_cast<std::size_t>(e)]);
+  }
+  return widest;
+}
+
+}  // namespace
+
 void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field) {
   thread_local std::vector<unsigned char> seen;
   seen.assign(static_cast<std::size_t>(num_logical), 0);
@@ -39,7 +64,13 @@ placement::placement(matrix<expert_id> phy2log, int num_logical, int num_ranks, 
   if (r < num_logical) {
     fail(errc::invalid_map, "{}: {} physical slots cannot hold {} logical experts", field, r, num_logical);
   }
-  for (int l = 0; l < layers(); ++l) validate_phy2log_row(phy2log_.row(l), num_logical, l, field);
+  int widest = 0;
+  std::vector<int> count(static_cast<std::size_t>(num_logical));
+  for (int l = 0; l < layers(); ++l) {
+    validate_phy2log_row(phy2log_.row(l), num_logical, l, field);
+    widest = std::max(widest, widest_row(phy2log_.row(l), count));
+  }
+  check_log2phy_size(phy2log_.rows(), num_logical, widest, field);
   derive();
 }
 
@@ -115,12 +146,10 @@ void placement::set_layer(int layer, std::span<const expert_id> row) {
     fail(errc::invalid_map, "phy2log[{}]: row has {} entries, expected {}", layer, row.size(), phy2log_.cols());
   }
   validate_phy2log_row(row, num_logical_, layer, "phy2log");
+  std::vector<int> count(static_cast<std::size_t>(num_logical_));
+  const int widest = widest_row(row, count);
+  if (widest > max_replicas_) check_log2phy_size(phy2log_.rows(), num_logical_, widest, "phy2log");
   std::copy(row.begin(), row.end(), phy2log_.row(layer).begin());
-  int widest = 0;
-  std::vector<int> count(static_cast<std::size_t>(num_logical_), 0);
-  for (expert_id e : row) {
-    if (e >= 0) widest = std::max(widest, ++count[static_cast<std::size_t>(e)]);
-  }
   if (widest > max_replicas_) {
     derive();  // the log2phy table must widen: rebuild it for every layer
   } else {

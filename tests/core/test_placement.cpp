@@ -116,3 +116,22 @@ TEST_CASE("balancedness is mean over max tokens per rank, summed over layers") {
   // rank 0: 5 + 2 = 7, rank 1: 5 + 6 = 11
   CHECK(balancedness(p, logical) == doctest::Approx(9.0 / 11.0));
 }
+
+TEST_CASE("a map whose padded log2phy table would pass max_log2phy_entries is refused") {
+  // 300 KB of map, one expert in half the slots: log2phy would be 32,768 x 32,769 entries (4 GiB).
+  matrix<expert_id> m(1, 65536, 0);
+  for (int e = 0; e < 32768; ++e) m(0, static_cast<std::size_t>(e)) = e;
+  CHECK_EPLB_ERROR(placement(m, 32768, 8, "old_phy2log"), errc::invalid_map,
+                   "old_phy2log: log2phy for 1 layers x 32768 experts x 32769 replicas (the most of one expert) has "
+                   "1073774592 entries, over the limit of 16777216 (eplb::max_log2phy_entries)");
+  // Widening through set_layer is checked too, and leaves the placement as it was.
+  auto p = placement::initial(1, 4096, 8192, 8);
+  std::vector<expert_id> row(8192, 0);
+  for (int e = 0; e < 4096; ++e) row[static_cast<std::size_t>(e)] = e;
+  CHECK_EPLB_ERROR(p.set_layer(0, row), errc::invalid_map, "eplb::max_log2phy_entries");
+  CHECK(p.max_replicas() == 2);
+  CHECK(p.phy2log(0)[4096] == 0);
+  row[4096] = 1;  // 4,096 x 4,096 entries: at the limit, accepted
+  p.set_layer(0, row);
+  CHECK(p.max_replicas() == 4096);
+}

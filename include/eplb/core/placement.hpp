@@ -17,6 +17,12 @@ namespace eplb {
 using expert_id = std::int32_t;
 inline constexpr expert_id empty_slot = -1;
 
+/// The most entries a log2phy table (layers x logical experts x the most replicas of one expert, padded
+/// with -1) may have: 64 MiB as int32. Placements are refused above it (a ~400 KB map could
+/// otherwise ask for gigabytes), and the policies refuse shapes whose worst case is above it
+/// (check_limits in policy.hpp).
+inline constexpr std::int64_t max_log2phy_entries = std::int64_t{1} << 24;
+
 class placement {
  public:
   /// Validates phy2log (layers x R) against num_logical and num_ranks and derives the other maps.
