@@ -245,7 +245,7 @@ void detail::preserve_rank_slots(std::span<expert_id> row, std::span<const exper
   };
   s.fresh.resize(per_rank);
   s.sorted.resize(per_rank);
-  s.taken.resize(per_rank);
+  s.taken.resize(per_rank + 1);  // + 1: an expert the rank lacks may search to the end
   s.used.resize(per_rank);
   s.kept.resize(per_rank);
   for (std::size_t base = 0; base < row.size(); base += per_rank) {
