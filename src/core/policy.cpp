@@ -231,18 +231,51 @@ struct hierarchical_layer {
 
 }  // namespace
 
-// Puts experts a rank keeps back into the slots they occupied before (for each old slot in order,
-// the first unused new slot with that expert); experts new to the rank fill the remaining slots in
-// order. Per rank, the new slots are sorted by (expert, slot): an expert's new slots are then taken
-// front to back, each old slot finds its match by one binary search, and the rank costs
-// O(n log n) where a scan per old slot cost O(n^2) (16 s for 200,000 slots on one rank).
-void detail::preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks,
-                                 preserve_scratch& s) {
-  const auto per_rank = static_cast<std::size_t>(row.size()) / static_cast<std::size_t>(num_ranks);
+namespace {
+
+// Marks, for each old slot of one rank in order, the first unused new slot holding its expert
+// (s.used over new slots, s.kept over old ones). Large ranks sort their new slots by (expert, slot)
+// and take an expert's slots front to back, one binary search per old slot: O(n log n) where a
+// scan per old slot was O(n^2) (16 s for 200,000 slots on one rank). Small ranks scan: faster there.
+void match_kept(std::span<const expert_id> fresh, std::span<const expert_id> old, detail::preserve_scratch& s) {
+  const std::size_t n = fresh.size();
+  std::fill(s.used.begin(), s.used.end(), 0);
+  if (n <= 64) {
+    for (std::size_t slot = 0; slot < n; ++slot) {
+      std::size_t j = 0;
+      while (j < n && (s.used[j] || fresh[j] != old[slot])) ++j;
+      s.kept[slot] = j < n;
+      if (j < n) s.used[j] = 1;
+    }
+    return;
+  }
   // (expert, slot) as one integer: the expert's sign bit flipped so -1 (empty) sorts first.
   const auto expert_key = [](expert_id e) {
     return static_cast<std::uint64_t>(static_cast<std::uint32_t>(e) ^ 0x80000000U) << 32;
   };
+  for (std::size_t j = 0; j < n; ++j) s.sorted[j] = expert_key(fresh[j]) | j;
+  std::sort(s.sorted.begin(), s.sorted.end());
+  std::fill(s.taken.begin(), s.taken.end(), 0);
+  for (std::size_t slot = 0; slot < n; ++slot) {
+    const std::uint64_t key = expert_key(old[slot]);
+    const auto first =
+        static_cast<std::size_t>(std::lower_bound(s.sorted.begin(), s.sorted.end(), key) - s.sorted.begin());
+    const std::size_t at = first + s.taken[first];  // taken is counted at the expert's first entry
+    s.kept[slot] = at < n && (s.sorted[at] & ~std::uint64_t{0xFFFFFFFF}) == key;
+    if (!s.kept[slot]) continue;
+    ++s.taken[first];
+    s.used[s.sorted[at] & 0xFFFFFFFF] = 1;
+  }
+}
+
+}  // namespace
+
+// Puts experts a rank keeps back into the slots they occupied before (for each old slot in order,
+// the first unused new slot with that expert); experts new to the rank fill the remaining slots in
+// order.
+void detail::preserve_rank_slots(std::span<expert_id> row, std::span<const expert_id> old_row, int num_ranks,
+                                 preserve_scratch& s) {
+  const auto per_rank = static_cast<std::size_t>(row.size()) / static_cast<std::size_t>(num_ranks);
   s.fresh.resize(per_rank);
   s.sorted.resize(per_rank);
   s.taken.resize(per_rank + 1);  // + 1: an expert the rank lacks may search to the end
@@ -250,25 +283,13 @@ void detail::preserve_rank_slots(std::span<expert_id> row, std::span<const exper
   s.kept.resize(per_rank);
   for (std::size_t base = 0; base < row.size(); base += per_rank) {
     std::copy_n(row.begin() + static_cast<std::ptrdiff_t>(base), per_rank, s.fresh.begin());
-    for (std::size_t j = 0; j < per_rank; ++j) s.sorted[j] = expert_key(s.fresh[j]) | j;
-    std::sort(s.sorted.begin(), s.sorted.end());
-    std::fill(s.taken.begin(), s.taken.end(), 0);
-    std::fill(s.used.begin(), s.used.end(), 0);
-    for (std::size_t slot = 0; slot < per_rank; ++slot) {
-      const expert_id want = old_row[base + slot];
-      const std::uint64_t key = expert_key(want);
-      const auto first =
-          static_cast<std::size_t>(std::lower_bound(s.sorted.begin(), s.sorted.end(), key) - s.sorted.begin());
-      const std::size_t at = first + s.taken[first];  // taken is counted at the expert's first entry
-      s.kept[slot] = at < per_rank && (s.sorted[at] & ~std::uint64_t{0xFFFFFFFF}) == key;
-      if (!s.kept[slot]) continue;
-      ++s.taken[first];
-      s.used[s.sorted[at] & 0xFFFFFFFF] = 1;
-      row[base + slot] = want;
-    }
+    match_kept(s.fresh, old_row.subspan(base, per_rank), s);
     std::size_t next_fresh = 0;
     for (std::size_t slot = 0; slot < per_rank; ++slot) {
-      if (s.kept[slot]) continue;
+      if (s.kept[slot]) {
+        row[base + slot] = old_row[base + slot];
+        continue;
+      }
       while (s.used[next_fresh]) ++next_fresh;
       row[base + slot] = s.fresh[next_fresh++];
     }
