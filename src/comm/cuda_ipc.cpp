@@ -548,7 +548,7 @@ class cuda_ipc_communicator final : public communicator {
     try {
       drive(active_sends, active_recvs);
     } catch (...) {
-      settle();  // no copy of ours may still touch the caller's buffers or a mailbox
+      (void)settle();  // no copy of ours may still touch the caller's buffers or a mailbox
       throw;
     }
     for (auto* st : active_sends) sent_base_[static_cast<std::size_t>(st->peer)] += st->chunks;
@@ -745,14 +745,18 @@ class cuda_ipc_communicator final : public communicator {
   }
 
   // Waits (bounded) until none of our copies runs; after that the caller's buffers are free again.
-  void settle() noexcept {
+  // Waits (at most the timeout) for our copy streams; false when some copy still runs.
+  bool settle() noexcept {
     const auto deadline = clock::now() + opts_.timeout;
+    bool settled = true;
     for (auto* s : owned_streams_) {
       while (cudaStreamQuery(s) == cudaErrorNotReady && clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
+      if (cudaStreamQuery(s) == cudaErrorNotReady) settled = false;
     }
     (void)cudaGetLastError();
+    return settled;
   }
 
   void break_with(const std::string& why) noexcept {
@@ -769,7 +773,9 @@ class cuda_ipc_communicator final : public communicator {
 
   void release() noexcept {
     (void)cudaSetDevice(ordinal_);
-    settle();
+    // A copy that outlived the wait may still touch our mailbox: it is kept for good rather than
+    // freed under that copy (and cudaFree would wait for it).
+    if (!settle()) device::keep_for_good(std::move(mailbox_));
     for (auto* p : peer_mailbox_) {
       if (p == nullptr) continue;
       if (host_box_) {

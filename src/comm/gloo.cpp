@@ -129,7 +129,13 @@ class gloo_communicator final : public communicator {
       staging_ = dev_->allocate(opts_.staging_bytes, device::memory_kind::pinned);
     }
   }
-  ~gloo_communicator() override { finish_async(); }
+  ~gloo_communicator() override {
+    finish_async();
+    // After a failed batch the stream may still hold copies into or out of staging: it goes once
+    // the stream has passed them (kept for good if the stream could not say when).
+    if (staging_lost_) device::keep_for_good(std::move(staging_));
+    if (staging_busy_.valid()) dev_->release_after(std::move(staging_), {staging_busy_});
+  }
 
   backend kind() const noexcept override { return backend::gloo; }
   capabilities caps() const noexcept override {
@@ -194,6 +200,7 @@ class gloo_communicator final : public communicator {
     if (failure) {
       // Ops may still be posted in Gloo; closing every lane guarantees no late write lands.
       break_lanes(failure);
+      if (staged) note_staging_in_use();
       std::rethrow_exception(failure);
     }
   }
@@ -464,6 +471,15 @@ class gloo_communicator final : public communicator {
     }
   }
 
+  // A failed batch's waits may have timed out with copies still queued on the stream.
+  void note_staging_in_use() noexcept {
+    try {
+      staging_busy_ = stream()->record();
+    } catch (...) {
+      staging_lost_ = true;
+    }
+  }
+
   void break_lanes(std::exception_ptr why) noexcept {
     broken_ = true;
     try {
@@ -488,6 +504,8 @@ class gloo_communicator final : public communicator {
   std::vector<std::shared_ptr<gloo::rendezvous::Context>> lanes_;
   std::map<int, std::uint64_t> generation_;  // per peer: both sides count the executes they share
   device::buffer staging_;
+  device::event staging_busy_;   // after a failure: the stream has passed its last use of staging_
+  bool staging_lost_ = false;    // after a failure the stream could not record: staging_ is never freed
   std::size_t chunk_bytes_ = 0;  // how messages are cut (the same on every rank)
   std::size_t slot_bytes_ = 0;   // one staging slot this batch: the largest chunk it has
   bool broken_ = false;

@@ -121,7 +121,9 @@ class cuda_device final : public device {
   backend_kind kind() const noexcept override { return backend_kind::cuda; }
   int ordinal() const noexcept override { return ordinal_; }
   std::unique_ptr<stream> create_stream() override { return std::make_unique<cuda_stream>(ordinal_); }
-  buffer allocate(std::size_t bytes, memory_kind kind) override {
+
+ protected:
+  buffer allocate_memory(std::size_t bytes, memory_kind kind) override {
     use_device(ordinal_);
     void* p = nullptr;
     const std::size_t n = std::max<std::size_t>(bytes, 1);

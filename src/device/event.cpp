@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <thread>
 
 #include "device/event_state.hpp"
@@ -99,6 +101,114 @@ backend_kind parse_backend_kind(std::string_view name) {
   if (name == "host") return backend_kind::host;
   if (name == "cuda") return backend_kind::cuda;
   fail(errc::invalid_argument, "device: unknown device backend \"{}\" (allowed: host, cuda)", name);
+}
+
+// Released buffers wait here, each with the events after which nothing touches it any more.
+struct device::release_list {
+  struct entry {
+    buffer memory;
+    std::vector<event> after;
+  };
+  mutable std::mutex mutex;
+  std::vector<entry> waiting;
+};
+
+namespace {
+
+// True once every event has completed (failed counts). A backend that cannot answer (its query
+// throws something other than the work's failure) is asked again later.
+bool ended(const std::vector<event>& after) noexcept {
+  return std::all_of(after.begin(), after.end(), [](const event& e) {
+    if (!e.valid()) return true;
+    try {
+      return e.state()->poll();
+    } catch (...) {
+      return false;
+    }
+  });
+}
+
+// Buffers whose work never ended stay allocated, reachable from here, until the process exits.
+struct graveyard {
+  std::mutex mutex;
+  std::vector<buffer> kept;
+  std::atomic<std::size_t> bytes{0};
+};
+graveyard& kept_for_good() {
+  static auto* g = new graveyard;  // never destroyed: exit-time destructors must not free them either
+  return *g;
+}
+}  // namespace
+
+void keep_for_good(buffer b) noexcept {
+  auto& g = kept_for_good();
+  g.bytes += b.size();
+  try {
+    std::lock_guard lock(g.mutex);
+    g.kept.push_back(std::move(b));
+  } catch (...) {
+    (void)new buffer(std::move(b));  // out of memory: still never freed
+  }
+}
+
+device::device() : released_(std::make_unique<release_list>()) {}
+
+device::~device() {
+  // Work on released memory normally ends within moments (host streams are usually gone by now,
+  // their work done or cancelled; a CUDA stream has just run its last event): it gets a short
+  // grace period. What still runs after it (a stalled stream) keeps its memory for good, rather
+  // than this destructor hanging or freeing memory under it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+  while (collect_released() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  std::lock_guard lock(released_->mutex);
+  for (auto& e : released_->waiting) keep_for_good(std::move(e.memory));
+}
+
+buffer device::allocate(std::size_t bytes, memory_kind kind) {
+  (void)collect_released();
+  return allocate_memory(bytes, kind);
+}
+
+void device::release_after(buffer b, std::vector<event> after) noexcept {
+  if (b.data() == nullptr) return;
+  if (ended(after)) return;  // nothing in flight touches it: `b` is freed here
+  try {
+    std::lock_guard lock(released_->mutex);
+    released_->waiting.push_back({std::move(b), std::move(after)});
+  } catch (...) {
+    keep_for_good(std::move(b));
+  }
+  (void)collect_released();
+}
+
+void device::release_after(buffer b, stream& s) noexcept {
+  if (b.data() == nullptr) return;
+  std::vector<event> after;
+  try {
+    after.push_back(s.record());
+  } catch (...) {
+    keep_for_good(std::move(b));  // a stream that cannot record may still run what it holds
+    return;
+  }
+  release_after(std::move(b), std::move(after));
+}
+
+std::size_t device::collect_released() noexcept {
+  std::lock_guard lock(released_->mutex);
+  // Erasing frees each ended entry's memory (no allocation here, so nothing can throw).
+  std::erase_if(released_->waiting, [](const release_list::entry& e) { return ended(e.after); });
+  return released_->waiting.size();
+}
+
+std::size_t device::releases_waiting() const noexcept {
+  std::lock_guard lock(released_->mutex);
+  return released_->waiting.size();
+}
+
+std::size_t leaked_bytes() noexcept {
+  return kept_for_good().bytes.load();
 }
 
 std::unique_ptr<device> make_device(backend_kind kind, int ordinal) {

@@ -146,14 +146,16 @@ class host_device final : public device {
   backend_kind kind() const noexcept override { return backend_kind::host; }
   int ordinal() const noexcept override { return 0; }
   std::unique_ptr<stream> create_stream() override { return std::make_unique<host_stream>(plan_); }
-  buffer allocate(std::size_t bytes, memory_kind kind) override {
+  void fail_after(std::int64_t ops) { plan_->fail_at = plan_->next_op.load() + ops - 1; }
+
+ protected:
+  buffer allocate_memory(std::size_t bytes, memory_kind kind) override {
     constexpr std::size_t align = 256;
     const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + align - 1) / align * align;
     auto* p = static_cast<std::byte*>(std::aligned_alloc(align, rounded));
     if (p == nullptr) fail(errc::device, "host device: cannot allocate {} bytes", bytes);
     return buffer(p, bytes, kind, 0, &free_host);
   }
-  void fail_after(std::int64_t ops) { plan_->fail_at = plan_->next_op.load() + ops - 1; }
 
  private:
   std::shared_ptr<fault_plan> plan_;

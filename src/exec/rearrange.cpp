@@ -78,6 +78,42 @@ rearranger::rearranger(model_shape shape, int rank, device::device& dev, device:
   comm_->set_stream(&stream_);
 }
 
+rearranger::~rearranger() {
+  // Registrations end first, while their communicator exists; the memory outlives queued work.
+  staging_reg_ = {};
+  pack_reg_ = {};
+  retire(std::move(staging_), false);
+  retire(std::move(pack_), false);
+  for (auto& r : retired_) {
+    r.reg = {};
+    retire(std::move(r.memory), false);
+  }
+}
+
+// Hands `b` to the device, to be freed once this rearranger's streams have passed the work queued
+// on them so far. With `wait`, first waits (at most the timeout) for that: normally it has long
+// happened and `b` is freed at once; only after a timed-out wait does it stay for longer.
+void rearranger::retire(device::buffer b, bool wait) noexcept {
+  if (b.data() == nullptr) return;
+  std::vector<device::event> after;
+  try {
+    after.push_back(stream_.record());
+    if (copies_) after.push_back(copies_->record());
+  } catch (...) {
+    device::keep_for_good(std::move(b));  // a stream that cannot record may still run what it holds
+    return;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
+  for (const auto& e : after) {
+    if (!wait) break;
+    try {
+      while (!e.wait_for(std::chrono::milliseconds(1)) && std::chrono::steady_clock::now() < deadline) continue;
+    } catch (...) {  // NOLINT(bugprone-empty-catch): failed work has ended too
+    }
+  }
+  dev_.release_after(std::move(b), std::move(after));
+}
+
 void rearranger::check_communicator(const comm::communicator& c) const {
   if (c.size() != shape_.num_ranks || c.rank() != rank_) {
     fail(errc::invalid_argument, "rearranger: communicator is rank {} of {}, model says rank {} of {}", c.rank(),
@@ -95,21 +131,26 @@ void rearranger::set_communicator(comm::communicator& c) {
   }
   staging_reg_ = std::move(staging_reg);  // ends the old registrations while their communicator exists
   pack_reg_ = std::move(pack_reg);
+  for (auto& r : retired_) {
+    r.reg = {};
+    retire(std::move(r.memory), false);  // a failed batch's copies may still be queued
+  }
   retired_.clear();
   c.set_stream(&stream_);
   comm_ = &c;
 }
 
-// Grows a staging or packing buffer; an unregistered one goes first, so that both never need to
-// fit at once. Registered buffers are made at their largest expected size and, should they grow
-// anyway (a rank can send one expert to several peers), at least double; the old one stays
-// allocated and registered until the communicator changes: NCCL keeps peers' mappings of a
-// registration by address, and a buffer that reused a freed registered address was seen to fail
-// its registration on one rank only, corrupting transfers.
+// Grows a staging or packing buffer; an unregistered one goes first (once the streams have passed
+// its last use), so that both never need to fit at once. Registered buffers are made at their
+// largest expected size and, should they grow anyway (a rank can send one expert to several
+// peers), at least double; the old one stays allocated and registered until the communicator
+// changes: NCCL keeps peers' mappings of a registration by address, and a buffer that reused a
+// freed registered address was seen to fail its registration on one rank only, corrupting
+// transfers.
 void rearranger::reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest) {
   if (b.size() >= bytes) return;
   if (!opts_.register_buffers) {
-    b = {};
+    retire(std::move(b), true);
     b = dev_.allocate(bytes, staging_kind());
     return;
   }
@@ -739,7 +780,12 @@ void rearranger::verify_layer(int layer, const rank_weights& w, const placement&
     for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
       const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
       stream_.copy(host.data(), w.slot(shape_, layer, t, s), bytes);
-      stream_.synchronize(opts_.timeout);
+      try {
+        stream_.synchronize(opts_.timeout);
+      } catch (...) {
+        dev_.release_after(std::move(host), stream_);  // a timed-out wait leaves the copy into it queued
+        throw;
+      }
       const auto have = checksum({host.data(), bytes});
       const auto want = expected(layer, e, t);
       if (have != want) {

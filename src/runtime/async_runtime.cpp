@@ -56,9 +56,8 @@ struct async_runtime::impl {
   std::mutex idle_mutex;  // with idle_cv: wait_idle() sleeps until busy_ turns false
   std::condition_variable idle_cv;
 
-  bool stopped = false;       // stop() ran (touched by the thread that calls stop())
-  bool side_drained = false;  // stop() saw the side stream finish everything queued
-  std::thread thread;         // last
+  bool stopped = false;  // stop() ran (touched by the thread that calls stop())
+  std::thread thread;    // last
 
   // Runs `job` (which may block on the network) on the blocking worker and resumes here when it is
   // done, rethrowing its error. (A named coroutine taking a named std::function: GCC 12 mishandles
@@ -151,7 +150,8 @@ struct async_runtime::impl {
 
 async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
                              device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout,
-                             asio::io_context* io) {
+                             asio::io_context* io)
+    : dev_(&dev) {
   if (areas <= 0) fail(errc::invalid_argument, "async runtime: needs at least one staging area");
   for (int i = 0; i < areas; ++i) {
     areas_.push_back(dev.allocate(stager.layer_area_bytes(), dev.kind() == device::backend_kind::cuda
@@ -172,20 +172,30 @@ async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights&
 
 async_runtime::~async_runtime() {
   stop();
-  if (!impl_ || impl_->side_drained || areas_.empty()) return;
-  // The side stream did not drain within the timeout: work queued on it may still write into the
-  // areas, so they must outlive it. Host memory is freed once the stream gets past that work (or
-  // is destroyed); device memory stays allocated (freeing it would wait for the stalled stream, and
-  // no CUDA call may run in a stream callback).
-  auto keep = std::make_shared<std::vector<device::buffer>>(std::move(areas_));
-  if (keep->front().kind() == device::memory_kind::device) {
-    (void)new std::vector<device::buffer>(std::move(*keep));  // deliberately never freed
-    return;
-  }
+  // Work queued on the side stream (staging copies, a transfer's copies) and the serving stream's
+  // reads of committed areas may outlive a wait that timed out: the device frees the areas once
+  // both streams have passed it, and keeps them for good if that can never be known.
+  std::vector<device::event> after = readers_done_;
+  bool known = !readers_unknown_;
   try {
-    impl_->side_stream.record().notify([keep](std::exception_ptr) {});
+    after.push_back(impl_->side_stream.record());
   } catch (...) {
-    (void)new std::vector<device::buffer>(std::move(*keep));  // no safe moment to free them
+    known = false;
+  }
+  for (auto& a : areas_) {
+    if (known) {
+      dev_->release_after(std::move(a), after);
+    } else {
+      device::keep_for_good(std::move(a));
+    }
+  }
+}
+
+void async_runtime::release_areas_after(device::stream& reader) noexcept {
+  try {
+    readers_done_.push_back(reader.record());
+  } catch (...) {
+    readers_unknown_ = true;
   }
 }
 
@@ -273,7 +283,6 @@ void async_runtime::stop() noexcept {
   }
   try {
     impl_->side_stream.synchronize(impl_->timeout);
-    impl_->side_drained = true;
   } catch (...) {
     // A failed or stalled side stream is reported by step(); stop() only must not hang.
   }

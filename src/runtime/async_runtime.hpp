@@ -84,13 +84,19 @@ class async_runtime {
   /// Cancels the rebalance, waits for in-flight transfers and device work (bounded by the timeout),
   /// joins the thread. Idempotent, never throws.
   void stop() noexcept;
+  /// `reader` (the serving stream) reads committed areas: when this runtime goes, the areas are
+  /// freed only once `reader` has also passed the work queued on it by now. Never throws.
+  void release_areas_after(device::stream& reader) noexcept;
 
  private:
   async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
                 device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context* io);
   struct impl;
   std::unique_ptr<impl> impl_;
-  std::vector<device::buffer> areas_;
+  device::device* dev_;
+  std::vector<device::buffer> areas_;  // freed through dev_->release_after(), never under live work
+  std::vector<device::event> readers_done_;
+  bool readers_unknown_ = false;  // a reader could not record: its work has no known end
   std::atomic<int> staged_{0};
   std::atomic<bool> busy_{false};
   std::atomic<double> plan_seconds_{0};

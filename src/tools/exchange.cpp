@@ -129,29 +129,47 @@ exec::model_shape pattern_shape(const exchange_config& cfg) {
 
 pattern_model::pattern_model(exec::model_shape shape, int rank, device::device& dev, device::stream& stream,
                              const matrix<expert_id>& map, std::chrono::milliseconds timeout)
-    : shape_(std::move(shape)), stream_(stream), timeout_(timeout) {
+    : shape_(std::move(shape)), dev_(dev), stream_(stream), timeout_(timeout) {
   shape_.validate();
-  const int local = shape_.slots_per_rank();
   weights_.base.resize(static_cast<std::size_t>(shape_.layers));
-  std::vector<std::byte> host;
+  auto host = dev.allocate(largest_tensor(), device::memory_kind::host);
+  try {
+    fill(rank, map, host.span());
+  } catch (...) {
+    // A timed-out wait leaves the copy out of `host` queued: the memory goes once it has run.
+    dev.release_after(std::move(host), stream_);
+    throw;
+  }
+}
+
+// Allocates every tensor of this rank's slots and copies each slot's recognisable bytes in,
+// staged through `host` (reused once each copy is done).
+void pattern_model::fill(int rank, const matrix<expert_id>& map, std::span<std::byte> host) {
+  const int local = shape_.slots_per_rank();
   for (int l = 0; l < shape_.layers; ++l) {
     for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
       const auto& ts = shape_.bundle[static_cast<std::size_t>(t)];
-      storage_.push_back(dev.allocate(ts.stride * static_cast<std::size_t>(local), ts.memory));
+      storage_.emplace_back(dev_, stream_, ts.stride * static_cast<std::size_t>(local), ts.memory);
       weights_.base[static_cast<std::size_t>(l)].push_back(storage_.back().data());
-      host.resize(ts.bytes_per_expert);
+      const auto bytes = host.first(ts.bytes_per_expert);
       for (expert_id e = 0; e < shape_.num_logical; ++e) {
-        for (std::size_t k = 0; k < host.size(); ++k) host[k] = weight_byte(l, e, t, k);
-        reference_[{l, e, t}] = exec::checksum(host);
+        for (std::size_t k = 0; k < bytes.size(); ++k) bytes[k] = weight_byte(l, e, t, k);
+        reference_[{l, e, t}] = exec::checksum(bytes);
       }
       for (int s = 0; s < local; ++s) {
         const expert_id e = map(static_cast<std::size_t>(l), static_cast<std::size_t>(rank * local + s));
-        for (std::size_t k = 0; k < host.size(); ++k) host[k] = e >= 0 ? weight_byte(l, e, t, k) : std::byte{0xAB};
-        stream_.copy(weights_.slot(shape_, l, t, s), host.data(), host.size());
+        for (std::size_t k = 0; k < bytes.size(); ++k) bytes[k] = e >= 0 ? weight_byte(l, e, t, k) : std::byte{0xAB};
+        stream_.copy(weights_.slot(shape_, l, t, s), bytes.data(), bytes.size());
         stream_.synchronize(timeout_);  // `host` is reused
       }
     }
   }
+}
+
+std::size_t pattern_model::largest_tensor() const noexcept {
+  std::size_t largest = 0;
+  for (const auto& ts : shape_.bundle) largest = std::max(largest, ts.bytes_per_expert);
+  return largest;
 }
 
 exec::checksum_fn pattern_model::reference() const {
@@ -159,15 +177,22 @@ exec::checksum_fn pattern_model::reference() const {
 }
 
 std::vector<std::byte> pattern_model::snapshot(int layer) {
+  // The stream copies into device memory, not into `out`: a timed-out wait must not leave it
+  // writing into a vector that the exception frees.
+  auto scratch = dev_.allocate(largest_tensor(), device::memory_kind::host);
   std::vector<std::byte> out;
-  for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
-    const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
-    for (int s = 0; s < shape_.slots_per_rank(); ++s) {
-      const auto at = out.size();
-      out.resize(at + bytes);
-      stream_.copy(out.data() + at, weights_.slot(shape_, layer, t, s), bytes);
-      stream_.synchronize(timeout_);
+  try {
+    for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+      const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
+      for (int s = 0; s < shape_.slots_per_rank(); ++s) {
+        stream_.copy(scratch.data(), weights_.slot(shape_, layer, t, s), bytes);
+        stream_.synchronize(timeout_);
+        out.insert(out.end(), scratch.data(), scratch.data() + bytes);
+      }
     }
+  } catch (...) {
+    dev_.release_after(std::move(scratch), stream_);  // freed once the queued copy has run
+    throw;
   }
   return out;
 }
@@ -176,17 +201,18 @@ exchange_result run_exchange_rank(const exchange_config& cfg, int rank, comm::co
   validate(cfg);
   exchange_result res;
   const auto start = std::chrono::steady_clock::now();
-  auto stream = dev.create_stream();
+  auto stream = dev.create_stream();  // first: everything below that queues work on it goes before it
   auto current = round_placement(cfg, 0, {});
   placement maps(current, cfg.experts, cfg.ranks);
-  pattern_model model(pattern_shape(cfg), rank, dev, *stream, current, cfg.timeout);
-  exec::rearrange_options opts;
-  opts.staging_bytes = cfg.staging_bytes;
-  opts.coalesce = cfg.coalesce;
-  opts.register_buffers = cfg.register_buffers;
-  opts.timeout = cfg.timeout;
-  opts.verify = model.reference();
   try {
+    // Inside the try: a timed-out fill is this rank's failure, reported like any other.
+    pattern_model model(pattern_shape(cfg), rank, dev, *stream, current, cfg.timeout);
+    exec::rearrange_options opts;
+    opts.staging_bytes = cfg.staging_bytes;
+    opts.coalesce = cfg.coalesce;
+    opts.register_buffers = cfg.register_buffers;
+    opts.timeout = cfg.timeout;
+    opts.verify = model.reference();
     exec::rearranger r(model.shape(), rank, dev, *stream, c, opts);
     for (int round = 1; round <= cfg.rounds; ++round) {
       const auto next = round_placement(cfg, round, current);

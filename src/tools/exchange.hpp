@@ -53,7 +53,7 @@ struct exchange_result {
 [[nodiscard]] std::byte weight_byte(int layer, expert_id expert, int tensor, std::size_t offset) noexcept;
 
 /// One rank's live weights filled with weight_byte() for a placement (empty slots get 0xAB), and
-/// the reference checksums verification compares against.
+/// the reference checksums verification compares against. `dev` and `stream` must outlive it.
 class pattern_model {
  public:
   pattern_model(exec::model_shape shape, int rank, device::device& dev, device::stream& stream,
@@ -65,10 +65,14 @@ class pattern_model {
   [[nodiscard]] std::vector<std::byte> snapshot(int layer);
 
  private:
+  void fill(int rank, const matrix<expert_id>& placement_map, std::span<std::byte> host);
+  [[nodiscard]] std::size_t largest_tensor() const noexcept;
+
   exec::model_shape shape_;
+  device::device& dev_;
   device::stream& stream_;
   std::chrono::milliseconds timeout_;
-  std::vector<device::buffer> storage_;
+  std::vector<device::stream_buffer> storage_;  // freed after the stream's queued work, even after a timeout
   exec::rank_weights weights_;
   std::map<std::tuple<int, int, int>, std::uint64_t> reference_;
 };

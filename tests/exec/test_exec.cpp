@@ -8,6 +8,7 @@
 #include <random>
 
 #include "check_error.hpp"
+#include "device/event_state.hpp"
 #include "eplb/core/policy.hpp"
 #include "eplb/exec/plan.hpp"
 #include "eplb/exec/rearrange.hpp"
@@ -613,5 +614,43 @@ TEST_CASE("bundles that differ between ranks are a clear error, not corruption")
     CHECK_MESSAGE((results[r].find("which sent") != std::string::npos ||
                    results[r].find(fmt::format("rank {}", 1 - r)) != std::string::npos),
                   results[r]);
+  }
+}
+
+// Issue 15: a wait that times out leaves the stream's copies queued; the staging, packing and
+// verification buffers they touch must outlive them (AddressSanitizer reports an early free).
+TEST_CASE("rearranger: after a timed-out wait, the stream's queued copies land in memory still allocated") {
+  for (const bool pipeline : {false, true}) {
+    CAPTURE(pipeline);
+    auto dev = device::make_host_device();
+    auto stream = dev->create_stream();
+    const tools::exchange_config cfg{.ranks = 1, .layers = 2, .experts = 4, .redundant = 2, .tensor_bytes = {64, 24}};
+    const auto start = tools::round_placement(cfg, 0, {});
+    const auto next = tools::round_placement(cfg, 1, start);  // permutations: local copies through staging
+    REQUIRE(next != start);
+    tools::pattern_model model(tools::pattern_shape(cfg), 0, *dev, *stream, start, 10s);
+    auto comm =
+        comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = comm::make_loopback_world(1)});
+    placement maps(start, cfg.experts, 1);
+    // The engine's work ahead of the move, still running: completed by hand below.
+    const auto engine = std::make_shared<device::detail::event_state>();
+    {
+      exec::rearranger r(model.shape(), 0, *dev, *stream, *comm, {.timeout = 50ms, .pipeline = pipeline});
+      stream->wait(device::event(engine));
+      CHECK_EPLB_ERROR(r.rearrange(model.weights(), maps, next), errc::timeout, "");
+      CHECK_EPLB_ERROR(r.verify_layer(0, model.weights(), maps, model.reference()), errc::timeout, "not complete");
+    }
+    CHECK(maps.phy2log() == start);  // nothing committed
+    CHECK(dev->releases_waiting() > 0);
+    engine->complete(nullptr);
+    try {
+      stream->synchronize(10s);
+    } catch (const error& e) {
+      // Pipelined, the stream also waited on the rearranger's copy stream, which went with that
+      // work queued: a host stream cancels it, and the cancellation fails this stream.
+      CHECK(pipeline);
+      CHECK(e.code() == errc::cancelled);
+    }
+    CHECK(dev->collect_released() == 0);
   }
 }

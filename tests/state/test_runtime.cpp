@@ -518,3 +518,22 @@ TEST_CASE("async runtime: gone before its stalled side stream; the late completi
   opens.complete();  // the stream runs on: layer 0's event completes and its callback is dropped
   rig.side->synchronize(10s);
 }
+
+// Issue 15: the serving stream reads a committed area after the runtime has gone (a wait timed out,
+// or the engine's work ahead of the commit is long); the area stays allocated until it has.
+TEST_CASE("async runtime: areas the serving stream still reads outlive the runtime") {
+  runtime_rig rig(1, 10s);
+  auto& rt = *rig.rt;
+  rt.start(rig.inputs());
+  REQUIRE(run_until(rig.io, [&] { return rt.staged_layers() == 1; }));
+  manual_event engine;  // the engine's forward pass ahead of the commit, still running
+  rig.serving->wait(engine.event());
+  (void)rig.commit(0);  // queued behind it: reads the area
+  rt.stop();            // the rebalance waits for the area, so it ends at once
+  rt.release_areas_after(*rig.serving);
+  rig.rt.reset();
+  CHECK(rig.dev->releases_waiting() > 0);
+  engine.complete();
+  CHECK(rig.verify(0).empty());  // the commit copied the staged bytes from memory still allocated
+  CHECK(rig.dev->collect_released() == 0);
+}

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "check_error.hpp"
+#include "device/event_state.hpp"
 #include "eplb/state.hpp"
 #include "on_ranks.hpp"
 #include "tools/exchange.hpp"
@@ -33,8 +34,8 @@ std::vector<std::int64_t> skewed_counts(int slots, int step, int phase, int rank
   return c;
 }
 
-rank_setup make_rank(int rank, int ranks, const config& cfg, const std::shared_ptr<comm::loopback_world>& world,
-                     const std::shared_ptr<comm::store>& store, device::host_faults faults = {}) {
+// The device, serving stream and live weights of one rank; no state yet.
+rank_setup make_model(int rank, int ranks, device::host_faults faults = {}) {
   rank_setup r;
   r.dev = device::make_host_device(faults);
   r.stream = r.dev->create_stream();
@@ -43,6 +44,11 @@ rank_setup make_rank(int rank, int ranks, const config& cfg, const std::shared_p
   const auto start = tools::round_placement(shape_cfg, 0, {});
   r.model =
       std::make_unique<tools::pattern_model>(tools::pattern_shape(shape_cfg), rank, *r.dev, *r.stream, start, 10s);
+  return r;
+}
+
+state_params params_for(const rank_setup& r, int rank, const config& cfg,
+                        const std::shared_ptr<comm::loopback_world>& world, const std::shared_ptr<comm::store>& store) {
   state_params p;
   p.cfg = cfg;
   p.model = {r.model->shape(), 2, 1};
@@ -53,9 +59,23 @@ rank_setup make_rank(int rank, int ranks, const config& cfg, const std::shared_p
   p.store = store;
   p.comm_setup.world = world;
   p.log = [](std::string_view) {};
-  r.state = std::make_unique<eplb_state>(std::move(p));
+  return p;
+}
+
+rank_setup make_rank(int rank, int ranks, const config& cfg, const std::shared_ptr<comm::loopback_world>& world,
+                     const std::shared_ptr<comm::store>& store, device::host_faults faults = {}) {
+  auto r = make_model(rank, ranks, faults);
+  r.state = std::make_unique<eplb_state>(params_for(r, rank, cfg, world, store));
   return r;
 }
+
+// An event completed by the test: a stream waiting on it (the engine's forward pass, still running)
+// runs nothing queued after it until open(), then runs it all.
+struct gate {
+  std::shared_ptr<device::detail::event_state> state = std::make_shared<device::detail::event_state>();
+  [[nodiscard]] device::event event() const { return device::event(state); }
+  void open() const { state->complete(nullptr); }
+};
 
 // Checks every local slot of `layer` against the reference bytes of the expert the maps put there.
 std::string verify(rank_setup& r, int layer, int rank) {
@@ -273,4 +293,47 @@ TEST_CASE("async: stop() in the middle of a rebalance is clean and prompt") {
   });
   CHECK(results[0]);
   CHECK(results[1]);
+}
+
+// Issue 15: after a wait on the serving stream times out, the stream still runs what was queued:
+// copies into the load ring and the device maps. Nothing it touches may be freed before it has.
+TEST_CASE("state: a constructor whose serving-stream wait times out fails cleanly; later writes hit live memory") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    auto world = comm::make_loopback_world(2);
+    auto store = comm::make_memory_store();
+    auto r = make_model(0, 2);
+    gate g;
+    r.stream->wait(g.event());
+    const auto cfg = loopback_config(use_async, 4, 1000, 30ms);
+    CHECK_EPLB_ERROR(eplb_state(params_for(r, 0, cfg, world, store)), errc::timeout, "not complete");
+    CHECK(r.dev->releases_waiting() > 0);  // the load and map buffers wait for the stream
+    g.open();
+    r.stream->synchronize(10s);
+    CHECK(r.dev->collect_released() == 0);
+  }
+}
+
+TEST_CASE("state: step() and stop() after timed-out waits; destroying the state frees nothing the stream still uses") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    auto world = comm::make_loopback_world(2);
+    auto store = comm::make_memory_store();
+    auto r = make_rank(0, 2, loopback_config(use_async, 4, 1000, 50ms), world, store);
+    gate g;
+    r.stream->wait(g.event());
+    for (int step = 0; step < 4; ++step) CHECK_NOTHROW((void)r.state->step());  // load copies queue up
+    // The load ring is full: the step waits for its oldest copy, which cannot land in time.
+    CHECK_EPLB_ERROR(r.state->step(), errc::timeout, "not complete");
+    CHECK_EPLB_ERROR(r.state->step(), errc::timeout, "not complete");
+    const auto t0 = std::chrono::steady_clock::now();
+    r.state->stop();  // its wait times out as well: no throw, no hang
+    CHECK(std::chrono::steady_clock::now() - t0 < 5s);
+    CHECK_EPLB_ERROR(r.state->step(), errc::cancelled, "stopped");
+    r.state.reset();
+    CHECK(r.dev->releases_waiting() > 0);
+    g.open();
+    r.stream->synchronize(10s);  // the queued load copies and fills run into memory still allocated
+    CHECK(r.dev->collect_released() == 0);
+  }
 }

@@ -10,6 +10,7 @@
 #include <memory>
 #include <span>
 #include <string_view>
+#include <vector>
 
 namespace eplb::device {
 
@@ -110,14 +111,94 @@ class stream {
   [[nodiscard]] virtual void* native_handle() const noexcept = 0;
 };
 
+/// Memory that queued work may still touch is freed only once that work has ended: a wait that
+/// timed out leaves copies, transfers or kernels queued, and freeing their buffers then would let
+/// them write into (or read from) memory the allocator has handed out again.
 class device {
  public:
-  virtual ~device() = default;
+  device();
+  /// Frees released buffers whose work has ended, giving work still in flight 200 ms to end; the
+  /// others are kept for good (leaked on purpose and counted in leaked_bytes()), since freeing
+  /// them would race with that work. Never hangs.
+  virtual ~device();
+  device(const device&) = delete;
+  device& operator=(const device&) = delete;
+
   [[nodiscard]] virtual backend_kind kind() const noexcept = 0;
   [[nodiscard]] virtual int ordinal() const noexcept = 0;
   /// A new stream that does not synchronise with the legacy default stream.
   [[nodiscard]] virtual std::unique_ptr<stream> create_stream() = 0;
-  [[nodiscard]] virtual buffer allocate(std::size_t bytes, memory_kind kind) = 0;
+  /// New memory; released buffers whose work has ended are freed first.
+  [[nodiscard]] buffer allocate(std::size_t bytes, memory_kind kind);
+
+  /// Frees `b` once every event of `after` has completed (a failed or cancelled event counts: the
+  /// work before it has ended). Checked on this thread in later allocate(), release_after() and
+  /// collect_released() calls and in the destructor; never from a stream or driver callback. An
+  /// invalid event stands for no work. Never throws.
+  void release_after(buffer b, std::vector<event> after) noexcept;
+  /// release_after(b, {s.record()}) for memory that only `s` may still touch. When recording fails
+  /// (a broken stream) nothing says when its work ends, so `b` is kept for good.
+  void release_after(buffer b, stream& s) noexcept;
+  /// Frees released buffers whose work has ended; returns how many still wait.
+  std::size_t collect_released() noexcept;
+  /// Released buffers not yet freed.
+  [[nodiscard]] std::size_t releases_waiting() const noexcept;
+
+ protected:
+  /// The backend's allocation (allocate() collects released buffers first).
+  [[nodiscard]] virtual buffer allocate_memory(std::size_t bytes, memory_kind kind) = 0;
+
+ private:
+  struct release_list;
+  std::unique_ptr<release_list> released_;
+};
+
+/// Keeps `b` allocated until the process exits (counted in leaked_bytes()): for memory that work
+/// of unknown extent (a stream that cannot even record an event) may still touch.
+void keep_for_good(buffer b) noexcept;
+/// Bytes this process deliberately never freed: buffers whose work had not ended (a stalled stream
+/// or a broken one) when their device went, and keep_for_good(). They stay reachable, so leak
+/// checkers do not report them.
+[[nodiscard]] std::size_t leaked_bytes() noexcept;
+
+/// A buffer that work on one stream uses. On destruction (or reset()) it goes to its device's
+/// release_after() with an event recorded on that stream, so it outlives the work queued so far
+/// even when the wait for that work timed out. The device and the stream must outlive it.
+class stream_buffer {
+ public:
+  stream_buffer() = default;
+  stream_buffer(device& dev, stream& s, buffer b) noexcept : dev_(&dev), stream_(&s), buf_(std::move(b)) {}
+  /// dev.allocate(bytes, kind), used on `s`.
+  stream_buffer(device& dev, stream& s, std::size_t bytes, memory_kind kind)
+      : stream_buffer(dev, s, dev.allocate(bytes, kind)) {}
+  stream_buffer(stream_buffer&& other) noexcept { swap(other); }
+  stream_buffer& operator=(stream_buffer&& other) noexcept {
+    stream_buffer(std::move(other)).swap(*this);
+    return *this;
+  }
+  stream_buffer(const stream_buffer&) = delete;
+  stream_buffer& operator=(const stream_buffer&) = delete;
+  ~stream_buffer() { reset(); }
+
+  /// Hands the memory to release_after() now; empty afterwards.
+  void reset() noexcept {
+    if (dev_ != nullptr && buf_.data() != nullptr) dev_->release_after(std::move(buf_), *stream_);
+    buf_ = {};
+  }
+  [[nodiscard]] std::byte* data() const noexcept { return buf_.data(); }
+  [[nodiscard]] std::size_t size() const noexcept { return buf_.size(); }
+  [[nodiscard]] memory_kind kind() const noexcept { return buf_.kind(); }
+  [[nodiscard]] std::span<std::byte> span() const noexcept { return buf_.span(); }
+
+ private:
+  void swap(stream_buffer& o) noexcept {
+    std::swap(dev_, o.dev_);
+    std::swap(stream_, o.stream_);
+    std::swap(buf_, o.buf_);
+  }
+  device* dev_ = nullptr;
+  stream* stream_ = nullptr;
+  buffer buf_;
 };
 
 /// Faults and delays the host backend injects into its streams (tests and demonstrations).

@@ -84,6 +84,12 @@ class rearranger {
   /// set to it). Throws error(errc::invalid_argument) for an inconsistent shape.
   rearranger(model_shape shape, int rank, device::device& dev, device::stream& stream, comm::communicator& comm,
              rearrange_options opts = {});
+  /// Staging and packing memory goes to the device to be freed once this rearranger's streams have
+  /// passed the work queued on them (after a timed-out wait, copies into it may still be queued).
+  /// The stream given here must still exist.
+  ~rearranger();
+  rearranger(const rearranger&) = delete;
+  rearranger& operator=(const rearranger&) = delete;
 
   /// Moves one layer to `new_row` and commits the layer's maps in `maps`. Maps, row or weights that
   /// do not fit the model (shape, expert ids, a null tensor pointer) are errors before anything
@@ -133,6 +139,7 @@ class rearranger {
   [[nodiscard]] device::memory_kind staging_kind() const;
   [[nodiscard]] std::size_t pack_cap() const noexcept;
   void reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest);
+  void retire(device::buffer b, bool wait) noexcept;
 
   model_shape shape_;
   int rank_;
