@@ -366,6 +366,7 @@ void validate(const rebalance_input& in) {
   if (in.num_replicas % in.num_ranks != 0) {
     fail(errc::invalid_argument, "num_replicas: {} is not divisible by num_ranks {}", in.num_replicas, in.num_ranks);
   }
+  check_limits(in);  // before anything sizes its work by the shape
   if (in.num_groups % in.num_nodes == 0) {  // hierarchical
     if (experts % in.num_groups != 0) {
       fail(errc::invalid_argument, "num_groups: {} does not divide the {} logical experts", in.num_groups, experts);
