@@ -17,6 +17,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "state"))
 from simulate_run import run_simulate  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rank_procs import rank_pids  # noqa: E402
+
 eplb = sys.argv[1]
 cases = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 seed = int(os.environ.get("EPLB_CAMPAIGN_SEED", random.randrange(1 << 30)))
@@ -57,23 +60,6 @@ def transfer_fault_case(i):
     if out.get("rebalances_after_errors", 0) < 1:
         failures.append(f"{label}: no rebalance finished after the fault")
     print(f"{label}: {out.get('errors')} errors, {out.get('rebalances_after_errors')} rebalances after")
-
-
-def rank_pids(parent):
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"--rank" in args:
-            out[int(args[args.index(b"--rank") + 1])] = int(entry)
-    return out
 
 
 def signal_case(i):

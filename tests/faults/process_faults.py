@@ -11,26 +11,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rank_procs import rank_pids  # noqa: E402
+
 eplb = sys.argv[1]
 TIMEOUT_MS = 2000
 failures = []
-
-
-def children_of(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and b"--rank" in args:
-            out.append((int(entry), int(args[args.index(b"--rank") + 1])))
-    return out
 
 
 def run_case(sig, victim=2):
@@ -41,7 +27,7 @@ def run_case(sig, victim=2):
     kids = []
     while time.monotonic() < deadline and len(kids) < 4:
         time.sleep(0.1)
-        kids = children_of(parent.pid)
+        kids = [(p, r) for r, p in rank_pids(parent.pid).items()]
     if len(kids) < 4:
         parent.kill()
         failures.append(f"{sig.name}: rank processes did not start")
