@@ -44,6 +44,7 @@
 #include "comm/host_identity.hpp"
 #include "device/cuda_check.hpp"
 #include "device/event_state.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 #include "util/job_thread.hpp"
 #include "util/thread_priority.hpp"
@@ -747,7 +748,7 @@ class cuda_ipc_communicator final : public communicator {
   // Waits (bounded) until none of our copies runs; after that the caller's buffers are free again.
   // Waits (at most the timeout) for our copy streams; false when some copy still runs.
   bool settle() noexcept {
-    const auto deadline = clock::now() + opts_.timeout;
+    const auto deadline = deadline_after(opts_.timeout);
     bool settled = true;
     for (auto* s : owned_streams_) {
       while (cudaStreamQuery(s) == cudaErrorNotReady && clock::now() < deadline) {

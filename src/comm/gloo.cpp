@@ -25,6 +25,7 @@
 #include <fmt/ranges.h>
 
 #include "comm/backends.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 #include "util/thread_priority.hpp"
 
@@ -162,7 +163,7 @@ class gloo_communicator final : public communicator {
       (o.is_send ? p.send_data : p.recv_data).push_back(o.data);
       (o.is_send ? p.send_sizes : p.recv_sizes).push_back(o.bytes);
     }
-    const auto deadline = clock::now() + opts_.timeout;
+    const auto deadline = deadline_after(opts_.timeout);
     std::size_t window_bytes = 0;
     if (staged) window_bytes = prepare_staging(peers);
 

@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "comm/backends.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::comm {
@@ -75,7 +76,7 @@ class loopback_communicator final : public communicator {
   void run(std::span<const op> ops) override {
     auto& w = *world_;
     if (stream() != nullptr) stream()->synchronize(opts_.timeout);  // earlier stream work fills the sends
-    const auto deadline = clock::now() + opts_.timeout;
+    const auto deadline = deadline_after(opts_.timeout);
     std::vector<std::shared_ptr<message>> sent;
     {
       std::lock_guard lock(w.mutex);

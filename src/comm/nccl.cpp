@@ -15,6 +15,7 @@
 
 #include "comm/backends.hpp"
 #include "device/cuda_check.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::comm {
@@ -63,7 +64,7 @@ class nccl_communicator final : public communicator {
     config.blocking = 0;
     const ncclResult_t r = ncclCommInitRankConfig(&comm_, size(), id, rank(), &config);
     if (r != ncclSuccess && r != ncclInProgress) check(r, "ncclCommInitRankConfig");
-    await_comm(clock::now() + opts_.timeout, "joining the communicator (a rank never arrived?)");
+    await_comm(deadline_after(opts_.timeout), "joining the communicator (a rank never arrived?)");
   }
 
   ~nccl_communicator() override {
@@ -73,7 +74,7 @@ class nccl_communicator final : public communicator {
     // Finalize flushes outstanding work; a peer that is gone can keep it pending, so bound the
     // wait and abort instead of hanging in a destructor.
     ncclResult_t state = ncclCommFinalize(comm_);
-    const auto deadline = clock::now() + opts_.timeout;
+    const auto deadline = deadline_after(opts_.timeout);
     while (state == ncclInProgress && clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::microseconds(500));
       if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) break;
@@ -140,14 +141,14 @@ class nccl_communicator final : public communicator {
     const ncclResult_t end = ncclGroupEnd();
     if (end != ncclSuccess && end != ncclInProgress) check(end, "ncclGroupEnd");
     // Enqueueing can wait on peers too (connecting, exchanging registered buffers' handles).
-    await_comm(clock::now() + opts_.timeout, "enqueueing the batch", true);
+    await_comm(deadline_after(opts_.timeout), "enqueueing the batch", true);
     return stream()->record();
   }
 
   // Waits for the transfers, polling NCCL's asynchronous errors between short slices so that a
   // dead peer surfaces; the event wakes the wait as soon as the stream passes it.
   void await(const device::event& done) override {
-    const auto deadline = clock::now() + opts_.timeout;
+    const auto deadline = deadline_after(opts_.timeout);
     while (!done.wait_for(std::chrono::microseconds(200))) {
       if (aborted_) fail(errc::transport, "{} rank {}: communicator was aborted", name(), rank());
       ncclResult_t async = ncclSuccess;

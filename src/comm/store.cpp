@@ -14,6 +14,7 @@
 
 #include "comm/counter.hpp"
 #include "eplb/comm/store.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::comm {
@@ -32,7 +33,7 @@ class memory_store final : public store {
   }
   std::string get(const std::string& key, milliseconds timeout) override {
     std::unique_lock lock(mutex_);
-    if (!cv_.wait_for(lock, timeout, [&] { return values_.count(key) != 0; })) {
+    if (!cv_.wait_until(lock, deadline_after(timeout), [&] { return values_.count(key) != 0; })) {
       fail(errc::timeout, "store: key \"{}\" not set within {} ms", key, timeout.count());
     }
     return values_[key];
@@ -96,7 +97,7 @@ class file_store final : public store {
   }
   std::string get(const std::string& key, milliseconds timeout) override {
     const auto path = dir_ / file_name(key);
-    const auto deadline = clock::now() + timeout;
+    const auto deadline = deadline_after(timeout);
     auto step = milliseconds(1);
     for (;;) {
       std::ifstream in(path, std::ios::binary);
@@ -194,7 +195,7 @@ std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::stri
 }
 
 void store_barrier(store& s, const std::string& name, int count, milliseconds timeout) {
-  const auto deadline = clock::now() + timeout;
+  const auto deadline = deadline_after(timeout);
   std::int64_t seen = s.add(name, 1);
   auto step = milliseconds(1);
   while (seen < count) {

@@ -9,6 +9,7 @@
 #include "comm/counter.hpp"
 #include "eplb/comm/store.hpp"
 #include "util/asio.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::comm {
@@ -126,7 +127,7 @@ class tcp_store final : public store {
  public:
   tcp_store(std::string host, std::uint16_t port, milliseconds connect_timeout)
       : host_(std::move(host)), port_(port), connect_timeout_(connect_timeout) {
-    give_back(connect(clock::now() + connect_timeout_));
+    give_back(connect(deadline_after(connect_timeout_)));
   }
 
   void set(const std::string& key, const std::string& value) override {
@@ -207,7 +208,7 @@ class tcp_store final : public store {
   }
 
   std::string exchange(char op, const std::string& key, const std::string& value, milliseconds timeout) {
-    const auto deadline = clock::now() + timeout;
+    const auto deadline = deadline_after(timeout);
     auto c = borrow(deadline);
     auto& socket = c->socket;
     const wire_header h{op, static_cast<std::uint32_t>(key.size()), static_cast<std::uint32_t>(value.size())};

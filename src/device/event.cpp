@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "device/event_state.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::device {
@@ -59,8 +60,7 @@ bool event::query() const {
 
 void event::wait(milliseconds timeout) const {
   if (!state_) fail(errc::invalid_argument, "event::wait: the event was never recorded");
-  const auto start = std::chrono::steady_clock::now();
-  const auto deadline = start + timeout;
+  const auto deadline = deadline_after(timeout);
   // The host-side flag wakes us at once; polling in growing steps covers backends whose driver
   // knows about completion (or failure) before the flag is set.
   auto step = std::chrono::microseconds(50);

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::exec {
@@ -103,7 +104,7 @@ void rearranger::retire(device::buffer b, bool wait) noexcept {
     device::keep_for_good(std::move(b));  // a stream that cannot record may still run what it holds
     return;
   }
-  const auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
+  const auto deadline = deadline_after(opts_.timeout);
   for (const auto& e : after) {
     if (!wait) break;
     try {

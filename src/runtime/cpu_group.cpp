@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::runtime {
@@ -15,7 +16,7 @@ std::vector<std::string> cpu_group::exchange(const std::string& key, std::string
                                              std::chrono::milliseconds timeout) {
   store_->set(fmt::format("{}/{}", key, rank_), mine);
   std::vector<std::string> all(static_cast<std::size_t>(size_));
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto deadline = deadline_after(timeout);
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) {
       all[static_cast<std::size_t>(r)] = std::move(mine);

@@ -557,9 +557,11 @@ struct eplb_state::impl {
       const auto ready = background->get(committed);
       serving.wait(ready.ready);
       mover->commit_layer(ready.staged, weights, background->area(ready.area), serving);
+      // Released right after its reads are queued: publish_maps() may throw, and an area whose
+      // reads were not recorded could be staged into again while they are still queued.
+      background->release(ready.area, serving.record());
       maps.set_layer(committed, ready.staged.new_row);
       publish_maps(committed);
-      background->release(ready.area, serving.record());
       m.bytes_moved += ready.staged.stats.bytes_received;
       ++m.layers_committed;
       ++report.layers_committed;

@@ -94,6 +94,33 @@ TEST_CASE("discarded operations never join a later batch") {
   CHECK(got == fresh);
 }
 
+// Issue 15: a timeout of milliseconds::max() once overflowed the deadline (an instant timeout).
+TEST_CASE("loopback and stores: the largest timeouts wait instead of overflowing") {
+  auto world = comm::make_loopback_world(2);
+  const auto results = on_ranks(2, [&](int rank) -> std::string {
+    auto c = comm::make_communicator(comm::backend::loopback,
+                                     loopback_setup(world, rank, 2, std::chrono::milliseconds::max()));
+    std::vector<std::byte> buf(64, std::byte{static_cast<unsigned char>(rank + 1)});
+    if (rank == 0) {
+      std::this_thread::sleep_for(50ms);  // rank 1 waits on a deadline computed from the maximum
+      c->add_send(buf, 1);
+    } else {
+      c->add_recv(buf, 0);
+    }
+    c->execute();
+    return rank == 1 && buf[0] != std::byte{1} ? "wrong bytes" : "";
+  });
+  CHECK(results[0].empty());
+  CHECK(results[1].empty());
+  auto s = comm::make_memory_store();
+  std::thread setter([&] {
+    std::this_thread::sleep_for(30ms);
+    s->set("k", "v");
+  });
+  CHECK(s->get("k", std::chrono::milliseconds::max()) == "v");
+  setter.join();
+}
+
 TEST_CASE("loopback: size mismatch, silent peer and dead peer are clear errors") {
   auto world = comm::make_loopback_world(2);
   SUBCASE("receive larger than the send") {
