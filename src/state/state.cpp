@@ -397,7 +397,7 @@ struct eplb_state::impl {
     vote->begin(m.rebalances);
     const auto old = maps.phy2log();
     try {
-      rebalance_now(report, local, policy);
+      rebalance_now(report, local, policy, old);
     } catch (const std::exception& e) {
       comm_suspect = true;  // every rank fails this rebalance, so every rank re-makes it next time
       vote->abort(e.what());
@@ -415,7 +415,8 @@ struct eplb_state::impl {
 
   // The synchronous rebalance. The load sum carries whether any rank's communicator is suspect, so
   // every rank re-makes it in the same rebalance, under a generation every rank derives alike.
-  void rebalance_now(step_report& report, const matrix<double>& local, policy_kind policy) {
+  void rebalance_now(step_report& report, const matrix<double>& local, policy_kind policy,
+                     const matrix<expert_id>& old) {
     std::vector<double> values(local.flat().begin(), local.flat().end());
     values.push_back(std::exchange(comm_suspect, false) ? 1.0 : 0.0);
     auto summed = group->allreduce_sum(values);
@@ -423,7 +424,6 @@ struct eplb_state::impl {
     summed.pop_back();
     matrix<double> total(local.rows(), local.cols());
     std::copy(summed.begin(), summed.end(), total.flat().begin());
-    const auto old = maps.phy2log();
     const auto next = rebalance(
         policy, {total, model.shape.num_physical, model.num_groups, model.num_nodes, model.shape.num_ranks, &old});
     m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time).count();

@@ -176,6 +176,22 @@ exec::checksum_fn pattern_model::reference() const {
   return [this](int layer, expert_id e, int tensor) { return reference_.at({layer, e, tensor}); };
 }
 
+std::string pattern_model::mismatch(int layer, std::span<const expert_id> row, int rank) {
+  const auto expected = reference();
+  const auto snap = snapshot(layer);
+  std::size_t at = 0;
+  for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+    const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
+    for (int s = 0; s < shape_.slots_per_rank(); ++s, at += bytes) {
+      const expert_id e = row[static_cast<std::size_t>(rank * shape_.slots_per_rank() + s)];
+      if (e >= 0 && exec::checksum({snap.data() + at, bytes}) != expected(layer, e, t)) {
+        return fmt::format("rank {}: layer {} slot {} tensor {} does not hold expert {}'s bytes", rank, layer, s, t, e);
+      }
+    }
+  }
+  return {};
+}
+
 std::vector<std::byte> pattern_model::snapshot(int layer) {
   // The stream copies into device memory, not into `out`: a timed-out wait must not leave it
   // writing into a vector that the exception frees.

@@ -63,6 +63,10 @@ class pattern_model {
   [[nodiscard]] exec::checksum_fn reference() const;
   /// Every byte of this rank's slots of `layer` (tensor by tensor, slot by slot), for comparisons.
   [[nodiscard]] std::vector<std::byte> snapshot(int layer);
+  /// The first of rank `rank`'s slots of `layer` whose bytes are not those of the expert `row` (the
+  /// layer's phy2log over all ranks) puts there, as a line naming it; "" when every slot holds its
+  /// expert's bytes (empty slots are skipped).
+  [[nodiscard]] std::string mismatch(int layer, std::span<const expert_id> row, int rank);
 
  private:
   void fill(int rank, const matrix<expert_id>& placement_map, std::span<std::byte> host);

@@ -160,20 +160,7 @@ std::string maps_digest(const eplb_state& state) {
 }
 
 std::string verify_layer(const eplb_state& state, pattern_model& model, int layer, int rank) {
-  const auto& shape = model.shape();
-  const auto reference = model.reference();
-  const auto snap = model.snapshot(layer);
-  std::size_t at = 0;
-  for (int t = 0; t < static_cast<int>(shape.bundle.size()); ++t) {
-    const auto bytes = shape.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
-    for (int s = 0; s < shape.slots_per_rank(); ++s, at += bytes) {
-      const expert_id e = state.maps().phy2log(layer)[rank * shape.slots_per_rank() + s];
-      if (e >= 0 && exec::checksum({snap.data() + at, bytes}) != reference(layer, e, t)) {
-        return fmt::format("rank {}: layer {} slot {} tensor {} does not hold expert {}'s bytes", rank, layer, s, t, e);
-      }
-    }
-  }
-  return {};
+  return model.mismatch(layer, state.maps().phy2log(layer), rank);
 }
 
 class progress {

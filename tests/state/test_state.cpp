@@ -79,21 +79,7 @@ struct gate {
 
 // Checks every local slot of `layer` against the reference bytes of the expert the maps put there.
 std::string verify(rank_setup& r, int layer, int rank) {
-  const auto& shape = r.model->shape();
-  const auto reference = r.model->reference();
-  const auto snap = r.model->snapshot(layer);
-  std::size_t at = 0;
-  for (int t = 0; t < static_cast<int>(shape.bundle.size()); ++t) {
-    const auto bytes = shape.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
-    for (int s = 0; s < shape.slots_per_rank(); ++s, at += bytes) {
-      const expert_id e = r.state->maps().phy2log(layer)[rank * shape.slots_per_rank() + s];
-      if (e < 0) continue;
-      if (exec::checksum({snap.data() + at, bytes}) != reference(layer, e, t)) {
-        return fmt::format("rank {} layer {} slot {} tensor {}: bytes are not expert {}", rank, layer, s, t, e);
-      }
-    }
-  }
-  return {};
+  return r.model->mismatch(layer, r.state->maps().phy2log(layer), rank);
 }
 
 // A loopback config for the 12-expert, 16-slot test model.

@@ -51,20 +51,8 @@ std::vector<std::int64_t> drifting_counts(int step, int layer, int rank) {
 }
 
 std::string check_bytes(tools::pattern_model& model, const placement& maps, int rank) {
-  const auto& shape = model.shape();
-  const auto reference = model.reference();
   for (int l = 0; l < layers; ++l) {
-    const auto snap = model.snapshot(l);
-    std::size_t at = 0;
-    for (int t = 0; t < static_cast<int>(shape.bundle.size()); ++t) {
-      const auto bytes = shape.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
-      for (int s = 0; s < shape.slots_per_rank(); ++s, at += bytes) {
-        const expert_id e = maps.phy2log(l)[rank * shape.slots_per_rank() + s];
-        if (e >= 0 && exec::checksum({snap.data() + at, bytes}) != reference(l, e, t)) {
-          return fmt::format("rank {} layer {} slot {} tensor {} does not hold expert {}'s bytes", rank, l, s, t, e);
-        }
-      }
-    }
+    if (auto bad = model.mismatch(l, maps.phy2log(l), rank); !bad.empty()) return bad;
   }
   return {};
 }
