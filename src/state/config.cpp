@@ -65,71 +65,89 @@ policy_kind config::resolved_policy() const {
   return parse_policy(policy, "policy");
 }
 
+namespace {
+
+long json_integer(const std::string& key, const nlohmann::json& v) {
+  if (!v.is_number_integer()) {
+    fail(errc::invalid_config, "{}: {} is not allowed (must be an integer)", key, json_excerpt(v));
+  }
+  const auto x = v.get<std::int64_t>();
+  if (x < -1'000'000'000'000 || x > 1'000'000'000'000) fail(errc::invalid_config, "{}: {} is out of range", key, x);
+  return static_cast<long>(x);
+}
+
+// Fields held in an int: a larger value would wrap around (4294967297 would become 1).
+int json_int(const std::string& key, const nlohmann::json& v) {
+  const long x = json_integer(key, v);
+  if (x < std::numeric_limits<int>::min() || x > std::numeric_limits<int>::max()) {
+    fail(errc::invalid_config, "{}: {} is out of range ({}..{})", key, x, std::numeric_limits<int>::min(),
+         std::numeric_limits<int>::max());
+  }
+  return static_cast<int>(x);
+}
+
+bool json_bool(const std::string& key, const nlohmann::json& v) {
+  if (!v.is_boolean()) {
+    fail(errc::invalid_config, "{}: {} is not allowed (must be true or false)", key, json_excerpt(v));
+  }
+  return v.get<bool>();
+}
+
+std::string json_string(const std::string& key, const nlohmann::json& v) {
+  if (!v.is_string()) fail(errc::invalid_config, "{}: {} is not allowed (must be a string)", key, json_excerpt(v));
+  return v.get<std::string>();
+}
+
+using field_setter = void (*)(config&, const std::string&, const nlohmann::json&);
+
+// Every field a config JSON may hold, in the order the "unknown field" error lists them.
+const std::vector<std::pair<std::string_view, field_setter>>& json_fields() {
+  static const std::vector<std::pair<std::string_view, field_setter>> fields = {
+      {"window_size", [](config& c, const std::string& k, const nlohmann::json& v) { c.window_size = json_int(k, v); }},
+      {"step_interval",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.step_interval = json_int(k, v); }},
+      {"num_redundant_experts",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.num_redundant_experts = json_int(k, v); }},
+      {"log_balancedness",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.log_balancedness = json_bool(k, v); }},
+      {"log_balancedness_interval",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.log_balancedness_interval = json_int(k, v); }},
+      {"use_async", [](config& c, const std::string& k, const nlohmann::json& v) { c.use_async = json_bool(k, v); }},
+      {"elastic", [](config& c, const std::string& k, const nlohmann::json& v) { c.elastic = json_bool(k, v); }},
+      {"policy", [](config& c, const std::string& k, const nlohmann::json& v) { c.policy = json_string(k, v); }},
+      {"communicator",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.communicator = json_string(k, v); }},
+      {"staging_bytes",
+       [](config& c, const std::string& k, const nlohmann::json& v) {
+         const long x = json_integer(k, v);
+         if (x < 0) fail(errc::invalid_config, "staging_bytes: {} is not allowed (must be >= 0)", x);
+         c.staging_bytes = static_cast<std::size_t>(x);
+       }},
+      {"timeout_ms", [](config& c, const std::string& k,
+                        const nlohmann::json& v) { c.timeout = std::chrono::milliseconds(json_integer(k, v)); }},
+      {"commit_lag_steps",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.commit_lag_steps = json_int(k, v); }},
+      {"register_buffers",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.register_buffers = json_bool(k, v); }},
+  };
+  return fields;
+}
+
+}  // namespace
+
 config config::from_json(std::string_view text) {
   const auto doc = parse_json(text, errc::invalid_config, "config");
   if (!doc.is_object()) fail(errc::invalid_config, "config: must be a JSON object, got {}", doc.type_name());
+  const auto& fields = json_fields();
   config c;
-  const auto integer = [](const std::string& key, const nlohmann::json& v) -> long {
-    if (!v.is_number_integer())
-      fail(errc::invalid_config, "{}: {} is not allowed (must be an integer)", key, json_excerpt(v));
-    const auto x = v.get<std::int64_t>();
-    if (x < -1'000'000'000'000 || x > 1'000'000'000'000) fail(errc::invalid_config, "{}: {} is out of range", key, x);
-    return static_cast<long>(x);
-  };
-  // Fields held in an int: a larger value would wrap around (4294967297 would become 1).
-  const auto int_field = [&](const std::string& key, const nlohmann::json& v) -> int {
-    const long x = integer(key, v);
-    if (x < std::numeric_limits<int>::min() || x > std::numeric_limits<int>::max()) {
-      fail(errc::invalid_config, "{}: {} is out of range ({}..{})", key, x, std::numeric_limits<int>::min(),
-           std::numeric_limits<int>::max());
-    }
-    return static_cast<int>(x);
-  };
-  const auto boolean = [](const std::string& key, const nlohmann::json& v) {
-    if (!v.is_boolean())
-      fail(errc::invalid_config, "{}: {} is not allowed (must be true or false)", key, json_excerpt(v));
-    return v.get<bool>();
-  };
-  const auto string = [](const std::string& key, const nlohmann::json& v) {
-    if (!v.is_string()) fail(errc::invalid_config, "{}: {} is not allowed (must be a string)", key, json_excerpt(v));
-    return v.get<std::string>();
-  };
   for (const auto& [key, v] : doc.items()) {
-    if (key == "window_size") {
-      c.window_size = int_field(key, v);
-    } else if (key == "step_interval") {
-      c.step_interval = int_field(key, v);
-    } else if (key == "num_redundant_experts") {
-      c.num_redundant_experts = int_field(key, v);
-    } else if (key == "log_balancedness") {
-      c.log_balancedness = boolean(key, v);
-    } else if (key == "log_balancedness_interval") {
-      c.log_balancedness_interval = int_field(key, v);
-    } else if (key == "use_async") {
-      c.use_async = boolean(key, v);
-    } else if (key == "elastic") {
-      c.elastic = boolean(key, v);
-    } else if (key == "policy") {
-      c.policy = string(key, v);
-    } else if (key == "communicator") {
-      c.communicator = string(key, v);
-    } else if (key == "staging_bytes") {
-      const long x = integer(key, v);
-      if (x < 0) fail(errc::invalid_config, "staging_bytes: {} is not allowed (must be >= 0)", x);
-      c.staging_bytes = static_cast<std::size_t>(x);
-    } else if (key == "timeout_ms") {
-      c.timeout = std::chrono::milliseconds(integer(key, v));
-    } else if (key == "commit_lag_steps") {
-      c.commit_lag_steps = int_field(key, v);
-    } else if (key == "register_buffers") {
-      c.register_buffers = boolean(key, v);
-    } else {
-      fail(errc::invalid_config,
-           "{}: unknown field (known: window_size, step_interval, num_redundant_experts, log_balancedness, "
-           "log_balancedness_interval, use_async, elastic, policy, communicator, staging_bytes, timeout_ms, "
-           "commit_lag_steps, register_buffers)",
-           excerpt(key));
+    const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return f.first == key; });
+    if (it == fields.end()) {
+      std::string known;
+      for (const auto& f : fields) known += fmt::format("{}{}", known.empty() ? "" : ", ", f.first);
+      fail(errc::invalid_config, "{}: unknown field (known: {})", excerpt(key), known);
     }
+    it->second(c, key, v);
   }
   c.validate();
   return c;

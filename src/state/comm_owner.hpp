@@ -1,0 +1,56 @@
+// The communicator a state moves weights through: made at start (or handed in), and made again
+// under a new generation after a failed rebalance, on every rank for the same rebalance, so that
+// nothing of a broken communicator's rendezvous is read again. Touched by the serving thread in sync
+// mode and by the background thread in async mode (the serving thread reads kind() only).
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "eplb/state.hpp"
+
+namespace eplb::state_detail {
+
+class comm_owner {
+ public:
+  /// Takes the communicator, factory, wrapper and setup out of `p`; makes generation 0.
+  explicit comm_owner(state_params& p);
+
+  [[nodiscard]] comm::communicator& get() const noexcept { return *comm_; }
+  [[nodiscard]] comm::backend kind() const noexcept { return kind_; }
+  [[nodiscard]] int generation() const noexcept { return generation_; }
+
+  /// A rebalance failed: the communicator may be broken. take_suspect() reads and clears it.
+  void mark_suspect() noexcept { suspect_ = true; }
+  [[nodiscard]] bool take_suspect() noexcept { return std::exchange(suspect_, false); }
+
+  /// Whether remake() makes a new one (a communicator handed in without a factory is kept).
+  [[nodiscard]] bool can_remake() const noexcept { return can_remake_; }
+  /// Makes generation `generation`, then the old one goes (its waits are bounded by the timeout).
+  /// `adopt` hands the new one to its users before the old one is destroyed.
+  void remake(int generation, const std::function<void(comm::communicator&)>& adopt);
+
+  /// Destroys the communicator (its threads and its own staging) now.
+  void reset() noexcept { comm_.reset(); }
+
+ private:
+  [[nodiscard]] std::unique_ptr<comm::communicator> make(int generation) const;
+  [[nodiscard]] comm::setup tuned_setup(int generation) const;
+
+  config cfg_;
+  int rank_;
+  int size_;
+  device::device* dev_;
+  std::shared_ptr<comm::store> store_;
+  comm::backend backend_;
+  comm::setup setup_;
+  std::function<std::unique_ptr<comm::communicator>(int)> factory_;
+  std::function<std::unique_ptr<comm::communicator>(std::unique_ptr<comm::communicator>, int)> wrap_;
+  bool can_remake_;
+  int generation_ = 0;
+  bool suspect_ = false;
+  comm::backend kind_;  // fixed at start: read by the serving thread while the background remakes
+  std::unique_ptr<comm::communicator> comm_;
+};
+
+}  // namespace eplb::state_detail

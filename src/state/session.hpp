@@ -1,0 +1,61 @@
+// A rebalance session: what happens between the trigger of a rebalance and its end, behind one
+// interface with two strategies. Sync (sync_session): the whole rebalance runs inside the step that
+// triggers it, on the serving stream, every batch's write decided by all ranks. Async
+// (async_session): a background coroutine stages layers on a side stream while the serving loop runs
+// on; layers every rank has staged commit at step boundaries, in the same step on every rank.
+// Called from the serving thread only.
+#pragma once
+
+#include <chrono>
+#include <memory>
+
+#include "eplb/state.hpp"
+#include "state/comm_owner.hpp"
+#include "state/device_maps.hpp"
+
+namespace eplb::state_detail {
+
+using clock_type = std::chrono::steady_clock;
+
+/// What a session works on; owned by the state, which outlives its session.
+struct session_context {
+  const config& cfg;
+  const model_desc& model;
+  int rank;
+  device::device& dev;
+  device::stream& serving;
+  exec::rank_weights& weights;
+  placement& maps;         // what the serving loop routes by: committed layers only
+  device_maps& published;  // the same maps in device memory
+  comm_owner& comms;
+  metrics& m;
+  std::shared_ptr<comm::store> store;  // the CPU collectives' rendezvous
+};
+
+class rebalance_session {
+ public:
+  virtual ~rebalance_session() = default;
+  rebalance_session() = default;
+  rebalance_session(const rebalance_session&) = delete;
+  rebalance_session& operator=(const rebalance_session&) = delete;
+
+  /// Starts rebalance number m.rebalances (the same on every rank) from this rank's logical load
+  /// over the window. Sync: runs it to the end (or throws); async: returns at once.
+  virtual void start(const matrix<double>& local_load, step_report& report) = 0;
+  /// Once per step while in_flight(): commits what every rank has staged (async only). Throws when
+  /// the rebalance failed here or on a peer.
+  virtual void advance(step_report& report) = 0;
+  [[nodiscard]] virtual bool in_flight() const noexcept = 0;
+  /// This step ended a failed rebalance: as on the peers, no new one starts in this step.
+  [[nodiscard]] virtual bool ended_this_step_by_failure() const noexcept = 0;
+  /// step() threw while in flight: tells the peers and gives up this rank's part.
+  virtual void on_step_failure() noexcept = 0;
+  /// Cancels a rebalance in flight and waits for the background (bounded by the timeout).
+  virtual void stop() noexcept = 0;
+};
+
+/// The strategy cfg.use_async picks. `agreement` is the engine's commit agreement, if any (async).
+[[nodiscard]] std::unique_ptr<rebalance_session> make_session(const session_context& ctx,
+                                                              std::function<std::int64_t(std::int64_t)> agreement);
+
+}  // namespace eplb::state_detail
