@@ -2,6 +2,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -57,6 +58,16 @@ class memory_store final : public store {
     }
     cv_.notify_all();
     return held;
+  }
+  void erase(const std::string& key) override {
+    std::lock_guard lock(mutex_);
+    values_.erase(key);
+  }
+  store_usage usage() override {
+    std::lock_guard lock(mutex_);
+    store_usage u{.keys = values_.size()};
+    for (const auto& [k, v] : values_) u.bytes += k.size() + v.size();
+    return u;
   }
 
  private:
@@ -151,6 +162,27 @@ class file_store final : public store {
       fail(errc::transport, "file store: cannot create {}: {}", path.string(), std::strerror(link_errno));
     return get(key, milliseconds(0));
   }
+  void erase(const std::string& key) override {
+    std::error_code ec;
+    fs::remove(dir_ / file_name(key), ec);
+    fs::remove(dir_ / (file_name(key) + ".counter"), ec);
+  }
+  // Counters are kept twice (the locked counter file and the readable value): counted once.
+  store_usage usage() override {
+    store_usage u;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir_, ec)) {
+      const auto name = entry.path().filename().string();
+      if (name.find(".tmp.") != std::string::npos || name.ends_with(".counter")) continue;
+      ++u.keys;
+      std::error_code size_ec;
+      const auto size = entry.file_size(size_ec);
+      // The key's length: every %XX in the file name stands for one byte.
+      const auto escapes = static_cast<std::size_t>(std::count(name.begin(), name.end(), '%'));
+      u.bytes += name.size() - 2 * escapes + (size_ec ? 0 : static_cast<std::size_t>(size));
+    }
+    return u;
+  }
 
  private:
   static std::string write_temp(const fs::path& path, const std::string& value) {
@@ -176,6 +208,8 @@ class prefix_store final : public store {
   std::string set_if_absent(const std::string& key, const std::string& value) override {
     return inner_->set_if_absent(prefix_ + key, value);
   }
+  void erase(const std::string& key) override { inner_->erase(prefix_ + key); }
+  store_usage usage() override { return inner_->usage(); }
 
  private:
   std::shared_ptr<store> inner_;

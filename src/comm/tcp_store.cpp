@@ -2,6 +2,7 @@
 // map needs no lock; a GET for a missing key parks on a timer that a later SET cancels. Clients talk
 // synchronously with a deadline on every exchange; after a timeout the connection is dropped (its
 // late reply must not be read as the answer to the next request).
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -18,7 +19,7 @@ namespace {
 using tcp = asio::ip::tcp;
 using clock = std::chrono::steady_clock;
 
-enum : char { op_set = 'S', op_get = 'G', op_add = 'A', op_set_if_absent = 'C' };
+enum : char { op_set = 'S', op_get = 'G', op_add = 'A', op_set_if_absent = 'C', op_erase = 'D', op_usage = 'U' };
 
 struct wire_header {
   char op;
@@ -59,6 +60,10 @@ struct tcp_store_server::impl {
           const auto [it, inserted] = values.try_emplace(key, std::move(value));
           reply = it->second;
           if (inserted) wake(key);
+        } else if (h.op == op_erase) {
+          values.erase(key);
+        } else if (h.op == op_usage) {
+          reply = usage_text();
         } else if (h.op == op_get) {
           while (values.count(key) == 0) {
             asio::steady_timer timer(io, clock::time_point::max());
@@ -79,6 +84,13 @@ struct tcp_store_server::impl {
     } catch (const std::exception&) {
       // The client went away; its requests die with the connection.
     }
+  }
+
+  // "keys bytes", counted on the io thread that owns the map.
+  [[nodiscard]] std::string usage_text() const {
+    std::size_t bytes = 0;
+    for (const auto& [k, v] : values) bytes += k.size() + v.size();
+    return fmt::format("{} {}", values.size(), bytes);
   }
 
   void wake(const std::string& key) {
@@ -139,6 +151,15 @@ class tcp_store final : public store {
   }
   std::string set_if_absent(const std::string& key, const std::string& value) override {
     return exchange(op_set_if_absent, key, value, connect_timeout_);
+  }
+  void erase(const std::string& key) override { (void)exchange(op_erase, key, {}, connect_timeout_); }
+  store_usage usage() override {
+    const auto text = exchange(op_usage, {}, {}, connect_timeout_);
+    store_usage u;
+    if (std::sscanf(text.c_str(), "%zu %zu", &u.keys, &u.bytes) != 2) {
+      fail(errc::transport, "tcp store: bad usage reply \"{}\"", text);
+    }
+    return u;
   }
 
  private:

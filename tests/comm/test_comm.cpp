@@ -241,6 +241,45 @@ TEST_CASE("stores: set_if_absent has one winner that every racer reads") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("stores: erase removes a key and its counter; usage counts what is held") {
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-store-erase-{}", ::getpid());
+  std::filesystem::remove_all(dir);
+  comm::tcp_store_server server("127.0.0.1", 0);
+  std::vector<std::shared_ptr<comm::store>> stores{comm::make_memory_store(), comm::make_file_store(dir.string()),
+                                                   comm::make_tcp_store("127.0.0.1", server.port(), 5s)};
+  for (auto& s : stores) {
+    CHECK(s->usage().keys == 0);
+    s->set("a", "12345");
+    (void)s->add("n", 3);
+    auto p = comm::make_prefix_store(s, "run");
+    p->set("b", "x");
+    const auto held = s->usage();
+    CHECK(held.keys == 3);
+    CHECK(held.bytes == 1 + 5 + 1 + 1 + 5 + 1);  // "a"+"12345", "n"+"3", "run/b"+"x"
+    CHECK(p->usage().keys == 3);                 // a prefix store reports the whole store
+    s->erase("a");
+    s->erase("n");
+    p->erase("b");
+    s->erase("never-set");  // a no-op
+    CHECK(s->usage().keys == 0);
+    CHECK(s->usage().bytes == 0);
+    CHECK_EPLB_ERROR(s->get("a", 20ms), errc::timeout, "\"a\"");
+    CHECK(s->add("n", 1) == 1);  // the counter starts again from 0
+    s->erase("n");
+    // A get already waiting for an erased key is answered by a later set.
+    std::thread setter([&] {
+      std::this_thread::sleep_for(30ms);
+      s->erase("late");
+      s->set("late", "v");
+    });
+    CHECK(s->get("late", 5s) == "v");
+    setter.join();
+    s->erase("late");
+    CHECK(s->usage().keys == 0);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("tcp store: a get that timed out does not confuse the next request") {
   comm::tcp_store_server server("127.0.0.1", 0);
   auto s = comm::make_tcp_store("127.0.0.1", server.port(), 5s);

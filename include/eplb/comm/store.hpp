@@ -12,6 +12,12 @@ namespace eplb::comm {
 
 using std::chrono::milliseconds;
 
+/// What a store holds: the number of keys and the bytes of their names and values.
+struct store_usage {
+  std::size_t keys = 0;
+  std::size_t bytes = 0;
+};
+
 class store {
  public:
   virtual ~store() = default;
@@ -24,6 +30,11 @@ class store {
   /// afterwards (`value` when this call set it). The first writer wins on every store, so ranks
   /// that race to decide something all read the same decision.
   [[nodiscard]] virtual std::string set_if_absent(const std::string& key, const std::string& value) = 0;
+  /// Removes `key` (and its counter), a no-op when absent. A get() already waiting for it keeps
+  /// waiting. Long-running users delete what every rank has read, so the store stays bounded.
+  virtual void erase(const std::string& key) = 0;
+  /// What the whole store holds now (a prefix store reports its inner store).
+  [[nodiscard]] virtual store_usage usage() = 0;
 };
 
 [[nodiscard]] std::shared_ptr<store> make_memory_store();
