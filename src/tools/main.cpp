@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <sstream>
@@ -274,21 +275,20 @@ std::optional<int> parse_flags(CLI::App& app, int argc, char** argv) {
   }
 }
 
-}  // namespace
+// `eplb plan FILE [--text]`.
+struct plan_flags {
+  std::string path;
+  bool text = false;
+};
 
-int main(int argc, char** argv) {
-  CLI::App app{"eplb: expert-parallel load balancing for MoE serving"};
-  app.require_subcommand(1);
-
-  std::string plan_path;
-  bool plan_text = false;
+CLI::App* add_plan_command(CLI::App& app, plan_flags& f) {
   auto* plan = app.add_subcommand("plan", "Compute a placement from a JSON load description (offline)");
-  plan->add_option("file", plan_path, "JSON request, or - for stdin")->required();
-  plan->add_flag("--text", plan_text, "Print a readable per-rank table instead of JSON");
+  plan->add_option("file", f.path, "JSON request, or - for stdin")->required();
+  plan->add_flag("--text", f.text, "Print a readable per-rank table instead of JSON");
+  return plan;
+}
 
-  auto* info = app.add_subcommand("info", "Show which device and communicator backends were built and can run here");
-
-  exchange_flags ex;
+CLI::App* add_exchange_command(CLI::App& app, exchange_flags& ex) {
   auto* exchange =
       app.add_subcommand("exchange", "Rearrange a random model with recognisable bytes and verify every byte");
   exchange->add_option("--ranks", ex.cfg.ranks, "EP ranks (threads for loopback, processes otherwise)");
@@ -315,64 +315,96 @@ int main(int argc, char** argv) {
                        "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT (serve it)");
   exchange->add_option("--hostname", ex.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
   exchange->add_option("--result", ex.result, "with --rank: write the result here instead of printing it");
+  return exchange;
+}
 
-  simulate_flags sim;
+// The flags that shape the simulated run: model, ranks, steps, mode, load and timing.
+void add_simulate_run_flags(CLI::App& simulate, simulate_flags& sim) {
+  simulate.add_option("--preset", sim.cfg.preset, "tiny (default) | qwen3-30b-a3b | deepseek-v3");
+  simulate.add_option("--ranks", sim.cfg.ranks, "EP ranks");
+  simulate.add_flag("--procs", sim.cfg.procs, "ranks as processes (default: threads)");
+  simulate.add_option("--steps", sim.cfg.steps);
+  simulate.add_flag("--async", sim.async, "stage on a background thread, commit at step boundaries (default)");
+  simulate.add_flag("--sync", sim.sync, "rearrange inside step()");
+  simulate.add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl | cuda_ipc");
+  simulate.add_option("--device", sim.device, "host | cuda");
+  simulate.add_option("--seed", sim.cfg.seed)->check(no_sign);
+  simulate.add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");
+  simulate.add_option("--commit-lag", sim.cfg.commit_lag,
+                      "async: steps between agreeing on staged layers and "
+                      "committing them (default: the config's, 8)");
+  simulate.add_option("--window", sim.cfg.window, "load window in steps (0: the preset's)");
+  simulate
+      .add_option("--bytes-scale", sim.cfg.bytes_scale, "divide expert sizes by this (0: 1024 on host for big presets)")
+      ->check(no_sign);
+  simulate.add_option("--tokens", sim.cfg.tokens_per_step, "routed token slots per rank, layer and step");
+  simulate.add_option("--drift-steps", sim.cfg.drift_steps, "the hot experts move this often");
+  simulate.add_option("--timeout-ms", sim.timeout_ms);
+  simulate.add_option("--forward-us", sim.forward_us, "time each step spends in the forward-pass stand-in");
+}
+
+// The injected faults, the output and a rank run on its own.
+void add_simulate_fault_and_rank_flags(CLI::App& simulate, simulate_flags& sim) {
+  simulate.add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
+  simulate.add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
+  simulate.add_option("--fail-step", sim.cfg.fail_step);
+  simulate.add_option("--transfer-fault-rank", sim.cfg.transfer_fault_rank,
+                      "this rank's first batch after --transfer-fault-step fails once; the run goes on");
+  simulate.add_option("--transfer-fault-step", sim.cfg.transfer_fault_step);
+  simulate.add_flag("--json", sim.json, "print one JSON object");
+  simulate.add_option("--rank", sim.rank, "run only this rank (with --procs; one process per rank, needs --store)");
+  simulate.add_option("--store", sim.store, "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT");
+  simulate.add_option("--hostname", sim.cfg.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
+  simulate.add_option("--result", sim.result, "with --rank: write the JSON report here instead of printing it");
+}
+
+CLI::App* add_simulate_command(CLI::App& app, simulate_flags& sim) {
   auto* simulate =
       app.add_subcommand("simulate", "Run a miniature serving loop with drifting skewed load and rebalances");
-  simulate->add_option("--preset", sim.cfg.preset, "tiny (default) | qwen3-30b-a3b | deepseek-v3");
-  simulate->add_option("--ranks", sim.cfg.ranks, "EP ranks");
-  simulate->add_flag("--procs", sim.cfg.procs, "ranks as processes (default: threads)");
-  simulate->add_option("--steps", sim.cfg.steps);
-  simulate->add_flag("--async", sim.async, "stage on a background thread, commit at step boundaries (default)");
-  simulate->add_flag("--sync", sim.sync, "rearrange inside step()");
-  simulate->add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl | cuda_ipc");
-  simulate->add_option("--device", sim.device, "host | cuda");
-  simulate->add_option("--seed", sim.cfg.seed)->check(no_sign);
-  simulate->add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");
-  simulate->add_option("--commit-lag", sim.cfg.commit_lag,
-                       "async: steps between agreeing on staged layers and "
-                       "committing them (default: the config's, 8)");
-  simulate->add_option("--window", sim.cfg.window, "load window in steps (0: the preset's)");
-  simulate
-      ->add_option("--bytes-scale", sim.cfg.bytes_scale,
-                   "divide expert sizes by this (0: 1024 on host for big presets)")
-      ->check(no_sign);
-  simulate->add_option("--tokens", sim.cfg.tokens_per_step, "routed token slots per rank, layer and step");
-  simulate->add_option("--drift-steps", sim.cfg.drift_steps, "the hot experts move this often");
-  simulate->add_option("--timeout-ms", sim.timeout_ms);
-  simulate->add_option("--forward-us", sim.forward_us, "time each step spends in the forward-pass stand-in");
-  simulate->add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
-  simulate->add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
-  simulate->add_option("--fail-step", sim.cfg.fail_step);
-  simulate->add_option("--transfer-fault-rank", sim.cfg.transfer_fault_rank,
-                       "this rank's first batch after --transfer-fault-step fails once; the run goes on");
-  simulate->add_option("--transfer-fault-step", sim.cfg.transfer_fault_step);
-  simulate->add_flag("--json", sim.json, "print one JSON object");
-  simulate->add_option("--rank", sim.rank, "run only this rank (with --procs; one process per rank, needs --store)");
-  simulate->add_option("--store", sim.store, "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT");
-  simulate->add_option("--hostname", sim.cfg.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
-  simulate->add_option("--result", sim.result, "with --rank: write the JSON report here instead of printing it");
+  add_simulate_run_flags(*simulate, sim);
+  add_simulate_fault_and_rank_flags(*simulate, sim);
+  return simulate;
+}
 
-  if (const auto status = parse_flags(app, argc, argv)) return *status;
+// Runs a parsed command and turns what it throws into a message on stderr (one line whatever a
+// message echoes: a flag's value may hold a newline) and an exit status: 2 for bad input, else 1.
+int run_reporting_errors(const std::function<int()>& command) {
   try {
-    std::vector<std::string> child_args;
-    for (int i = 1; i < argc; ++i) child_args.emplace_back(argv[i]);
-    int status = 0;
-    if (plan->parsed()) status = run_plan(plan_path, plan_text);
-    if (info->parsed()) status = run_info();
-    if (simulate->parsed()) status = run_simulate(sim, child_args);
-    if (exchange->parsed()) status = run_exchange(ex, child_args);
+    const int status = command();
     check_written(std::cout, "stdout");
     return status;
   } catch (const write_error& e) {
     std::cerr << "eplb: " << e.what() << '\n';
     return 1;
   } catch (const eplb::error& e) {
-    // One line whatever a message echoes (a flag's value may hold a newline).
     std::cerr << "eplb: " << eplb::excerpt(e.what(), 2000) << '\n';
     return is_bad_input(e.code()) ? exit_bad_input : 1;
   } catch (const std::exception& e) {
     std::cerr << "eplb: unexpected error: " << eplb::excerpt(e.what(), 2000) << '\n';
     return 1;
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"eplb: expert-parallel load balancing for MoE serving"};
+  app.require_subcommand(1);
+  plan_flags pl;
+  exchange_flags ex;
+  simulate_flags sim;
+  auto* plan = add_plan_command(app, pl);
+  auto* info = app.add_subcommand("info", "Show which device and communicator backends were built and can run here");
+  auto* exchange = add_exchange_command(app, ex);
+  auto* simulate = add_simulate_command(app, sim);
+  if (const auto status = parse_flags(app, argc, argv)) return *status;
+  return run_reporting_errors([&] {
+    const std::vector<std::string> child_args(argv + 1, argv + argc);
+    int status = 0;
+    if (plan->parsed()) status = run_plan(pl.path, pl.text);
+    if (info->parsed()) status = run_info();
+    if (simulate->parsed()) status = run_simulate(sim, child_args);
+    if (exchange->parsed()) status = run_exchange(ex, child_args);
+    return status;
+  });
 }

@@ -40,10 +40,9 @@ const json& get_rows(const json& doc, const char* field) {
   return rows;
 }
 
-}  // namespace
-
-plan_request parse_plan_request(const json& doc) {
-  if (!doc.is_object()) fail(errc::invalid_json, "input: must be a JSON object, got {}", doc.type_name());
+// Every field of the request is one parse_plan_request knows: a misspelt optional field would
+// otherwise be ignored silently.
+void check_known_fields(const json& doc) {
   static constexpr const char* known[] = {"load",      "num_replicas", "num_groups", "num_nodes",
                                           "num_ranks", "old_phy2log",  "policy"};
   for (const auto& item : doc.items()) {
@@ -54,10 +53,13 @@ plan_request parse_plan_request(const json& doc) {
            excerpt(key));
     }
   }
+}
+
+// "load": layers x logical experts, finite numbers >= 0.
+matrix<double> parse_load(const json& doc) {
   if (!doc.contains("load")) fail(errc::invalid_json, "load: missing (layers x logical experts array is required)");
-  plan_request req;
   const auto& load = get_rows(doc, "load");
-  req.load = matrix<double>(load.size(), load[0].size());
+  matrix<double> out(load.size(), load[0].size());
   for (std::size_t l = 0; l < load.size(); ++l) {
     for (std::size_t e = 0; e < load[l].size(); ++e) {
       const auto& v = load[l][e];
@@ -66,42 +68,61 @@ plan_request parse_plan_request(const json& doc) {
       if (!std::isfinite(x) || x < 0.0) {
         fail(errc::invalid_argument, "load[{}][{}]: must be a finite number >= 0, got {}", l, e, json_excerpt(v));
       }
-      req.load(l, e) = x;
+      out(l, e) = x;
     }
   }
+  return out;
+}
+
+// "policy", when given: "default" or "min_move".
+void parse_policy_field(const json& doc, plan_request& req) {
+  const auto it = doc.find("policy");
+  if (it == doc.end()) return;
+  if (!it->is_string()) fail(errc::invalid_json, "policy: must be a string, got {}", json_excerpt(*it));
+  const auto& name = it->get_ref<const std::string&>();
+  // parse_policy echoes the name whole; a hostile one is shown as an excerpt.
+  if (name != "default" && name != "min_move") {
+    fail(errc::invalid_argument, "policy: unknown policy \"{}\" (allowed: \"default\", \"min_move\")", excerpt(name));
+  }
+  req.policy = parse_policy(name);
+}
+
+// "old_phy2log", when given: the current placement, one row of num_replicas slots per load layer.
+void parse_old_placement(const json& doc, plan_request& req) {
+  if (!doc.contains("old_phy2log")) return;
+  const auto& old = get_rows(doc, "old_phy2log");
+  if (old.size() != req.load.rows()) {
+    fail(errc::invalid_argument, "old_phy2log: has {} layers, load has {}", old.size(), req.load.rows());
+  }
+  if (old[0].size() != static_cast<std::size_t>(req.num_replicas)) {
+    fail(errc::invalid_argument, "old_phy2log: rows have {} slots, num_replicas is {}", old[0].size(),
+         req.num_replicas);
+  }
+  std::vector<std::vector<std::int64_t>> rows(old.size());
+  for (std::size_t l = 0; l < old.size(); ++l) {
+    for (std::size_t p = 0; p < old[l].size(); ++p) {
+      if (!old[l][p].is_number_integer()) {
+        fail(errc::invalid_json, "old_phy2log[{}][{}]: must be an integer, got {}", l, p, json_excerpt(old[l][p]));
+      }
+      rows[l].push_back(old[l][p].get<std::int64_t>());
+    }
+  }
+  req.old = placement::from_rows(rows, static_cast<int>(req.load.cols()), req.num_ranks, "old_phy2log");
+}
+
+}  // namespace
+
+plan_request parse_plan_request(const json& doc) {
+  if (!doc.is_object()) fail(errc::invalid_json, "input: must be a JSON object, got {}", doc.type_name());
+  check_known_fields(doc);
+  plan_request req;
+  req.load = parse_load(doc);
   req.num_replicas = get_int(doc, "num_replicas", true);
   req.num_groups = get_int(doc, "num_groups", true);
   req.num_nodes = get_int(doc, "num_nodes", true);
   req.num_ranks = get_int(doc, "num_ranks", true);
-  if (const auto it = doc.find("policy"); it != doc.end()) {
-    if (!it->is_string()) fail(errc::invalid_json, "policy: must be a string, got {}", json_excerpt(*it));
-    const auto& name = it->get_ref<const std::string&>();
-    // parse_policy echoes the name whole; a hostile one is shown as an excerpt.
-    if (name != "default" && name != "min_move") {
-      fail(errc::invalid_argument, "policy: unknown policy \"{}\" (allowed: \"default\", \"min_move\")", excerpt(name));
-    }
-    req.policy = parse_policy(name);
-  }
-  if (doc.contains("old_phy2log")) {
-    const auto& old = get_rows(doc, "old_phy2log");
-    if (old.size() != req.load.rows()) {
-      fail(errc::invalid_argument, "old_phy2log: has {} layers, load has {}", old.size(), req.load.rows());
-    }
-    if (old[0].size() != static_cast<std::size_t>(req.num_replicas)) {
-      fail(errc::invalid_argument, "old_phy2log: rows have {} slots, num_replicas is {}", old[0].size(),
-           req.num_replicas);
-    }
-    std::vector<std::vector<std::int64_t>> rows(old.size());
-    for (std::size_t l = 0; l < old.size(); ++l) {
-      for (std::size_t p = 0; p < old[l].size(); ++p) {
-        if (!old[l][p].is_number_integer()) {
-          fail(errc::invalid_json, "old_phy2log[{}][{}]: must be an integer, got {}", l, p, json_excerpt(old[l][p]));
-        }
-        rows[l].push_back(old[l][p].get<std::int64_t>());
-      }
-    }
-    req.old = placement::from_rows(rows, static_cast<int>(req.load.cols()), req.num_ranks, "old_phy2log");
-  }
+  parse_policy_field(doc, req);
+  parse_old_placement(doc, req);
   validate(rebalance_input{req.load, req.num_replicas, req.num_groups, req.num_nodes, req.num_ranks,
                            req.old ? &req.old->phy2log() : nullptr});
   return req;

@@ -18,6 +18,62 @@
 
 namespace eplb::tools {
 
+namespace {
+
+// Starts `self_exe` with `args` (argv[0] included) as a child process.
+pid_t spawn(const std::string& self_exe, std::vector<std::string> args, int rank) {
+  const pid_t pid = ::fork();
+  if (pid < 0) fail(errc::internal, "could not fork rank {}", rank);
+  if (pid == 0) {
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(self_exe.c_str(), argv.data());
+    std::_Exit(127);
+  }
+  return pid;
+}
+
+// Waits for every child; those still running at `deadline`, or `grace` after one failed, are
+// killed. Returns each one's exit status, or that it was killed.
+std::vector<rank_process> wait_all(const std::vector<pid_t>& children, std::chrono::steady_clock::time_point deadline,
+                                   std::chrono::milliseconds grace) {
+  const auto ranks = children.size();
+  std::vector<rank_process> out(ranks);
+  std::vector<bool> done(ranks, false);
+  for (std::size_t left = ranks; left > 0;) {
+    for (std::size_t r = 0; r < ranks; ++r) {
+      int status = 0;
+      if (done[r] || ::waitpid(children[r], &status, WNOHANG) == 0) continue;
+      out[r].exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      done[r] = true;
+      --left;
+      if (out[r].exit_status != 0) deadline = std::min(deadline, deadline_after(grace));
+    }
+    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
+      for (std::size_t r = 0; r < ranks; ++r) {
+        if (done[r]) continue;
+        ::kill(children[r], SIGKILL);
+        ::waitpid(children[r], nullptr, 0);
+        out[r].killed = true;
+        done[r] = true;
+        --left;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return out;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
 std::vector<rank_process> run_rank_processes(const std::string& self_exe, const std::vector<std::string>& child_args,
                                              int ranks, std::chrono::steady_clock::time_point deadline,
                                              std::chrono::milliseconds grace) {
@@ -35,48 +91,10 @@ std::vector<rank_process> run_rank_processes(const std::string& self_exe, const 
                           std::string("--result"), result_files.back()}) {
       args.push_back(a);
     }
-    const pid_t pid = ::fork();
-    if (pid < 0) fail(errc::internal, "could not fork rank {}", r);
-    if (pid == 0) {
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(self_exe.c_str(), argv.data());
-      std::_Exit(127);
-    }
-    children.push_back(pid);
+    children.push_back(spawn(self_exe, std::move(args), r));
   }
-  std::vector<rank_process> out(static_cast<std::size_t>(ranks));
-  std::vector<bool> done(static_cast<std::size_t>(ranks), false);
-  for (int left = ranks; left > 0;) {
-    for (int r = 0; r < ranks; ++r) {
-      if (done[static_cast<std::size_t>(r)]) continue;
-      int status = 0;
-      if (::waitpid(children[static_cast<std::size_t>(r)], &status, WNOHANG) == 0) continue;
-      auto& o = out[static_cast<std::size_t>(r)];
-      o.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      done[static_cast<std::size_t>(r)] = true;
-      --left;
-      if (o.exit_status != 0) deadline = std::min(deadline, deadline_after(grace));
-    }
-    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
-      for (int r = 0; r < ranks; ++r) {
-        if (done[static_cast<std::size_t>(r)]) continue;
-        ::kill(children[static_cast<std::size_t>(r)], SIGKILL);
-        ::waitpid(children[static_cast<std::size_t>(r)], nullptr, 0);
-        out[static_cast<std::size_t>(r)].killed = true;
-        done[static_cast<std::size_t>(r)] = true;
-        --left;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  for (int r = 0; r < ranks; ++r) {
-    std::ifstream in(result_files[static_cast<std::size_t>(r)]);
-    std::ostringstream text;
-    text << in.rdbuf();
-    out[static_cast<std::size_t>(r)].result = text.str();
-  }
+  auto out = wait_all(children, deadline, grace);
+  for (std::size_t r = 0; r < out.size(); ++r) out[r].result = read_file(result_files[r]);
   std::filesystem::remove_all(dir);
   return out;
 }

@@ -58,6 +58,10 @@ struct preset_shape {
 /// Checks flags and combinations; error(errc::invalid_argument) naming the flag.
 void validate(const simulate_config& cfg);
 
+/// The communicator backend a run uses: --backend, or for "auto" loopback (threads on the host
+/// device), else gloo, or nccl for sync runs on cuda.
+[[nodiscard]] std::string resolved_backend(const simulate_config& cfg);
+
 /// One rank's run; returns its report as JSON (also what a child process writes).
 [[nodiscard]] nlohmann::json simulate_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
                                            bool print_progress);

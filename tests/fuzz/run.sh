@@ -11,6 +11,7 @@ mkdir -p "$out/config"
 printf "#pragma once\n#define EPLB_HAVE_CUDA 0\n#define EPLB_HAVE_NCCL 0\n#define EPLB_HAVE_GLOO 0\n#define EPLB_VERSION \"fuzz\"\n" >"$out/config/eplb_build_config.hpp"
 flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude -Isrc -I"$out/config")
 sources=(src/core/error.cpp src/core/load.cpp src/core/placement.cpp src/core/policy.cpp src/core/min_move.cpp
+         src/core/block_matching.cpp src/core/in_place_search.cpp
          src/exec/plan.cpp src/state/config.cpp src/comm/communicator.cpp src/device/event.cpp src/registry.cpp
          src/comm/loopback.cpp src/device/host_device.cpp src/tools/plan_json.cpp)
 objects=()

@@ -1,0 +1,356 @@
+#include "tools/simulate_rank.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "eplb/config.hpp"
+#include "eplb/state.hpp"
+#include "tools/exchange.hpp"
+#include "tools/faulty_comm.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::tools {
+namespace {
+
+using nlohmann::json;
+using clock_type = std::chrono::steady_clock;
+
+// Routes tokens with a Zipf load over a permutation of the experts that changes every drift_steps.
+class router {
+ public:
+  router(const simulate_config& cfg, int layers, int experts, int rank)
+      : cfg_(cfg), layers_(layers), experts_(experts), rng_(cfg.seed * 1315423911ULL + static_cast<unsigned>(rank)) {}
+
+  std::vector<std::int64_t> route(int layer, int step, const placement& maps) {
+    const int phase = step / cfg_.drift_steps;
+    auto& dist = distribution(layer, phase);
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(maps.num_physical()), 0);
+    for (int t = 0; t < cfg_.tokens_per_step; ++t) {
+      const int e = dist(rng_);
+      const int replicas = maps.replica_count(layer, e);
+      const int slot = maps.log2phy(layer, e)[static_cast<std::size_t>(t % replicas)];  // vLLM: index % count
+      ++counts[static_cast<std::size_t>(slot)];
+    }
+    return counts;
+  }
+
+ private:
+  std::discrete_distribution<int>& distribution(int layer, int phase) {
+    const auto key = std::make_pair(layer, phase);
+    auto it = cache_.find(key);
+    if (it != cache_.end()) return it->second;
+    if (cache_.size() > static_cast<std::size_t>(4 * layers_)) cache_.clear();
+    // The same hot experts on every rank: the permutation depends on the seed, layer and phase only.
+    std::mt19937_64 perm_rng(cfg_.seed * 7919 + static_cast<std::uint64_t>(layer) * 104729 +
+                             static_cast<std::uint64_t>(phase));
+    std::vector<int> order(static_cast<std::size_t>(experts_));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), perm_rng);
+    std::vector<double> w(static_cast<std::size_t>(experts_));
+    for (int i = 0; i < experts_; ++i)
+      w[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])] = 1.0 / std::pow(i + 1.0, cfg_.zipf);
+    return cache_.emplace(key, std::discrete_distribution<int>(w.begin(), w.end())).first->second;
+  }
+
+  const simulate_config& cfg_;
+  int layers_, experts_;
+  std::mt19937_64 rng_;
+  std::map<std::pair<int, int>, std::discrete_distribution<int>> cache_;
+};
+
+// A digest of every layer's phy2log: survivors of a failure must end with identical maps.
+std::string maps_digest(const eplb_state& state) {
+  const auto& flat = state.maps().phy2log().flat();
+  return fmt::format("{:016x}", exec::checksum(std::as_bytes(std::span(flat.data(), flat.size()))));
+}
+
+std::string verify_layer(const eplb_state& state, pattern_model& model, int layer, int rank) {
+  return model.mismatch(layer, state.maps().phy2log(layer), rank);
+}
+
+class progress {
+ public:
+  progress(bool enabled, int steps) : enabled_(enabled), tty_(enabled && ::isatty(STDOUT_FILENO)), steps_(steps) {}
+  void update(int step, const metrics& m, bool force) {
+    if (!enabled_) return;
+    const int every = tty_ ? std::max(1, steps_ / 200) : std::max(1, steps_ / 10);
+    if (!force && step % every != 0) return;
+    const std::string state = m.rebalance_in_flight ? "rebalancing" : "serving";
+    if (tty_) {
+      const int width = 30;
+      const int filled = width * step / steps_;
+      std::cout << fmt::format("\r[{}{}] step {}/{}  balancedness {:.3f}  rebalances {}  {:<12}",
+                               std::string(filled, '#'), std::string(width - filled, '.'), step, steps_,
+                               m.balancedness_after, m.rebalances, state)
+                << std::flush;
+      if (step == steps_) std::cout << '\n';
+    } else {
+      std::cout << fmt::format("step {}/{}: balancedness {:.3f}, rebalances {}, {}\n", step, steps_,
+                               m.balancedness_after, m.rebalances, state)
+                << std::flush;
+    }
+  }
+
+ private:
+  bool enabled_, tty_;
+  int steps_;
+};
+
+// The preset's model with its bundle sizes divided by bytes_scale (by default 1024 for the big
+// presets on the host device, whose memory is the host's).
+exchange_config rank_shape(const simulate_config& cfg, const preset_shape& p) {
+  const bool cuda = cfg.device == device::backend_kind::cuda;
+  const std::size_t scale = cfg.bytes_scale != 0 ? cfg.bytes_scale : (cuda || cfg.preset == "tiny" ? 1 : 1024);
+  exchange_config shape{
+      .ranks = cfg.ranks, .layers = p.layers, .experts = p.experts, .redundant = p.redundant, .device = cfg.device};
+  shape.tensor_bytes.clear();
+  for (auto b : p.tensor_bytes) shape.tensor_bytes.push_back(std::max<std::size_t>(1, b / scale));
+  return shape;
+}
+
+// A GPU per rank (round robin over those present), or a host device with the injected delays.
+std::unique_ptr<device::device> make_rank_device(const simulate_config& cfg, int rank) {
+  if (cfg.device == device::backend_kind::cuda) {
+    return device::make_cuda_device(rank % std::max(1, device::cuda_device_count()));
+  }
+  return device::make_host_device({.max_delay = cfg.inject_delay, .seed = cfg.seed + static_cast<unsigned>(rank)});
+}
+
+// Slots filled with recognisable bytes for the run's starting placement.
+pattern_model start_model(const simulate_config& cfg, const preset_shape& p, int rank, device::device& dev,
+                          device::stream& stream) {
+  const auto shape = rank_shape(cfg, p);
+  const auto start_map = round_placement(shape, 0, {});
+  return pattern_model(pattern_shape(shape), rank, dev, stream, start_map, cfg.timeout);
+}
+
+// One rank's serving setup: its device and serving stream, a model whose slots hold recognisable
+// bytes, and the eplb_state that rebalances it (declared last, so destroyed first: it uses the rest).
+struct rank_context {
+  rank_context(const simulate_config& cfg, preset_shape preset, int rank, std::shared_ptr<comm::store> store,
+               std::shared_ptr<comm::loopback_world> world);
+  [[nodiscard]] bool transfer_fault() const { return cfg.transfer_fault_rank >= 0; }
+
+  const simulate_config& cfg;
+  const preset_shape preset;
+  const int rank;
+  const std::shared_ptr<comm::store> store;
+  const std::shared_ptr<comm::loopback_world> world;
+  const std::unique_ptr<device::device> dev;
+  const std::unique_ptr<device::stream> stream;
+  pattern_model model;
+  const std::shared_ptr<fault_switch> faults = std::make_shared<fault_switch>();
+  eplb_state state;
+};
+
+// With an injected transfer fault, the state's communicators are wrapped: it makes them itself
+// (and again after a failure), so the fault breaks the same communicator the state would use.
+void wrap_communicators(state_params& sp, const rank_context& c) {
+  if (!c.transfer_fault()) return;
+  sp.comm_wrap = [faults = c.faults, mine = c.rank == c.cfg.transfer_fault_rank](
+                     std::unique_ptr<comm::communicator> inner, int) -> std::unique_ptr<comm::communicator> {
+    ++faults->made;
+    if (!mine) return inner;
+    return std::make_unique<faulty_communicator>(std::move(inner), faults);
+  };
+}
+
+// The state's parameters: the preset's model and intervals unless the flags override them.
+state_params state_params_for(const rank_context& c) {
+  const auto& cfg = c.cfg;
+  const auto& p = c.preset;
+  state_params sp;
+  sp.cfg.window_size = cfg.window != 0 ? cfg.window : p.window;
+  sp.cfg.step_interval = cfg.step_interval != 0 ? cfg.step_interval : p.step_interval;
+  if (cfg.commit_lag >= 0) sp.cfg.commit_lag_steps = cfg.commit_lag;
+  sp.cfg.num_redundant_experts = p.redundant;
+  sp.cfg.use_async = cfg.use_async;
+  sp.cfg.communicator = resolved_backend(cfg);
+  sp.cfg.timeout = cfg.timeout;
+  sp.model = {c.model.shape(), p.groups, p.nodes};
+  sp.model.shape.ranks_per_node = cfg.ranks / std::max(1, p.nodes);
+  sp.rank = c.rank;
+  sp.dev = c.dev.get();
+  sp.serving_stream = c.stream.get();
+  sp.weights = c.model.weights();
+  sp.store = c.store;
+  sp.comm_setup.world = c.world;
+  sp.comm_setup.opts.hostname = cfg.hostname;
+  sp.log = [](std::string_view) {};
+  wrap_communicators(sp, c);
+  return sp;
+}
+
+rank_context::rank_context(const simulate_config& cfg, preset_shape preset, int rank,
+                           std::shared_ptr<comm::store> store, std::shared_ptr<comm::loopback_world> world)
+    : cfg(cfg),
+      preset(std::move(preset)),
+      rank(rank),
+      store(std::move(store)),
+      world(std::move(world)),
+      dev(make_rank_device(cfg, rank)),
+      stream(dev->create_stream()),
+      model(start_model(cfg, this->preset, rank, *dev, *stream)),
+      state(state_params_for(*this)) {}
+
+// What a rank records while it serves, written into its report however its run ends: host time
+// in step() (with a rebalance in flight or not), the layers committed as (rebalance, layer, step),
+// the rebalances finished and the errors it served on after.
+struct rank_log {
+  std::vector<double> busy_us, idle_us;
+  json commits = json::array(), rebalances = json::array(), errors = json::array();
+  int rebalance = -1, layer = 0, trigger_step = 0;  // the rebalance whose layers commit next
+
+  void begin_rebalance(int step) {
+    ++rebalance;
+    layer = 0;
+    trigger_step = step;
+  }
+  void write_timings(json& out) const {
+    out["busy_us"] = busy_us;
+    out["idle_us"] = idle_us;
+    out["commits"] = commits;
+    out["rebalances"] = rebalances;
+  }
+};
+
+// state.step(). With an injected transfer fault every rank reports an error (its own, or a peer's)
+// and serves on; the layers it committed in this step are still checked by the caller.
+step_report checked_step(rank_context& c, rank_log& log, int step) {
+  try {
+    return c.state.step();
+  } catch (const error& e) {
+    if (!c.transfer_fault() || e.code() == errc::verification_failed) throw;
+    log.errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
+    return {};
+  }
+}
+
+// The layers committed in this step, each verified. Sync: a rebalance starts and commits in one
+// step. Async: commits in a step belong to the rebalance in flight, and a new one may start after
+// them in the same step.
+void log_commits(rank_context& c, rank_log& log, const step_report& rep, int committed_now, int step) {
+  if (rep.rebalance_started && !c.cfg.use_async) log.begin_rebalance(step);
+  for (int k = 0; k < committed_now; ++k, ++log.layer) {
+    log.commits.push_back({log.rebalance, log.layer, step});
+    if (auto bad = verify_layer(c.state, c.model, log.layer, c.rank); !bad.empty())
+      fail(errc::verification_failed, "{}", bad);
+  }
+  if (rep.rebalance_finished) {
+    const auto& m = c.state.stats();
+    log.rebalances.push_back({{"trigger_step", log.trigger_step},
+                              {"finish_step", step},
+                              {"before", m.balancedness_before},
+                              {"after", m.balancedness_after},
+                              {"seconds", m.rebalance_seconds}});
+  }
+  if (rep.rebalance_started && c.cfg.use_async) log.begin_rebalance(step);
+}
+
+// One serving step: the forward pass stand-in (background staging overlaps it, as it overlaps real
+// forwards), the routed load recorded, step() timed, and the layers it committed verified.
+void serve_step(rank_context& c, router& route, rank_log& log, int step) {
+  const auto& cfg = c.cfg;
+  if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
+  for (int l = 0; l < c.preset.layers; ++l) c.state.record_load(l, route.route(l, step, c.state.maps()));
+  if (c.transfer_fault() && c.rank == cfg.transfer_fault_rank && step == cfg.transfer_fault_step) {
+    c.faults->countdown = 1;
+  }
+  const bool busy = c.state.stats().rebalance_in_flight;
+  const auto committed_before = c.state.stats().layers_committed;
+  const auto t0 = clock_type::now();
+  const step_report rep = checked_step(c, log, step);
+  const auto committed_now = static_cast<int>(c.state.stats().layers_committed - committed_before);
+  const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
+  (busy || rep.rebalance_started ? log.busy_us : log.idle_us).push_back(us);
+  log_commits(c, log, rep, committed_now, step);
+}
+
+// Every step, then a meeting of all ranks; false when this rank dies on purpose (--fail-rank).
+bool serve(rank_context& c, rank_log& log, bool print_progress) {
+  router route(c.cfg, c.preset.layers, c.preset.experts, c.rank);
+  progress bar(print_progress && c.rank == 0, c.cfg.steps);
+  for (int step = 1; step <= c.cfg.steps; ++step) {
+    if (c.rank == c.cfg.fail_rank && step == c.cfg.fail_step) {
+      if (c.world) comm::mark_dead(*c.world, c.rank);
+      return false;
+    }
+    serve_step(c, route, log, step);
+    bar.update(step, c.state.stats(), step == c.cfg.steps);
+  }
+  // A rank that died outside a rebalance is noticed here: every live rank must reach the end.
+  comm::store_barrier(*c.store, "simulate-end", c.cfg.ranks, c.cfg.timeout);
+  return true;
+}
+
+std::string rank_failure(int rank, const error& e, const std::string& what) {
+  return fmt::format("rank {}: [{}] {}", rank, to_string(e.code()), what);
+}
+
+// A peer died or stalled, or this rank failed: stop cleanly, then check that every layer still
+// holds exactly what its (committed) maps say.
+void report_failure(rank_context& c, const rank_log& log, const error& e, json& out) {
+  out["failure"] = rank_failure(c.rank, e, e.what());
+  c.state.stop();
+  bool intact = true;
+  for (int l = 0; l < c.preset.layers && intact; ++l) intact = verify_layer(c.state, c.model, l, c.rank).empty();
+  out["weights_intact"] = intact;
+  out["maps_digest"] = maps_digest(c.state);
+  out["errors"] = log.errors;
+  log.write_timings(out);
+}
+
+// Every step served: every layer is verified once more before the rank reports success.
+void report_success(rank_context& c, const rank_log& log, json& out) {
+  for (int l = 0; l < c.preset.layers; ++l) {
+    if (auto bad = verify_layer(c.state, c.model, l, c.rank); !bad.empty()) fail(errc::verification_failed, "{}", bad);
+  }
+  out["bytes_moved"] = c.state.stats().bytes_moved;
+  out["maps_digest"] = maps_digest(c.state);
+  out["errors"] = log.errors;
+  out["communicators_made"] = c.transfer_fault() ? c.faults->made.load() : 1;
+  out["verified"] = true;
+  c.state.stop();
+}
+
+}  // namespace
+
+json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
+              std::shared_ptr<comm::loopback_world> world, bool print_progress) {
+  auto preset = find_preset(cfg.preset);
+  json out = {{"rank", rank}, {"verified", false}, {"failure", ""}};
+  rank_log log;
+  try {
+    rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(world));
+    try {
+      if (!serve(c, log, print_progress)) {
+        out["failure"] = fmt::format("rank {}: died at step {} (injected)", rank, cfg.fail_step);
+        out["died"] = true;
+        return out;
+      }
+    } catch (const error& e) {
+      report_failure(c, log, e, out);
+      return out;
+    }
+    report_success(c, log, out);
+  } catch (const error& e) {
+    std::string what = e.what();
+    if (e.code() == errc::timeout && what.find("simulate-end") != std::string::npos) {
+      what = fmt::format("{} (a rank stopped before the end)", what);
+    }
+    out["failure"] = rank_failure(rank, e, what);
+  }
+  log.write_timings(out);
+  return out;
+}
+
+}  // namespace eplb::tools

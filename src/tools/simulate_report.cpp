@@ -1,0 +1,197 @@
+// The merged report of `eplb simulate`: every rank's report combined into the run's outcome, and
+// the readable summary of it.
+#include "tools/simulate.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <optional>
+
+namespace eplb::tools {
+namespace {
+
+using nlohmann::json;
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(q * static_cast<double>(v.size())))];
+}
+
+// Every error any rank reported, for the merged report: errors the run went on after (an injected
+// transfer fault) and failures that ended a rank. At most 100; the rank reports keep the rest.
+json collect_failures(const std::vector<json>& ranks, int& errors, int& last_error_step) {
+  json list = json::array();
+  std::size_t omitted = 0;
+  const auto add = [&](json entry) {
+    if (list.size() < 100) {
+      list.push_back(std::move(entry));
+    } else {
+      ++omitted;
+    }
+  };
+  for (const auto& r : ranks) {
+    const int rank = r.value("rank", -1);
+    for (const auto& e : r.value("errors", json::array())) {
+      ++errors;
+      last_error_step = std::max(last_error_step, e.value("step", -1));
+      add({{"rank", rank}, {"step", e.value("step", -1)}, {"error", e.value("error", "")}, {"recovered", true}});
+    }
+    if (const auto f = r.value("failure", std::string()); !f.empty()) {
+      add({{"rank", rank}, {"error", f}, {"recovered", false}});
+    }
+  }
+  if (omitted > 0) list.push_back({{"omitted", omitted}});
+  return list;
+}
+
+// The first rank whose commits (rebalance, layer, step) differ from the first surviving rank's, or -1.
+int first_inconsistent(const std::vector<json>& ranks, const std::vector<bool>& alive) {
+  std::optional<json> reference;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (!alive[i]) continue;
+    auto commits = ranks[i].value("commits", json::array());
+    if (!reference) {
+      reference = std::move(commits);
+    } else if (commits != *reference) {
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
+}
+
+// The run's outcome: "verified" is true when every surviving rank (all but those that died on
+// purpose, --fail-rank) verified its live slots: at the end, or after a failure (weights_intact).
+// "failure" is set by any rank's failure, by commits that differ between ranks, and by a rank that
+// exited unsuccessfully after writing its report; "failures" lists every rank's errors.
+void merge_outcome(const std::vector<json>& ranks, json& out) {
+  std::vector<bool> alive;
+  bool verified = true;
+  std::string failure, fallback;
+  for (const auto& r : ranks) {
+    alive.push_back(!r.value("died", false));
+    if (alive.back()) verified = verified && (r.value("verified", false) || r.value("weights_intact", false));
+    const auto f = r.value("failure", std::string());
+    if (f.empty()) continue;
+    if (alive.back() && failure.empty()) failure = f;  // a survivor names what went wrong
+    if (fallback.empty()) fallback = f;
+  }
+  if (failure.empty()) failure = fallback;
+  const int differs = first_inconsistent(ranks, alive);
+  if (failure.empty() && differs >= 0) {
+    failure =
+        fmt::format("rank {} committed layers in other steps than rank 0 (maps may differ between ranks)", differs);
+  }
+  int errors = 0, last_error_step = -1;
+  out["failures"] = collect_failures(ranks, errors, last_error_step);
+  out["verified"] = verified;
+  out["commit_steps_consistent"] = differs < 0;
+  out["errors"] = errors;
+  const auto& rb = out["rebalance_log"];
+  out["rebalances_after_errors"] = errors == 0 ? 0 : std::count_if(rb.begin(), rb.end(), [&](const json& x) {
+    return x.value("trigger_step", 0) > last_error_step;
+  });
+  if (!failure.empty()) out["failure"] = failure;
+}
+
+// Host time in step() over every rank's steps, in ms: all of them, those with a rebalance in
+// flight, and the others.
+void merge_step_times(const std::vector<json>& ranks, json& out) {
+  std::vector<double> all, busy, idle;
+  for (const auto& r : ranks) {
+    for (double v : r.value("busy_us", std::vector<double>{})) busy.push_back(v / 1000), all.push_back(v / 1000);
+    for (double v : r.value("idle_us", std::vector<double>{})) idle.push_back(v / 1000), all.push_back(v / 1000);
+  }
+  out["step_p50_ms"] = percentile(all, 0.5);
+  out["step_p99_ms"] = percentile(all, 0.99);
+  out["step_rebalancing_p50_ms"] = percentile(busy, 0.5);
+  out["step_rebalancing_p99_ms"] = percentile(busy, 0.99);
+  out["step_idle_p50_ms"] = percentile(idle, 0.5);
+  out["step_idle_p99_ms"] = percentile(idle, 0.99);
+}
+
+// How each rank's run ended, without its step times and commits.
+json rank_details(const std::vector<json>& ranks) {
+  json details = json::array();
+  for (const auto& r : ranks) {
+    json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
+    for (const char* key : {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest"}) {
+      if (r.contains(key)) d[key] = r[key];
+    }
+    details.push_back(d);
+  }
+  return details;
+}
+
+// The errors ranks reported (transfer faults the run went on after, and failures), a few lines.
+std::string failures_text(const json& r) {
+  const auto errors = r.value("errors", 0);
+  std::string out;
+  if (errors > 0) {
+    out += fmt::format("errors: {} reported by ranks (the run went on; {} rebalances finished after the last)\n",
+                       errors, r.value("rebalances_after_errors", 0));
+  }
+  int shown = 0;
+  for (const auto& f : r.value("failures", json::array())) {
+    if (!f.contains("error")) continue;
+    if (++shown > 8) {
+      out += "  ... (more in --json's \"failures\")\n";
+      break;
+    }
+    if (f.value("recovered", false)) {
+      out += fmt::format("  rank {} step {}: {}\n", f.value("rank", -1), f.value("step", -1), f.value("error", ""));
+    } else {  // a failure names its rank itself
+      out += fmt::format("  {} (ended the rank's run)\n", f.value("error", ""));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
+  json out;
+  std::uint64_t bytes = 0;
+  for (const auto& r : ranks) bytes += r.value("bytes_moved", std::uint64_t{0});
+  const auto& rb = ranks.front().value("rebalances", json::array());
+  out["rebalances"] = rb.size();
+  out["balancedness_before"] = rb.empty() ? 0.0 : rb.front().value("before", 0.0);
+  out["balancedness_after"] = rb.empty() ? 0.0 : rb.back().value("after", 0.0);
+  out["bytes_moved"] = bytes;
+  merge_step_times(ranks, out);
+  out["rebalance_log"] = rb;
+  out["ranks"] = cfg.ranks;
+  out["steps"] = cfg.steps;
+  merge_outcome(ranks, out);
+  out["rank_reports"] = rank_details(ranks);
+  return out;
+}
+
+std::string summary_table(const simulate_config& cfg, const json& r) {
+  std::string out =
+      fmt::format("eplb simulate: preset {}, {} ranks ({}), {}, {} backend, {} device, {} steps\n", cfg.preset,
+                  cfg.ranks, cfg.procs ? "processes" : "threads", cfg.use_async ? "async" : "sync",
+                  resolved_backend(cfg), device::to_string(cfg.device), cfg.steps);
+  out += fmt::format("{:>9}  {:>12}  {:>11}  {:>27}  {:>11}\n", "rebalance", "trigger step", "commit step",
+                     "balancedness before -> after", "duration ms");
+  int i = 0;
+  for (const auto& rb : r["rebalance_log"]) {
+    out += fmt::format("{:>9}  {:>12}  {:>11}  {:>18.4f} -> {:.4f}  {:>11.1f}\n", ++i, rb.value("trigger_step", 0),
+                       rb.value("finish_step", 0), rb.value("before", 0.0), rb.value("after", 0.0),
+                       rb.value("seconds", 0.0) * 1000);
+  }
+  out += fmt::format("ideal balancedness 1.0000; bytes moved (all ranks) {:.2f} MB\n",
+                     r.value("bytes_moved", std::uint64_t{0}) / 1e6);
+  out += fmt::format(
+      "host time in step(): while rebalancing p50 {:.3f} ms / p99 {:.3f} ms; otherwise p50 {:.3f} / p99 {:.3f} ms\n",
+      r.value("step_rebalancing_p50_ms", 0.0), r.value("step_rebalancing_p99_ms", 0.0),
+      r.value("step_idle_p50_ms", 0.0), r.value("step_idle_p99_ms", 0.0));
+  out += fmt::format("verification: {}; commits in the same step on every rank: {}\n",
+                     r.value("verified", false) ? "every committed layer verified on every surviving rank" : "FAILED",
+                     r.value("commit_steps_consistent", false) ? "yes" : "NO");
+  out += failures_text(r);
+  if (r.contains("failure")) out += fmt::format("failure: {}\n", r["failure"].get<std::string>());
+  return out;
+}
+
+}  // namespace eplb::tools
