@@ -223,6 +223,14 @@ struct rank_log {
   }
 };
 
+// What one step() changed: whether it started a rebalance (also when it threw), how many layers
+// it committed, and (sync) the maps from before it.
+struct step_change {
+  bool started = false;
+  int committed = 0;
+  matrix<expert_id> maps_before;
+};
+
 // state.step(). With an injected transfer fault every rank reports an error (its own, or a peer's)
 // and serves on; the layers it committed in this step are still checked by the caller.
 step_report checked_step(rank_context& c, rank_log& log, int step) {
@@ -235,15 +243,25 @@ step_report checked_step(rank_context& c, rank_log& log, int step) {
   }
 }
 
-// The layers committed in this step, each verified. Sync: a rebalance starts and commits in one
-// step. Async: commits in a step belong to the rebalance in flight, and a new one may start after
-// them in the same step.
-void log_commits(rank_context& c, rank_log& log, const step_report& rep, int committed_now, int step) {
-  if (rep.rebalance_started && !c.cfg.use_async) log.begin_rebalance(step);
-  for (int k = 0; k < committed_now; ++k, ++log.layer) {
-    log.commits.push_back({log.rebalance, log.layer, step});
-    if (auto bad = verify_layer(c.state, c.model, log.layer, c.rank); !bad.empty())
+// The layers committed in this step, each verified. Async: commits in a step belong to the
+// rebalance in flight (layers 0, 1, ... in order), and a new one may start after them in the same
+// step. Sync: a rebalance starts and commits in one step, and a failed one may have committed some
+// of its layers before it threw (the report then says nothing): the layers whose maps changed in
+// this step are the committed ones, found by comparing with the maps from before the step.
+void log_commits(rank_context& c, rank_log& log, const step_report& rep, const step_change& change, int step) {
+  if (change.started && !c.cfg.use_async) log.begin_rebalance(step);
+  const auto verify = [&](int layer) {
+    log.commits.push_back({log.rebalance, layer, step});
+    if (auto bad = verify_layer(c.state, c.model, layer, c.rank); !bad.empty())
       fail(errc::verification_failed, "{}", bad);
+  };
+  if (c.cfg.use_async) {
+    for (int k = 0; k < change.committed; ++k, ++log.layer) verify(log.layer);
+  } else if (change.committed > 0) {
+    for (int l = 0; l < c.preset.layers; ++l) {
+      const auto now = c.state.maps().phy2log(l);
+      if (!std::equal(now.begin(), now.end(), change.maps_before.row(static_cast<std::size_t>(l)).begin())) verify(l);
+    }
   }
   if (rep.rebalance_finished) {
     const auto& m = c.state.stats();
@@ -253,7 +271,7 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, int com
                               {"after", m.balancedness_after},
                               {"seconds", m.rebalance_seconds}});
   }
-  if (rep.rebalance_started && c.cfg.use_async) log.begin_rebalance(step);
+  if (change.started && c.cfg.use_async) log.begin_rebalance(step);
 }
 
 // One serving step: the forward pass stand-in (background staging overlaps it, as it overlaps real
@@ -265,14 +283,19 @@ void serve_step(rank_context& c, router& route, rank_log& log, int step) {
   if (c.transfer_fault() && c.rank == cfg.transfer_fault_rank && step == cfg.transfer_fault_step) {
     c.faults->countdown = 1;
   }
-  const bool busy = c.state.stats().rebalance_in_flight;
-  const auto committed_before = c.state.stats().layers_committed;
+  const auto& m = c.state.stats();
+  const bool busy = m.rebalance_in_flight;
+  const auto committed_before = m.layers_committed;
+  const auto rebalances_before = m.rebalances;
+  step_change change;
+  if (!c.cfg.use_async) change.maps_before = c.state.maps().phy2log();
   const auto t0 = clock_type::now();
   const step_report rep = checked_step(c, log, step);
-  const auto committed_now = static_cast<int>(c.state.stats().layers_committed - committed_before);
   const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
-  (busy || rep.rebalance_started ? log.busy_us : log.idle_us).push_back(us);
-  log_commits(c, log, rep, committed_now, step);
+  change.started = m.rebalances != rebalances_before;
+  change.committed = static_cast<int>(m.layers_committed - committed_before);
+  (busy || change.started ? log.busy_us : log.idle_us).push_back(us);
+  log_commits(c, log, rep, change, step);
 }
 
 // Every step, then a meeting of all ranks; false when this rank dies on purpose (--fail-rank).
