@@ -180,6 +180,12 @@ void layer_transfer::write_ready(int hi, std::byte* area, device::stream& s) {
   }
 }
 
+void layer_transfer::write_staged(int slot, int staged_slot, std::byte* area, device::stream& s) {
+  const int r = row_of_[static_cast<std::size_t>(staged_slot)];
+  if (r < 0) fail(errc::internal, "layer {}: slot {}'s staging row is not held", layer_, staged_slot);
+  for (int t = 0; t < tensors(); ++t) s.copy(this->slot(t, slot), at_.row(area, r, t), bytes(t));
+}
+
 void layer_transfer::whole_layer_writes(row_writes& out) {
   for (int sl : buffer_slots_) out.emplace_back(sl, row_of_[static_cast<std::size_t>(sl)]);
   for (int sl = 0; sl < p_.slots; ++sl) {

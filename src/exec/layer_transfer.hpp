@@ -58,6 +58,9 @@ class layer_transfer {
   /// Serial path, after the chunk ending at position `hi` was decided: writes the slots ready by
   /// then (one copy per tensor each, on `s`) and frees the rows no later write needs.
   void write_ready(int hi, std::byte* area, device::stream& s);
+  /// A stopped layer's write-back: the staging row of buffer slot `staged_slot`, still held, into
+  /// live slot `slot` (one copy per tensor, on `s`).
+  void write_staged(int slot, int staged_slot, std::byte* area, device::stream& s);
   /// Slot writes the schedule has not done yet.
   [[nodiscard]] std::size_t writes_left() const noexcept { return pending_.size(); }
   /// One-batch paths: every changed slot from its staging row, duplicates from their primary's

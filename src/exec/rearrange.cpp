@@ -3,8 +3,6 @@
 // pipelined stager is in pipeline.cpp.
 #include "eplb/exec/rearrange.hpp"
 
-#include <fmt/ranges.h>
-
 #include <algorithm>
 
 #include "exec/layer_transfer.hpp"
@@ -169,22 +167,6 @@ void check_layer_inputs(const model_shape& shape, int layer, const rank_weights&
 
 }  // namespace
 
-namespace {
-
-std::vector<expert_id> missing_experts(std::span<const expert_id> row, int num_logical) {
-  std::vector<char> seen(static_cast<std::size_t>(num_logical));
-  for (const expert_id e : row) {
-    if (e >= 0) seen[static_cast<std::size_t>(e)] = 1;
-  }
-  std::vector<expert_id> lost;
-  for (int e = 0; e < num_logical; ++e) {
-    if (!seen[static_cast<std::size_t>(e)]) lost.push_back(e);
-  }
-  return lost;
-}
-
-}  // namespace
-
 layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placement& maps,
                                         std::span<const expert_id> new_row) {
   check_layer_inputs(shape_, layer, w, maps, new_row);
@@ -195,16 +177,10 @@ layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placem
     stats = move(layer, w, old_row, new_row, chunks_written);
   } catch (const error& e) {
     if (chunks_written > 0 && opts_.commit_gate) {
-      // Every rank stopped after the same chunks: the maps say which slots hold which expert.
-      const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+      // Every rank stopped after the same chunks and wrote back what was only in staging rows
+      // (write_back_held): the maps say which slots hold which expert.
+      const auto chunks = chunks_of(layer, old_row, new_row);
       const auto row = row_after_chunks(old_row, new_row, shape_.num_ranks, chunks, chunks_written);
-      if (const auto lost = missing_experts(row, shape_.num_logical); !lost.empty()) {
-        // Known gap: a held staging row was the only copy (see README, "Faults").
-        fail(e.code(),
-             "layer {}: {} (stopped on every rank after {} of {} chunks; experts {} were only in staging "
-             "rows, so the layer keeps its old maps while some of its slots hold new bytes)",
-             layer, e.what(), chunks_written, chunks.ranges.size(), fmt::join(lost, ","));
-      }
       maps.set_layer(layer, row);
       fail(e.code(), "layer {}: {} (stopped on every rank after {} of {} chunks; the maps name what each slot holds)",
            layer, e.what(), chunks_written, chunks.ranges.size());
@@ -258,7 +234,7 @@ void rearranger::pass_gate(int layer, int chunk, std::exception_ptr failure) con
 void rearranger::vote_noop_layer(int layer, std::span<const expert_id> old_row,
                                  std::span<const expert_id> new_row) const {
   if (!opts_.commit_gate || std::equal(old_row.begin(), old_row.end(), new_row.begin(), new_row.end())) return;
-  const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+  const auto chunks = chunks_of(layer, old_row, new_row);
   for (std::size_t c = 0; c < chunks.ranges.size(); ++c) pass_gate(layer, static_cast<int>(c), nullptr);
 }
 
@@ -270,7 +246,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
     vote_noop_layer(layer, old_row, new_row);
     return layer_stats{.layer = layer};
   }
-  const auto chunks = plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer);
+  const auto chunks = chunks_of(layer, old_row, new_row);
   const bool one_chunk = chunks.ranges.size() == 1;
   // The constructor keeps register_buffers to caps of at least one layer, which never need chunks.
   if (opts_.register_buffers && !one_chunk)
@@ -283,7 +259,13 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   reserve(staging_, staging_reg_, rows_ * row_bytes_, areas * rows_ * row_bytes_);
   reserve(pack_, pack_reg_, m.pack_bytes(), areas * layer_area_bytes());
   for (std::size_t c = 0; c < chunks.ranges.size(); ++c) {
-    pass_gate(layer, static_cast<int>(c), post_chunk(m, chunks, c));
+    const auto failure = post_chunk(m, chunks, c);
+    try {
+      pass_gate(layer, static_cast<int>(c), failure);
+    } catch (...) {
+      if (c > 0 && opts_.commit_gate) write_back_held(m, old_row, new_row, chunks, static_cast<int>(c));
+      throw;
+    }
     // Writes whose expert and whose slot's old expert are both done; then free rows no write needs.
     m.write_ready(chunks.ranges[c].second, staging_.data(), stream_);
     chunks_written = static_cast<int>(c) + 1;
@@ -293,6 +275,27 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   stream_.synchronize(opts_.timeout);
   m.stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return m.stats;
+}
+
+// Every rank stopped after `done` chunks: this rank writes back the staging rows that hold an
+// expert's only copy (stop_after_chunks names them alike on every rank), so that the maps
+// rearrange_layer() then sets name what every live slot holds. Only rows of chunks every rank
+// wrote are read; the refused chunk's receives went to other rows.
+void rearranger::write_back_held(layer_transfer& m, std::span<const expert_id> old_row,
+                                 std::span<const expert_id> new_row, const chunk_plan& chunks, int done) {
+  const auto stop = stop_after_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, chunks, done);
+  for (const auto& r : stop.repairs) {
+    if (r.rank == rank_) m.write_staged(r.slot, r.staged_slot, staging_.data(), stream_);
+  }
+  stream_.synchronize(opts_.timeout);
+}
+
+// How this rearranger cuts `layer` into batches, alike on every rank: with a commit gate a refused
+// batch stops every rank there, so only where the stop can leave the maps true.
+chunk_plan rearranger::chunks_of(int layer, std::span<const expert_id> old_row,
+                                 std::span<const expert_id> new_row) const {
+  return plan_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, rows_, layer,
+                     opts_.commit_gate ? cut_rule::stop_safe : cut_rule::anywhere);
 }
 
 // Stages chunk `c` of `m` and runs it as one batch; returns its failure (a later chunk's names the

@@ -100,7 +100,8 @@ class rearranger {
   /// moves: errc::invalid_map for the row, errc::invalid_argument otherwise. If it fails (error or
   /// timeout) and the layer fit the staging cap in one chunk, the live slots and maps of the layer
   /// are exactly as before; the error names the layer. With several chunks a failure after the
-  /// first chunk leaves the layer partly moved, which the error says.
+  /// first chunk leaves the layer partly moved, which the error says; under commit_gate every rank
+  /// stops after the same chunk and the maps name what every live slot holds (stop_after_chunks).
   layer_stats rearrange_layer(int layer, const rank_weights& weights, placement& maps,
                               std::span<const expert_id> new_row);
   /// All layers in order. The whole new map (and the maps and weights) is checked before any layer
@@ -138,7 +139,11 @@ class rearranger {
   void check_communicator(const comm::communicator& c) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
                    std::span<const expert_id> new_row, int& chunks_written);
+  [[nodiscard]] chunk_plan chunks_of(int layer, std::span<const expert_id> old_row,
+                                     std::span<const expert_id> new_row) const;
   std::exception_ptr post_chunk(layer_transfer& m, const chunk_plan& chunks, std::size_t c);
+  void write_back_held(layer_transfer& m, std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                       const chunk_plan& chunks, int done);
   void pass_gate(int layer, int chunk, std::exception_ptr failure) const;
   void vote_noop_layer(int layer, std::span<const expert_id> old_row, std::span<const expert_id> new_row) const;
   [[nodiscard]] bool pipelines() const noexcept;
