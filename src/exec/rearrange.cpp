@@ -280,7 +280,8 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
 // Every rank stopped after `done` chunks: this rank writes back the staging rows that hold an
 // expert's only copy (stop_after_chunks names them alike on every rank), so that the maps
 // rearrange_layer() then sets name what every live slot holds. Only rows of chunks every rank
-// wrote are read; the refused chunk's receives went to other rows.
+// wrote are read; the refused chunk's receives went to other rows. Should the write-back itself
+// fail (a device fault on this rank), that error is the one reported.
 void rearranger::write_back_held(layer_transfer& m, std::span<const expert_id> old_row,
                                  std::span<const expert_id> new_row, const chunk_plan& chunks, int done) {
   const auto stop = stop_after_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, chunks, done);
