@@ -161,6 +161,52 @@ TEST_CASE("coalescing: one message per peer and direction, same bytes as one per
   }
 }
 
+TEST_CASE("async staging (queue_layer, commit_layer) packs each peer's messages like the sync path") {
+  const int ranks = 3;
+  const tools::exchange_config cfg{
+      .ranks = ranks, .layers = 2, .experts = 12, .redundant = 3, .tensor_bytes = {300, 64, 7}};
+  std::mt19937_64 rng(5);
+  const auto targets = std::vector{random_row(rng, cfg.experts, 15, true), random_row(rng, cfg.experts, 15, true)};
+  const auto run = [&](bool coalesce) {
+    auto world = comm::make_loopback_world(ranks);
+    return on_ranks(ranks, [&](int r) {
+      auto dev = device::make_host_device();
+      auto stream = dev->create_stream();
+      auto c = comm::make_communicator(comm::backend::loopback, comm::setup{.rank = r, .size = ranks, .world = world});
+      const auto start = tools::round_placement(cfg, 0, {});
+      tools::pattern_model model(tools::pattern_shape(cfg), r, *dev, *stream, start, 10s);
+      exec::rearranger re(model.shape(), r, *dev, *stream, *c, {.coalesce = coalesce});
+      auto area = dev->allocate(re.layer_area_bytes(), device::memory_kind::host);
+      std::vector<exec::layer_stats> out;
+      for (int l = 0; l < cfg.layers; ++l) {  // one area, reused: each layer commits before the next stages
+        const auto& target = targets[static_cast<std::size_t>(l)];
+        auto staged = re.queue_layer(l, model.weights(), start.row(static_cast<std::size_t>(l)), target, area.data());
+        c->execute();
+        re.commit_layer(staged, model.weights(), area.data(), *stream);
+        stream->synchronize(10s);
+        CHECK_MESSAGE(model.mismatch(l, target, r).empty(), model.mismatch(l, target, r));
+        out.push_back(staged.stats);
+      }
+      return out;
+    });
+  };
+  const auto packed = run(true);
+  const auto plain = run(false);
+  for (int r = 0; r < ranks; ++r) {
+    for (int l = 0; l < cfg.layers; ++l) {
+      CAPTURE(r);
+      CAPTURE(l);
+      const auto& k = packed[static_cast<std::size_t>(r)][static_cast<std::size_t>(l)];
+      const auto& u = plain[static_cast<std::size_t>(r)][static_cast<std::size_t>(l)];
+      REQUIRE(u.messages > 2 * (ranks - 1));  // the case must have something to coalesce
+      CHECK(k.messages <= 2 * (ranks - 1));
+      CHECK(k.bytes_received == u.bytes_received);
+      CHECK(k.bytes_sent == u.bytes_sent);
+      CHECK(k.bytes_copied_locally == u.bytes_copied_locally);
+    }
+  }
+}
+
 // Loopback with a registration log: what the rearranger asks of a backend that registers memory
 // (nccl), and whether every transfer then touches registered memory only.
 class registering_comm final : public comm::communicator {

@@ -58,23 +58,49 @@ struct chunk_plan {
   [[nodiscard]] int chunk_of(expert_id e) const;
 };
 
+/// Where plan_chunks may end a chunk: wherever the cap allows, or only where every rank stopping
+/// there leaves every expert in a live slot or in a staging row its rank can write back (what a
+/// refused batch needs when it stops every rank alike: rearrange_options::commit_gate). The second
+/// can need a few more rows for a layer to fit.
+enum class cut_rule { anywhere, stop_safe };
+
 /// Orders experts so that a slot still read as the source of its old expert X, and rewritten with
 /// Y, sees X before Y wherever the dependencies allow (only cycles force a staging row to be held),
-/// then cuts the order greedily so that, on every rank, the staging rows in use fit `buffer_rows`.
+/// then cuts the order greedily so that, on every rank, the staging rows in use fit `buffer_rows`,
+/// each cut where `rule` allows.
 /// One range when everything fits. error(errc::invalid_argument) naming the layer and the rows
 /// needed when even one expert does not fit.
 [[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                     int num_ranks, int num_logical, std::size_t buffer_rows, int layer);
+                                     int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
+                                     cut_rule rule = cut_rule::stop_safe);
 
 /// The serial path's schedule: the position in `chunks`' order after whose chunk live slot `slot`
 /// of `plan` is written (its new expert is staged and its old expert, if still read, was sent), or
 /// -1 when the slot is not written.
 [[nodiscard]] int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
 
-/// The row a layer holds on every rank after its first `done` chunks were written everywhere (a
-/// rearrangement that every rank stopped at the same chunk): a slot holds its new expert where its
-/// write happened, else its old one. Every expert keeps a slot: an old copy is overwritten only
-/// after its own chunk, which writes the expert's new copies.
+/// A rank's write-back when a chunked layer stops: the staging row of its buffer slot `staged_slot`
+/// goes into live slot `slot`, whose expert has another copy or which the maps leave empty.
+struct row_repair {
+  int rank;
+  int slot;
+  int staged_slot;
+};
+
+/// What a layer holds on every rank when every rank stopped after its first `done` chunks (the
+/// commit vote refused the next): a slot holds its new expert where its write happened, else its
+/// old one, and every expert whose only copy was a staging row held between chunks is written back
+/// by a rank holding it (`repairs`), so that `row` names what every live slot holds. `chunks` must
+/// come from plan_chunks with cut_rule::stop_safe; error(errc::internal) where a stop loses an
+/// expert.
+struct stopped_layer {
+  std::vector<expert_id> row;
+  std::vector<row_repair> repairs;
+};
+[[nodiscard]] stopped_layer stop_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                              int num_ranks, int num_logical, const chunk_plan& chunks, int done);
+
+/// stop_after_chunks(...).row: the row a layer holds on every rank after its first `done` chunks.
 [[nodiscard]] std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,
                                                       std::span<const expert_id> new_row, int num_ranks,
                                                       const chunk_plan& chunks, int done);

@@ -17,6 +17,10 @@
 
 namespace eplb::exec {
 
+class layer_transfer;
+class layer_pipeline;
+struct row_layout;
+
 /// The checksum verification compares against: the expected checksum of `tensor` of `expert` in
 /// `layer` (see checksum()).
 using checksum_fn = std::function<std::uint64_t(int layer, expert_id expert, int tensor)>;
@@ -96,7 +100,8 @@ class rearranger {
   /// moves: errc::invalid_map for the row, errc::invalid_argument otherwise. If it fails (error or
   /// timeout) and the layer fit the staging cap in one chunk, the live slots and maps of the layer
   /// are exactly as before; the error names the layer. With several chunks a failure after the
-  /// first chunk leaves the layer partly moved, which the error says.
+  /// first chunk leaves the layer partly moved, which the error says; under commit_gate every rank
+  /// stops after the same chunk and the maps name what every live slot holds (stop_after_chunks).
   layer_stats rearrange_layer(int layer, const rank_weights& weights, placement& maps,
                               std::span<const expert_id> new_row);
   /// All layers in order. The whole new map (and the maps and weights) is checked before any layer
@@ -118,8 +123,9 @@ class rearranger {
   /// Async building blocks. Bytes of one staging area: a row per local slot (a whole layer).
   [[nodiscard]] std::size_t layer_area_bytes() const noexcept;
   /// Enqueues `layer`'s local copies into `area` on this rearranger's stream and queues its sends
-  /// and receives on the communicator as one batch; the caller executes it. Live slots are only
-  /// read.
+  /// and receives on the communicator as one batch; the caller executes it, and runs the batch to
+  /// its end before the next queue_layer (sends to one peer are packed into one message, as on the
+  /// sync path, in a buffer of this rearranger's). Live slots are only read.
   [[nodiscard]] staged_layer queue_layer(int layer, const rank_weights& weights, std::span<const expert_id> old_row,
                                          std::span<const expert_id> new_row, std::byte* area);
   /// Enqueues area -> live slots (duplicates included) on `s`.
@@ -127,10 +133,17 @@ class rearranger {
                     device::stream& s) const;
 
  private:
-  std::byte* row(std::size_t r, int tensor) const;
+  friend class layer_pipeline;  // the pipelined stager (pipeline.cpp)
+
+  [[nodiscard]] row_layout layout() const noexcept;
   void check_communicator(const comm::communicator& c) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
                    std::span<const expert_id> new_row, int& chunks_written);
+  [[nodiscard]] chunk_plan chunks_of(int layer, std::span<const expert_id> old_row,
+                                     std::span<const expert_id> new_row) const;
+  std::exception_ptr post_chunk(layer_transfer& m, const chunk_plan& chunks, std::size_t c);
+  void write_back_held(layer_transfer& m, std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                       const chunk_plan& chunks, int done);
   void pass_gate(int layer, int chunk, std::exception_ptr failure) const;
   void vote_noop_layer(int layer, std::span<const expert_id> old_row, std::span<const expert_id> new_row) const;
   [[nodiscard]] bool pipelines() const noexcept;
@@ -152,6 +165,7 @@ class rearranger {
   std::size_t rows_ = 0;
   device::buffer staging_;
   device::buffer pack_;                           // sends packed per peer (coalesce)
+  device::buffer queue_pack_;                     // queue_layer's packed sends (never registered)
   comm::registration staging_reg_, pack_reg_;     // declared after the buffers: released before them
   std::vector<comm::registered_memory> retired_;  // outgrown registered buffers, kept until the comm changes
   std::unique_ptr<device::stream> copies_;        // the pipelined path's staging and write-back stream
