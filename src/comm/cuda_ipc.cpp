@@ -176,10 +176,10 @@ struct stream_state {
   clock::time_point last_progress;
 };
 
-class cuda_ipc_communicator final : public communicator {
+class cuda_ipc_communicator final : public transport {
  public:
   cuda_ipc_communicator(const setup& s, mailbox_kind box)
-      : communicator(s.rank, s.size),
+      : transport(s.rank, s.size),
         opts_(s.opts),
         host_box_(box == mailbox_kind::host_shared),
         name_(host_box_ ? "gloo (shared memory)" : "cuda_ipc") {
@@ -224,7 +224,6 @@ class cuda_ipc_communicator final : public communicator {
   }
 
   ~cuda_ipc_communicator() override {
-    finish_async();
     batches_.reset();  // runs what is queued (each batch ends by its timeouts), then joins
     release();
   }
@@ -234,7 +233,6 @@ class cuda_ipc_communicator final : public communicator {
     return {.host_complete = true, .background_safe = true, .crosses_nodes = false, .device_memory = true};
   }
 
- protected:
   void run(std::span<const op> ops) override { await(enqueue(ops)); }
 
   // Queues the batch on the batch thread; the returned event completes (or fails) with it. Our
@@ -844,11 +842,11 @@ class cuda_ipc_communicator final : public communicator {
 
 }  // namespace
 
-std::unique_ptr<communicator> make_cuda_ipc(const setup& s) {
+std::unique_ptr<transport> make_cuda_ipc(const setup& s) {
   return std::make_unique<cuda_ipc_communicator>(s, mailbox_kind::device);
 }
 
-std::unique_ptr<communicator> make_shared_memory_gloo(const setup& s) {
+std::unique_ptr<transport> make_shared_memory_gloo(const setup& s) {
   return std::make_unique<cuda_ipc_communicator>(s, mailbox_kind::host_shared);
 }
 
