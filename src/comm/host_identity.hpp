@@ -26,6 +26,10 @@ struct host_identity {
   return a.pid == b.pid && a.pid_ns == b.pid_ns;
 }
 
+/// False once process `pid` (of this PID namespace) has exited, including a zombie its parent has
+/// not reaped yet; true when that cannot be told.
+[[nodiscard]] bool process_alive(long pid);
+
 /// The first line of a text file, empty when it cannot be read.
 [[nodiscard]] std::string read_first_line(const char* path);
 
