@@ -1,7 +1,9 @@
 #include "eplb/comm/communicator.hpp"
 
-#include "comm/transport.hpp"
+#include <condition_variable>
+#include <mutex>
 
+#include "comm/transport.hpp"
 #include "util/fail.hpp"
 #include "util/job_thread.hpp"
 
@@ -54,9 +56,48 @@ registered_memory transport::allocate_registered(std::size_t) {
   return {};
 }
 
-// One thread per communicator runs execute_async() batches in order, so a caller's thread never
-// blocks on the network.
-struct communicator::worker : job_thread {};
+// Runs execute_async() jobs in order, so a caller's thread never blocks on the network: on the
+// owner's executor when one was set, else on a thread of its own made on first use. Destroying it
+// runs what is queued and waits for every job it gave the owner's executor.
+struct communicator::worker {
+  executor owner;
+  std::unique_ptr<job_thread> own;
+  std::mutex mutex;
+  std::condition_variable finished;
+  std::size_t outstanding = 0;  // jobs given to `owner` and not finished yet
+  bool started = false;         // a job was given: the executor may no longer change
+
+  void run(std::function<void()> job) {
+    started = true;
+    if (!owner) {
+      if (!own) own = std::make_unique<job_thread>();
+      own->post(std::move(job));
+      return;
+    }
+    {
+      std::lock_guard lock(mutex);
+      ++outstanding;
+    }
+    try {
+      owner([this, job = std::move(job)] {
+        job();
+        std::lock_guard lock(mutex);
+        --outstanding;
+        finished.notify_all();  // under the lock: the destructor cannot return before it is done
+      });
+    } catch (...) {
+      std::lock_guard lock(mutex);
+      --outstanding;
+      throw;
+    }
+  }
+
+  ~worker() {
+    own.reset();
+    std::unique_lock lock(mutex);
+    finished.wait(lock, [&] { return outstanding == 0; });
+  }
+};
 
 communicator::communicator(std::unique_ptr<transport> t) : transport_(std::move(t)) {
   if (!transport_) fail(errc::internal, "communicator: made without a transport");
@@ -135,11 +176,20 @@ registered_memory communicator::allocate_registered(std::size_t bytes) {
   return transport_->allocate_registered(bytes);
 }
 
+void communicator::set_executor(executor run) {
+  if (worker_ && worker_->started) {
+    fail(errc::invalid_argument, "communicator rank {}: set_executor() after execute_async(): batches would reorder",
+         rank());
+  }
+  if (!worker_) worker_ = std::make_unique<worker>();
+  worker_->owner = std::move(run);
+}
+
 void communicator::execute_async(std::function<void(std::exception_ptr)> done) {
   if (!worker_) worker_ = std::make_unique<worker>();
   auto batch = std::make_shared<std::vector<op>>();
   batch->swap(ops_);
-  worker_->post([t = transport_.get(), batch, done = std::move(done)] {
+  worker_->run([t = transport_.get(), batch, done = std::move(done)] {
     std::exception_ptr failure;
     try {
       if (!batch->empty()) t->run(*batch);

@@ -149,9 +149,18 @@ class communicator {
   [[nodiscard]] device::event submit();
   /// Waits for a batch from submit(): the same errors as execute() (timeout, peer failure).
   void wait(const device::event& submitted);
-  /// execute() on this communicator's worker thread; `done` runs there when the batch completes
-  /// (stream-ordered backends: when its stream work completes) and must only post elsewhere.
+  /// execute() on this communicator's executor (by default a thread of its own, started on first
+  /// use); `done` runs there when the batch completes (stream-ordered backends: when its stream
+  /// work completes) and must only post elsewhere.
   void execute_async(std::function<void(std::exception_ptr)> done);
+
+  /// Runs execute_async() jobs for an owner that has its own place for blocking work (a strand of
+  /// its pool, say). It must run every job it is given, in order, one at a time: batches must
+  /// reach the transport in the order they were made. The destructor waits for the jobs it posted.
+  using executor = std::function<void(std::function<void()> job)>;
+  /// Sets who runs execute_async() jobs; an empty one keeps the default thread.
+  /// error(errc::invalid_argument) once execute_async() has been called.
+  void set_executor(executor run);
 
   /// The stream that orders the transfers against other work (device memory); not owned.
   void set_stream(device::stream* s) noexcept;
