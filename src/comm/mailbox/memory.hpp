@@ -1,7 +1,7 @@
 // Where the mailboxes live and how a rank reaches its peers': the one thing that differs between
 // cuda_ipc (device memory, shared by CUDA IPC handles) and gloo's shared-memory transport (pinned
 // host memory in POSIX shared memory, src/comm/gloo_shared_memory.cpp). The mailbox transport
-// (transport.hpp here) does the rest for both.
+// (mailbox_transport.hpp) does the rest for both.
 #pragma once
 
 #include <cstddef>
