@@ -1,15 +1,20 @@
-// Constructors of the individual backends, called only by the registry (src/comm/registry.cpp).
+// Constructors of the individual transports, called only by the registry (src/registry.cpp), which
+// wraps each in the communicator a caller uses.
 #pragma once
 
-#include "eplb/comm/communicator.hpp"
+#include "comm/transport.hpp"
 
 namespace eplb::comm {
 
-std::unique_ptr<communicator> make_loopback(const setup& s);
-std::unique_ptr<communicator> make_gloo(const setup& s);
-std::unique_ptr<communicator> make_nccl(const setup& s, bool stateless);
-std::unique_ptr<communicator> make_cuda_ipc(const setup& s);
+std::unique_ptr<transport> make_loopback(const setup& s);
+std::unique_ptr<transport> make_gloo(const setup& s);
+std::unique_ptr<transport> make_nccl(const setup& s, bool stateless);
+std::unique_ptr<transport> make_cuda_ipc(const setup& s);
 /// gloo's shared-memory transport: cuda_ipc's machinery with the mailbox in pinned host memory.
-std::unique_ptr<communicator> make_shared_memory_gloo(const setup& s);
+std::unique_ptr<transport> make_shared_memory_gloo(const setup& s);
+
+/// Whether gloo runs over shared memory here (src/comm/gloo_transport.cpp). Every rank calls it at
+/// start, also where it cannot say yes, since the choice is a rendezvous of all ranks.
+bool gloo_over_shared_memory(const setup& s);
 
 }  // namespace eplb::comm

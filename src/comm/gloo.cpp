@@ -85,9 +85,9 @@ void ignore_sigpipe() {
   if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
 }
 
-class gloo_communicator final : public communicator {
+class gloo_tcp_transport final : public transport {
  public:
-  gloo_communicator(const setup& s) : communicator(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
+  gloo_tcp_transport(const setup& s) : transport(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
     if (!store_) fail(errc::invalid_argument, "gloo communicator: setup.rendezvous (a store) is missing");
     ignore_sigpipe();
     if (opts_.lanes < 0 || opts_.lanes > 64) {
@@ -130,8 +130,7 @@ class gloo_communicator final : public communicator {
       staging_ = dev_->allocate(opts_.staging_bytes, device::memory_kind::pinned);
     }
   }
-  ~gloo_communicator() override {
-    finish_async();
+  ~gloo_tcp_transport() override {
     // After a failed batch the stream may still hold copies into or out of staging: it goes once
     // the stream has passed them (kept for good if the stream could not say when).
     if (staging_lost_) device::keep_for_good(std::move(staging_));
@@ -147,7 +146,6 @@ class gloo_communicator final : public communicator {
             .host_memory = true};
   }
 
- protected:
   void run(std::span<const op> ops) override {
     if (broken_) {
       fail(errc::transport, "gloo rank {}: communicator is unusable after an earlier failure ({}); create a new one",
@@ -515,8 +513,8 @@ class gloo_communicator final : public communicator {
 
 }  // namespace
 
-std::unique_ptr<communicator> make_gloo(const setup& s) {
-  return std::make_unique<gloo_communicator>(s);
+std::unique_ptr<transport> make_gloo(const setup& s) {
+  return std::make_unique<gloo_tcp_transport>(s);
 }
 
 }  // namespace eplb::comm

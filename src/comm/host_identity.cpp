@@ -1,8 +1,12 @@
 #include "comm/host_identity.hpp"
 
+#include <signal.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
+
 #include <array>
+#include <cerrno>
 #include <fstream>
 
 namespace eplb::comm {
@@ -25,6 +29,15 @@ host_identity this_process() {
   me.pid_ns = n > 0 ? std::string(link.data(), static_cast<std::size_t>(n)) : std::string("unknown");
   me.pid = static_cast<long>(::getpid());
   return me;
+}
+
+bool process_alive(long pid) {
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return false;
+  const std::string stat = read_first_line(fmt::format("/proc/{}/stat", pid).c_str());
+  const auto close = stat.rfind(')');
+  if (close == std::string::npos || close + 2 >= stat.size()) return true;  // cannot tell: alive
+  const char state = stat[close + 2];
+  return state != 'Z' && state != 'X';
 }
 
 }  // namespace eplb::comm

@@ -16,6 +16,20 @@ struct host_identity {
 
 [[nodiscard]] host_identity this_process();
 
+/// Processes of one host (one boot), whatever their network names: they can share memory.
+[[nodiscard]] inline bool same_host(const host_identity& a, const host_identity& b) {
+  return a.boot_id == b.boot_id;
+}
+/// Threads of one process: the same pid in the same PID namespace. Shared-memory transports need
+/// one process per rank.
+[[nodiscard]] inline bool same_process(const host_identity& a, const host_identity& b) {
+  return a.pid == b.pid && a.pid_ns == b.pid_ns;
+}
+
+/// False once process `pid` (of this PID namespace) has exited, including a zombie its parent has
+/// not reaped yet; true when that cannot be told.
+[[nodiscard]] bool process_alive(long pid);
+
 /// The first line of a text file, empty when it cannot be read.
 [[nodiscard]] std::string read_first_line(const char* path);
 

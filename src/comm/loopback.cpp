@@ -61,18 +61,16 @@ namespace {
 using message = loopback_world::message;
 using clock = std::chrono::steady_clock;
 
-class loopback_communicator final : public communicator {
+class loopback_transport final : public transport {
  public:
-  loopback_communicator(int rank, std::shared_ptr<loopback_world> world, options opts)
-      : communicator(rank, world->size()), world_(std::move(world)), opts_(opts) {}
-  ~loopback_communicator() override { finish_async(); }
+  loopback_transport(int rank, std::shared_ptr<loopback_world> world, options opts)
+      : transport(rank, world->size()), world_(std::move(world)), opts_(opts) {}
 
   backend kind() const noexcept override { return backend::loopback; }
   capabilities caps() const noexcept override {
     return {.host_complete = true, .background_safe = true, .host_memory = true};
   }
 
- protected:
   void run(std::span<const op> ops) override {
     auto& w = *world_;
     if (stream() != nullptr) stream()->synchronize(opts_.timeout);  // earlier stream work fills the sends
@@ -163,13 +161,13 @@ class loopback_communicator final : public communicator {
 
 }  // namespace
 
-std::unique_ptr<communicator> make_loopback(const setup& s) {
+std::unique_ptr<transport> make_loopback(const setup& s) {
   if (!s.world) fail(errc::invalid_argument, "loopback communicator: setup.world is missing (make_loopback_world)");
   if (s.world->size() != s.size) {
     fail(errc::invalid_argument, "loopback communicator: world has {} ranks, setup.size is {}", s.world->size(),
          s.size);
   }
-  return std::make_unique<loopback_communicator>(s.rank, s.world, s.opts);
+  return std::make_unique<loopback_transport>(s.rank, s.world, s.opts);
 }
 
 }  // namespace eplb::comm

@@ -28,10 +28,9 @@ void free_nccl_memory(std::byte* p, int ordinal) noexcept {
   (void)ncclMemFree(p);
 }
 
-class nccl_communicator final : public communicator {
+class nccl_transport final : public transport {
  public:
-  nccl_communicator(const setup& s, bool stateless)
-      : communicator(s.rank, s.size), opts_(s.opts), stateless_(stateless) {
+  nccl_transport(const setup& s, bool stateless) : transport(s.rank, s.size), opts_(s.opts), stateless_(stateless) {
     if (s.dev == nullptr || s.dev->kind() != device::backend_kind::cuda) {
       fail(errc::invalid_argument, "{}: setup.dev must be a CUDA device", name());
     }
@@ -67,8 +66,7 @@ class nccl_communicator final : public communicator {
     await_comm(deadline_after(opts_.timeout), "joining the communicator (a rank never arrived?)");
   }
 
-  ~nccl_communicator() override {
-    finish_async();
+  ~nccl_transport() override {
     if (!owned_ || comm_ == nullptr) return;
     (void)cudaSetDevice(ordinal_);
     // Finalize flushes outstanding work; a peer that is gone can keep it pending, so bound the
@@ -117,7 +115,6 @@ class nccl_communicator final : public communicator {
     return {.stream_ordered = true, .host_complete = true, .crosses_nodes = true, .device_memory = true};
   }
 
- protected:
   void run(std::span<const op> ops) override { await(enqueue(ops)); }
 
   device::event enqueue(std::span<const op> ops) override {
@@ -213,8 +210,8 @@ class nccl_communicator final : public communicator {
 
 }  // namespace
 
-std::unique_ptr<communicator> make_nccl(const setup& s, bool stateless) {
-  return std::make_unique<nccl_communicator>(s, stateless);
+std::unique_ptr<transport> make_nccl(const setup& s, bool stateless) {
+  return std::make_unique<nccl_transport>(s, stateless);
 }
 
 }  // namespace eplb::comm

@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "comm/transport.hpp"
 #include "eplb/comm/communicator.hpp"
 #include "eplb/error.hpp"
 
@@ -24,23 +25,21 @@ struct fault_switch {
   std::atomic<int> made{0};  ///< communicators made so far (counted by whoever makes them)
 };
 
-class faulty_communicator final : public comm::communicator {
+class faulty_transport final : public comm::transport {
  public:
-  faulty_communicator(std::unique_ptr<comm::communicator> inner, std::shared_ptr<fault_switch> sw,
-                      std::uint64_t seed = 0, std::chrono::microseconds max_delay = {})
-      : communicator(inner->rank(), inner->size()),
+  faulty_transport(std::unique_ptr<comm::communicator> inner, std::shared_ptr<fault_switch> sw, std::uint64_t seed,
+                   std::chrono::microseconds max_delay)
+      : transport(inner->rank(), inner->size()),
         inner_(std::move(inner)),
         switch_(std::move(sw)),
         rng_(seed),
         max_delay_(max_delay) {}
-  ~faulty_communicator() override { finish_async(); }
   comm::backend kind() const noexcept override { return inner_->kind(); }
   comm::capabilities caps() const noexcept override { return inner_->caps(); }
   comm::registration register_memory(std::span<std::byte> region) override { return inner_->register_memory(region); }
   comm::registered_memory allocate_registered(std::size_t bytes) override { return inner_->allocate_registered(bytes); }
 
- protected:
-  void run(std::span<const op> ops) override {
+  void run(std::span<const comm::op> ops) override {
     if (broken_) throw error(errc::transport, fmt::format("rank {}: broken by an earlier failure", rank()));
     if (max_delay_.count() > 0 && rng_() % 2 == 0) {
       std::this_thread::sleep_for(std::chrono::microseconds(rng_() % static_cast<std::uint64_t>(max_delay_.count())));
@@ -64,9 +63,17 @@ class faulty_communicator final : public comm::communicator {
  private:
   std::unique_ptr<comm::communicator> inner_;
   std::shared_ptr<fault_switch> switch_;
-  std::mt19937_64 rng_;  // the worker thread's only
+  std::mt19937_64 rng_;  // the running thread's only
   std::chrono::microseconds max_delay_;
-  bool broken_ = false;  // the worker thread's only
+  bool broken_ = false;  // the running thread's only
+};
+
+/// A communicator over a faulty_transport around `inner`.
+class faulty_communicator final : public comm::communicator {
+ public:
+  faulty_communicator(std::unique_ptr<comm::communicator> inner, std::shared_ptr<fault_switch> sw,
+                      std::uint64_t seed = 0, std::chrono::microseconds max_delay = {})
+      : communicator(std::make_unique<faulty_transport>(std::move(inner), std::move(sw), seed, max_delay)) {}
 };
 
 }  // namespace eplb::tools

@@ -342,3 +342,47 @@ TEST_CASE("gloo with a nice value runs its transport threads at that priority, n
   CHECK(after.count(target) >= 2);                    // one transport thread per lane
   CHECK(::getpriority(PRIO_PROCESS, tid) == caller);  // the calling thread is untouched
 }
+
+TEST_CASE("execute_async on the owner's executor: in order, and the destructor waits for its jobs") {
+  auto world = comm::make_loopback_world(2);
+  const auto results = on_ranks(2, [&](int rank) {
+    auto c = comm::make_communicator(comm::backend::loopback, loopback_setup(world, rank, 2));
+    // The owner's executor: one thread of the test's, started per job after a pause, each job
+    // waiting for the one before (in order, one at a time), so the jobs outlive the caller's calls.
+    std::vector<std::thread> threads;
+    std::shared_future<void> previous = std::async(std::launch::deferred, [] {}).share();
+    int given = 0;
+    c->set_executor([&](std::function<void()> job) {
+      ++given;
+      std::promise<void> ran;
+      auto next = ran.get_future().share();
+      threads.emplace_back([job = std::move(job), previous, ran = std::move(ran)]() mutable {
+        std::this_thread::sleep_for(20ms);
+        previous.wait();
+        job();
+        ran.set_value();
+      });
+      previous = next;
+    });
+    std::vector<std::vector<std::byte>> bufs(3, std::vector<std::byte>(64));
+    std::vector<int> order;
+    std::mutex order_mutex;
+    for (int k = 0; k < 3; ++k) {
+      std::fill(bufs[k].begin(), bufs[k].end(), std::byte{static_cast<unsigned char>(10 * k + rank + 1)});
+      if (rank == 0) c->add_send(bufs[k], 1);
+      if (rank == 1) c->add_recv(bufs[k], 0);
+      c->execute_async([&, k](std::exception_ptr e) {
+        std::lock_guard lock(order_mutex);
+        order.push_back(e ? -1 : k);
+      });
+    }
+    CHECK_EPLB_ERROR(c->set_executor({}), errc::invalid_argument, "set_executor() after execute_async()");
+    c.reset();  // waits for the three jobs the executor still holds
+    const bool all_ran = order == std::vector<int>{0, 1, 2};
+    for (auto& t : threads) t.join();
+    const bool received = rank == 0 || (bufs[0][63] == std::byte{1} && bufs[2][0] == std::byte{21});
+    return given == 3 && all_ran && received;
+  });
+  CHECK(results[0]);
+  CHECK(results[1]);
+}

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "check_error.hpp"
+#include "comm/transport.hpp"
 #include "device/event_state.hpp"
 #include "eplb/core/policy.hpp"
 #include "eplb/exec/plan.hpp"
@@ -209,33 +210,33 @@ TEST_CASE("async staging (queue_layer, commit_layer) packs each peer's messages 
 
 // Loopback with a registration log: what the rearranger asks of a backend that registers memory
 // (nccl), and whether every transfer then touches registered memory only.
-class registering_comm final : public comm::communicator {
- public:
-  explicit registering_comm(std::unique_ptr<comm::communicator> inner)
-      : communicator(inner->rank(), inner->size()), inner_(std::move(inner)) {}
-  ~registering_comm() override { finish_async(); }
-  comm::backend kind() const noexcept override { return inner_->kind(); }
-  comm::capabilities caps() const noexcept override { return inner_->caps(); }
-  comm::registration register_memory(std::span<std::byte> region) override {
-    if (++registered == fail_at) throw error(errc::transport, "injected registration failure");
-    live.push_back(region);
-    return comm::registration([this, region] {
-      std::erase_if(live, [&](const auto& x) { return x.data() == region.data() && x.size() == region.size(); });
-    });
-  }
+struct registration_log {
   std::vector<std::span<std::byte>> live;
   int registered = 0;
   int fail_at = 0;  // the registration (1, 2, ...) that throws; 0: none
   int outside = 0;  // transfers touching memory that was not registered when they ran
+};
 
- protected:
-  void run(std::span<const op> ops) override {
+class registering_transport final : public comm::transport {
+ public:
+  registering_transport(std::unique_ptr<comm::communicator> inner, registration_log& log)
+      : transport(inner->rank(), inner->size()), inner_(std::move(inner)), log_(log) {}
+  comm::backend kind() const noexcept override { return inner_->kind(); }
+  comm::capabilities caps() const noexcept override { return inner_->caps(); }
+  comm::registration register_memory(std::span<std::byte> region) override {
+    if (++log_.registered == log_.fail_at) throw error(errc::transport, "injected registration failure");
+    log_.live.push_back(region);
+    return comm::registration([&live = log_.live, region] {
+      std::erase_if(live, [&](const auto& x) { return x.data() == region.data() && x.size() == region.size(); });
+    });
+  }
+  void run(std::span<const comm::op> ops) override {
     inner_->set_stream(stream());
     for (const auto& o : ops) {
-      const bool inside = std::any_of(live.begin(), live.end(), [&](const auto& x) {
+      const bool inside = std::any_of(log_.live.begin(), log_.live.end(), [&](const auto& x) {
         return o.data >= x.data() && o.data + o.bytes <= x.data() + x.size();
       });
-      if (!inside) ++outside;
+      if (!inside) ++log_.outside;
       if (o.is_send) {
         inner_->add_send({o.data, o.bytes}, o.peer);
       } else {
@@ -247,6 +248,13 @@ class registering_comm final : public comm::communicator {
 
  private:
   std::unique_ptr<comm::communicator> inner_;
+  registration_log& log_;
+};
+
+// The log is a base constructed before the communicator, so the transport may refer to it.
+struct registering_comm final : registration_log, comm::communicator {
+  explicit registering_comm(std::unique_ptr<comm::communicator> inner)
+      : communicator(std::make_unique<registering_transport>(std::move(inner), *this)) {}
 };
 
 TEST_CASE("registered buffers: every transfer touches them, they follow set_communicator and the rearranger") {

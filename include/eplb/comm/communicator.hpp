@@ -112,26 +112,33 @@ struct registered_memory {
   registration reg;  ///< declared last: also destroyed first
 };
 
+class transport;  // src/comm/transport.hpp: what each backend implements
+struct op;        // one queued send or receive (src/comm/transport.hpp)
+
+/// What a caller uses: queue sends and receives, run them as a batch, wait. make_communicator()
+/// makes one; the bytes move through its transport, which it owns.
 class communicator {
  public:
-  communicator(int rank, int size);
+  explicit communicator(std::unique_ptr<transport> t);
+  /// Finishes queued execute_async() batches, then destroys the transport. Virtual so that a
+  /// named kind of communicator (a test's or a tool's wrapper) can be destroyed through this type.
   virtual ~communicator();
   communicator(const communicator&) = delete;
   communicator& operator=(const communicator&) = delete;
 
-  [[nodiscard]] int rank() const noexcept { return rank_; }
-  [[nodiscard]] int size() const noexcept { return size_; }
-  [[nodiscard]] virtual backend kind() const noexcept = 0;
-  [[nodiscard]] virtual capabilities caps() const noexcept = 0;
+  [[nodiscard]] int rank() const noexcept;
+  [[nodiscard]] int size() const noexcept;
+  [[nodiscard]] backend kind() const noexcept;
+  [[nodiscard]] capabilities caps() const noexcept;
 
   /// Queues a send of `data` to `peer`. error(errc::invalid_argument) for a peer out of range or self.
   void add_send(std::span<const std::byte> data, int peer);
   /// Queues a receive into `data` from `peer`; the matching send must have the same size.
   void add_recv(std::span<std::byte> data, int peer);
-  [[nodiscard]] std::size_t pending() const noexcept { return ops_.size(); }
+  [[nodiscard]] std::size_t pending() const noexcept;
   /// Drops the operations queued since the last execute() (a batch whose posting failed half-way),
   /// so that they can never join a later batch.
-  void discard_pending() noexcept { ops_.clear(); }
+  void discard_pending() noexcept;
 
   /// Runs every queued operation as one batch and clears the queue (also on failure). Errors name
   /// the peer: errc::timeout for a silent peer, errc::peer_failure for a dead one.
@@ -142,53 +149,41 @@ class communicator {
   [[nodiscard]] device::event submit();
   /// Waits for a batch from submit(): the same errors as execute() (timeout, peer failure).
   void wait(const device::event& submitted);
-  /// execute() on this communicator's worker thread; `done` runs there when the batch completes
-  /// (stream-ordered backends: when its stream work completes) and must only post elsewhere.
+  /// execute() on this communicator's executor (by default a thread of its own, started on first
+  /// use); `done` runs there when the batch completes (stream-ordered backends: when its stream
+  /// work completes) and must only post elsewhere.
   void execute_async(std::function<void(std::exception_ptr)> done);
 
+  /// Runs execute_async() jobs for an owner that has its own place for blocking work (a strand of
+  /// its pool, say). It must run every job it is given, in order, one at a time: batches must
+  /// reach the transport in the order they were made. The destructor waits for the jobs it posted.
+  using executor = std::function<void(std::function<void()> job)>;
+  /// Sets who runs execute_async() jobs; an empty one keeps the default thread.
+  /// error(errc::invalid_argument) once execute_async() has been called.
+  void set_executor(executor run);
+
   /// The stream that orders the transfers against other work (device memory); not owned.
-  void set_stream(device::stream* s) noexcept { stream_ = s; }
-  [[nodiscard]] device::stream* stream() const noexcept { return stream_; }
+  void set_stream(device::stream* s) noexcept;
+  [[nodiscard]] device::stream* stream() const noexcept;
 
   /// Registers memory this rank sends from or receives into, so that transfers touching it can
   /// skip the backend's internal copies (nccl: ncclCommRegister; over NVLink NCCL then moves data
   /// straight between the two ends' buffers when both registered theirs). Every rank must register
   /// alike, since a transfer's two ends must agree. Release the handle before the memory is freed
   /// and before this communicator is destroyed. Backends without registration return an empty one.
-  /// A communicator that wraps another must forward this and allocate_registered(), or its rank
-  /// would be the only one unregistered.
-  [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
+  [[nodiscard]] registration register_memory(std::span<std::byte> region);
   /// Device memory of the kind this backend registers best (nccl: ncclMemAlloc, exportable without
   /// legacy CUDA IPC), registered with it. Empty when the backend has no such memory: allocate
   /// ordinary memory then.
-  [[nodiscard]] virtual registered_memory allocate_registered(std::size_t bytes);
-
- protected:
-  struct op {
-    bool is_send;
-    std::byte* data;
-    std::size_t bytes;
-    int peer;
-  };
-  /// Runs one batch. Sends and receives appear in the order they were added.
-  virtual void run(std::span<const op> ops) = 0;
-  /// Stream-ordered backends: enqueue one batch and return the event after it (submit()), and wait
-  /// for such an event watching for peer errors. Defaults: run() and a wait bounded by the timeout.
-  virtual device::event enqueue(std::span<const op> ops);
-  virtual void await(const device::event& e);
-  /// Finishes queued execute_async() batches. Every backend's destructor calls it first, while
-  /// run() can still be called.
-  void finish_async() noexcept;
+  [[nodiscard]] registered_memory allocate_registered(std::size_t bytes);
 
  private:
   void check_peer(int peer, const char* what) const;
   struct worker;
 
-  int rank_;
-  int size_;
-  std::vector<op> ops_;
-  device::stream* stream_ = nullptr;
-  std::unique_ptr<worker> worker_;
+  std::unique_ptr<transport> transport_;
+  std::vector<op> ops_;             // queued since the last batch
+  std::unique_ptr<worker> worker_;  // last: its jobs use the transport, so it goes first
 };
 
 /// Shared state of a loopback group: its ranks are threads of this process.

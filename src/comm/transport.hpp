@@ -1,0 +1,58 @@
+// What a communicator backend implements. The public communicator (eplb/comm/communicator.hpp)
+// queues operations, checks peers, runs execute_async() jobs and calls a transport for the rest;
+// it destroys its transport only after its last job, so a transport's destructor never races one.
+#pragma once
+
+#include <cstddef>
+#include <span>
+
+#include "eplb/comm/communicator.hpp"
+
+namespace eplb::comm {
+
+/// One queued send or receive.
+struct op {
+  bool is_send;
+  std::byte* data;
+  std::size_t bytes;
+  int peer;
+};
+
+class transport {
+ public:
+  /// error(errc::invalid_argument) for a size <= 0 or a rank outside it.
+  transport(int rank, int size);
+  virtual ~transport() = default;
+  transport(const transport&) = delete;
+  transport& operator=(const transport&) = delete;
+
+  [[nodiscard]] int rank() const noexcept { return rank_; }
+  [[nodiscard]] int size() const noexcept { return size_; }
+  [[nodiscard]] virtual backend kind() const noexcept = 0;
+  [[nodiscard]] virtual capabilities caps() const noexcept = 0;
+
+  /// Runs one batch; sends and receives appear in the order they were added. Called by one
+  /// thread at a time: the caller's, or the communicator's worker.
+  virtual void run(std::span<const op> ops) = 0;
+  /// Stream-ordered transports: enqueue one batch and return the event after it (submit()), and
+  /// wait for such an event watching for peer errors. Defaults: run() and an event already complete.
+  virtual device::event enqueue(std::span<const op> ops);
+  virtual void await(const device::event& e);
+
+  /// Defaults: nothing to register (communicator::register_memory, allocate_registered). A
+  /// transport that wraps a communicator must forward both, or its rank would be the only one
+  /// unregistered.
+  [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
+  [[nodiscard]] virtual registered_memory allocate_registered(std::size_t bytes);
+
+  /// The caller's stream (communicator::set_stream); not owned.
+  void set_stream(device::stream* s) noexcept { stream_ = s; }
+  [[nodiscard]] device::stream* stream() const noexcept { return stream_; }
+
+ private:
+  int rank_;
+  int size_;
+  device::stream* stream_ = nullptr;
+};
+
+}  // namespace eplb::comm
