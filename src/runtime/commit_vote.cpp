@@ -25,8 +25,24 @@ commit_vote::commit_vote(std::shared_ptr<comm::store> store, int rank, int size,
     : store_(std::move(store)), rank_(rank), size_(size), timeout_(timeout) {}
 
 void commit_vote::begin(std::int64_t id) {
+  if (id_ >= 0) previous_ = {id_, batch_ + 1};  // an abort writes one batch past the last decided
   id_ = id;
   batch_ = 0;
+  aborted_ = false;
+}
+
+void commit_vote::forget_previous() noexcept {
+  if (!previous_ || rank_ != 0) return;
+  const auto [id, batches] = *previous_;
+  previous_.reset();
+  try {
+    for (std::int64_t b = 0; b < batches; ++b) {
+      store_->erase(fmt::format("sync-vote/{}/{}/ok", id, b));
+      store_->erase(fmt::format("sync-vote/{}/{}/decision", id, b));
+    }
+    store_->erase(fmt::format("sync-vote/{}/ended", id));
+  } catch (...) {  // NOLINT(bugprone-empty-catch): a store that fails here fails the next collective too
+  }
 }
 
 std::string commit_vote::key(const char* what) const {
@@ -57,12 +73,12 @@ std::string commit_vote::decide(int layer, int chunk, const std::exception_ptr& 
 }
 
 void commit_vote::abort(const std::string& why) noexcept {
-  if (id_ < 0) return;
+  if (id_ < 0 || aborted_) return;
   try {
     (void)store_->set_if_absent(key("decision"), fmt::format("rank {} stopped: {}", rank_, why));
   } catch (...) {  // NOLINT(bugprone-empty-catch): the peers then decide after their timeout
   }
-  id_ = -1;  // one abort per rebalance; later batches are never reached
+  aborted_ = true;  // one abort per rebalance; later batches are never reached
 }
 
 void commit_vote::settle(std::int64_t id) noexcept {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "eplb/comm/store.hpp"
@@ -33,6 +34,10 @@ class commit_vote {
   /// fast does not run ahead into the next collective alone and time out there. A dead peer
   /// costs the wait once; nothing is thrown.
   void settle(std::int64_t id) noexcept;
+  /// Deletes the previous rebalance's keys (rank 0 does it for all). Call once every rank is known
+  /// to have ended that rebalance: after the current one's load sum, which every rank joins only
+  /// once it has.
+  void forget_previous() noexcept;
 
  private:
   [[nodiscard]] std::string key(const char* what) const;
@@ -43,6 +48,8 @@ class commit_vote {
   std::chrono::milliseconds timeout_;
   std::int64_t id_ = -1;
   std::int64_t batch_ = 0;
+  bool aborted_ = false;
+  std::optional<std::pair<std::int64_t, std::int64_t>> previous_;  // its id and how many batches it keyed
 };
 
 }  // namespace eplb::runtime

@@ -7,58 +7,154 @@
 
 namespace eplb::runtime {
 
+namespace {
+
+// Slice `s` of `n` elements cut into `parts` nearly equal parts: [begin, end).
+std::pair<std::size_t, std::size_t> slice(std::size_t n, int parts, int s) {
+  const auto p = static_cast<std::size_t>(parts);
+  const auto i = static_cast<std::size_t>(s);
+  return {n * i / p, n * (i + 1) / p};
+}
+
+std::string to_bytes(std::span<const double> values) {
+  std::string out(values.size_bytes(), '\0');
+  std::memcpy(out.data(), values.data(), values.size_bytes());
+  return out;
+}
+
+void add_bytes(std::span<double> into, const std::string& bytes) {
+  for (std::size_t i = 0; i < into.size(); ++i) {
+    double x;
+    std::memcpy(&x, bytes.data() + i * sizeof(double), sizeof(double));
+    into[i] += x;
+  }
+}
+
+}  // namespace
+
 cpu_group::cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std::chrono::milliseconds timeout)
     : store_(std::move(store)), rank_(rank), size_(size), timeout_(timeout) {
   if (!store_) fail(errc::invalid_argument, "cpu group: a store is required");
 }
 
-std::vector<std::string> cpu_group::exchange(const std::string& key, std::string mine,
+std::string cpu_group::read(const std::string& key, int from, const std::string& round,
+                            std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout) {
+  const auto left =
+      std::max(std::chrono::milliseconds(1),
+               std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+  try {
+    return store_->get(key, left);
+  } catch (const error& e) {
+    if (e.code() != errc::timeout) throw;
+    fail(errc::timeout, "cpu group rank {}: rank {} did not join {} within {} ms (dead or stalled?)", rank_, from,
+         round, timeout.count());
+  }
+}
+
+// Keys are deleted by their writer one round of the same family later: once this rank has read
+// every rank's value of round k, every rank has posted k, so every rank has finished reading
+// k - 1 (rounds of a family run in order on each rank). Keys of a round that failed wait for the
+// next round that completes. Agreement rounds form one family per rebalance ("min/ID"); a round
+// of a later rebalance that completes deletes what is left of the earlier ones (every rank has
+// moved on; an earlier rebalance's rounds still running are forgotten ones). So the store holds
+// at most a few rounds per family, whatever ran.
+void cpu_group::posted(const std::string& family, std::string key) {
+  std::lock_guard lock(mutex_);
+  auto& f = families_[family];
+  // "min/ID" families are ordered by the rebalance id (a retired rebalance's rounds may post after
+  // a newer one started); other namespaces have one family.
+  const auto slash = family.find('/');
+  if (slash != std::string::npos) f.order = std::stoull(family.substr(slash + 1));
+  f.stale.insert(f.stale.end(), std::make_move_iterator(f.current.begin()), std::make_move_iterator(f.current.end()));
+  f.current.clear();
+  f.current.push_back(std::move(key));
+}
+
+void cpu_group::completed(const std::string& family) {
+  std::vector<std::string> stale;
+  {
+    std::lock_guard lock(mutex_);
+    const auto space = family.substr(0, family.find('/'));
+    const auto mine = families_.find(family);
+    const std::uint64_t order = mine == families_.end() ? 0 : mine->second.order;
+    for (auto it = families_.begin(); it != families_.end();) {
+      auto& f = it->second;
+      if (it->first == family) {
+        stale.insert(stale.end(), f.stale.begin(), f.stale.end());
+        f.stale.clear();
+      }
+      const bool older = f.order < order && it->first.substr(0, it->first.find('/')) == space;
+      if (!older) {
+        ++it;
+        continue;
+      }
+      stale.insert(stale.end(), f.stale.begin(), f.stale.end());
+      stale.insert(stale.end(), f.current.begin(), f.current.end());
+      it = families_.erase(it);
+    }
+  }
+  for (const auto& k : stale) store_->erase(k);
+}
+
+std::vector<std::string> cpu_group::exchange(const std::string& family, const std::string& round, std::string mine,
                                              std::chrono::milliseconds timeout) {
-  store_->set(fmt::format("{}/{}", key, rank_), mine);
+  const auto own = fmt::format("{}/{}", round, rank_);
+  store_->set(own, mine);
+  posted(family, own);
   std::vector<std::string> all(static_cast<std::size_t>(size_));
   const auto deadline = deadline_after(timeout);
   for (int r = 0; r < size_; ++r) {
-    if (r == rank_) {
-      all[static_cast<std::size_t>(r)] = std::move(mine);
-      continue;
-    }
-    const auto left =
-        std::max(std::chrono::milliseconds(1),
-                 std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
-    try {
-      all[static_cast<std::size_t>(r)] = store_->get(fmt::format("{}/{}", key, r), left);
-    } catch (const error& e) {
-      if (e.code() != errc::timeout) throw;
-      fail(errc::timeout, "cpu group rank {}: rank {} did not join {} within {} ms (dead or stalled?)", rank_, r, key,
-           timeout.count());
-    }
+    all[static_cast<std::size_t>(r)] =
+        r == rank_ ? std::move(mine) : read(fmt::format("{}/{}", round, r), r, round, deadline, timeout);
   }
+  completed(family);
   return all;
 }
 
+// A reduce-scatter then an all-gather through the store: rank s sums slice s of every rank's
+// values, then every rank reads the summed slices. Each rank moves about three times its own
+// values whatever the number of ranks (an all-gather of whole vectors moves `size` times that
+// through the store's server).
 std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
-                                             std::optional<std::chrono::milliseconds> timeout) {
-  std::string mine(values.size_bytes(), '\0');
-  std::memcpy(mine.data(), values.data(), values.size_bytes());
-  const auto all = exchange(fmt::format("sum/{}", sum_generation_++), std::move(mine), timeout.value_or(timeout_));
-  std::vector<double> out(values.size(), 0.0);
+                                             std::optional<std::chrono::milliseconds> timeout_given) {
+  const auto timeout = timeout_given.value_or(timeout_);
+  const auto round = fmt::format("sum/{}", sum_generation_++);
+  const auto deadline = deadline_after(timeout);
+  for (int s = 0; s < size_; ++s) {
+    if (s == rank_) continue;
+    const auto [b, e] = slice(values.size(), size_, s);
+    store_->set(fmt::format("{}/part/{}/{}", round, s, rank_), to_bytes(values.subspan(b, e - b)));
+  }
+  const auto [mb, me] = slice(values.size(), size_, rank_);
+  std::vector<double> mine(values.begin() + static_cast<std::ptrdiff_t>(mb),
+                           values.begin() + static_cast<std::ptrdiff_t>(me));
   for (int r = 0; r < size_; ++r) {
-    const auto& v = all[static_cast<std::size_t>(r)];
-    if (v.size() != values.size_bytes()) {
-      fail(errc::invalid_argument, "cpu group: rank {} contributed {} bytes to a sum, this rank {}", r, v.size(),
-           values.size_bytes());
+    if (r == rank_) continue;
+    const auto key = fmt::format("{}/part/{}/{}", round, rank_, r);
+    const auto part = read(key, r, round, deadline, timeout);
+    store_->erase(key);  // this rank is the only reader of a part
+    if (part.size() != mine.size() * sizeof(double)) {
+      fail(errc::invalid_argument, "cpu group: rank {} contributed {} bytes to slice {} of a sum, this rank {}", r,
+           part.size(), rank_, mine.size() * sizeof(double));
     }
-    for (std::size_t i = 0; i < values.size(); ++i) {
-      double x;
-      std::memcpy(&x, v.data() + i * sizeof(double), sizeof(double));
-      out[i] += x;
+    add_bytes(mine, part);
+  }
+  const auto totals = exchange("sum", round + "/total", to_bytes(mine), timeout);
+  std::vector<double> out(values.size(), 0.0);
+  for (int s = 0; s < size_; ++s) {
+    const auto [b, e] = slice(values.size(), size_, s);
+    const auto& t = totals[static_cast<std::size_t>(s)];
+    if (t.size() != (e - b) * sizeof(double)) {
+      fail(errc::invalid_argument, "cpu group: rank {} contributed {} bytes to a sum, this rank {}", s, t.size(),
+           (e - b) * sizeof(double));
     }
+    add_bytes(std::span(out).subspan(b, e - b), t);
   }
   return out;
 }
 
 std::int64_t cpu_group::allreduce_min(std::int64_t value, const std::string& round) {
-  const auto all = exchange("min/" + round, std::to_string(value), timeout_);
+  const auto all = exchange("min/" + round.substr(0, round.find('/')), "min/" + round, std::to_string(value), timeout_);
   std::int64_t out = value;
   for (const auto& v : all) out = std::min(out, static_cast<std::int64_t>(std::stoll(v)));
   return out;

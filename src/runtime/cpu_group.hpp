@@ -3,6 +3,9 @@
 // the same order; every wait has the group's timeout and names a silent rank.
 #pragma once
 
+#include <map>
+#include <mutex>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -30,13 +33,29 @@ class cpu_group {
   [[nodiscard]] std::int64_t allreduce_min(std::int64_t value, const std::string& round);
 
  private:
-  std::vector<std::string> exchange(const std::string& key, std::string mine, std::chrono::milliseconds timeout);
+  // Posts this rank's value of `round` and reads every rank's; `family` names the sequence of
+  // rounds whose keys are cleaned up together (see posted()).
+  std::vector<std::string> exchange(const std::string& family, const std::string& round, std::string mine,
+                                    std::chrono::milliseconds timeout);
+  [[nodiscard]] std::string read(const std::string& key, int from, const std::string& round,
+                                 std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout);
+  void posted(const std::string& family, std::string key);
+  void completed(const std::string& family);
 
   std::shared_ptr<comm::store> store_;
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
-  std::uint64_t sum_generation_ = 0;  // the load sums run in order on the background thread
+  std::uint64_t sum_generation_ = 0;  // the load sums run in order, one at a time
+  // This rank's keys per family: those of the round in progress, and older ones to delete once a
+  // later round completes. Sums and agreement rounds run on different threads.
+  struct own_keys {
+    std::vector<std::string> current;
+    std::vector<std::string> stale;
+    std::uint64_t order = 0;  // within a namespace, older families have smaller orders
+  };
+  std::mutex mutex_;
+  std::map<std::string, own_keys> families_;
 };
 
 }  // namespace eplb::runtime

@@ -68,6 +68,7 @@ matrix<double> sync_session::global_load(const matrix<double>& local) {
   std::vector<double> values(local.flat().begin(), local.flat().end());
   values.push_back(ctx_.comms.take_suspect() ? 1.0 : 0.0);
   auto summed = group_->allreduce_sum(values);
+  vote_->forget_previous();  // every rank has ended the previous rebalance: it joined this sum
   if (summed.back() > 0 && ctx_.comms.can_remake()) {
     ctx_.comms.remake(static_cast<int>(ctx_.m.rebalances),
                       [this](comm::communicator& fresh) { mover_->set_communicator(fresh); });

@@ -4,6 +4,9 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <unistd.h>
+
+#include <fstream>
 #include <future>
 #include <map>
 #include <random>
@@ -321,5 +324,78 @@ TEST_CASE("state: step() and stop() after timed-out waits; destroying the state 
     g.open();
     r.stream->synchronize(10s);  // the queued load copies and fills run into memory still allocated
     CHECK(r.dev->collect_released() == 0);
+  }
+}
+
+namespace {
+
+std::size_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::size_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// Runs `steps` steps on 4 loopback ranks with a hot expert that moves every step, so most
+// rebalances move layers. Rank 0 samples the store's size every `sample` steps; returns the largest
+// and how many rebalances rank 0 finished.
+struct long_run {
+  comm::store_usage most;
+  std::int64_t rebalances = 0;
+  std::size_t rss_growth = 0;  // after the first tenth of the steps
+};
+
+long_run run_steps(const config& cfg, int steps, int sample, const std::shared_ptr<comm::store>& store) {
+  const int ranks = 4;
+  auto world = comm::make_loopback_world(ranks);
+  long_run out;
+  std::size_t rss_early = 0;
+  on_ranks(ranks, [&](int rank) {
+    auto r = make_rank(rank, ranks, cfg, world, store);
+    int finished = 0;
+    for (int step = 0; step < steps; ++step) {
+      for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l + step, rank));
+      finished += r.state->step().rebalance_finished ? 1 : 0;
+      if (rank != 0) continue;
+      if (step == steps / 10) rss_early = resident_bytes();
+      if (std::getenv("EPLB_RSS_TRACE") && step % (steps / 20) == 0) {
+        MESSAGE(fmt::format("step {} rss {} KB", step, resident_bytes() / 1024));
+      }
+      if (step % sample != 0) continue;
+      const auto u = store->usage();
+      out.most.keys = std::max(out.most.keys, u.keys);
+      out.most.bytes = std::max(out.most.bytes, u.bytes);
+    }
+    r.state->stop();
+    if (rank == 0) out.rebalances = finished;
+    return 0;
+  });
+  const auto rss_late = resident_bytes();
+  out.rss_growth = rss_late > rss_early ? rss_late - rss_early : 0;
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("long runs: after 10,000 sync and 500 async rebalances the store holds what two rounds need") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    auto store = comm::make_memory_store();
+    auto cfg = loopback_config(use_async, 4, use_async ? 2 : 1, 10s);
+    cfg.commit_lag_steps = 1;
+    const auto run = run_steps(cfg, use_async ? 8'000 : 10'000, 7, store);
+    const auto end = store->usage();
+    MESSAGE(
+        fmt::format("{}: {} rebalances; store at most {} keys / {} bytes, at the end {} keys / {} bytes; resident "
+                    "memory grew {} KB after the first tenth",
+                    use_async ? "async" : "sync", run.rebalances, run.most.keys, run.most.bytes, end.keys, end.bytes,
+                    run.rss_growth / 1024));
+    CHECK(run.rebalances >= (use_async ? 500 : 10'000));
+    // Unbounded, the store would hold tens of thousands of keys here (one sum and several votes per
+    // rebalance and rank); bounded, a few rounds' worth.
+    CHECK(run.most.keys <= 120);
+    CHECK(run.most.bytes <= 64 * 1024);
+    CHECK(end.keys <= 120);
+    CHECK(run.rss_growth <= 8U << 20);
   }
 }
