@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -184,6 +185,73 @@ TEST_CASE("await_event on host-device events: a stream gated by hand, and a stal
     CHECK(failure_of(p->failure) == "timeout: the stalled stream not done within 40 ms");
     gate->close();  // the stream's destructor fails the event; nothing may reach the io_context
   }
+}
+
+TEST_CASE("async_wait_report: a cancellation through the slot ends the wait at once; the late report is dropped") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  manual_event e;
+  std::function<void(runtime::report_fn)> start = [ev = e.event()](runtime::report_fn r) { ev.notify(std::move(r)); };
+  asio::cancellation_signal cancel;
+  auto p = std::make_shared<probe>();
+  runtime::async_wait_report(io, gate, start, {.what = "layer 4", .timeout = 10s},
+                             asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                               p->done = true;
+                               p->failure = f;
+                             }));
+  CHECK(io.poll() == 0);  // a plain callback: the wait started at once and is idle
+  cancel.emit(asio::cancellation_type::terminal);
+  CHECK_FALSE(p->done);  // never inside emit(): the wait completes from a handler of its own
+  CHECK(io.poll() > 0);
+  CHECK(p->done);
+  CHECK(failure_of(p->failure) == "cancelled: layer 4 cancelled");
+  e.complete();  // the work ran on: its report posts one handler that changes nothing
+  CHECK(io.poll() == 1);
+  CHECK(failure_of(p->failure) == "cancelled: layer 4 cancelled");
+}
+
+TEST_CASE("async_wait_report: a wait that is not cancellable ends only when the work reports") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  manual_event e;
+  std::function<void(runtime::report_fn)> start = [ev = e.event()](runtime::report_fn r) { ev.notify(std::move(r)); };
+  asio::cancellation_signal cancel;
+  auto p = std::make_shared<probe>();
+  runtime::async_wait_report(io, gate, start, {.what = "a blocking job", .cancellable = false},
+                             asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                               p->done = true;
+                               p->failure = f;
+                             }));
+  cancel.emit(asio::cancellation_type::terminal);
+  CHECK(io.poll() == 0);
+  CHECK_FALSE(p->done);
+  e.fail(errc::transport, "the job's own error");
+  CHECK(io.poll() > 0);
+  CHECK(failure_of(p->failure) == "transport: the job's own error");
+}
+
+TEST_CASE("await_event in a coroutine: cancelling the coroutine ends the device wait with errc::cancelled") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  manual_event e;
+  asio::cancellation_signal cancel;
+  auto p = std::make_shared<probe>();
+  asio::co_spawn(io, runtime::await_event(io, gate, e.event(), 10s, "staging layer 1"),
+                 asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                   p->done = true;
+                   p->failure = f;
+                 }));
+  io.poll();
+  CHECK_FALSE(p->done);
+  cancel.emit(asio::cancellation_type::terminal);
+  io.poll();
+  CHECK(p->done);
+  CHECK(failure_of(p->failure) == "cancelled: staging layer 1 cancelled");
+  e.complete();
+  io.poll();  // the late report: dropped
 }
 
 TEST_CASE("staging ring: oldest free area first, waits for a free area, then for the serving read") {
