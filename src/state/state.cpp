@@ -10,6 +10,7 @@
 #include "eplb/exec/rearrange.hpp"
 #include "runtime/agreement.hpp"
 #include "runtime/async_runtime.hpp"
+#include "runtime/background_threads.hpp"
 #include "runtime/commit_vote.hpp"
 #include "runtime/cpu_group.hpp"
 #include "util/fail.hpp"
@@ -41,6 +42,7 @@ struct eplb_state::impl {
   std::unique_ptr<device::stream> side;  // async only
   std::unique_ptr<exec::rearranger> mover;
   std::unique_ptr<runtime::cpu_group> group;
+  std::unique_ptr<runtime::background_threads> threads;  // async: the io thread and the blocking pool
   std::unique_ptr<runtime::async_runtime> background;
   std::unique_ptr<runtime::lagged_min> agree;  // async, unless the engine supplies the agreement
   std::unique_ptr<runtime::commit_vote> vote;  // sync: every batch's write is decided by all ranks
@@ -149,8 +151,12 @@ struct eplb_state::impl {
              "staging_bytes: {} is not allowed in async mode (one layer of this rank needs {} bytes)",
              cfg.staging_bytes, area);
       }
-      background = std::make_unique<runtime::async_runtime>(*mover, weights, *group, dev, *side, areas, cfg.timeout);
-      if (!agreement) agree = std::make_unique<runtime::lagged_min>(*group, cfg.commit_lag_steps, cfg.timeout);
+      threads = std::make_unique<runtime::background_threads>();
+      background =
+          std::make_unique<runtime::async_runtime>(*threads, *mover, weights, *group, dev, *side, areas, cfg.timeout);
+      if (!agreement) {
+        agree = std::make_unique<runtime::lagged_min>(*group, threads->pool(), cfg.commit_lag_steps, cfg.timeout);
+      }
     } else {
       vote = std::make_unique<runtime::commit_vote>(comm::make_prefix_store(p.store, "eplb-cpu"), rank, shape.num_ranks,
                                                     cfg.timeout);

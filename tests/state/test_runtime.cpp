@@ -18,6 +18,8 @@
 #include "eplb/core/placement.hpp"
 #include "runtime/async_runtime.hpp"
 #include "runtime/awaitables.hpp"
+#include "runtime/background_threads.hpp"
+#include "runtime/blocking_pool.hpp"
 #include "runtime/cpu_group.hpp"
 #include "tools/exchange.hpp"
 #include "util/asio.hpp"
@@ -392,7 +394,8 @@ struct runtime_rig {
   std::unique_ptr<comm::communicator> comm;
   std::unique_ptr<exec::rearranger> stager;
   runtime::cpu_group group;
-  std::unique_ptr<runtime::async_runtime> rt;  // last: stopped and gone before the rest
+  std::unique_ptr<runtime::background_threads> threads;  // the pool's jobs use `group`
+  std::unique_ptr<runtime::async_runtime> rt;            // last: stopped and gone before the rest
 
   /// own_thread: the runtime runs its own io_context on its own thread (as in eplb_state).
   explicit runtime_rig(int areas, std::chrono::milliseconds timeout, device::host_faults faults = {},
@@ -412,10 +415,10 @@ struct runtime_rig {
         comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = comm::make_loopback_world(1)});
     stager =
         std::make_unique<exec::rearranger>(shape, 0, *dev, *side, *comm, exec::rearrange_options{.timeout = timeout});
-    rt = own_thread
-             ? std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout)
-             : std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout,
-                                                        io);
+    threads = own_thread ? std::make_unique<runtime::background_threads>()
+                         : std::make_unique<runtime::background_threads>(io);
+    rt = std::make_unique<runtime::async_runtime>(*threads, *stager, model->weights(), group, *dev, *side, areas,
+                                                  timeout);
   }
 
   // Expert 0 is hot in every layer: the policy gives it the redundant slots.
