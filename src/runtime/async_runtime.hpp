@@ -30,7 +30,7 @@ struct rebalance_inputs {
   policy_kind policy;
   int num_groups;
   int num_nodes;
-  /// Runs on the background thread right after the load all-reduce, before any transfer (e.g.
+  /// Runs on a blocking-pool thread right after the load all-reduce, before any transfer (e.g.
   /// makes the communicator again after a failed rebalance); its error fails the rebalance.
   std::function<void()> prepare;
 };

@@ -36,7 +36,7 @@ class cpu_group {
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
-  std::uint64_t sum_generation_ = 0;  // the load sums run in order on the background thread
+  std::uint64_t sum_generation_ = 0;  // one load sum at a time: the serving thread's, or the rebalance's pool job
 };
 
 }  // namespace eplb::runtime

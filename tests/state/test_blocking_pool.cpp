@@ -14,6 +14,7 @@
 #include "check_error.hpp"
 #include "eplb/comm/store.hpp"
 #include "runtime/agreement.hpp"
+#include "runtime/awaitables.hpp"
 #include "runtime/background_threads.hpp"
 #include "runtime/blocking_pool.hpp"
 #include "runtime/cpu_group.hpp"
@@ -109,4 +110,24 @@ TEST_CASE("commit agreement: with lag 2 the first two steps decide nothing, then
   CHECK(agree.step(6) == std::optional<std::int64_t>(4));
   CHECK(agree.step(7) == std::optional<std::int64_t>(5));
   CHECK_EPLB_ERROR(runtime::lagged_min(group, threads.pool(), -1, 10s), errc::invalid_argument, "lag must be >= 0");
+}
+
+TEST_CASE(
+    "background threads: the io thread runs what is posted; stop() lets queued pool jobs run, then refuses more") {
+  runtime::background_threads threads;
+  CHECK(threads.has_io_thread());
+  std::promise<std::thread::id> ran_on;
+  threads.gate()->post([&ran_on] { ran_on.set_value(std::this_thread::get_id()); });
+  CHECK(ran_on.get_future().get() != std::this_thread::get_id());
+  std::atomic<int> jobs{0};
+  for (int i = 0; i < 3; ++i) {
+    threads.pool().post([&jobs] {
+      std::this_thread::sleep_for(20ms);
+      ++jobs;
+    });
+  }
+  threads.stop();
+  CHECK(jobs == 3);
+  CHECK_EPLB_ERROR(threads.pool().post([] {}), errc::cancelled, "blocking pool: stopped");
+  threads.stop();  // idempotent
 }
