@@ -50,6 +50,10 @@ bool background_threads::has_io_thread() const noexcept {
   return impl_->own_io != nullptr;
 }
 
+std::function<void(std::function<void()>)> background_threads::serial_executor() {
+  return [chain = job_chain::make(impl_->pool)](std::function<void()> job) { chain->post(std::move(job)); };
+}
+
 void background_threads::stop() noexcept {
   if (impl_->stopped) return;
   impl_->stopped = true;

@@ -39,6 +39,11 @@ class background_threads {
   /// False when the caller runs io() (tests): whoever waits for io work must then run it.
   [[nodiscard]] bool has_io_thread() const noexcept;
 
+  /// Runs the jobs given to it in order, one at a time, on the pool (a job_chain of its own): the
+  /// shape a communicator's executor takes, so that its execute_async() batches run here rather
+  /// than on a thread of its own. Throws errc::cancelled once stop() ran; this must outlive its holder.
+  [[nodiscard]] std::function<void(std::function<void()>)> serial_executor();
+
   /// Closes the gate, stops the io thread (handlers still queued are dropped: every user has
   /// stopped, so only late completions remain), then lets the pool run its queued jobs and joins
   /// it (bounded: every job's blocking call has a timeout). Idempotent, never throws.

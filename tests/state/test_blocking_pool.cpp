@@ -131,3 +131,35 @@ TEST_CASE(
   CHECK_EPLB_ERROR(threads.pool().post([] {}), errc::cancelled, "blocking pool: stopped");
   threads.stop();  // idempotent
 }
+
+TEST_CASE("background threads: a serial executor runs its jobs in order, one at a time, on the pool") {
+  runtime::background_threads threads;
+  const auto run = threads.serial_executor();
+  std::mutex mutex;
+  std::vector<int> order;
+  const auto caller = std::this_thread::get_id();
+  bool on_caller = false;
+  int running = 0;
+  int most = 0;
+  std::promise<void> last;
+  for (int i = 0; i < 20; ++i) {
+    run([&, i] {
+      {
+        std::lock_guard lock(mutex);
+        most = std::max(most, ++running);
+        order.push_back(i);
+        on_caller = on_caller || std::this_thread::get_id() == caller;
+      }
+      std::this_thread::yield();
+      std::lock_guard lock(mutex);
+      --running;
+    });
+  }
+  run([&last] { last.set_value(); });
+  last.get_future().wait();
+  std::lock_guard lock(mutex);
+  CHECK(most == 1);
+  CHECK_FALSE(on_caller);
+  REQUIRE(order.size() == 20);
+  for (int i = 0; i < 20; ++i) CHECK(order[static_cast<std::size_t>(i)] == i);
+}
