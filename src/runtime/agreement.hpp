@@ -1,8 +1,8 @@
 // The async path's per-step commit agreement, pipelined: the minimum over ranks of what each rank
 // posts at its k-th step of a rebalance is known to every rank at its (k + lag)-th step. The CPU
-// all-reduce runs on its own thread, so step() does not wait on the network unless one round takes
-// longer than `lag` steps; every rank still decides from the same round, hence commits in the same
-// step.
+// all-reduces of a rebalance run in order on a job_chain of the blocking pool, so step() does not
+// wait on the network unless one round takes longer than `lag` steps; every rank still decides from
+// the same round, hence commits in the same step.
 #pragma once
 
 #include <chrono>
@@ -14,22 +14,23 @@
 #include <optional>
 #include <vector>
 
+#include "runtime/blocking_pool.hpp"
 #include "runtime/cpu_group.hpp"
-#include "util/job_thread.hpp"
 
 namespace eplb::runtime {
 
 class lagged_min {
  public:
-  lagged_min(cpu_group& group, int lag, std::chrono::milliseconds timeout);
-  ~lagged_min();
+  /// `pool` (background_threads::pool()) must outlive this.
+  lagged_min(cpu_group& group, blocking_pool& pool, int lag, std::chrono::milliseconds timeout);
+  ~lagged_min();  // waits for the rounds already posted (see the .cpp)
   lagged_min(const lagged_min&) = delete;
   lagged_min& operator=(const lagged_min&) = delete;
 
-  /// Starts the rounds of rebalance `id` (the same on every rank) on a fresh thread with fresh
-  /// failure state. Rounds of an earlier rebalance are forgotten: they finish on their own thread
-  /// (after a failure each may wait out the timeout), so they never delay the new rounds, which
-  /// would leave ranks a round apart.
+  /// Starts the rounds of rebalance `id` (the same on every rank) on a fresh job_chain with fresh
+  /// failure state. Rounds of an earlier rebalance are forgotten: they finish on their own chain,
+  /// on a pool thread of their own (after a failure one may wait out the timeout), so they never
+  /// delay the new rounds, which would leave ranks a round apart.
   void begin(std::int64_t id);
   /// Posts this step's value. Returns the minimum of the round posted `lag` steps ago, or nothing
   /// in the first `lag` steps. Rethrows the all-reduce's error (errc::timeout naming a silent rank).
@@ -42,6 +43,7 @@ class lagged_min {
   void post(std::int64_t value);
 
   cpu_group& group_;
+  blocking_pool& pool_;
   int lag_;
   std::chrono::milliseconds timeout_;
   std::int64_t id_ = 0;
@@ -54,10 +56,9 @@ class lagged_min {
     std::exception_ptr failure;
   };
   std::shared_ptr<shared_state> shared_ = std::make_shared<shared_state>();
-  // Last: joined first, while the members their jobs use are alive. Threads of earlier rebalances
-  // stay in `retired_` until their rounds have finished.
-  std::vector<std::unique_ptr<job_thread>> retired_;
-  std::unique_ptr<job_thread> thread_ = std::make_unique<job_thread>();
+  // Chains of earlier rebalances stay in `retired_` until their rounds have run.
+  std::vector<std::shared_ptr<job_chain>> retired_;
+  std::shared_ptr<job_chain> chain_;
 };
 
 }  // namespace eplb::runtime

@@ -2,45 +2,42 @@
 
 #include <condition_variable>
 #include <functional>
+#include <optional>
 
 #include "runtime/awaitables.hpp"
+#include "runtime/blocking_pool.hpp"
 #include "util/asio.hpp"
 #include "util/fail.hpp"
-#include "util/job_thread.hpp"
 
 namespace eplb::runtime {
 
 using clock = std::chrono::steady_clock;
 
 struct async_runtime::impl {
-  impl(async_runtime& owner, exec::rearranger& s, const exec::rank_weights& w, cpu_group& g, device::stream& side,
-       int areas, std::chrono::milliseconds t, asio::io_context* external)
+  impl(async_runtime& owner, background_threads& th, exec::rearranger& s, const exec::rank_weights& w, cpu_group& g,
+       device::stream& side, int areas, std::chrono::milliseconds t)
       : self(owner),
+        threads(th),
+        io(th.io()),
+        gate(th.gate()),
         stager(s),
         weights(w),
         group(g),
         side_stream(side),
         timeout(t),
-        own_io(external != nullptr ? nullptr : std::make_unique<asio::io_context>()),
-        io(external != nullptr ? *external : *own_io),
-        ring(io, gate, areas, t) {
-    if (own_io) thread = std::thread([this] { io.run(); });
-  }
+        ring(io, gate, areas, t) {}
 
   async_runtime& self;
+  background_threads& threads;
+  asio::io_context& io;
+  // Device, communicator and pool completions post here through the gate, which the threads'
+  // owner closes when it stops, so a late one never touches an io_context that is gone.
+  std::shared_ptr<post_gate> gate;
   exec::rearranger& stager;
   const exec::rank_weights& weights;
   cpu_group& group;
   device::stream& side_stream;
   std::chrono::milliseconds timeout;
-
-  std::unique_ptr<asio::io_context> own_io;  // null when the caller runs an io_context of its own
-  asio::io_context& io;
-  asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
-  // Device and communicator callbacks post here through the gate, which stop() closes, so a late
-  // callback never touches a runtime that is gone.
-  std::shared_ptr<post_gate> gate = std::make_shared<post_gate>(io);
-  job_thread blocking;  // CPU collectives block on the store: they run here, not on the io thread
 
   // Touched only on the io thread.
   staging_ring ring;
@@ -53,71 +50,72 @@ struct async_runtime::impl {
   std::optional<matrix<expert_id>> target;
   std::optional<matrix<double>> global_load;
   std::exception_ptr failure;
-  std::mutex idle_mutex;  // with idle_cv: wait_idle() sleeps until busy_ turns false
+  std::mutex idle_mutex;  // with idle_cv: wait_idle() and stop() sleep until busy_ turns false
   std::condition_variable idle_cv;
+  bool stop_seen = false;  // under idle_mutex: the io thread ran stop()'s handler, so all posted before it
 
   bool stopped = false;  // stop() ran (touched by the thread that calls stop())
-  std::thread thread;    // last
 
-  // Runs `job` (which may block on the network) on the blocking worker and resumes here when it is
-  // done, rethrowing its error. (A named coroutine taking a named std::function: GCC 12 mishandles
-  // lambdas passed into coroutines.)
-  asio::awaitable<void> on_blocking_worker(std::function<void()> job) {
-    auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
-    auto failure = std::make_shared<std::exception_ptr>();
-    // Jobs and callbacks on other threads hold the timer weakly (see await_event).
-    blocking.post([g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), failure, job = std::move(job)] {
-      std::exception_ptr f;
-      try {
-        job();
-      } catch (...) {
-        f = std::current_exception();
-      }
-      g->post([weak, failure, f] {
-        *failure = f;
-        if (auto t = weak.lock()) t->cancel();
+  // Runs `job` (which may block on the network) on the blocking pool. async_wait_report: resumes on
+  // the io thread once the job has run, rethrowing its error. Not cancellable (the job uses this
+  // runtime and its group until it ends) and no timeout of its own (the job's calls have theirs).
+  // Not a coroutine: GCC 12 mishandles lambdas passed into coroutines.
+  asio::awaitable<void> on_pool(std::function<void()> job) {
+    std::function<void(report_fn)> start = [&pool = threads.pool(), job = std::move(job)](report_fn report) {
+      pool.post([job, report]() mutable {
+        std::exception_ptr f;
+        try {
+          job();
+        } catch (...) {
+          f = std::current_exception();
+        }
+        job = nullptr;  // its captures go before the report, which may end the runtime
+        report(f);
       });
-    });
-    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
-    if (*failure) std::rethrow_exception(*failure);
+    };
+    return async_wait_report(io, gate, std::move(start), {.what = "a blocking job", .cancellable = false},
+                             asio::use_awaitable);
+  }
+
+  // The transfers queue_layer() queued. async_wait_report on execute_async(): resumes on the io
+  // thread when the communicator reports (it enforces the timeout itself), rethrowing its error. Not
+  // cancellable: the transfer writes into the staging area until it reports.
+  asio::awaitable<void> transfers_done() {
+    // The communicator is looked up when the wait starts: `prepare` may have made it again.
+    std::function<void(report_fn)> start = [this](report_fn report) {
+      stager.communicator().execute_async(std::move(report));
+    };
+    return async_wait_report(io, gate, std::move(start), {.what = "the transfers of a layer", .cancellable = false},
+                             asio::use_awaitable);
   }
 
   // The load all-reduce blocks on the store. After a failed rebalance a rank may start this about a
   // timeout after its peers (it first lets its last transfer time out), so this one wait allows
-  // twice the timeout; it also lines the ranks up before anything else of the rebalance.
+  // twice the timeout; it also lines the ranks up before anything else of the rebalance. On the pool
+  // (on_pool: resumes on the io thread, not cancellable); errors: the group's (errc::timeout naming
+  // a silent rank).
   asio::awaitable<std::vector<double>> allreduce(std::shared_ptr<const matrix<double>> local) {
     auto out = std::make_shared<std::vector<double>>();
     std::function<void()> job = [this, out, local] { *out = group.allreduce_sum(local->flat(), 2 * timeout); };
-    co_await on_blocking_worker(std::move(job));
+    co_await on_pool(std::move(job));
     co_return std::move(*out);
   }
 
-  asio::awaitable<void> await_execute() {
-    auto timer = std::make_shared<asio::steady_timer>(io, clock::time_point::max());
-    auto result = std::make_shared<std::pair<bool, std::exception_ptr>>(false, nullptr);
-    // The communicator enforces its own timeout; this resumes when it reports, either way.
-    stager.communicator().execute_async(
-        [g = gate, weak = std::weak_ptr<asio::steady_timer>(timer), result](std::exception_ptr f) {
-          g->post([weak, result, f] {
-            *result = {true, f};
-            if (auto t = weak.lock()) t->cancel();
-          });
-        });
-    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));
-    if (result->second) std::rethrow_exception(result->second);
-  }
-
+  // Spawned by start() on the io thread, and resumes only there. No cancellation slot is bound:
+  // stop() and cancel() set flags that it checks before each layer and cancel the ring's wait, so
+  // it ends between awaits, never while a transfer or job still uses its buffers. Errors: those of
+  // its awaits, the policy's, errc::cancelled; finished() keeps them for step().
   asio::awaitable<void> rebalance(rebalance_inputs in) {
     // Areas a failed rebalance staged but never had committed are free again.
     ring.reset();
     cancelled = false;
     const auto start = clock::now();
-    const auto layers_n = static_cast<int>(in.old_map.rows());
+    const auto layers_n = in.old_map.rows();
     const auto experts = in.local_load.cols();
     const auto local = std::make_shared<const matrix<double>>(std::move(in.local_load));
     const auto summed = co_await allreduce(local);
-    if (in.prepare) co_await on_blocking_worker(std::move(in.prepare));
-    matrix<double> total(static_cast<std::size_t>(layers_n), experts);
+    if (in.prepare) co_await on_pool(std::move(in.prepare));
+    matrix<double> total(layers_n, experts);
     std::copy(summed.begin(), summed.end(), total.flat().begin());
     auto next = eplb::rebalance(in.policy, {total, static_cast<int>(in.old_map.cols()), in.num_groups, in.num_nodes,
                                             group.size(), &in.old_map});
@@ -127,30 +125,68 @@ struct async_runtime::impl {
       global_load = total;
     }
     self.plan_seconds_ = std::chrono::duration<double>(clock::now() - start).count();
-    for (int l = 0; l < layers_n; ++l) {
-      if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
-      if (cancelled) fail(errc::cancelled, "rebalance abandoned by the serving side");
-      const auto t0 = clock::now();
-      const int a = co_await ring.acquire();
-      auto staged = stager.queue_layer(l, weights, in.old_map.row(static_cast<std::size_t>(l)),
-                                       next.row(static_cast<std::size_t>(l)), self.area(a));
-      co_await await_execute();
-      auto ready = side_stream.record();
-      std::string what = fmt::format("staging layer {}", l);
-      co_await await_event(io, gate, ready, timeout, std::move(what));
-      self.stage_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
-      {
-        std::lock_guard lock(mutex);
-        layers.push_back({std::move(staged), a, ready});
+    for (int l = 0; l < static_cast<int>(layers_n); ++l) co_await stage_layer(l, in.old_map, next);
+  }
+
+  // One layer: an area, the transfers into it, the side stream's copies. Resumes on the io thread;
+  // errors: errc::cancelled (the flags, the ring), the transfers', the side stream's or errc::timeout
+  // naming the layer. `old_map` and `next` live in rebalance()'s frame, which awaits this.
+  asio::awaitable<void> stage_layer(int l, const matrix<expert_id>& old_map, const matrix<expert_id>& next) {
+    if (stopping) fail(errc::cancelled, "rebalance cancelled by stop()");
+    if (cancelled) fail(errc::cancelled, "rebalance abandoned by the serving side");
+    const auto t0 = clock::now();
+    const int a = co_await ring.acquire();
+    const auto row = static_cast<std::size_t>(l);
+    auto staged = stager.queue_layer(l, weights, old_map.row(row), next.row(row), self.area(a));
+    co_await transfers_done();
+    auto ready = side_stream.record();
+    std::string what = fmt::format("staging layer {}", l);
+    co_await await_event(io, gate, ready, timeout, std::move(what));
+    self.stage_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
+    {
+      std::lock_guard lock(mutex);
+      layers.push_back({std::move(staged), a, ready});
+    }
+    self.staged_.store(l + 1, std::memory_order_release);
+  }
+
+  // The rebalance coroutine's completion handler, on the io thread: keeps every failure for
+  // step(), so nothing is swallowed.
+  void finished(const std::exception_ptr& e) {
+    if (e) {
+      std::lock_guard lock(mutex);
+      failure = e;
+    }
+    // Notified under the lock: stop() may destroy the runtime as soon as it sees busy_ false.
+    std::lock_guard lock(idle_mutex);
+    self.busy_ = false;
+    idle_cv.notify_all();
+  }
+
+  // Until stop()'s handler has run (so every handler posted before it) and the rebalance ended.
+  void wait_stopped() {
+    std::unique_lock lock(idle_mutex);
+    const auto done = [this] { return stop_seen && !self.busy(); };
+    if (threads.has_io_thread()) {
+      idle_cv.wait(lock, done);
+      return;
+    }
+    // The caller's io_context (tests): run it here.
+    while (!done()) {
+      lock.unlock();
+      try {
+        if (io.stopped()) io.restart();
+        io.run_one_for(std::chrono::milliseconds(10));
+      } catch (...) {  // NOLINT(bugprone-empty-catch): a test's handler; stop() must not throw
       }
-      self.staged_.store(l + 1, std::memory_order_release);
+      lock.lock();
     }
   }
 };
 
-async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
-                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout,
-                             asio::io_context* io)
+async_runtime::async_runtime(background_threads& threads, exec::rearranger& stager, const exec::rank_weights& weights,
+                             cpu_group& group, device::device& dev, device::stream& side, int areas,
+                             std::chrono::milliseconds timeout)
     : dev_(&dev) {
   if (areas <= 0) fail(errc::invalid_argument, "async runtime: needs at least one staging area");
   for (int i = 0; i < areas; ++i) {
@@ -158,17 +194,8 @@ async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights&
                                                                  ? device::memory_kind::device
                                                                  : device::memory_kind::host));
   }
-  impl_ = std::make_unique<impl>(*this, stager, weights, group, side, areas, timeout, io);
+  impl_ = std::make_unique<impl>(*this, threads, stager, weights, group, side, areas, timeout);
 }
-
-async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
-                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout)
-    : async_runtime(stager, weights, group, dev, side, areas, timeout, nullptr) {}
-
-async_runtime::async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group,
-                             device::device& dev, device::stream& side, int areas, std::chrono::milliseconds timeout,
-                             asio::io_context& io)
-    : async_runtime(stager, weights, group, dev, side, areas, timeout, &io) {}
 
 async_runtime::~async_runtime() {
   stop();
@@ -209,18 +236,7 @@ void async_runtime::start(rebalance_inputs in) {
     impl_->failure = nullptr;
   }
   staged_ = 0;
-  // The completion handler keeps every failure for step(): nothing is swallowed.
-  asio::co_spawn(impl_->io, impl_->rebalance(std::move(in)), [this](std::exception_ptr e) {
-    if (e) {
-      std::lock_guard lock(impl_->mutex);
-      impl_->failure = e;
-    }
-    {
-      std::lock_guard lock(impl_->idle_mutex);
-      busy_ = false;
-    }
-    impl_->idle_cv.notify_all();
-  });
+  asio::co_spawn(impl_->io, impl_->rebalance(std::move(in)), [this](std::exception_ptr e) { impl_->finished(e); });
 }
 
 void async_runtime::cancel() {
@@ -265,28 +281,21 @@ std::exception_ptr async_runtime::failure() const {
 void async_runtime::stop() noexcept {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
+  // The rebalance ends at its next check or area wait; transfers and device waits are bounded by
+  // the timeout.
   asio::post(impl_->io, [this] {
     impl_->stopping = true;
     impl_->ring.cancel("rebalance cancelled by stop()");
+    std::lock_guard lock(impl_->idle_mutex);
+    impl_->stop_seen = true;
+    impl_->idle_cv.notify_all();
   });
-  impl_->work.reset();
-  // The coroutine ends at its next await: transfers and device waits are bounded by the timeout.
-  if (impl_->thread.joinable()) {
-    impl_->thread.join();
-  } else {
-    // The caller's io_context (tests): run it here until the rebalance has ended.
-    try {
-      if (impl_->io.stopped()) impl_->io.restart();
-      impl_->io.run();
-    } catch (...) {
-    }
-  }
+  impl_->wait_stopped();
   try {
     impl_->side_stream.synchronize(impl_->timeout);
   } catch (...) {
     // A failed or stalled side stream is reported by step(); stop() only must not hang.
   }
-  impl_->gate->close();
 }
 
 }  // namespace eplb::runtime

@@ -1,8 +1,8 @@
-// The background rebalance thread: one io_context, one C++20 coroutine per rebalance. It gathers
-// the load (CPU collective), computes the placement, then stages layer after layer on the side
-// stream into a ring of staging areas, awaiting device events and transfers without blocking the
-// thread (completions are posted back to the io_context). The serving thread commits staged layers
-// and hands their areas back.
+// The rebalance coroutine: one per rebalance, on the io_context of background_threads. It gathers
+// the load (CPU collective, on the blocking pool), computes the placement, then stages layer after
+// layer on the side stream into a ring of staging areas, awaiting device events and transfers
+// without blocking the io thread (completions are posted back to it). The serving thread commits
+// staged layers and hands their areas back.
 #pragma once
 
 #include <atomic>
@@ -19,11 +19,8 @@
 #include "eplb/core/load.hpp"
 #include "eplb/core/policy.hpp"
 #include "eplb/exec/rearrange.hpp"
+#include "runtime/background_threads.hpp"
 #include "runtime/cpu_group.hpp"
-
-namespace boost::asio {
-class io_context;
-}
 
 namespace eplb::runtime {
 
@@ -33,7 +30,7 @@ struct rebalance_inputs {
   policy_kind policy;
   int num_groups;
   int num_nodes;
-  /// Runs on the background thread right after the load all-reduce, before any transfer (e.g.
+  /// Runs on a blocking-pool thread right after the load all-reduce, before any transfer (e.g.
   /// makes the communicator again after a failed rebalance); its error fails the rebalance.
   std::function<void()> prepare;
 };
@@ -47,12 +44,11 @@ struct ready_layer {
 class async_runtime {
  public:
   /// `stager` stages on the side stream; `areas` staging areas of stager.layer_area_bytes() each.
-  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
-                device::stream& side, int areas, std::chrono::milliseconds timeout);
-  /// Tests: no thread of its own; everything runs on `io`, which the caller runs (run_one(), poll()).
-  /// stop() runs `io` until the rebalance has ended.
-  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
-                device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context& io);
+  /// Runs on `threads` (its io_context and pool), which must outlive this runtime. With a caller-run
+  /// io_context (tests), stop() runs it until the rebalance has ended.
+  async_runtime(background_threads& threads, exec::rearranger& stager, const exec::rank_weights& weights,
+                cpu_group& group, device::device& dev, device::stream& side, int areas,
+                std::chrono::milliseconds timeout);
   ~async_runtime();  // stop()
   async_runtime(const async_runtime&) = delete;
   async_runtime& operator=(const async_runtime&) = delete;
@@ -81,16 +77,15 @@ class async_runtime {
   [[nodiscard]] double plan_seconds() const noexcept { return plan_seconds_.load(); }
   [[nodiscard]] double stage_seconds() const noexcept { return stage_seconds_.load(); }
 
-  /// Cancels the rebalance, waits for in-flight transfers and device work (bounded by the timeout),
-  /// joins the thread. Idempotent, never throws.
+  /// Cancels the rebalance and waits until it has ended and every handler this runtime posted has
+  /// run (its current transfer, blocking job or device wait is bounded by the timeout), then for the
+  /// side stream (bounded by the timeout). Idempotent, never throws; nothing but the destructor after it.
   void stop() noexcept;
   /// `reader` (the serving stream) reads committed areas: when this runtime goes, the areas are
   /// freed only once `reader` has also passed the work queued on it by now. Never throws.
   void release_areas_after(device::stream& reader) noexcept;
 
  private:
-  async_runtime(exec::rearranger& stager, const exec::rank_weights& weights, cpu_group& group, device::device& dev,
-                device::stream& side, int areas, std::chrono::milliseconds timeout, boost::asio::io_context* io);
   struct impl;
   std::unique_ptr<impl> impl_;
   device::device* dev_;

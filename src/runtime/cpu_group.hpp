@@ -46,7 +46,7 @@ class cpu_group {
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
-  std::uint64_t sum_generation_ = 0;  // the load sums run in order, one at a time
+  std::uint64_t sum_generation_ = 0;  // one load sum at a time: the serving thread's, or the rebalance's pool job
   // This rank's keys per family: those of the round in progress, and older ones to delete once a
   // later round completes. Sums and agreement rounds run on different threads.
   struct own_keys {

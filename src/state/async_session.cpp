@@ -5,6 +5,7 @@
 #include "eplb/core/load.hpp"
 #include "eplb/core/policy.hpp"
 #include "runtime/agreement.hpp"
+#include "runtime/background_threads.hpp"
 #include "runtime/cpu_group.hpp"
 #include "state/sync_session.hpp"
 #include "util/fail.hpp"
@@ -55,18 +56,22 @@ async_session::async_session(const session_context& ctx, std::function<std::int6
   const auto& cfg = ctx.cfg;
   group_ = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(ctx.store, "eplb-cpu"), ctx.rank,
                                                 shape.num_ranks, cfg.timeout);
+  threads_ = std::make_unique<runtime::background_threads>();
   side_ = ctx.dev.create_stream();
   exec::rearrange_options opts{.timeout = cfg.timeout, .register_buffers = cfg.register_buffers};
   mover_ = std::make_unique<exec::rearranger>(shape, ctx.rank, ctx.dev, *side_, ctx.comms.get(), opts);
   // validate() keeps staging_bytes at 0 or at least one layer of this rank's slots.
   const std::size_t area = mover_->layer_area_bytes();
   const int areas = cfg.staging_bytes == 0 ? 2 : static_cast<int>(std::max<std::size_t>(1, cfg.staging_bytes / area));
-  background_ =
-      std::make_unique<runtime::async_runtime>(*mover_, ctx.weights, *group_, ctx.dev, *side_, areas, cfg.timeout);
-  if (!agreement_) agree_ = std::make_unique<runtime::lagged_min>(*group_, cfg.commit_lag_steps, cfg.timeout);
+  background_ = std::make_unique<runtime::async_runtime>(*threads_, *mover_, ctx.weights, *group_, ctx.dev, *side_,
+                                                         areas, cfg.timeout);
+  if (!agreement_) {
+    agree_ = std::make_unique<runtime::lagged_min>(*group_, threads_->pool(), cfg.commit_lag_steps, cfg.timeout);
+  }
 }
 
-// Ends what may still touch staging before it goes: the background first (it waits for the
+// Ends what may still touch staging before it goes (the io thread and the pool go last, as
+// members, once nothing that posts to them is left): the background first (it waits for the
 // transfer in flight), then the mover, whose staging the device frees once the streams have passed
 // the work queued on it, then the side stream (its worker stops, queued work is cancelled). The
 // serving stream reads the staging areas too.
@@ -99,7 +104,7 @@ void async_session::start(const matrix<double>& local_load, step_report& /*repor
   if (agree_) agree_->begin(ctx_.m.rebalances);
   std::function<void()> prepare;
   if (ctx_.comms.take_suspect() && ctx_.comms.can_remake()) {
-    // On the background thread, right after the load all-reduce.
+    // On a blocking-pool thread, right after the load all-reduce.
     prepare = [this] {
       ctx_.comms.remake(ctx_.comms.generation() + 1,
                         [this](comm::communicator& fresh) { mover_->set_communicator(fresh); });

@@ -14,6 +14,7 @@
 #include "state/session.hpp"
 
 namespace eplb::runtime {
+class background_threads;
 class cpu_group;
 class lagged_min;
 }  // namespace eplb::runtime
@@ -67,6 +68,7 @@ class async_session final : public rebalance_session {
 
   // Members below are torn down explicitly (see the destructor); declared in the order they are made.
   std::unique_ptr<runtime::cpu_group> group_;
+  std::unique_ptr<runtime::background_threads> threads_;  // the io thread and the blocking pool
   std::unique_ptr<device::stream> side_;
   std::unique_ptr<exec::rearranger> mover_;
   std::unique_ptr<runtime::async_runtime> background_;

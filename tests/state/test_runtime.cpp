@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,8 @@
 #include "eplb/core/placement.hpp"
 #include "runtime/async_runtime.hpp"
 #include "runtime/awaitables.hpp"
+#include "runtime/background_threads.hpp"
+#include "runtime/blocking_pool.hpp"
 #include "runtime/cpu_group.hpp"
 #include "tools/exchange.hpp"
 #include "util/asio.hpp"
@@ -186,6 +189,73 @@ TEST_CASE("await_event on host-device events: a stream gated by hand, and a stal
   }
 }
 
+TEST_CASE("async_wait_report: a cancellation through the slot ends the wait at once; the late report is dropped") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  manual_event e;
+  std::function<void(runtime::report_fn)> start = [ev = e.event()](runtime::report_fn r) { ev.notify(std::move(r)); };
+  asio::cancellation_signal cancel;
+  auto p = std::make_shared<probe>();
+  runtime::async_wait_report(io, gate, start, {.what = "layer 4", .timeout = 10s},
+                             asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                               p->done = true;
+                               p->failure = f;
+                             }));
+  CHECK(io.poll() == 0);  // a plain callback: the wait started at once and is idle
+  cancel.emit(asio::cancellation_type::terminal);
+  CHECK_FALSE(p->done);  // never inside emit(): the wait completes from a handler of its own
+  CHECK(io.poll() > 0);
+  CHECK(p->done);
+  CHECK(failure_of(p->failure) == "cancelled: layer 4 cancelled");
+  e.complete();  // the work ran on: its report posts one handler that changes nothing
+  CHECK(io.poll() == 1);
+  CHECK(failure_of(p->failure) == "cancelled: layer 4 cancelled");
+}
+
+TEST_CASE("async_wait_report: a wait that is not cancellable ends only when the work reports") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  manual_event e;
+  std::function<void(runtime::report_fn)> start = [ev = e.event()](runtime::report_fn r) { ev.notify(std::move(r)); };
+  asio::cancellation_signal cancel;
+  auto p = std::make_shared<probe>();
+  runtime::async_wait_report(io, gate, start, {.what = "a blocking job", .cancellable = false},
+                             asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                               p->done = true;
+                               p->failure = f;
+                             }));
+  cancel.emit(asio::cancellation_type::terminal);
+  CHECK(io.poll() == 0);
+  CHECK_FALSE(p->done);
+  e.fail(errc::transport, "the job's own error");
+  CHECK(io.poll() > 0);
+  CHECK(failure_of(p->failure) == "transport: the job's own error");
+}
+
+TEST_CASE("await_event in a coroutine: cancelling the coroutine ends the device wait with errc::cancelled") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
+  auto gate = std::make_shared<runtime::post_gate>(io);
+  manual_event e;
+  asio::cancellation_signal cancel;
+  auto p = std::make_shared<probe>();
+  asio::co_spawn(io, runtime::await_event(io, gate, e.event(), 10s, "staging layer 1"),
+                 asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                   p->done = true;
+                   p->failure = f;
+                 }));
+  io.poll();
+  CHECK_FALSE(p->done);
+  cancel.emit(asio::cancellation_type::terminal);
+  io.poll();
+  CHECK(p->done);
+  CHECK(failure_of(p->failure) == "cancelled: staging layer 1 cancelled");
+  e.complete();
+  io.poll();  // the late report: dropped
+}
+
 TEST_CASE("staging ring: oldest free area first, waits for a free area, then for the serving read") {
   asio::io_context io;
   const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
@@ -324,7 +394,8 @@ struct runtime_rig {
   std::unique_ptr<comm::communicator> comm;
   std::unique_ptr<exec::rearranger> stager;
   runtime::cpu_group group;
-  std::unique_ptr<runtime::async_runtime> rt;  // last: stopped and gone before the rest
+  std::unique_ptr<runtime::background_threads> threads;  // the pool's jobs use `group`
+  std::unique_ptr<runtime::async_runtime> rt;            // last: stopped and gone before the rest
 
   /// own_thread: the runtime runs its own io_context on its own thread (as in eplb_state).
   explicit runtime_rig(int areas, std::chrono::milliseconds timeout, device::host_faults faults = {},
@@ -344,10 +415,10 @@ struct runtime_rig {
         comm::make_communicator(comm::backend::loopback, {.rank = 0, .size = 1, .world = comm::make_loopback_world(1)});
     stager =
         std::make_unique<exec::rearranger>(shape, 0, *dev, *side, *comm, exec::rearrange_options{.timeout = timeout});
-    rt = own_thread
-             ? std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout)
-             : std::make_unique<runtime::async_runtime>(*stager, model->weights(), group, *dev, *side, areas, timeout,
-                                                        io);
+    threads = own_thread ? std::make_unique<runtime::background_threads>()
+                         : std::make_unique<runtime::background_threads>(io);
+    rt = std::make_unique<runtime::async_runtime>(*threads, *stager, model->weights(), group, *dev, *side, areas,
+                                                  timeout);
   }
 
   // Expert 0 is hot in every layer: the policy gives it the redundant slots.
@@ -535,5 +606,8 @@ TEST_CASE("async runtime: areas the serving stream still reads outlive the runti
   CHECK(rig.dev->releases_waiting() > 0);
   engine.complete();
   CHECK(rig.verify(0).empty());  // the commit copied the staged bytes from memory still allocated
+  // The area waits for the side stream too (the runtime recorded it as it went): that event
+  // completes on the side stream's worker, which may not have run yet on a loaded machine.
+  rig.side->synchronize(10s);
   CHECK(rig.dev->collect_released() == 0);
 }
