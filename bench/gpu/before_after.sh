@@ -26,14 +26,14 @@ build_tree "$PWD" "$PWD/build-gpu" "$out/build-after.log" || exit 1
 
 run_one() {  # variant build-dir round
   local tag="\"variant\": \"$1\", \"round\": $3"
-  "$2/bench/policy_bench" --benchmark_filter='deepseek_v3$|qwen3_30b|min_move_deepseek_v3$' \
+  timeout 120 "$2/bench/policy_bench" --benchmark_filter='deepseek_v3$|qwen3_30b|min_move_deepseek_v3$' \
     --benchmark_format=json 2>/dev/null | python3 -c "
 import json, sys
 for b in json.load(sys.stdin)['benchmarks']:
     print(json.dumps({'variant': '$1', 'round': $3, 'bench': 'policy', 'name': b['name'], 'real_time': b['real_time'], 'unit': b['time_unit']}))"
-  EPLB_SHARE_GPUS=1 python3 tests/comm/run_ranks.py "$2/bench/exchange_bench" 2 --deadline 300 -- \
+  EPLB_SHARE_GPUS=1 python3 tests/comm/run_ranks.py "$2/bench/exchange_bench" 2 --deadline 120 -- \
     --backend gloo --label deepseek-v3 --expert-bytes 44040192 --moved 32 --reps 10 | grep '^{' | sed "s/^{/{$tag, /"
-  python3 tests/comm/run_ranks.py "$2/bench/serving_bench" 1 --deadline 300 -- --label qwen3-30b-1rank \
+  python3 tests/comm/run_ranks.py "$2/bench/serving_bench" 1 --deadline 150 -- --label qwen3-30b-1rank \
     --async-backend gloo | grep '^{' | sed "s/^{/{$tag, /"
 }
 for round in 1 2; do
