@@ -5,6 +5,8 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -16,6 +18,7 @@
 #include "eplb/comm/communicator.hpp"
 #include "eplb/comm/store.hpp"
 #include "eplb/core/placement.hpp"
+#include "on_ranks.hpp"
 #include "runtime/async_runtime.hpp"
 #include "runtime/awaitables.hpp"
 #include "runtime/background_threads.hpp"
@@ -610,4 +613,72 @@ TEST_CASE("async runtime: areas the serving stream still reads outlive the runti
   // completes on the side stream's worker, which may not have run yet on a loaded machine.
   rig.side->synchronize(10s);
   CHECK(rig.dev->collect_released() == 0);
+}
+
+namespace {
+
+// Counts the bytes of keys and values that pass through a store (what a TCP store's server moves).
+class counting_store final : public comm::store {
+ public:
+  explicit counting_store(std::shared_ptr<comm::store> inner) : inner_(std::move(inner)) {}
+  void set(const std::string& key, const std::string& value) override {
+    bytes_ += key.size() + value.size();
+    inner_->set(key, value);
+  }
+  std::string get(const std::string& key, std::chrono::milliseconds timeout) override {
+    auto v = inner_->get(key, timeout);
+    bytes_ += key.size() + v.size();
+    return v;
+  }
+  std::int64_t add(const std::string& key, std::int64_t delta) override { return inner_->add(key, delta); }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    return inner_->set_if_absent(key, value);
+  }
+  void erase(const std::string& key) override { inner_->erase(key); }
+  comm::store_usage usage() override { return inner_->usage(); }
+  [[nodiscard]] std::uint64_t bytes() const noexcept { return bytes_.load(); }
+
+ private:
+  std::shared_ptr<comm::store> inner_;
+  std::atomic<std::uint64_t> bytes_{0};
+};
+
+// Store traffic of one load sum of a DeepSeek-V3-shaped load (58 layers x 256 experts) on `ranks`
+// ranks: the cpu group's, and an all-gather of whole matrices (what it did before), for comparison.
+std::pair<std::uint64_t, std::uint64_t> sum_traffic(int ranks) {
+  const std::vector<double> load(58 * 256, 1.0);
+  auto ours = std::make_shared<counting_store>(comm::make_memory_store());
+  auto gather = std::make_shared<counting_store>(comm::make_memory_store());
+  std::vector<std::vector<double>> sums(static_cast<std::size_t>(ranks));
+  eplb::testing::on_ranks(ranks, [&](int r) {
+    runtime::cpu_group group(ours, r, ranks, 20s);
+    sums[static_cast<std::size_t>(r)] = group.allreduce_sum(load);
+    // The all-gather: every rank posts its matrix and reads every other one.
+    gather->set(fmt::format("sum/{}", r), std::string(load.size() * sizeof(double), 'x'));
+    for (int p = 0; p < ranks; ++p) {
+      if (p != r) (void)gather->get(fmt::format("sum/{}", p), 20s);
+    }
+    return 0;
+  });
+  for (const auto& s : sums) {
+    CHECK(s.size() == load.size());
+    CHECK(std::all_of(s.begin(), s.end(), [&](double v) { return v == ranks; }));
+  }
+  return {ours->bytes(), gather->bytes()};
+}
+
+}  // namespace
+
+TEST_CASE("cpu group: the load sum's store traffic per rank does not grow with the number of ranks") {
+  const double matrix_bytes = 58 * 256 * sizeof(double);
+  for (const int ranks : {4, 32}) {
+    CAPTURE(ranks);
+    const auto [ours, gather] = sum_traffic(ranks);
+    MESSAGE(
+        fmt::format("{} ranks, one DeepSeek-V3 load sum: {:.2f} MB through the store ({:.2f} MB per rank); an "
+                    "all-gather of whole matrices {:.2f} MB",
+                    ranks, ours / 1e6, ours / 1e6 / ranks, gather / 1e6));
+    CHECK(static_cast<double>(ours) / ranks <= 3.2 * matrix_bytes);  // posts it, reads its slices, reads the sums
+    CHECK(static_cast<double>(gather) / ranks >= (ranks - 1) * matrix_bytes);
+  }
 }
