@@ -43,6 +43,11 @@ struct config {
   /// bytes between ranks' buffers without its own (rearrange_options::register_buffers: needs a
   /// staging cap of 0 or at least one layer). Every rank must set it alike. Not with use_async.
   bool register_buffers = false;
+  /// A rebalance is carried out only when its placement's balancedness for the window (of the
+  /// summed load of every rank) exceeds the current maps' by more than this; otherwise it moves
+  /// nothing and is reported as skipped. 0: strictly better (eplb default); -1: always (vLLM).
+  /// In -1..1.
+  double min_improvement = 0.0;
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;

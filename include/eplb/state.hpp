@@ -74,12 +74,14 @@ struct metrics {
   double balancedness_before = 0;      ///< last rebalance, of the global window load
   double balancedness_after = 0;
   bool rebalance_in_flight = false;
+  std::int64_t rebalances_skipped = 0;  ///< placements not better by config::min_improvement
 };
 
 struct step_report {
   bool rebalance_started = false;
   bool rebalance_finished = false;
-  int layers_committed = 0;  ///< in this step
+  bool rebalance_skipped = false;  ///< finished without moving: the placement was not better enough
+  int layers_committed = 0;        ///< in this step
 };
 
 class eplb_state {

@@ -95,4 +95,10 @@ double balancedness(const placement& where, const matrix<double>& logical_load) 
   return balancedness_of_slots(per_slot, where.num_ranks());
 }
 
+bool improves_enough(const placement& current, const matrix<expert_id>& next, const matrix<double>& logical_load,
+                     double min_improvement) {
+  const placement planned(next, current.num_logical(), current.num_ranks(), "next");
+  return balancedness(planned, logical_load) > balancedness(current, logical_load) + min_improvement;
+}
+
 }  // namespace eplb

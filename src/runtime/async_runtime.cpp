@@ -119,6 +119,10 @@ struct async_runtime::impl {
     std::copy(summed.begin(), summed.end(), total.flat().begin());
     auto next = eplb::rebalance(in.policy, {total, static_cast<int>(in.old_map.cols()), in.num_groups, in.num_nodes,
                                             group.size(), &in.old_map});
+    if (in.accept && !in.accept(total, in.old_map, next)) {
+      next = in.old_map;
+      self.skipped_.store(true, std::memory_order_release);
+    }
     {
       std::lock_guard lock(mutex);
       target = next;
@@ -236,6 +240,7 @@ void async_runtime::start(rebalance_inputs in) {
     impl_->failure = nullptr;
   }
   staged_ = 0;
+  skipped_ = false;
   asio::co_spawn(impl_->io, impl_->rebalance(std::move(in)), [this](std::exception_ptr e) { impl_->finished(e); });
 }
 

@@ -33,6 +33,9 @@ struct rebalance_inputs {
   /// Runs on a blocking-pool thread right after the load all-reduce, before any transfer (e.g.
   /// makes the communicator again after a failed rebalance); its error fails the rebalance.
   std::function<void()> prepare;
+  /// Runs on the io thread once the policy has planned `next` from the global load: false makes the
+  /// rebalance move nothing (every layer is staged unchanged) and skipped() true. Empty: accepted.
+  std::function<bool(const matrix<double>& total, const matrix<expert_id>& old, const matrix<expert_id>& next)> accept;
 };
 
 struct ready_layer {
@@ -73,6 +76,8 @@ class async_runtime {
   /// The failure of the current rebalance, if any; cleared by start().
   [[nodiscard]] std::exception_ptr failure() const;
   [[nodiscard]] bool busy() const noexcept { return busy_.load(std::memory_order_acquire); }
+  /// The current rebalance's plan was not accepted (rebalance_inputs::accept): it moves nothing.
+  [[nodiscard]] bool skipped() const noexcept { return skipped_.load(std::memory_order_acquire); }
   [[nodiscard]] std::byte* area(int i) const { return areas_[static_cast<std::size_t>(i)].data(); }
   [[nodiscard]] double plan_seconds() const noexcept { return plan_seconds_.load(); }
   [[nodiscard]] double stage_seconds() const noexcept { return stage_seconds_.load(); }
@@ -94,6 +99,7 @@ class async_runtime {
   bool readers_unknown_ = false;  // a reader could not record: its work has no known end
   std::atomic<int> staged_{0};
   std::atomic<bool> busy_{false};
+  std::atomic<bool> skipped_{false};
   std::atomic<double> plan_seconds_{0};
   std::atomic<double> stage_seconds_{0};
 };

@@ -113,6 +113,12 @@ void async_session::start(const matrix<double>& local_load, step_report& /*repor
   const auto& model = ctx_.model;
   deferred_ = runtime::rebalance_inputs{local_load,       ctx_.maps.phy2log(), ctx_.cfg.resolved_policy(),
                                         model.num_groups, model.num_nodes,     std::move(prepare)};
+  // Every rank plans from the same global load, so every rank decides alike.
+  deferred_->accept = [min = ctx_.cfg.min_improvement, experts = model.shape.num_logical,
+                       ranks = model.shape.num_ranks](const matrix<double>& total, const matrix<expert_id>& old,
+                                                      const matrix<expert_id>& next) {
+    return improves_enough(placement(old, experts, ranks, "old"), next, total, min);
+  };
   deferred_since_ = clock_type::now();
   committed_ = 0;
   enter(phase::deferred);
@@ -243,6 +249,10 @@ void async_session::finish(step_report& report) {
   enter(phase::idle);
   report.rebalance_finished = true;
   auto& m = ctx_.m;
+  if (background_->skipped()) {
+    report.rebalance_skipped = true;
+    ++m.rebalances_skipped;
+  }
   m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time_).count();
   m.balancedness_before = before_.value_or(0);
   if (const auto total = background_->global_load()) m.balancedness_after = balancedness(ctx_.maps, *total);

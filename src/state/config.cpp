@@ -31,6 +31,9 @@ void config::validate() const {
   if (policy != "default" && policy != "min_move") {
     fail(errc::invalid_config, "policy: \"{}\" is not allowed (allowed: \"default\", \"min_move\")", excerpt(policy));
   }
+  if (!(min_improvement >= -1.0 && min_improvement <= 1.0)) {
+    fail(errc::invalid_config, "min_improvement: {} is not allowed (must be in -1..1)", min_improvement);
+  }
   if (register_buffers && use_async) {
     fail(errc::invalid_config,
          "register_buffers: true is not allowed with use_async = true (async communicators move bytes through their "
@@ -98,6 +101,11 @@ std::string json_string(const std::string& key, const nlohmann::json& v) {
   return v.get<std::string>();
 }
 
+double json_number(const std::string& key, const nlohmann::json& v) {
+  if (!v.is_number()) fail(errc::invalid_config, "{}: {} is not allowed (must be a number)", key, json_excerpt(v));
+  return v.get<double>();
+}
+
 using field_setter = void (*)(config&, const std::string&, const nlohmann::json&);
 
 // Every field a config JSON may hold, in the order the "unknown field" error lists them.
@@ -129,6 +137,8 @@ const std::vector<std::pair<std::string_view, field_setter>>& json_fields() {
        [](config& c, const std::string& k, const nlohmann::json& v) { c.commit_lag_steps = json_int(k, v); }},
       {"register_buffers",
        [](config& c, const std::string& k, const nlohmann::json& v) { c.register_buffers = json_bool(k, v); }},
+      {"min_improvement",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.min_improvement = json_number(k, v); }},
   };
   return fields;
 }

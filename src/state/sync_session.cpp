@@ -50,6 +50,15 @@ void sync_session::run(const matrix<double>& local, const matrix<expert_id>& old
                                                            model.num_nodes, model.shape.num_ranks, &old});
   m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time_).count();
   m.balancedness_before = balancedness(ctx_.maps, total);
+  if (!improves_enough(ctx_.maps, next, total, ctx_.cfg.min_improvement)) {
+    // Every rank plans from the same global load, so every rank skips alike: no batch is voted.
+    m.balancedness_after = m.balancedness_before;
+    m.rebalance_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time_).count();
+    ++m.rebalances_skipped;
+    report.rebalance_skipped = true;
+    report.rebalance_finished = true;
+    return;
+  }
   // Layers are pipelined (transfers of one overlap the copies of its neighbours); a failure
   // leaves the layers before it committed on every rank and the rest untouched.
   for (const auto& st : mover_->rearrange(ctx_.weights, ctx_.maps, next)) {

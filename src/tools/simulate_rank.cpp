@@ -269,7 +269,8 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, const s
                               {"finish_step", step},
                               {"before", m.balancedness_before},
                               {"after", m.balancedness_after},
-                              {"seconds", m.rebalance_seconds}});
+                              {"seconds", m.rebalance_seconds},
+                              {"skipped", rep.rebalance_skipped}});
   }
   if (change.started && c.cfg.use_async) log.begin_rebalance(step);
 }

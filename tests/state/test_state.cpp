@@ -9,6 +9,7 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <optional>
 #include <random>
 
 #include "check_error.hpp"
@@ -404,4 +405,48 @@ TEST_CASE("long runs: after 10,000 sync and 200+ async rebalances the store hold
     CHECK(run.rss_growth <= 8U << 20);  // sanitizers keep freed memory in quarantine: not measured there
 #endif
   }
+}
+
+TEST_CASE("min_improvement: a placement that is not better enough moves nothing and is reported as skipped") {
+  const int ranks = 4;
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    auto world = comm::make_loopback_world(ranks);
+    auto store = comm::make_memory_store();
+    // The load is uniform: every placement is perfectly balanced, none is strictly better.
+    auto cfg = loopback_config(use_async, 10, 40, 10s);
+    const auto results = on_ranks(ranks, [&](int rank) {
+      auto r = make_rank(rank, ranks, cfg, world, store);
+      // The first rebalance may improve on the round-robin start; after it the load (5 tokens a
+      // slot) gives every plan the same balancedness, so none is strictly better.
+      std::optional<matrix<expert_id>> after_first;
+      std::uint64_t bytes_after_first = 0;
+      int skipped = 0, later = 0;
+      for (int step = 0; step < 300; ++step) {
+        for (int l = 0; l < 4; ++l) r.state->record_load(l, std::vector<std::int64_t>(16, 5));
+        const auto rep = r.state->step();
+        if (!rep.rebalance_finished) continue;
+        if (!after_first) {
+          after_first = r.state->maps().phy2log();
+          bytes_after_first = r.state->stats().bytes_moved;
+          continue;
+        }
+        ++later;
+        skipped += rep.rebalance_skipped ? 1 : 0;
+      }
+      r.state->stop();
+      const auto& m = r.state->stats();
+      CHECK(later >= 4);
+      CHECK(skipped == later);
+      CHECK(m.rebalances_skipped >= skipped);
+      CHECK(m.bytes_moved == bytes_after_first);
+      REQUIRE(after_first);
+      CHECK(r.state->maps().phy2log() == *after_first);
+      return m.rebalances_skipped;
+    });
+    for (const auto n : results) CHECK(n == results[0]);
+  }
+  // With -1 every plan is carried out, as vLLM does; a skewed load is rebalanced under the default.
+  CHECK(config::from_json(R"({"min_improvement": -1})").min_improvement == -1.0);
+  CHECK(config{}.min_improvement == 0.0);
 }

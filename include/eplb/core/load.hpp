@@ -43,5 +43,9 @@ class load_window {
 /// Balancedness a placement would give a logical load (layers x E) when every replica of an
 /// expert takes an equal share of its tokens (routing picks replicas round-robin).
 [[nodiscard]] double balancedness(const placement& where, const matrix<double>& logical_load);
+/// Whether moving from `current` to the placement `next` (same shape) is worth it: its balancedness
+/// under `logical_load` exceeds `current`'s by more than `min_improvement`.
+[[nodiscard]] bool improves_enough(const placement& current, const matrix<expert_id>& next,
+                                   const matrix<double>& logical_load, double min_improvement);
 
 }  // namespace eplb
