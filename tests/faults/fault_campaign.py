@@ -37,9 +37,7 @@ def same_maps(reports, label):
 
 def transfer_fault_case(i):
     sync = rng.random() < 0.6
-    # Async over loopback threads does not recover yet (stale messages in the shared loopback world
-    # after a failed batch; README "Known gaps"), so async runs over Gloo processes.
-    procs = not sync or rng.random() < 0.5
+    procs = rng.random() < 0.5
     rank, step = rng.randrange(4), rng.randrange(60, 400)
     args = ["--ranks", "4", "--steps", "900", "--step-interval", "40", "--window", "20", "--timeout-ms",
             str(TIMEOUT_MS), "--seed", str(rng.randrange(1000)), "--transfer-fault-rank", str(rank),
