@@ -17,8 +17,10 @@ using cuda::use_device;
 
 class cuda_event_state final : public detail::event_state {
  public:
-  cuda_event_state(int ordinal, cudaEvent_t e) : ordinal_(ordinal), event_(e) {}
-  ~cuda_event_state() override { (void)cudaEventDestroy(event_); }
+  cuda_event_state(int ordinal, cudaEvent_t e, bool owned = true) : ordinal_(ordinal), event_(e), owned_(owned) {}
+  ~cuda_event_state() override {
+    if (owned_) (void)cudaEventDestroy(event_);
+  }
 
   cudaEvent_t native() const noexcept { return event_; }
 
@@ -47,6 +49,7 @@ class cuda_event_state final : public detail::event_state {
  private:
   int ordinal_;
   cudaEvent_t event_;
+  bool owned_;  // false: the engine's event (device::wrap_event)
 };
 
 class cuda_stream final : public stream {
@@ -55,7 +58,10 @@ class cuda_stream final : public stream {
     use_device(ordinal_);
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
   }
+  // The engine's stream (device::wrap_stream): used, never destroyed.
+  cuda_stream(int ordinal, cudaStream_t borrowed) : ordinal_(ordinal), stream_(borrowed), owned_(false) {}
   ~cuda_stream() override {
+    if (!owned_) return;
     // Destroying a stream with pending work is allowed: the driver finishes it and then releases it.
     (void)cudaSetDevice(ordinal_);
     (void)cudaStreamDestroy(stream_);
@@ -102,6 +108,7 @@ class cuda_stream final : public stream {
  private:
   int ordinal_;
   cudaStream_t stream_ = nullptr;
+  bool owned_ = true;
 };
 
 void free_device(std::byte* p, int ordinal) noexcept {
@@ -121,6 +128,14 @@ class cuda_device final : public device {
   backend_kind kind() const noexcept override { return backend_kind::cuda; }
   int ordinal() const noexcept override { return ordinal_; }
   std::unique_ptr<stream> create_stream() override { return std::make_unique<cuda_stream>(ordinal_); }
+  std::unique_ptr<stream> wrap_stream(void* native) override {
+    if (native == nullptr) fail(errc::invalid_argument, "wrap_stream: the native stream is null");
+    return std::make_unique<cuda_stream>(ordinal_, static_cast<cudaStream_t>(native));
+  }
+  event wrap_event(void* native) override {
+    if (native == nullptr) fail(errc::invalid_argument, "wrap_event: the native event is null");
+    return event(std::make_shared<cuda_event_state>(ordinal_, static_cast<cudaEvent_t>(native), false));
+  }
 
  protected:
   buffer allocate_memory(std::size_t bytes, memory_kind kind) override {

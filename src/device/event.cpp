@@ -153,6 +153,14 @@ void keep_for_good(buffer b) noexcept {
 
 device::device() : released_(std::make_unique<release_list>()) {}
 
+std::unique_ptr<stream> device::wrap_stream(void* /*native*/) {
+  fail(errc::invalid_argument, "wrap_stream: this device has no native streams (only CUDA devices do)");
+}
+
+event device::wrap_event(void* /*native*/) {
+  fail(errc::invalid_argument, "wrap_event: this device has no native events (only CUDA devices do)");
+}
+
 device::~device() {
   // Work on released memory normally ends within moments (host streams are usually gone by now,
   // their work done or cancelled; a CUDA stream has just run its last event): it gets a short

@@ -111,3 +111,10 @@ TEST_CASE("a device that goes while work on released memory is queued keeps that
   s->synchronize(10s);  // writes into memory that was kept, not freed
   CHECK(raw[bytes - 1] == std::byte{7});
 }
+
+TEST_CASE("wrap_stream, wrap_event: the host device has no native handles, said clearly") {
+  auto dev = device::make_host_device();
+  int dummy = 0;
+  CHECK_EPLB_ERROR(dev->wrap_stream(&dummy), errc::invalid_argument, "no native streams");
+  CHECK_EPLB_ERROR(dev->wrap_event(&dummy), errc::invalid_argument, "no native events");
+}

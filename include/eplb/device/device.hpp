@@ -128,6 +128,16 @@ class device {
   [[nodiscard]] virtual int ordinal() const noexcept = 0;
   /// A new stream that does not synchronise with the legacy default stream.
   [[nodiscard]] virtual std::unique_ptr<stream> create_stream() = 0;
+  /// The engine's own stream (a cudaStream_t of this device on CUDA) as an eplb stream, without
+  /// taking ownership: eplb never destroys it, and it must outlive the stream object and the work
+  /// eplb queued on it. Hand it to eplb_state as serving_stream and every load copy, map update
+  /// and commit runs in the engine's stream order. error(errc::invalid_argument) for a null handle
+  /// or on a device without native streams (the host device).
+  [[nodiscard]] virtual std::unique_ptr<stream> wrap_stream(void* native);
+  /// The engine's own event (a cudaEvent_t it records), not owned: eplb streams can wait on it,
+  /// query() and wait() poll it (callbacks given to notify() run once a query or wait has seen it
+  /// complete). Same errors as wrap_stream().
+  [[nodiscard]] virtual event wrap_event(void* native);
   /// New memory; released buffers whose work has ended are freed first.
   [[nodiscard]] buffer allocate(std::size_t bytes, memory_kind kind);
 
