@@ -59,7 +59,7 @@ TEST_CASE("eplb_state on the engine's stream: load copies, maps and commits in i
     tools::pattern_model model(tools::pattern_shape(shape_cfg), 0, *dev, *serving, start, 10s);
     state_params p;
     p.cfg = config::from_json(R"({"communicator": "loopback", "num_redundant_experts": 4, "window_size": 8,
-                                  "step_interval": 16})");
+                                  "step_interval": 16, "min_improvement": -1})");
     p.model = {model.shape(), 1, 1};
     p.dev = dev.get();
     p.serving_stream = serving.get();
@@ -78,8 +78,10 @@ TEST_CASE("eplb_state on the engine's stream: load copies, maps and commits in i
                               cudaMemcpyHostToDevice, native) == cudaSuccess);
       finished += state.step().rebalance_finished ? 1 : 0;
     }
+    // One rank is always balanced, so min_improvement -1 makes every plan go ahead: its layers
+    // are committed on the engine's stream.
     CHECK(finished >= 2);
-    CHECK(state.stats().balancedness_after > state.stats().balancedness_before);
+    CHECK(state.stats().layers_committed >= 3);
     // The device maps the router reads agree with the host maps, read back on the engine's stream.
     std::vector<std::int32_t> phy2log(3 * slots);
     REQUIRE(cudaMemcpyAsync(phy2log.data(), state.device_phy2log(), phy2log.size() * 4, cudaMemcpyDeviceToHost,
@@ -92,6 +94,8 @@ TEST_CASE("eplb_state on the engine's stream: load copies, maps and commits in i
     }
     state.stop();
   }
+  // eplb is gone (its last frees were queued behind the stream's work); the stream still works.
+  CHECK(cudaStreamSynchronize(native) == cudaSuccess);
   CHECK(cudaStreamQuery(native) == cudaSuccess);
   CHECK(cudaStreamDestroy(native) == cudaSuccess);
 }
