@@ -267,7 +267,7 @@ std::optional<int> parse_flags(CLI::App& app, int argc, char** argv) {
     app.parse(argc, argv);
     return std::nullopt;
   } catch (const CLI::ParseError& e) {
-    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     std::string what = e.what();
     std::replace(what.begin(), what.end(), '\n', ' ');
     std::cerr << "eplb: " << eplb::excerpt(what, 200) << " (run with --help for more information)\n";
@@ -389,6 +389,7 @@ int run_reporting_errors(const std::function<int()>& command) {
 
 int main(int argc, char** argv) {
   CLI::App app{"eplb: expert-parallel load balancing for MoE serving"};
+  app.set_version_flag("--version", fmt::format("eplb {}", EPLB_VERSION), "Print the version and exit");
   app.require_subcommand(1);
   plan_flags pl;
   exchange_flags ex;

@@ -86,6 +86,11 @@ if os.path.exists("/dev/full"):
                            text=True, timeout=30)
     expect(r.returncode == 1 and "stdout: write failed" in r.stderr, f"plan > /dev/full: {r.returncode} {r.stderr!r}")
 
+# --version: the version line, exit 0.
+r = run(["--version"])
+expect(r.returncode == 0 and r.stdout.startswith("eplb ") and r.stdout.strip().count(".") == 2,
+       f"--version: {r.returncode} {r.stdout!r} {r.stderr!r}")
+
 if failures:
     print("\n".join(failures))
     sys.exit(1)
