@@ -151,7 +151,9 @@ bool stop_at(const layer_schedule& s, int hi, stopped_layer& out) {
     }
   }
   std::vector<int> copies(static_cast<std::size_t>(s.num_logical), 0);
-  for (const expert_id e : out.row) copies[static_cast<std::size_t>(e)] += e >= 0 ? 1 : 0;
+  for (const expert_id e : out.row) {
+    if (e >= 0) ++copies[static_cast<std::size_t>(e)];  // -1: an empty slot
+  }
   for (expert_id e = 0; e < s.num_logical; ++e) {
     if (copies[static_cast<std::size_t>(e)] == 0 && !write_back(s, hi, e, out, copies)) return false;
   }

@@ -151,7 +151,8 @@ config config::from_json(std::string_view text) {
   const auto& fields = json_fields();
   config c;
   for (const auto& [key, v] : doc.items()) {
-    const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return f.first == key; });
+    const std::string& name = key;  // clang 14 cannot capture a structured binding
+    const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return f.first == name; });
     if (it == fields.end()) {
       std::string known;
       for (const auto& f : fields) known += fmt::format("{}{}", known.empty() ? "" : ", ", f.first);
