@@ -95,7 +95,25 @@ int run_plan(const std::string& path, bool text) {
   return 0;
 }
 
-int run_info() {
+// `eplb info --json`: the same facts as one JSON object.
+int run_info_json() {
+  const int gpus = eplb::device::cuda_device_count();
+  nlohmann::json out{{"version", EPLB_VERSION}};
+  out["devices"] = nlohmann::json::array({
+      {{"kind", "host"}, {"built", true}, {"runnable", true}},
+      {{"kind", "cuda"}, {"built", EPLB_HAVE_CUDA != 0}, {"runnable", gpus > 0}, {"gpus", gpus}},
+  });
+  out["communicators"] = nlohmann::json::array();
+  for (const auto& b : eplb::comm::backend_report()) {
+    out["communicators"].push_back(
+        {{"kind", eplb::comm::to_string(b.kind)}, {"built", b.built}, {"runnable", b.runnable}, {"reason", b.reason}});
+  }
+  std::cout << out.dump() << '\n';
+  return 0;
+}
+
+int run_info(bool json) {
+  if (json) return run_info_json();
   std::cout << fmt::format("eplb {}\n", EPLB_VERSION);
   const int gpus = eplb::device::cuda_device_count();
   std::cout << fmt::format("devices:\n  {:<16} built, runnable\n", "host");
@@ -396,6 +414,8 @@ int main(int argc, char** argv) {
   simulate_flags sim;
   auto* plan = add_plan_command(app, pl);
   auto* info = app.add_subcommand("info", "Show which device and communicator backends were built and can run here");
+  bool info_json = false;
+  info->add_flag("--json", info_json, "Print one JSON object (version, devices, communicators)");
   auto* exchange = add_exchange_command(app, ex);
   auto* simulate = add_simulate_command(app, sim);
   if (const auto status = parse_flags(app, argc, argv)) return *status;
@@ -403,7 +423,7 @@ int main(int argc, char** argv) {
     const std::vector<std::string> child_args(argv + 1, argv + argc);
     int status = 0;
     if (plan->parsed()) status = run_plan(pl.path, pl.text);
-    if (info->parsed()) status = run_info();
+    if (info->parsed()) status = run_info(info_json);
     if (simulate->parsed()) status = run_simulate(sim, child_args);
     if (exchange->parsed()) status = run_exchange(ex, child_args);
     return status;

@@ -91,6 +91,17 @@ r = run(["--version"])
 expect(r.returncode == 0 and r.stdout.startswith("eplb ") and r.stdout.strip().count(".") == 2,
        f"--version: {r.returncode} {r.stdout!r} {r.stderr!r}")
 
+# info --json: the version and every backend, as JSON.
+r = run(["info", "--json"])
+try:
+    info = json.loads(r.stdout)
+    kinds = [c["kind"] for c in info["communicators"]]
+    expect(r.returncode == 0 and info["version"].count(".") == 2 and "loopback" in kinds and len(kinds) == 5
+           and all(isinstance(c["runnable"], bool) for c in info["communicators"])
+           and [d["kind"] for d in info["devices"]] == ["host", "cuda"], f"info --json: {r.stdout!r}")
+except (ValueError, KeyError) as e:
+    expect(False, f"info --json: {e}: {r.stdout!r} {r.stderr!r}")
+
 if failures:
     print("\n".join(failures))
     sys.exit(1)
