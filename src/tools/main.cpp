@@ -208,15 +208,19 @@ int run_exchange(exchange_flags& f, const std::vector<std::string>& child_args) 
   }
   if (f.rank >= 0) return run_exchange_child(f);
   const auto res = tools::run_exchange(cfg, "/proc/self/exe", child_args);
+  // All ranks' received bytes over the wall time of the rounds.
+  const double gbps = res.seconds > 0 ? static_cast<double>(res.bytes_moved) / res.seconds / 1e9 : 0.0;
   if (f.json) {
     nlohmann::json out = {{"verified", res.verified}, {"rounds", res.rounds}, {"bytes_moved", res.bytes_moved},
-                          {"seconds", res.seconds},   {"ranks", cfg.ranks},   {"backend", f.backend}};
+                          {"seconds", res.seconds},   {"gbps", gbps},         {"ranks", cfg.ranks},
+                          {"backend", f.backend}};
     if (!res.failure.empty()) out["failure"] = res.failure;
     std::cout << out.dump() << '\n';
   } else {
-    std::cout << fmt::format("{} ranks over {}, {} layers x {} slots, {} rounds: {} bytes moved in {:.3f} s, {}\n",
-                             cfg.ranks, f.backend, cfg.layers, cfg.experts + cfg.redundant, res.rounds, res.bytes_moved,
-                             res.seconds, res.verified ? "every byte verified" : "FAILED");
+    std::cout << fmt::format(
+        "{} ranks over {}, {} layers x {} slots, {} rounds: {} bytes moved in {:.3f} s ({:.3f} GB/s, all ranks), {}\n",
+        cfg.ranks, f.backend, cfg.layers, cfg.experts + cfg.redundant, res.rounds, res.bytes_moved, res.seconds, gbps,
+        res.verified ? "every byte verified" : "FAILED");
     if (!res.failure.empty()) std::cout << "  " << res.failure << '\n';
   }
   return res.verified ? 0 : 1;

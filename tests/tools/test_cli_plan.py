@@ -91,6 +91,20 @@ r = run(["--version"])
 expect(r.returncode == 0 and r.stdout.startswith("eplb ") and r.stdout.strip().count(".") == 2,
        f"--version: {r.returncode} {r.stdout!r} {r.stderr!r}")
 
+# exchange reports its rate: GB/s in the text line and "gbps" (bytes / seconds / 1e9) in JSON.
+r = run(["exchange", "--ranks", "2", "--layers", "2", "--experts", "8", "--redundant", "2", "--tensor-bytes", "4096",
+         "--rounds", "2", "--json"])
+try:
+    ex = json.loads(r.stdout)
+    want = ex["bytes_moved"] / ex["seconds"] / 1e9
+    expect(r.returncode == 0 and ex["verified"] and ex["gbps"] > 0 and abs(ex["gbps"] - want) <= 1e-9 + 1e-6 * want,
+           f"exchange --json gbps: {r.stdout!r}")
+except (ValueError, KeyError, ZeroDivisionError) as e:
+    expect(False, f"exchange --json: {e}: {r.stdout!r} {r.stderr!r}")
+r = run(["exchange", "--ranks", "2", "--layers", "2", "--experts", "8", "--redundant", "2", "--tensor-bytes", "4096",
+         "--rounds", "2"])
+expect(r.returncode == 0 and " GB/s, all ranks)" in r.stdout, f"exchange text: {r.stdout!r}")
+
 # info --json: the version and every backend, as JSON.
 r = run(["info", "--json"])
 try:
