@@ -17,4 +17,7 @@ std::unique_ptr<transport> make_shared_memory_gloo(const setup& s);
 /// start, also where it cannot say yes, since the choice is a rendezvous of all ranks.
 bool gloo_over_shared_memory(const setup& s);
 
+/// The loaded NCCL's encoded version (ncclGetVersion), 0 when it cannot say (src/comm/nccl.cpp).
+int nccl_runtime_version() noexcept;
+
 }  // namespace eplb::comm

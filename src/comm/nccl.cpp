@@ -210,6 +210,11 @@ class nccl_transport final : public transport {
 
 }  // namespace
 
+int nccl_runtime_version() noexcept {
+  int v = 0;
+  return ncclGetVersion(&v) == ncclSuccess ? v : 0;
+}
+
 std::unique_ptr<transport> make_nccl(const setup& s, bool stateless) {
   return std::make_unique<nccl_transport>(s, stateless);
 }

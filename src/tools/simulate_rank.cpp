@@ -79,23 +79,26 @@ std::string verify_layer(const eplb_state& state, pattern_model& model, int laye
 
 class progress {
  public:
-  progress(bool enabled, int steps) : enabled_(enabled), tty_(enabled && ::isatty(STDOUT_FILENO)), steps_(steps) {}
+  // On stderr, so that stdout holds the summary (or the JSON) alone.
+  progress(bool enabled, int steps) : enabled_(enabled), tty_(enabled && ::isatty(STDERR_FILENO)), steps_(steps) {}
   void update(int step, const metrics& m, bool force) {
     if (!enabled_) return;
     const int every = tty_ ? std::max(1, steps_ / 200) : std::max(1, steps_ / 10);
     if (!force && step % every != 0) return;
     const std::string state = m.rebalance_in_flight ? "rebalancing" : "serving";
+    // Balancedness is known once a rebalance has measured it.
+    const auto balance = m.balancedness_after > 0 ? fmt::format("{:.3f}", m.balancedness_after) : std::string("-");
     if (tty_) {
       const int width = 30;
       const int filled = width * step / steps_;
-      std::cout << fmt::format("\r[{}{}] step {}/{}  balancedness {:.3f}  rebalances {}  {:<12}",
-                               std::string(filled, '#'), std::string(width - filled, '.'), step, steps_,
-                               m.balancedness_after, m.rebalances, state)
+      std::cerr << fmt::format("\r[{}{}] step {}/{}  balancedness {:<5}  rebalances {}  {:<12}",
+                               std::string(filled, '#'), std::string(width - filled, '.'), step, steps_, balance,
+                               m.rebalances, state)
                 << std::flush;
-      if (step == steps_) std::cout << '\n';
+      if (step == steps_) std::cerr << '\n';
     } else {
-      std::cout << fmt::format("step {}/{}: balancedness {:.3f}, rebalances {}, {}\n", step, steps_,
-                               m.balancedness_after, m.rebalances, state)
+      std::cerr << fmt::format("step {}/{}: balancedness {}, rebalances {}, {}\n", step, steps_, balance, m.rebalances,
+                               state)
                 << std::flush;
     }
   }
@@ -175,6 +178,7 @@ state_params state_params_for(const rank_context& c) {
   sp.cfg.num_redundant_experts = p.redundant;
   sp.cfg.use_async = cfg.use_async;
   sp.cfg.communicator = resolved_backend(cfg);
+  sp.cfg.policy = cfg.policy;
   sp.cfg.timeout = cfg.timeout;
   sp.model = {c.model.shape(), p.groups, p.nodes};
   sp.model.shape.ranks_per_node = cfg.ranks / std::max(1, p.nodes);
@@ -350,7 +354,7 @@ void report_success(rank_context& c, const rank_log& log, json& out) {
 
 json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
               std::shared_ptr<comm::loopback_world> world, bool print_progress) {
-  auto preset = find_preset(cfg.preset);
+  auto preset = preset_for(cfg);
   json out = {{"rank", rank}, {"verified", false}, {"failure", ""}};
   rank_log log;
   try {

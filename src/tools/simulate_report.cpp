@@ -147,6 +147,28 @@ std::string failures_text(const json& r) {
   return out;
 }
 
+// What the injected faults did, in words: who was hit, who named the error, whether the others'
+// weights stayed intact. Empty without injected faults.
+std::string injected_text(const simulate_config& cfg, const json& r) {
+  std::string out;
+  const bool intact = r.value("verified", false);
+  if (cfg.fail_rank >= 0) {
+    out += fmt::format("injected: rank {} died at step {}; the {} other ranks' weights {}\n", cfg.fail_rank,
+                       cfg.fail_step, cfg.ranks - 1,
+                       intact ? "verified intact (every live slot holds its mapped expert)" : "NOT all verified");
+  }
+  if (cfg.transfer_fault_rank >= 0) {
+    int named = 0;
+    for (const auto& f : r.value("failures", json::array())) named += f.value("recovered", false) ? 1 : 0;
+    out += fmt::format(
+        "injected: rank {}'s first batch after step {} failed; {} error(s) reported across ranks, {} rebalance(s) "
+        "finished after them; weights {}\n",
+        cfg.transfer_fault_rank, cfg.transfer_fault_step, named, r.value("rebalances_after_errors", 0),
+        intact ? "verified on every rank" : "NOT all verified");
+  }
+  return out;
+}
+
 }  // namespace
 
 json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
@@ -162,6 +184,8 @@ json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["rebalance_log"] = rb;
   out["ranks"] = cfg.ranks;
   out["steps"] = cfg.steps;
+  out["policy"] = cfg.policy;
+  if (const auto note = adjustment(cfg); !note.empty()) out["preset_adjusted"] = note;
   merge_outcome(ranks, out);
   out["rank_reports"] = rank_details(ranks);
   return out;
@@ -172,6 +196,8 @@ std::string summary_table(const simulate_config& cfg, const json& r) {
       fmt::format("eplb simulate: preset {}, {} ranks ({}), {}, {} backend, {} device, {} steps\n", cfg.preset,
                   cfg.ranks, cfg.procs ? "processes" : "threads", cfg.use_async ? "async" : "sync",
                   resolved_backend(cfg), device::to_string(cfg.device), cfg.steps);
+  if (r.contains("preset_adjusted"))
+    out += fmt::format("preset adjusted: {}\n", r["preset_adjusted"].get<std::string>());
   out += fmt::format("{:>9}  {:>12}  {:>11}  {:>27}  {:>11}\n", "rebalance", "trigger step", "commit step",
                      "balancedness before -> after", "duration ms");
   int i = 0;
@@ -190,6 +216,7 @@ std::string summary_table(const simulate_config& cfg, const json& r) {
                      r.value("verified", false) ? "every committed layer verified on every surviving rank" : "FAILED",
                      r.value("commit_steps_consistent", false) ? "yes" : "NO");
   out += failures_text(r);
+  out += injected_text(cfg, r);
   if (r.contains("failure")) out += fmt::format("failure: {}\n", r["failure"].get<std::string>());
   return out;
 }
