@@ -20,6 +20,7 @@
 #include "tools/exchange.hpp"
 #include "tools/plan_json.hpp"
 #include "tools/rank_processes.hpp"
+#include "tools/report/html.hpp"
 #include "tools/simulate.hpp"
 #include "util/fail.hpp"
 #include "util/json_text.hpp"
@@ -48,17 +49,21 @@ void check_written(std::ostream& out, const std::string& what) {
   if (!out) throw write_error(fmt::format("{}: write failed{}; output lost", what, errno_text(errno)));
 }
 
-// --result FILE, opened before the run so that an unwritable path is a bad input found at once,
-// not a finished run whose result is lost. Empty when no path is given.
-std::unique_ptr<std::ofstream> open_result(const std::string& path) {
+// --result FILE (or --report, --jsonl), opened before the run so that an unwritable path is a bad
+// input found at once, not a finished run whose result is lost. Empty when no path is given.
+std::unique_ptr<std::ofstream> open_output(const char* flag, const std::string& path) {
   if (path.empty()) return nullptr;
   errno = 0;
   auto out = std::make_unique<std::ofstream>(path, std::ios::trunc);
   if (!*out) {
     throw eplb::error(eplb::errc::invalid_argument,
-                      fmt::format("--result {}: cannot open for writing{}", eplb::excerpt(path), errno_text(errno)));
+                      fmt::format("{} {}: cannot open for writing{}", flag, eplb::excerpt(path), errno_text(errno)));
   }
   return out;
+}
+
+std::unique_ptr<std::ofstream> open_result(const std::string& path) {
+  return open_output("--result", path);
 }
 
 // CLI11 reads "-1" into an unsigned option as 2^64 - 1: options that take no sign refuse one.
@@ -270,7 +275,14 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
     if (verified) store.finish();
     return verified ? 0 : 1;
   }
+  // Opened (and emptied) before any rank starts: an unwritable path is bad input found at once.
+  const auto html = open_output("--report", cfg.report_path);
+  (void)open_output("--jsonl", cfg.jsonl_path);
   const auto report = tools::run_simulation(cfg, "/proc/self/exe", child_args, !f.json);
+  if (html) {
+    *html << tools::html_report(cfg, report);
+    check_written(*html, "--report " + excerpt(cfg.report_path));
+  }
   if (f.json) {
     std::cout << report.dump() << '\n';
   } else {
@@ -382,6 +394,10 @@ void add_simulate_fault_and_rank_flags(CLI::App& simulate, simulate_flags& sim) 
                       "this rank's first batch after --transfer-fault-step fails once; the run goes on");
   simulate.add_option("--transfer-fault-step", sim.cfg.transfer_fault_step, "the step after which the fault is armed");
   simulate.add_flag("--json", sim.json, "print one JSON object");
+  simulate.add_option(
+      "--report", sim.cfg.report_path,
+      "write a self-contained HTML page with plots of the run (balancedness, loads, bytes, step times)");
+  simulate.add_option("--jsonl", sim.cfg.jsonl_path, "append one JSON line per step and per rebalance of every rank");
   simulate.add_option("--rank", sim.rank, "run only this rank (with --procs; one process per rank, needs --store)");
   simulate.add_option("--store", sim.store, "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT");
   simulate.add_option("--hostname", sim.cfg.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");

@@ -44,6 +44,8 @@ struct simulate_config {
   std::chrono::milliseconds timeout{10'000};
   bool procs = false;
   std::string hostname = "127.0.0.1";  ///< gloo: the address this rank listens on
+  std::string report_path;             ///< --report: a self-contained HTML page of the run
+  std::string jsonl_path;              ///< --jsonl: per-step and per-rebalance records, one per line
 };
 
 struct preset_shape {

@@ -16,6 +16,7 @@
 #include "eplb/state.hpp"
 #include "tools/exchange.hpp"
 #include "tools/faulty_comm.hpp"
+#include "tools/simulate_trace.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::tools {
@@ -213,6 +214,21 @@ struct rank_log {
   std::vector<double> busy_us, idle_us;
   json commits = json::array(), rebalances = json::array(), errors = json::array();
   int rebalance = -1, layer = 0, trigger_step = 0;  // the rebalance whose layers commit next
+  std::uint64_t bytes_seen = 0;                     // bytes_moved when the last rebalance finished
+  // --report and --jsonl only: load samples, and the lines appended to the --jsonl file.
+  std::unique_ptr<load_sampler> sampler;
+  std::unique_ptr<jsonl_sink> sink;
+
+  void open_trace(const simulate_config& cfg, const preset_shape& p) {
+    if (!cfg.report_path.empty() || !cfg.jsonl_path.empty()) {
+      sampler = std::make_unique<load_sampler>(p.layers, cfg.ranks, (p.experts + p.redundant) / cfg.ranks,
+                                               sample_every(cfg.steps, p.layers, cfg.ranks));
+    }
+    if (!cfg.jsonl_path.empty()) sink = std::make_unique<jsonl_sink>(cfg.jsonl_path);
+  }
+  void record(json line) {
+    if (sink) sink->write(line);
+  }
 
   void begin_rebalance(int step) {
     ++rebalance;
@@ -224,6 +240,7 @@ struct rank_log {
     out["idle_us"] = idle_us;
     out["commits"] = commits;
     out["rebalances"] = rebalances;
+    if (sampler) out["samples"] = sampler->to_json();
   }
 };
 
@@ -243,6 +260,7 @@ step_report checked_step(rank_context& c, rank_log& log, int step) {
   } catch (const error& e) {
     if (!c.transfer_fault() || e.code() == errc::verification_failed) throw;
     log.errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
+    log.record({{"type", "error"}, {"rank", c.rank}, {"step", step}, {"error", log.errors.back()["error"]}});
     return {};
   }
 }
@@ -274,7 +292,13 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, const s
                               {"before", m.balancedness_before},
                               {"after", m.balancedness_after},
                               {"seconds", m.rebalance_seconds},
-                              {"skipped", rep.rebalance_skipped}});
+                              {"skipped", rep.rebalance_skipped},
+                              {"bytes", m.bytes_moved - log.bytes_seen}});
+    log.bytes_seen = m.bytes_moved;
+    auto line = log.rebalances.back();
+    line["type"] = "rebalance";
+    line["rank"] = c.rank;
+    log.record(std::move(line));
   }
   if (change.started && c.cfg.use_async) log.begin_rebalance(step);
 }
@@ -284,7 +308,11 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, const s
 void serve_step(rank_context& c, router& route, rank_log& log, int step) {
   const auto& cfg = c.cfg;
   if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
-  for (int l = 0; l < c.preset.layers; ++l) c.state.record_load(l, route.route(l, step, c.state.maps()));
+  for (int l = 0; l < c.preset.layers; ++l) {
+    const auto counts = route.route(l, step, c.state.maps());
+    if (log.sampler) log.sampler->add(l, counts);
+    c.state.record_load(l, counts);
+  }
   if (c.transfer_fault() && c.rank == cfg.transfer_fault_rank && step == cfg.transfer_fault_step) {
     c.faults->countdown = 1;
   }
@@ -301,6 +329,13 @@ void serve_step(rank_context& c, router& route, rank_log& log, int step) {
   change.committed = static_cast<int>(m.layers_committed - committed_before);
   (busy || change.started ? log.busy_us : log.idle_us).push_back(us);
   log_commits(c, log, rep, change, step);
+  if (log.sampler) log.sampler->end_step(step);
+  log.record({{"type", "step"},
+              {"rank", c.rank},
+              {"step", step},
+              {"host_us", us},
+              {"rebalancing", busy || change.started},
+              {"committed", change.committed}});
 }
 
 // Every step, then a meeting of all ranks; false when this rank dies on purpose (--fail-rank).
@@ -358,6 +393,7 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
   json out = {{"rank", rank}, {"verified", false}, {"failure", ""}};
   rank_log log;
   try {
+    log.open_trace(cfg, preset);
     rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(world));
     try {
       if (!serve(c, log, print_progress)) {

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "tools/report/series.hpp"
+
 namespace eplb::tools {
 namespace {
 
@@ -108,6 +110,24 @@ void merge_step_times(const std::vector<json>& ranks, json& out) {
   out["step_rebalancing_p99_ms"] = percentile(busy, 0.99);
   out["step_idle_p50_ms"] = percentile(idle, 0.5);
   out["step_idle_p99_ms"] = percentile(idle, 0.99);
+  const auto summary = [](const std::vector<double>& ms) {
+    return json{{"p50", percentile(ms, 0.5) * 1000},
+                {"p90", percentile(ms, 0.9) * 1000},
+                {"p99", percentile(ms, 0.99) * 1000},
+                {"max", percentile(ms, 1.0) * 1000}};
+  };
+  out["step_time_us"] = {{"quiet", summary(idle)}, {"rebalancing", summary(busy)}};
+}
+
+// Bytes every rank received in each rebalance, summed over ranks (by the order they finished).
+json bytes_per_rebalance(const std::vector<json>& ranks) {
+  std::vector<double> sums;
+  for (const auto& r : ranks) {
+    const auto list = r.value("rebalances", json::array());
+    if (sums.size() < list.size()) sums.resize(list.size(), 0.0);
+    for (std::size_t i = 0; i < list.size(); ++i) sums[i] += list[i].value("bytes", 0.0);
+  }
+  return sums;
 }
 
 // How each rank's run ended, without its step times and commits.
@@ -182,6 +202,8 @@ json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["bytes_moved"] = bytes;
   merge_step_times(ranks, out);
   out["rebalance_log"] = rb;
+  out["bytes_per_rebalance"] = bytes_per_rebalance(ranks);
+  if (auto series = merge_series(ranks, rb); !series.is_null()) out["series"] = std::move(series);
   out["ranks"] = cfg.ranks;
   out["steps"] = cfg.steps;
   out["policy"] = cfg.policy;
