@@ -1,7 +1,8 @@
 // GPU suite (issue 18, item 3): libeplb does not link NCCL; it loads it at run time and prefers the
 // copy the process already holds (comm/nccl_library.hpp). Here the "engine" loads NCCL itself with
 // dlopen, makes a one-rank communicator with it and hands it to eplb: eplb must drive that
-// communicator (a send to itself, bytes checked), and must refuse, with a clear error and without
+// communicator (registered memory and a batch on it; moving bytes between ranks needs two GPUs,
+// the multi-GPU issue's runs), and must refuse, with a clear error and without
 // touching it further, memory that is not a communicator of the loaded NCCL.
 // usage: nccl_external_tests PATH-TO-libnccl.so.2. Exits 77 (skip) without a GPU.
 #define DOCTEST_CONFIG_IMPLEMENT
@@ -61,27 +62,29 @@ comm::setup one_rank(device::device& dev, void* comm) {
 
 }  // namespace
 
-TEST_CASE("an ncclComm_t the engine made with its own dlopen'ed NCCL moves bytes through eplb") {
+TEST_CASE("an ncclComm_t the engine made with its own dlopen'ed NCCL is driven by eplb") {
   engine_nccl engine;
   auto dev = device::make_cuda_device(0);
   auto stream = dev->create_stream();
   const ncclComm_t native = engine.one_rank_comm();
   {
     auto c = comm::make_communicator(comm::backend::nccl, one_rank(*dev, native));
+    CHECK(c->rank() == 0);
+    CHECK(c->size() == 1);
     c->set_stream(stream.get());
+    // ncclMemAlloc and ncclCommRegister on the engine's communicator, through eplb's loaded NCCL.
     constexpr std::size_t bytes = 1 << 20;
-    auto src = dev->allocate(bytes, device::memory_kind::device);
-    auto dst = dev->allocate(bytes, device::memory_kind::device);
+    auto reg = c->allocate_registered(bytes);
+    REQUIRE(reg.memory.size() == bytes);
     std::vector<std::byte> pattern(bytes), back(bytes);
     for (std::size_t i = 0; i < bytes; ++i) pattern[i] = static_cast<std::byte>(i * 131 + 7);
-    stream->copy(src.data(), pattern.data(), bytes);
-    stream->fill(dst.data(), std::byte{0}, bytes);
-    c->add_send(src.span(), 0);
-    c->add_recv(dst.span(), 0);
-    c->execute();
-    stream->copy(back.data(), dst.data(), bytes);
+    stream->copy(reg.memory.data(), pattern.data(), bytes);
+    stream->copy(back.data(), reg.memory.data(), bytes);
     stream->synchronize(20s);
     CHECK(back == pattern);
+    c->execute();  // an empty batch: one group on the engine's communicator, no error
+    // One rank has no peer to move bytes to: eplb's rule, checked before NCCL is called.
+    CHECK_EPLB_ERROR(c->add_send(reg.memory.span(), 0), errc::invalid_argument, "cannot exchange with itself");
   }
   // eplb never destroys a communicator it was lent: the engine still can.
   CHECK(engine.destroy(native) == ncclSuccess);
