@@ -218,7 +218,10 @@ void async_session::advance_running(step_report& report) {
   }
   if (agreed && *agreed < 0) {
     abandon(mine);
-    fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights", -*agreed - 2);
+    const auto r = -*agreed - 2;  // a failure code; past the ranks, a stop's (see stop())
+    const int size = ctx_.model.shape.num_ranks;
+    fail(errc::peer_failure, "{} rank {}; layers not committed keep their old weights",
+         r >= size ? "rebalance ended: stopped on" : "rebalance failed on", r >= size ? r - size : r);
   }
   if (!before_ && phase_ != phase::deferred) {
     // The global load arrives with the policy, before any layer is staged: measure the old maps.
@@ -316,7 +319,8 @@ void async_session::on_step_failure() noexcept {
 void async_session::stop() noexcept {
   if (in_flight() && agree_) {
     const bool failing = phase_ == phase::failing || phase_ == phase::failing_quiet;
-    agree_->fail_out(failing ? failure_code_ : -(ctx_.rank + 2));
+    // A stop posts -(ranks + rank + 2): below every failure code, so the peers' message says stopped.
+    agree_->fail_out(failing ? failure_code_ : -(ctx_.model.shape.num_ranks + ctx_.rank + 2));
   }
   group_->announce_stop();
   ctx_.comms.abort(fmt::format("rank {} is stopping", ctx_.rank));
