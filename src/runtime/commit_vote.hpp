@@ -41,7 +41,7 @@ class commit_vote {
 
  private:
   [[nodiscard]] std::string key(const char* what) const;
-  // Peers that announced their stop in this store (cpu_group's stopping counters: same namespace).
+  // Peers that announced their stop in this store (cpu_group's stopping keys: same namespace).
   [[nodiscard]] std::int64_t stopped_peers() const;
 
   std::shared_ptr<comm::store> store_;

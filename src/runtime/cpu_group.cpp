@@ -37,8 +37,11 @@ std::string stopping_key(int rank) {
   return fmt::format("stopping/{}", rank);
 }
 
+// Not add() (the file store locks a counter file: a peer frozen by SIGSTOP while holding that lock
+// would block every prober) and not get() (a miss parks a waiter in the TCP store's server):
+// set_if_absent answers at once on every store, "0" until the rank announced "1".
 bool announced_stop(comm::store& s, int rank) {
-  return s.add(stopping_key(rank), 0) > 0;  // a counter: reading it never parks a waiter in the store
+  return s.set_if_absent(stopping_key(rank), "0") == "1";
 }
 
 cpu_group::cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std::chrono::milliseconds timeout,
@@ -96,7 +99,7 @@ void cpu_group::announce_stop() noexcept {
     stopped_ = true;
   }
   try {
-    (void)store_->add(stopping_key(rank_), 1);
+    store_->set(stopping_key(rank_), "1");
   } catch (...) {  // NOLINT(bugprone-empty-catch): peers then find out by their timeout, as for a dead rank
   }
 }

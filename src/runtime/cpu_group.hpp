@@ -4,7 +4,7 @@
 //
 // Stopping (issue 17): a wait observes the group's stop token (it waits in slices of wait_slice
 // and ends with errc::cancelled once a stop is requested), and a rank that stops says so with a
-// "stopping/RANK" counter (announce_stop()); a peer waiting for its keys then fails with
+// "stopping/RANK" key set to "1" (announce_stop()); a peer waiting for its keys then fails with
 // errc::peer_failure naming it. After the announcement the rank writes no key of a round any more,
 // so a key is either there before it or never: every peer decides the same.
 #pragma once
@@ -30,7 +30,7 @@ namespace eplb::runtime {
 /// the bound on how late a stop or a stopped peer is noticed.
 inline constexpr std::chrono::milliseconds wait_slice{40};
 
-/// The counter a stopping rank raises (cpu_group::announce_stop) in the group's store.
+/// The key a stopping rank sets to "1" (cpu_group::announce_stop) in the group's store.
 [[nodiscard]] std::string stopping_key(int rank);
 /// Whether `rank` announced its stop in `s`. Never waits.
 [[nodiscard]] bool announced_stop(comm::store& s, int rank);
@@ -53,7 +53,7 @@ class cpu_group {
   /// fills the rounds its peers still wait for). errc::cancelled after announce_stop().
   void post_min(std::int64_t value, const std::string& round);
   /// This rank is stopping: from now on it writes no round key (a post in progress ends first),
-  /// then it raises its stopping counter, so that peers waiting for it fail at once. Idempotent,
+  /// then it sets its stopping key, so that peers waiting for it fail at once. Idempotent,
   /// never throws; blocks only as long as one store write.
   void announce_stop() noexcept;
 
