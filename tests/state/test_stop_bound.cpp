@@ -13,10 +13,12 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <future>
 #include <mutex>
 #include <random>
 #include <thread>
 
+#include "eplb/comm/communicator.hpp"
 #include "eplb/state.hpp"
 #include "on_ranks.hpp"
 #include "tools/exchange.hpp"
@@ -236,4 +238,55 @@ TEST_CASE("stop() is bounded at random moments: 4 loopback ranks, sync and async
   std::fprintf(stderr, "stop bound: %zu stops, worst %.1f ms (%s), p99 %.1f ms, median %.1f ms\n", stops.size(), worst,
                worst_where.c_str(), p99, stops[stops.size() / 2]);
   CHECK(stops.size() >= 100);
+}
+
+// communicator::abort() from another thread: the rank's waits end at once with errc::cancelled,
+// and its peer, waiting for a message that never comes, hears that the rank is stopping.
+TEST_CASE("communicator::abort ends this rank's waits and tells its peer (loopback)") {
+  auto world = comm::make_loopback_world(2);
+  std::vector<std::unique_ptr<comm::communicator>> comms;
+  for (int r = 0; r < 2; ++r) {
+    comms.push_back(comm::make_communicator(comm::backend::loopback,
+                                            {.rank = r, .size = 2, .world = world, .opts = {.timeout = 10s}}));
+  }
+  std::vector<std::byte> in0(64), in1(64);
+  comms[0]->add_recv(in0, 1);  // rank 1 never sends
+  comms[1]->add_recv(in1, 0);  // rank 0 never sends either
+  const auto t0 = clock_type::now();
+  std::thread aborter([&] {
+    std::this_thread::sleep_for(50ms);
+    comms[0]->abort("test stop");
+  });
+  std::string e0, e1;
+  errc c0 = errc::internal, c1 = errc::internal;
+  auto peer = std::async(std::launch::async, [&] {
+    try {
+      comms[1]->execute();
+    } catch (const error& e) {
+      e1 = e.what();
+      c1 = e.code();
+    }
+  });
+  try {
+    comms[0]->execute();
+  } catch (const error& e) {
+    e0 = e.what();
+    c0 = e.code();
+  }
+  peer.get();
+  aborter.join();
+  CHECK(clock_type::now() - t0 < 2s);
+  CHECK(c0 == errc::cancelled);
+  CHECK(e0.find("aborted (test stop)") != std::string::npos);
+  CHECK(c1 == errc::peer_failure);
+  CHECK(e1.find("peer rank 0 is stopping (test stop)") != std::string::npos);
+  // Later batches fail at once, naming the abort.
+  comms[0]->add_send(in0, 1);
+  try {
+    comms[0]->execute();
+    FAIL("execute() after abort() did not throw");
+  } catch (const error& e) {
+    CHECK(e.code() == errc::cancelled);
+    CHECK(std::string(e.what()).find("aborted (test stop)") != std::string::npos);
+  }
 }

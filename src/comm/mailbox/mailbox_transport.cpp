@@ -52,7 +52,12 @@ class mailbox_transport final : public transport {
   void break_with(const std::string& why) noexcept;
   // Any thread: the batch thread sees abort_requested() in its loop; the peers see the flag.
   void on_abort(const std::string& why) noexcept override {
-    if (control_) control_->publish_failure(rank(), "stopping: " + why);
+    if (!control_) return;
+    try {
+      control_->publish_failure(rank(), "stopping: " + why);
+    } catch (...) {  // out of memory for the text: the flag still goes up
+      control_->publish_failure(rank(), "stopping");
+    }
   }
 
   options opts_;
