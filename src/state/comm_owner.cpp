@@ -66,10 +66,11 @@ void comm_owner::remake(int generation, const std::function<void(comm::communica
     fail(errc::invalid_config, "eplb_state: comm_factory({}) made a {} communicator, the first one was {}", generation,
          comm::to_string(fresh->kind()), comm::to_string(kind_));
   }
+  std::unique_ptr<comm::communicator> old;  // destroyed after the lock: it joins its worker
   std::lock_guard lock(swap_mutex_);
   if (aborted_) fresh->abort(*aborted_);
   adopt(*fresh);
-  comm_ = std::move(fresh);
+  old = std::exchange(comm_, std::move(fresh));
   generation_ = generation;
 }
 
