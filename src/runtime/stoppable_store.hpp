@@ -1,7 +1,7 @@
 // A store whose waits observe a stop token (issue 17): get() waits in slices of wait_slice and ends
-// with errc::cancelled once a stop is requested, so that a communicator being made when the state
-// stops (Gloo's rendezvous reads its peers' addresses through it) gives up at once instead of
-// after the timeout. Everything else goes straight to the inner store.
+// with errc::cancelled once a stop is requested, and every other operation but erase() refuses
+// then, so that a communicator being made when the state stops (Gloo's rendezvous reads its peers'
+// addresses and meets them through it) gives up at once instead of after the timeout.
 #pragma once
 
 #include <memory>

@@ -21,6 +21,7 @@
 #include "eplb/comm/communicator.hpp"
 #include "eplb/state.hpp"
 #include "on_ranks.hpp"
+#include "runtime/stoppable_store.hpp"
 #include "tools/exchange.hpp"
 
 using namespace eplb;
@@ -288,5 +289,34 @@ TEST_CASE("communicator::abort ends this rank's waits and tells its peer (loopba
   } catch (const error& e) {
     CHECK(e.code() == errc::cancelled);
     CHECK(std::string(e.what()).find("aborted (test stop)") != std::string::npos);
+  }
+}
+
+// The store a re-made communicator meets its peers through: a wait ends with errc::cancelled once
+// the state stops, and the barrier's polling (add) is refused then.
+TEST_CASE("stoppable store: a wait ends at the stop; operations are refused after it") {
+  std::stop_source stop;
+  auto s = runtime::make_stoppable_store(comm::make_memory_store(), stop.get_token());
+  s->set("there", "1");
+  CHECK(s->get("there", 10s) == "1");
+  const auto t0 = clock_type::now();
+  std::jthread stopper([&] {
+    std::this_thread::sleep_for(100ms);
+    stop.request_stop();
+  });
+  std::string what;
+  try {
+    (void)s->get("never", 10s);
+  } catch (const error& e) {
+    CHECK(e.code() == errc::cancelled);
+    what = e.what();
+  }
+  CHECK(what.find("store: stopped (key \"never\")") != std::string::npos);
+  CHECK(clock_type::now() - t0 < 2s);
+  try {
+    (void)s->add("barrier", 1);
+    FAIL("add() after the stop did not throw");
+  } catch (const error& e) {
+    CHECK(e.code() == errc::cancelled);
   }
 }
