@@ -48,6 +48,22 @@ void transport::await(const device::event&) {
   fail(errc::internal, "communicator rank {}: a backend returned an event from enqueue() but cannot await it", rank_);
 }
 
+void transport::abort(std::string_view why) noexcept {
+  if (aborting_.exchange(true)) return;
+  try {
+    abort_reason_ = why;
+  } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory for the reason; the flag still counts
+  }
+  aborted_.store(true, std::memory_order_release);
+  on_abort(abort_reason_);
+}
+
+std::string transport::abort_reason() const {
+  return abort_requested() ? abort_reason_ : std::string();
+}
+
+void transport::on_abort(const std::string& /*why*/) noexcept {}
+
 registration transport::register_memory(std::span<std::byte>) {
   return {};
 }
@@ -150,7 +166,22 @@ void communicator::add_recv(std::span<std::byte> data, int peer) {
   ops_.push_back({false, data.data(), data.size(), peer});
 }
 
+void communicator::abort(std::string_view why) noexcept {
+  transport_->abort(why);
+}
+
+bool communicator::aborted() const noexcept {
+  return transport_->abort_requested();
+}
+
+void communicator::check_not_aborted() const {
+  if (transport_->abort_requested()) {
+    fail(errc::cancelled, "communicator rank {}: aborted ({})", rank(), transport_->abort_reason());
+  }
+}
+
 void communicator::execute() {
+  check_not_aborted();
   std::vector<op> batch;
   batch.swap(ops_);
   if (batch.empty()) return;
@@ -158,6 +189,7 @@ void communicator::execute() {
 }
 
 device::event communicator::submit() {
+  check_not_aborted();
   std::vector<op> batch;
   batch.swap(ops_);
   if (batch.empty()) return {};
@@ -192,6 +224,8 @@ void communicator::execute_async(std::function<void(std::exception_ptr)> done) {
   worker_->run([t = transport_.get(), batch, done = std::move(done)] {
     std::exception_ptr failure;
     try {
+      if (t->abort_requested())
+        fail(errc::cancelled, "communicator rank {}: aborted ({})", t->rank(), t->abort_reason());
       if (!batch->empty()) t->run(*batch);
       if (t->caps().stream_ordered && t->stream() != nullptr) {
         t->stream()->record().notify(done);

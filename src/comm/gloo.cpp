@@ -20,6 +20,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include <fmt/ranges.h>
@@ -85,6 +86,57 @@ void ignore_sigpipe() {
   if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
 }
 
+// Every Gloo buffer that may have an operation pending, so that abort() (any thread) can end its
+// waits: Gloo's waitSend/waitRecv return false once abortWaitSend/abortWaitRecv was called, also
+// when called before the wait starts. After abort() no buffer is made any more.
+class buffer_registry {
+ public:
+  using buffer = gloo::transport::UnboundBuffer;
+  struct untrack {
+    buffer_registry* registry;
+    void operator()(buffer* b) const noexcept {
+      registry->remove(b);
+      delete b;  // NOLINT(cppcoreguidelines-owning-memory): released from Gloo's unique_ptr in make()
+    }
+  };
+  using tracked = std::unique_ptr<buffer, untrack>;
+
+  // Errors: errc::cancelled once aborted.
+  tracked make(gloo::rendezvous::Context& ctx, void* data, std::size_t bytes, const std::function<void()>& refuse) {
+    auto made = ctx.createUnboundBuffer(data, bytes);
+    std::lock_guard lock(mutex_);
+    if (aborted_) refuse();  // throws; `made` goes before any operation was posted on it
+    live_.insert(made.get());
+    return tracked(made.release(), untrack{this});
+  }
+  // Closes the connections (so that nothing lands in a buffer any more and the peers hear of it
+  // at once), then wakes every wait. Under the lock: no buffer is destroyed meanwhile.
+  void abort(const std::vector<std::shared_ptr<gloo::rendezvous::Context>>& lanes) noexcept {
+    std::lock_guard lock(mutex_);
+    aborted_ = true;
+    for (const auto& ctx : lanes) {
+      try {
+        ctx->closeConnections();
+      } catch (...) {  // NOLINT(bugprone-empty-catch): a pair already closed by an error
+      }
+    }
+    for (auto* b : live_) {
+      b->abortWaitRecv();
+      b->abortWaitSend();
+    }
+  }
+
+ private:
+  void remove(buffer* b) noexcept {
+    std::lock_guard lock(mutex_);
+    live_.erase(b);
+  }
+
+  std::mutex mutex_;
+  std::set<buffer*> live_;
+  bool aborted_ = false;
+};
+
 class gloo_tcp_transport final : public transport {
  public:
   gloo_tcp_transport(const setup& s) : transport(s.rank, s.size), opts_(s.opts), dev_(s.dev), store_(s.rendezvous) {
@@ -147,6 +199,7 @@ class gloo_tcp_transport final : public transport {
   }
 
   void run(std::span<const op> ops) override {
+    if (abort_requested()) fail(errc::cancelled, "gloo rank {}: aborted ({})", rank(), abort_reason());
     if (broken_) {
       fail(errc::transport, "gloo rank {}: communicator is unusable after an earlier failure ({}); create a new one",
            rank(), broken_reason_);
@@ -205,6 +258,14 @@ class gloo_tcp_transport final : public transport {
   }
 
  private:
+  // Any thread: the workers' waits end (errc::cancelled), the peers see the connections close.
+  void on_abort(const std::string& /*why*/) noexcept override { buffers_.abort(lanes_); }
+
+  buffer_registry::tracked make_buffer(gloo::rendezvous::Context& ctx, void* data, std::size_t bytes) {
+    return buffers_.make(ctx, data, bytes,
+                         [this] { fail(errc::cancelled, "gloo rank {}: aborted ({})", rank(), abort_reason()); });
+  }
+
   struct peer_plan {
     std::vector<const void*> send_data;
     std::vector<std::size_t> send_sizes;
@@ -292,6 +353,9 @@ class gloo_tcp_transport final : public transport {
   std::uint64_t tag(std::uint64_t generation, std::uint64_t kind) const { return generation * 2 + kind; }
 
   [[noreturn]] void peer_failed(int peer, const char* what, const std::exception& e) {
+    // After abort() the closed connections fail what was posted: that is this rank's stop.
+    if (abort_requested())
+      fail(errc::cancelled, "gloo rank {}: {} rank {} aborted ({})", rank(), what, peer, abort_reason());
     const std::string msg = e.what();
     if (msg.find("Timed out") != std::string::npos) {
       fail(errc::timeout, "gloo rank {}: {} rank {} timed out after {} ms", rank(), what, peer, opts_.timeout.count());
@@ -313,7 +377,7 @@ class gloo_tcp_transport final : public transport {
     try {
       const auto budget = left(deadline, peer, what);
       if (!(send ? b.waitSend(nullptr, budget) : b.waitRecv(nullptr, budget))) {
-        fail(errc::cancelled, "gloo: {} rank {} aborted", what, peer);
+        fail(errc::cancelled, "gloo rank {}: {} rank {} aborted ({})", rank(), what, peer, abort_reason());
       }
     } catch (const eplb::error&) {
       throw;
@@ -338,8 +402,8 @@ class gloo_tcp_transport final : public transport {
     std::uint64_t their_counts[4] = {};
     auto& ctx = lane(0);
     const auto t = tag(plan.generation, slot_manifest);
-    auto out_counts = ctx.createUnboundBuffer(my_counts, sizeof my_counts);
-    auto in_counts = ctx.createUnboundBuffer(their_counts, sizeof their_counts);
+    auto out_counts = make_buffer(ctx, my_counts, sizeof my_counts);
+    auto in_counts = make_buffer(ctx, their_counts, sizeof their_counts);
     in_counts->recv(peer, t);
     out_counts->send(peer, t);
     wait_recv(*in_counts, peer, deadline);
@@ -351,8 +415,8 @@ class gloo_tcp_transport final : public transport {
            rank(), peer, their_counts[2], their_counts[3], my_counts[2], my_counts[3]);
     }
     std::vector<std::uint64_t> theirs(2 + their_counts[0] + their_counts[1]);
-    auto out = ctx.createUnboundBuffer(mine.data(), mine.size() * sizeof(std::uint64_t));
-    auto in = ctx.createUnboundBuffer(theirs.data(), theirs.size() * sizeof(std::uint64_t));
+    auto out = make_buffer(ctx, mine.data(), mine.size() * sizeof(std::uint64_t));
+    auto in = make_buffer(ctx, theirs.data(), theirs.size() * sizeof(std::uint64_t));
     in->recv(peer, t);
     out->send(peer, t);
     wait_recv(*in, peer, deadline);
@@ -406,7 +470,7 @@ class gloo_tcp_transport final : public transport {
     const auto t = tag(plan.generation, slot_data);
     auto& ctx = *lanes_[lane_index];
     struct in_flight {
-      std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
+      buffer_registry::tracked buffer;
       device::event staged;
     };
     std::deque<in_flight> staged_q, posted_q;
@@ -420,7 +484,7 @@ class gloo_tcp_transport final : public transport {
           stream()->copy(slot, c.data, c.bytes);
           src = slot;
         }
-        staged_q.push_back({ctx.createUnboundBuffer(src, c.bytes), stream() ? stream()->record() : device::event()});
+        staged_q.push_back({make_buffer(ctx, src, c.bytes), stream() ? stream()->record() : device::event()});
         ++next_stage;
       }
       auto f = std::move(staged_q.front());
@@ -440,7 +504,7 @@ class gloo_tcp_transport final : public transport {
     const auto chunks = chunks_of(plan.recv_data, plan.recv_sizes, chunk_bytes_);
     const std::size_t slots = stream() ? window / slot_bytes_ : chunks.size();
     const auto t = tag(plan.generation, slot_data);
-    std::deque<std::unique_ptr<gloo::transport::UnboundBuffer>> posted;
+    std::deque<buffer_registry::tracked> posted;
     std::vector<device::event> drained(slots);  // H2D done: the staging slot may be reused
     std::size_t next_post = 0;
     for (std::size_t k = 0; k < chunks.size(); ++k) {
@@ -452,7 +516,7 @@ class gloo_tcp_transport final : public transport {
           if (drained[s].valid()) drained[s].wait(left(deadline, peer, "draining staging for"));
           dst = area + s * slot_bytes_;
         }
-        posted.push_back(lane(next_post).createUnboundBuffer(dst, c.bytes));
+        posted.push_back(make_buffer(lane(next_post), dst, c.bytes));
         posted.back()->recv(peer, t);
         ++next_post;
       }
@@ -501,6 +565,7 @@ class gloo_tcp_transport final : public transport {
   std::shared_ptr<store> store_;
   std::vector<std::shared_ptr<gloo::transport::Device>> devices_;
   std::vector<std::shared_ptr<gloo::rendezvous::Context>> lanes_;
+  buffer_registry buffers_;                  // after lanes_: abort() closes them under its lock
   std::map<int, std::uint64_t> generation_;  // per peer: both sides count the executes they share
   device::buffer staging_;
   device::event staging_busy_;   // after a failure: the stream has passed its last use of staging_

@@ -16,7 +16,11 @@ namespace eplb::comm {
 
 class loopback_world {
  public:
-  explicit loopback_world(int size) : size_(size), queues_(static_cast<std::size_t>(size * size)), dead_(size, false) {}
+  explicit loopback_world(int size)
+      : size_(size),
+        queues_(static_cast<std::size_t>(size * size)),
+        dead_(size, false),
+        stopping_(static_cast<std::size_t>(size)) {}
 
   struct message {
     const std::byte* data;
@@ -33,6 +37,20 @@ class loopback_world {
     return queues_[static_cast<std::size_t>(src * size_ + dst)];
   }
   bool dead(int rank) const { return dead_[static_cast<std::size_t>(rank)]; }
+  // Why `rank`'s communicator was aborted (its rank is stopping); empty while it is not. Under mutex.
+  const std::string& stopping(int rank) const { return stopping_[static_cast<std::size_t>(rank)]; }
+  void set_stopping(int rank, const std::string& why) {
+    {
+      std::lock_guard lock(mutex);
+      stopping_[static_cast<std::size_t>(rank)] = why.empty() ? "aborted" : why;
+    }
+    cv.notify_all();
+  }
+  // A new communicator of `rank` (a new generation) is not stopping.
+  void clear_stopping(int rank) {
+    std::lock_guard lock(mutex);
+    stopping_[static_cast<std::size_t>(rank)].clear();
+  }
   void set_dead(int rank) {
     {
       std::lock_guard lock(mutex);
@@ -45,6 +63,7 @@ class loopback_world {
   int size_;
   std::vector<std::deque<std::shared_ptr<message>>> queues_;
   std::vector<bool> dead_;
+  std::vector<std::string> stopping_;
 };
 
 std::shared_ptr<loopback_world> make_loopback_world(int size) {
@@ -64,7 +83,9 @@ using clock = std::chrono::steady_clock;
 class loopback_transport final : public transport {
  public:
   loopback_transport(int rank, std::shared_ptr<loopback_world> world, options opts)
-      : transport(rank, world->size()), world_(std::move(world)), opts_(opts) {}
+      : transport(rank, world->size()), world_(std::move(world)), opts_(opts) {
+    world_->clear_stopping(rank);
+  }
 
   backend kind() const noexcept override { return backend::loopback; }
   capabilities caps() const noexcept override {
@@ -79,6 +100,7 @@ class loopback_transport final : public transport {
     {
       std::lock_guard lock(w.mutex);
       if (w.dead(rank())) fail(errc::peer_failure, "loopback rank {}: this rank was marked dead", rank());
+      check_aborted();
       for (const auto& o : ops) {
         if (!o.is_send) continue;
         sent.push_back(std::make_shared<message>(message{o.data, o.bytes, o.peer}));
@@ -98,15 +120,37 @@ class loopback_transport final : public transport {
   }
 
  private:
+  // abort(): waits wake through the world's condition variable and end here.
+  void on_abort(const std::string& why) noexcept override {
+    try {
+      world_->set_stopping(rank(), why);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; this rank's own waits still see the flag
+      world_->cv.notify_all();
+    }
+  }
+  void check_aborted() const {
+    if (abort_requested()) fail(errc::cancelled, "loopback rank {}: aborted ({})", rank(), abort_reason());
+  }
+  // Under the world's mutex, once a wait for `peer` found nothing: why the peer is gone.
+  [[noreturn]] void peer_gone(int peer) const {
+    check_aborted();
+    const auto& why = world_->stopping(peer);
+    if (!why.empty()) fail(errc::peer_failure, "loopback rank {}: peer rank {} is stopping ({})", rank(), peer, why);
+    fail(errc::peer_failure, "loopback rank {}: peer rank {} died", rank(), peer);
+  }
+
   void receive(const op& o, clock::time_point deadline) {
     auto& w = *world_;
     std::unique_lock lock(w.mutex);
     auto& q = w.queue(o.peer, rank());
-    if (!w.cv.wait_until(lock, deadline, [&] { return !q.empty() || w.dead(o.peer); })) {
+    if (!w.cv.wait_until(lock, deadline, [&] {
+          return !q.empty() || w.dead(o.peer) || !w.stopping(o.peer).empty() || abort_requested();
+        })) {
       fail(errc::timeout, "loopback rank {}: no message from rank {} within {} ms", rank(), o.peer,
            opts_.timeout.count());
     }
-    if (q.empty()) fail(errc::peer_failure, "loopback rank {}: peer rank {} died", rank(), o.peer);
+    check_aborted();
+    if (q.empty()) peer_gone(o.peer);
     auto m = q.front();
     q.pop_front();
     if (m->bytes != o.bytes) {
@@ -130,14 +174,14 @@ class loopback_transport final : public transport {
     for (const auto& m : sent) {
       const int peer = m->receiver;
       if (!w.cv.wait_until(lock, deadline, [&] {
-            return m->status == message::state::done || m->status == message::state::failed || w.dead(peer);
+            return m->status == message::state::done || m->status == message::state::failed || w.dead(peer) ||
+                   !w.stopping(peer).empty() || abort_requested();
           })) {
         fail(errc::timeout, "loopback rank {}: rank {} did not receive within {} ms", rank(), peer,
              opts_.timeout.count());
       }
       if (m->status == message::state::failed) fail(errc::invalid_argument, "loopback: {}", m->failure);
-      if (m->status != message::state::done)
-        fail(errc::peer_failure, "loopback rank {}: peer rank {} died", rank(), peer);
+      if (m->status != message::state::done) peer_gone(peer);
     }
   }
 

@@ -141,6 +141,7 @@ class nccl_transport final : public transport {
     const auto deadline = deadline_after(opts_.timeout);
     while (!done.wait_for(std::chrono::microseconds(200))) {
       if (aborted_) fail(errc::transport, "{} rank {}: communicator was aborted", name(), rank());
+      if (abort_requested()) abort_with(errc::cancelled, fmt::format("stopping: {}", abort_reason()));
       ncclResult_t async = ncclSuccess;
       check(api_.CommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
       if (async != ncclSuccess && async != ncclInProgress)
@@ -201,6 +202,7 @@ class nccl_transport final : public transport {
       ncclResult_t state = ncclSuccess;
       check(api_.CommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
       if (state == ncclSuccess) return;
+      if (abort_requested()) abort_with(errc::cancelled, fmt::format("{}: stopping: {}", doing(), abort_reason()));
       if (state != ncclInProgress)
         abort_with(errc::peer_failure, fmt::format("{}: {}", doing(), api_.GetErrorString(state)));
       if (clock::now() >= deadline)

@@ -10,6 +10,8 @@
 #include "comm/counter.hpp"
 #include "eplb/comm/store.hpp"
 #include "util/asio.hpp"
+
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include "util/deadline.hpp"
 #include "util/fail.hpp"
 
@@ -65,14 +67,7 @@ struct tcp_store_server::impl {
         } else if (h.op == op_usage) {
           reply = usage_text();
         } else if (h.op == op_get) {
-          while (values.count(key) == 0) {
-            asio::steady_timer timer(io, clock::time_point::max());
-            auto it = waiters.emplace(key, &timer);
-            boost::system::error_code ec;
-            co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-            waiters.erase(it);
-            if (!socket.is_open()) co_return;
-          }
+          if (!co_await wait_for_key(socket, key)) co_return;
           reply = values[key];
         } else {
           co_return;
@@ -84,6 +79,25 @@ struct tcp_store_server::impl {
     } catch (const std::exception&) {
       // The client went away; its requests die with the connection.
     }
+  }
+
+  // Parks until `key` is set; false when the client closed the connection first (its get timed
+  // out). Waits that poll in short slices (eplb_state's, issue 17) would otherwise leave one parked
+  // connection per slice for a key that is never set. A client sends nothing while it waits, so
+  // the socket turning readable means it closed.
+  asio::awaitable<bool> wait_for_key(tcp::socket& socket, const std::string& key) {
+    using namespace asio::experimental::awaitable_operators;
+    while (values.count(key) == 0) {
+      asio::steady_timer timer(io, clock::time_point::max());
+      auto it = waiters.emplace(key, &timer);
+      boost::system::error_code timer_ec, socket_ec;
+      const auto woke =
+          co_await (timer.async_wait(asio::redirect_error(asio::use_awaitable, timer_ec)) ||
+                    socket.async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, socket_ec)));
+      waiters.erase(it);
+      if (woke.index() == 1 || !socket.is_open()) co_return false;
+    }
+    co_return true;
   }
 
   // "keys bytes", counted on the io thread that owns the map.

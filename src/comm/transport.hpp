@@ -3,8 +3,11 @@
 // it destroys its transport only after its last job, so a transport's destructor never races one.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <span>
+#include <string>
+#include <string_view>
 
 #include "eplb/comm/communicator.hpp"
 
@@ -45,14 +48,34 @@ class transport {
   [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
   [[nodiscard]] virtual registered_memory allocate_registered(std::size_t bytes);
 
+  /// Ends every pending and future wait of this transport promptly with errc::cancelled naming
+  /// `why`, and tells the peers that this rank is stopping where the backend can (loopback: its
+  /// world; gloo: its connections close; mailboxes: its failure flag), so that they fail with
+  /// errc::peer_failure naming it instead of waiting for the timeout. Any thread, any time;
+  /// idempotent, never throws. A batch in flight still returns only once nothing of it can touch
+  /// its buffers any more (the memory rule holds for aborted transfers too).
+  void abort(std::string_view why) noexcept;
+  [[nodiscard]] bool abort_requested() const noexcept { return aborted_.load(std::memory_order_acquire); }
+  /// Why abort() was called; empty before.
+  [[nodiscard]] std::string abort_reason() const;
+
   /// The caller's stream (communicator::set_stream); not owned.
   void set_stream(device::stream* s) noexcept { stream_ = s; }
   [[nodiscard]] device::stream* stream() const noexcept { return stream_; }
+
+ protected:
+  /// The backend's part of abort(), called once by the aborting thread after abort_requested()
+  /// turned true: wake its waits and tell the peers. Default: nothing (a backend whose waits poll
+  /// abort_requested() needs no more). A transport that wraps a communicator forwards it.
+  virtual void on_abort(const std::string& why) noexcept;
 
  private:
   int rank_;
   int size_;
   device::stream* stream_ = nullptr;
+  std::atomic<bool> aborting_{false};  // the first abort() wins
+  std::atomic<bool> aborted_{false};   // published after abort_reason_ is written, never before
+  std::string abort_reason_;
 };
 
 }  // namespace eplb::comm

@@ -62,8 +62,16 @@ std::optional<std::int64_t> lagged_min::step(std::int64_t mine) {
   return round.get();
 }
 
-void lagged_min::fail_out(std::int64_t code) {
-  for (int i = 0; i <= lag_; ++i) post(code);
+// Posted here, not on the chain: its queued rounds may wait for a peer (or have failed, and then
+// the rounds behind them post nothing), and the peers need these codes now.
+void lagged_min::fail_out(std::int64_t code) noexcept {
+  for (int i = 0; i <= lag_; ++i) {
+    try {
+      group_.post_min(code, id_, next_round_++);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): announced stopped, or the store failed: peers time out
+      break;
+    }
+  }
   rounds_.clear();
 }
 

@@ -36,8 +36,10 @@ class lagged_min {
   /// in the first `lag` steps. Rethrows the all-reduce's error (errc::timeout naming a silent rank).
   [[nodiscard]] std::optional<std::int64_t> step(std::int64_t mine);
   /// A failing rank posts `code` for this round and the `lag` rounds its peers post before they
-  /// see it, so their all-reduces complete instead of timing out; then forgets every round.
-  void fail_out(std::int64_t code);
+  /// see it, so their all-reduces complete instead of timing out; then forgets every round. Posts
+  /// on the calling thread (one store write per round), so that a stopping rank's codes are in the
+  /// store before it announces its stop. Never throws.
+  void fail_out(std::int64_t code) noexcept;
 
  private:
   void post(std::int64_t value);

@@ -84,7 +84,8 @@ class async_runtime {
 
   /// Cancels the rebalance and waits until it has ended and every handler this runtime posted has
   /// run (its current transfer, blocking job or device wait is bounded by the timeout), then for the
-  /// side stream (bounded by the timeout). Idempotent, never throws; nothing but the destructor after it.
+  /// side stream (at most 100 ms: the areas are released after its work anyway). Idempotent, never
+  /// throws; nothing but the destructor after it.
   void stop() noexcept;
   /// `reader` (the serving stream) reads committed areas: when this runtime goes, the areas are
   /// freed only once `reader` has also passed the work queued on it by now. Never throws.

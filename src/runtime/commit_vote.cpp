@@ -2,6 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <thread>
+
+#include "runtime/cpu_group.hpp"
+#include "util/deadline.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::runtime {
@@ -82,11 +86,27 @@ void commit_vote::abort(const std::string& why) noexcept {
   aborted_ = true;  // one abort per rebalance; later batches are never reached
 }
 
+// A barrier that does not wait for ranks that announced their stop (cpu_group::announce_stop): they
+// never arrive. A rank that arrived and then stopped counts twice, which only ends the wait early.
 void commit_vote::settle(std::int64_t id) noexcept {
   try {
-    comm::store_barrier(*store_, fmt::format("sync-vote/{}/ended", id), size_, 3 * timeout_);
+    const auto name = fmt::format("sync-vote/{}/ended", id);
+    const auto deadline = deadline_after(3 * timeout_);
+    auto arrived = store_->add(name, 1);
+    auto pause = std::chrono::milliseconds(1);
+    while (arrived + stopped_peers() < size_ && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::milliseconds(20));
+      arrived = store_->add(name, 0);
+    }
   } catch (...) {  // NOLINT(bugprone-empty-catch): the rebalance's own error is what gets reported
   }
+}
+
+std::int64_t commit_vote::stopped_peers() const {
+  std::int64_t n = 0;
+  for (int r = 0; r < size_; ++r) n += r != rank_ && announced_stop(*store_, r) ? 1 : 0;
+  return n;
 }
 
 }  // namespace eplb::runtime

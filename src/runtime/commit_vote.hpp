@@ -33,7 +33,7 @@ class commit_vote {
   /// After a failed rebalance: waits until every rank has ended it too (at most three timeouts:
   /// a peer may still wait out a transfer and its in-flight batches), so that a rank that failed
   /// fast does not run ahead into the next collective alone and time out there. A dead peer
-  /// costs the wait once; nothing is thrown.
+  /// costs the wait once, a peer that announced its stop nothing; nothing is thrown.
   void settle(std::int64_t id) noexcept;
   /// Deletes the keys of every earlier rebalance not deleted yet (rank 0 does it for all): also
   /// those whose own load sum failed, so that no rebalance's keys stay behind. Call once every rank
@@ -43,6 +43,8 @@ class commit_vote {
 
  private:
   [[nodiscard]] std::string key(const char* what) const;
+  // Peers that announced their stop in this store (cpu_group's stopping keys: same namespace).
+  [[nodiscard]] std::int64_t stopped_peers() const;
 
   std::shared_ptr<comm::store> store_;
   int rank_;

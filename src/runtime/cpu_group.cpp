@@ -1,5 +1,6 @@
 #include "runtime/cpu_group.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 
@@ -33,22 +34,74 @@ void add_bytes(std::span<double> into, const std::string& bytes) {
 
 }  // namespace
 
-cpu_group::cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std::chrono::milliseconds timeout)
-    : store_(std::move(store)), rank_(rank), size_(size), timeout_(timeout) {
+std::string stopping_key(int rank) {
+  return fmt::format("stopping/{}", rank);
+}
+
+// Not add() (the file store locks a counter file: a peer frozen by SIGSTOP while holding that lock
+// would block every prober) and not get() (a miss parks a waiter in the TCP store's server):
+// set_if_absent answers at once on every store, "0" until the rank announced "1".
+bool announced_stop(comm::store& s, int rank) {
+  return s.set_if_absent(stopping_key(rank), "0") == "1";
+}
+
+cpu_group::cpu_group(std::shared_ptr<comm::store> store, int rank, int size, std::chrono::milliseconds timeout,
+                     std::stop_token stop)
+    : store_(std::move(store)), rank_(rank), size_(size), timeout_(timeout), stop_(std::move(stop)) {
   if (!store_) fail(errc::invalid_argument, "cpu group: a store is required");
 }
 
-std::string cpu_group::read(const std::string& key, int from, const std::string& round,
-                            std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout) {
-  const auto left =
-      std::max(std::chrono::milliseconds(1),
-               std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+namespace {
+
+// The value of `key` if the store has it within `wait`; nothing on a timeout.
+std::optional<std::string> get_within(comm::store& s, const std::string& key, std::chrono::milliseconds wait) {
   try {
-    return store_->get(key, left);
+    return s.get(key, wait);
   } catch (const error& e) {
     if (e.code() != errc::timeout) throw;
-    fail(errc::timeout, "cpu group rank {}: rank {} did not join {} within {} ms (dead or stalled?)", rank_, from,
-         round, timeout.count());
+    return std::nullopt;
+  }
+}
+
+}  // namespace
+
+// In slices: between them the stop token (this rank stops) and rank `from`'s announcement (it
+// stopped) end the wait early. A key that `from` wrote before announcing is still read.
+std::string cpu_group::read(const std::string& key, int from, const std::string& round,
+                            std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout) {
+  using std::chrono::milliseconds;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (auto v = get_within(*store_, key, std::clamp(left, milliseconds(1), wait_slice))) return std::move(*v);
+    if (stop_.stop_requested()) {
+      fail(errc::cancelled, "cpu group rank {}: stopped while waiting for rank {} in {}", rank_, from, round);
+    }
+    if (announced_stop(*store_, from)) {
+      if (auto v = get_within(*store_, key, milliseconds(1))) return std::move(*v);
+      fail(errc::peer_failure, "cpu group rank {}: rank {} stopped before joining {}", rank_, from, round);
+    }
+    if (left <= wait_slice) {
+      fail(errc::timeout, "cpu group rank {}: rank {} did not join {} within {} ms (dead or stalled?)", rank_, from,
+           round, timeout.count());
+    }
+  }
+}
+
+void cpu_group::set_own(const std::string& key, const std::string& value) {
+  std::shared_lock lock(post_mutex_);
+  if (stopped_) fail(errc::cancelled, "cpu group rank {}: stopped (announced to the peers)", rank_);
+  store_->set(key, value);
+}
+
+void cpu_group::announce_stop() noexcept {
+  {
+    std::unique_lock lock(post_mutex_);
+    if (stopped_) return;
+    stopped_ = true;
+  }
+  try {
+    store_->set(stopping_key(rank_), "1");
+  } catch (...) {  // NOLINT(bugprone-empty-catch): peers then find out by their timeout, as for a dead rank
   }
 }
 
@@ -99,7 +152,7 @@ void cpu_group::completed(const std::string& family) {
 std::vector<std::string> cpu_group::exchange(const std::string& family, std::uint64_t order, const std::string& round,
                                              std::string mine, std::chrono::milliseconds timeout) {
   const auto own = fmt::format("{}/{}", round, rank_);
-  store_->set(own, mine);
+  set_own(own, mine);
   posted(family, order, own);
   std::vector<std::string> all(static_cast<std::size_t>(size_));
   const auto deadline = deadline_after(timeout);
@@ -123,7 +176,7 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
   for (int s = 0; s < size_; ++s) {
     if (s == rank_) continue;
     const auto [b, e] = slice(values.size(), size_, s);
-    store_->set(fmt::format("{}/part/{}/{}", round, s, rank_), to_bytes(values.subspan(b, e - b)));
+    set_own(fmt::format("{}/part/{}/{}", round, s, rank_), to_bytes(values.subspan(b, e - b)));
   }
   const auto [mb, me] = slice(values.size(), size_, rank_);
   std::vector<double> mine(values.begin() + static_cast<std::ptrdiff_t>(mb),
@@ -151,6 +204,12 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
     add_bytes(std::span(out).subspan(b, e - b), t);
   }
   return out;
+}
+
+void cpu_group::post_min(std::int64_t value, std::int64_t rebalance, std::int64_t round) {
+  const auto own = fmt::format("min/{}/{}/{}", rebalance, round, rank_);
+  set_own(own, std::to_string(value));
+  posted(fmt::format("min/{}", rebalance), static_cast<std::uint64_t>(rebalance), own);
 }
 
 std::int64_t cpu_group::allreduce_min(std::int64_t value, std::int64_t rebalance, std::int64_t round) {

@@ -55,7 +55,7 @@ async_session::async_session(const session_context& ctx, std::function<std::int6
   const auto& shape = ctx.model.shape;
   const auto& cfg = ctx.cfg;
   group_ = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(ctx.store, "eplb-cpu"), ctx.rank,
-                                                shape.num_ranks, cfg.timeout);
+                                                shape.num_ranks, cfg.timeout, ctx.stop);
   threads_ = std::make_unique<runtime::background_threads>();
   side_ = ctx.dev.create_stream();
   exec::rearrange_options opts{.timeout = cfg.timeout, .register_buffers = cfg.register_buffers};
@@ -218,7 +218,10 @@ void async_session::advance_running(step_report& report) {
   }
   if (agreed && *agreed < 0) {
     abandon(mine);
-    fail(errc::peer_failure, "rebalance failed on rank {}; layers not committed keep their old weights", -*agreed - 2);
+    const auto r = -*agreed - 2;  // a failure code; past the ranks, a stop's (see stop())
+    const int size = ctx_.model.shape.num_ranks;
+    fail(errc::peer_failure, "{} rank {}; layers not committed keep their old weights",
+         r >= size ? "rebalance ended: stopped on" : "rebalance failed on", r >= size ? r - size : r);
   }
   if (!before_ && phase_ != phase::deferred) {
     // The global load arrives with the policy, before any layer is staged: measure the old maps.
@@ -307,13 +310,20 @@ void async_session::on_step_failure() noexcept {
   if (phase_ == phase::failing) enter(phase::failing_quiet);  // a commit or the agreement failed here
 }
 
+// ctx_.stop was requested before: every store wait of the background and of the agreement's
+// rounds ends within a slice. Then the peers are told, in this order: mid-rebalance, they read this
+// rank's failure code from the rounds they wait for next (all in the same step, so they end the
+// rebalance together); then the announcement, after which no round key of this rank appears, so
+// a peer waiting for any other round fails naming this rank; then the communicator is aborted,
+// which ends this rank's transfers and, where the backend can, tells the peers in a transfer with it.
 void async_session::stop() noexcept {
-  // Mid-rebalance, the peers read this rank's failure code from the agreement instead of waiting
-  // for rounds it would never post.
   if (in_flight() && agree_) {
     const bool failing = phase_ == phase::failing || phase_ == phase::failing_quiet;
-    agree_->fail_out(failing ? failure_code_ : -(ctx_.rank + 2));
+    // A stop posts -(ranks + rank + 2): below every failure code, so the peers' message says stopped.
+    agree_->fail_out(failing ? failure_code_ : -(ctx_.model.shape.num_ranks + ctx_.rank + 2));
   }
+  group_->announce_stop();
+  ctx_.comms.abort(fmt::format("rank {} is stopping", ctx_.rank));
   background_->stop();
 }
 

@@ -2,12 +2,13 @@
 
 #include <fmt/format.h>
 
+#include "runtime/stoppable_store.hpp"
 #include "state/validate.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::state_detail {
 
-comm_owner::comm_owner(state_params& p)
+comm_owner::comm_owner(state_params& p, std::stop_token stop)
     : cfg_(p.cfg),
       rank_(p.rank),
       size_(p.model.shape.num_ranks),
@@ -17,7 +18,8 @@ comm_owner::comm_owner(state_params& p)
       setup_(p.comm_setup),
       factory_(std::move(p.comm_factory)),
       wrap_(std::move(p.comm_wrap)),
-      can_remake_(factory_ || !p.comm) {
+      can_remake_(factory_ || !p.comm),
+      stop_(std::move(stop)) {
   comm_ = p.comm ? std::move(p.comm) : make(0);
   check_communicator(cfg_, *comm_);
   kind_ = comm_->kind();
@@ -35,7 +37,10 @@ comm::setup comm_owner::tuned_setup(int generation) const {
   s.rank = rank_;
   s.size = size_;
   if (!s.rendezvous) s.rendezvous = comm::make_prefix_store(store_, "eplb-comm");
-  if (generation > 0) s.rendezvous = comm::make_prefix_store(s.rendezvous, fmt::format("generation-{}", generation));
+  if (generation > 0) {
+    s.rendezvous = comm::make_prefix_store(s.rendezvous, fmt::format("generation-{}", generation));
+    s.rendezvous = runtime::make_stoppable_store(s.rendezvous, stop_);  // made on the pool: stop() must not wait
+  }
   if (s.dev == nullptr) s.dev = dev_;
   s.opts.timeout = cfg_.timeout;
   const bool gloo = backend_ == comm::backend::gloo;
@@ -61,9 +66,21 @@ void comm_owner::remake(int generation, const std::function<void(comm::communica
     fail(errc::invalid_config, "eplb_state: comm_factory({}) made a {} communicator, the first one was {}", generation,
          comm::to_string(fresh->kind()), comm::to_string(kind_));
   }
+  std::unique_ptr<comm::communicator> old;  // destroyed after the lock: it joins its worker
+  std::lock_guard lock(swap_mutex_);
+  if (aborted_) fresh->abort(*aborted_);
   adopt(*fresh);
-  comm_ = std::move(fresh);
+  old = std::exchange(comm_, std::move(fresh));
   generation_ = generation;
+}
+
+void comm_owner::abort(const std::string& why) noexcept {
+  std::lock_guard lock(swap_mutex_);
+  try {
+    aborted_ = why;
+  } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; the current one is still aborted
+  }
+  if (comm_) comm_->abort(why);
 }
 
 }  // namespace eplb::state_detail

@@ -6,6 +6,10 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <stop_token>
+#include <string>
 
 #include "eplb/state.hpp"
 
@@ -13,8 +17,9 @@ namespace eplb::state_detail {
 
 class comm_owner {
  public:
-  /// Takes the communicator, factory, wrapper and setup out of `p`; makes generation 0.
-  explicit comm_owner(state_params& p);
+  /// Takes the communicator, factory, wrapper and setup out of `p`; makes generation 0. The
+  /// rendezvous of a communicator made later observes `stop` (runtime::make_stoppable_store).
+  comm_owner(state_params& p, std::stop_token stop);
 
   [[nodiscard]] comm::communicator& get() const noexcept { return *comm_; }
   [[nodiscard]] comm::backend kind() const noexcept { return kind_; }
@@ -29,6 +34,10 @@ class comm_owner {
   /// Makes generation `generation`, then the old one goes (its waits are bounded by the timeout).
   /// `adopt` hands the new one to its users before the old one is destroyed.
   void remake(int generation, const std::function<void(comm::communicator&)>& adopt);
+
+  /// Aborts the communicator (communicator::abort), and any made later, from any thread: the
+  /// remaking thread may be swapping it meanwhile.
+  void abort(const std::string& why) noexcept;
 
   /// Destroys the communicator (its threads and its own staging) now.
   void reset() noexcept { comm_.reset(); }
@@ -50,6 +59,9 @@ class comm_owner {
   int generation_ = 0;
   bool suspect_ = false;
   comm::backend kind_;  // fixed at start: read by the serving thread while the background remakes
+  std::stop_token stop_;
+  std::mutex swap_mutex_;               // abort() against remake()'s swap
+  std::optional<std::string> aborted_;  // under swap_mutex_: why abort() was called
   std::unique_ptr<comm::communicator> comm_;
 };
 

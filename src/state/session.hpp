@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <memory>
+#include <stop_token>
 
 #include "eplb/state.hpp"
 #include "state/comm_owner.hpp"
@@ -16,6 +17,10 @@
 namespace eplb::state_detail {
 
 using clock_type = std::chrono::steady_clock;
+
+/// How long stop() waits for a stream's queued work (the serving stream, the side stream): short,
+/// so that stop() stays bounded; memory that work touches is released after it by the device.
+inline constexpr std::chrono::milliseconds stop_stream_wait{100};
 
 /// What a session works on; owned by the state, which outlives its session.
 struct session_context {
@@ -30,6 +35,7 @@ struct session_context {
   comm_owner& comms;
   metrics& m;
   std::shared_ptr<comm::store> store;  // the CPU collectives' rendezvous
+  std::stop_token stop;                // eplb_state::stop() requested: every store wait ends (cancelled)
 };
 
 class rebalance_session {
@@ -50,7 +56,10 @@ class rebalance_session {
   [[nodiscard]] virtual bool ended_this_step_by_failure() const noexcept = 0;
   /// step() threw while in flight: tells the peers and gives up this rank's part.
   virtual void on_step_failure() noexcept = 0;
-  /// Cancels a rebalance in flight and waits for the background (bounded by the timeout).
+  /// Tells the peers this rank stops (cpu_group::announce_stop, after which it writes no round key;
+  /// async mid-rebalance: its failure code in the rounds they wait for first), aborts the
+  /// communicator (transfers in flight end now) and, async, waits for the background to end:
+  /// bounded by a few store slices, not by the timeout, since ctx.stop was requested before.
   virtual void stop() noexcept = 0;
 };
 

@@ -31,6 +31,7 @@ struct eplb_state::impl {
   placement maps;
   state_detail::load_recorder load;
   state_detail::device_maps published;
+  std::stop_source stopping;  // stop(): every store wait of this rank ends (errc::cancelled)
   state_detail::comm_owner comms;
   // Last: destroyed first, while the communicator, maps and weights it works on are alive.
   std::unique_ptr<state_detail::rebalance_session> session;
@@ -48,10 +49,11 @@ struct eplb_state::impl {
         maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log"),
         load(dev, serving, p.model.shape.layers, p.model.shape.num_physical, p.cfg.window_size, p.cfg.timeout),
         published(dev, serving, p.model.shape, p.cfg.timeout),
-        comms(p),
+        comms(p, stopping.get_token()),
         since_rebalance(p.cfg.step_interval - p.cfg.step_interval / 4) {
-    session = state_detail::make_session({cfg, model, rank, dev, serving, weights, maps, published, comms, m, p.store},
-                                         std::move(p.commit_agreement));
+    session = state_detail::make_session(
+        {cfg, model, rank, dev, serving, weights, maps, published, comms, m, p.store, stopping.get_token()},
+        std::move(p.commit_agreement));
     for (int l = 0; l < model.shape.layers; ++l) published.publish(maps, l);
     serving.synchronize(cfg.timeout);
   }
@@ -134,14 +136,19 @@ step_report eplb_state::step(bool is_dummy) {
   return report;
 }
 
+// Bounded by a few store slices and stop_stream_wait, whatever the rebalance was doing (issue 17):
+// the store waits end first, then the session tells the peers and aborts the transfers, and the
+// serving stream gets a short wait only. Memory queued work may still touch is freed after that
+// work by the device (release_after), never by this.
 void eplb_state::stop() noexcept {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
+  impl_->stopping.request_stop();
   impl_->session->stop();
   try {
-    impl_->serving.synchronize(impl_->cfg.timeout);
+    impl_->serving.synchronize(std::min(impl_->cfg.timeout, state_detail::stop_stream_wait));
   } catch (...) {
-    // stop() must not throw; a failed serving stream is the engine's to report.
+    // stop() must not throw; a failed or busy serving stream is the engine's to report.
   }
 }
 

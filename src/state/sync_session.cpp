@@ -4,6 +4,8 @@
 // every rank re-makes it in the same rebalance, under a generation every rank derives alike.
 #include "state/sync_session.hpp"
 
+#include <fmt/format.h>
+
 #include "eplb/core/load.hpp"
 #include "eplb/core/policy.hpp"
 #include "runtime/commit_vote.hpp"
@@ -14,7 +16,7 @@ namespace eplb::state_detail {
 sync_session::sync_session(const session_context& ctx) : ctx_(ctx) {
   const auto& shape = ctx.model.shape;
   group_ = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(ctx.store, "eplb-cpu"), ctx.rank,
-                                                shape.num_ranks, ctx.cfg.timeout);
+                                                shape.num_ranks, ctx.cfg.timeout, ctx.stop);
   vote_ = std::make_unique<runtime::commit_vote>(comm::make_prefix_store(ctx.store, "eplb-cpu"), ctx.rank,
                                                  shape.num_ranks, ctx.cfg.timeout);
   exec::rearrange_options opts{
@@ -26,6 +28,13 @@ sync_session::sync_session(const session_context& ctx) : ctx_(ctx) {
 }
 
 sync_session::~sync_session() = default;
+
+// On the serving thread, so never inside a rebalance: peers that already started the next one wait
+// for this rank's part of the load sum, and learn from the announcement that it never comes.
+void sync_session::stop() noexcept {
+  group_->announce_stop();
+  ctx_.comms.abort(fmt::format("rank {} is stopping", ctx_.rank));
+}
 
 void sync_session::start(const matrix<double>& local_load, step_report& report) {
   trigger_time_ = clock_type::now();

@@ -23,7 +23,7 @@ class sync_session final : public rebalance_session {
   [[nodiscard]] bool in_flight() const noexcept override { return false; }
   [[nodiscard]] bool ended_this_step_by_failure() const noexcept override { return false; }
   void on_step_failure() noexcept override {}
-  void stop() noexcept override {}
+  void stop() noexcept override;
 
  private:
   void run(const matrix<double>& local, const matrix<expert_id>& old, step_report& report);

@@ -61,6 +61,8 @@ class faulty_transport final : public comm::transport {
   }
 
  private:
+  void on_abort(const std::string& why) noexcept override { inner_->abort(why); }
+
   std::unique_ptr<comm::communicator> inner_;
   std::shared_ptr<fault_switch> switch_;
   std::mt19937_64 rng_;  // the running thread's only

@@ -61,6 +61,7 @@ void check_numbers(const simulate_config& c, const preset_shape& p) {
   check_range("--inject-delay-ms", c.inject_delay.count(), 0, 60'000);
   check_timeout("--timeout-ms", c.timeout, errc::invalid_argument);
   check_fault(c, "--fail-rank", c.fail_rank, "--fail-step", c.fail_step);
+  check_fault(c, "--stop-rank", c.stop_rank, "--stop-step", c.stop_step);
   check_fault(c, "--transfer-fault-rank", c.transfer_fault_rank, "--transfer-fault-step", c.transfer_fault_step);
 }
 

@@ -37,6 +37,10 @@ struct simulate_config {
   std::chrono::milliseconds inject_delay{0};
   int fail_rank = -1;
   int fail_step = -1;
+  /// This rank calls eplb_state::stop() at the step (whatever is in flight) and leaves the run; its
+  /// peers are told. Every rank's report carries how long its stop() took (stop_ms).
+  int stop_rank = -1;
+  int stop_step = -1;
   /// This rank's first batch after the step fails (the communicator then stays broken, as real ones
   /// do); every rank reports the error and goes on, and later rebalances run on new communicators.
   int transfer_fault_rank = -1;

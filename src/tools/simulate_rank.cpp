@@ -338,7 +338,8 @@ void serve_step(rank_context& c, router& route, rank_log& log, int step) {
               {"committed", change.committed}});
 }
 
-// Every step, then a meeting of all ranks; false when this rank dies on purpose (--fail-rank).
+// Every step, then a meeting of all ranks; false when this rank dies or stops on purpose
+// (--fail-rank, --stop-rank).
 bool serve(rank_context& c, rank_log& log, bool print_progress) {
   router route(c.cfg, c.preset.layers, c.preset.experts, c.rank);
   progress bar(print_progress && c.rank == 0, c.cfg.steps);
@@ -347,6 +348,7 @@ bool serve(rank_context& c, rank_log& log, bool print_progress) {
       if (c.world) comm::mark_dead(*c.world, c.rank);
       return false;
     }
+    if (c.rank == c.cfg.stop_rank && step == c.cfg.stop_step) return false;
     serve_step(c, route, log, step);
     bar.update(step, c.state.stats(), step == c.cfg.steps);
   }
@@ -361,9 +363,16 @@ std::string rank_failure(int rank, const error& e, const std::string& what) {
 
 // A peer died or stalled, or this rank failed: stop cleanly, then check that every layer still
 // holds exactly what its (committed) maps say.
+// stop(), timed for the report (issue 17: bounded whatever is in flight).
+void timed_stop(rank_context& c, json& out) {
+  const auto t0 = clock_type::now();
+  c.state.stop();
+  out["stop_ms"] = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+}
+
 void report_failure(rank_context& c, const rank_log& log, const error& e, json& out) {
   out["failure"] = rank_failure(c.rank, e, e.what());
-  c.state.stop();
+  timed_stop(c, out);
   bool intact = true;
   for (int l = 0; l < c.preset.layers && intact; ++l) intact = verify_layer(c.state, c.model, l, c.rank).empty();
   out["weights_intact"] = intact;
@@ -382,7 +391,25 @@ void report_success(rank_context& c, const rank_log& log, json& out) {
   out["errors"] = log.errors;
   out["communicators_made"] = c.transfer_fault() ? c.faults->made.load() : 1;
   out["verified"] = true;
-  c.state.stop();
+  timed_stop(c, out);
+}
+
+// --stop-rank: stop() at a random moment of whatever runs, check the weights, leave the run (the
+// peers' end meeting does not wait for this rank).
+void report_stop(rank_context& c, const rank_log& log, json& out) {
+  out["failure"] = fmt::format("rank {}: stopped at step {} (injected)", c.rank, c.cfg.stop_step);
+  out["stopped"] = true;
+  timed_stop(c, out);
+  bool intact = true;
+  for (int l = 0; l < c.preset.layers && intact; ++l) intact = verify_layer(c.state, c.model, l, c.rank).empty();
+  out["weights_intact"] = intact;
+  out["maps_digest"] = maps_digest(c.state);
+  out["errors"] = log.errors;
+  try {
+    (void)c.store->add("simulate-end", 1);
+  } catch (const error&) {  // NOLINT(bugprone-empty-catch): the peers then time out at the meeting
+  }
+  log.write_timings(out);
 }
 
 }  // namespace
@@ -397,6 +424,10 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
     rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(world));
     try {
       if (!serve(c, log, print_progress)) {
+        if (rank == cfg.stop_rank) {
+          report_stop(c, log, out);
+          return out;
+        }
         out["failure"] = fmt::format("rank {}: died at step {} (injected)", rank, cfg.fail_step);
         out["died"] = true;
         return out;

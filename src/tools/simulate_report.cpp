@@ -135,7 +135,8 @@ json rank_details(const std::vector<json>& ranks) {
   json details = json::array();
   for (const auto& r : ranks) {
     json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
-    for (const char* key : {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest"}) {
+    for (const char* key :
+         {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest", "stop_ms", "stopped"}) {
       if (r.contains(key)) d[key] = r[key];
     }
     details.push_back(d);

@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdlib>
 #include <iostream>
+#include <thread>
 
 #include "comm/conformance.hpp"
 #include "eplb/comm/communicator.hpp"
@@ -190,6 +191,7 @@ int main(int argc, char** argv) {
     auto dev_small = dev->allocate(8, use_stream ? device::memory_kind::device : device::memory_kind::host);
     auto dev_large = dev->allocate(16, use_stream ? device::memory_kind::device : device::memory_kind::host);
     c->set_stream(use_stream ? stream.get() : nullptr);
+    std::jthread aborter;  // mode abort; joined before `c` goes
     if (mode == "mismatch") {
       if (rank == 0) c->add_send(std::span<const std::byte>(dev_small.data(), 8), 1);
       if (rank == 1) c->add_recv(std::span<std::byte>(dev_large.data(), 16), 0);
@@ -198,6 +200,22 @@ int main(int argc, char** argv) {
       std::byte* buf = registered ? reg_block.memory.data() : dev_small.data();
       c->add_send(std::span<const std::byte>(buf, 8), 1);
       c->add_recv(std::span<std::byte>(buf + 8, 8), 1);
+    } else if (mode == "abort") {
+      // Issue 17: rank 0 waits for rank 1, which starts its batch only after 1 s; meanwhile rank 0
+      // aborts its communicator from another thread. Rank 0 must end cancelled at once; rank 1,
+      // whose batch matches, must hear of the abort (rank 0's process lives on for 3 s, so it is
+      // the closed connections that tell it), both long before the timeout.
+      c->add_send(std::span<const std::byte>(dev_small.data(), 8), 1 - rank);
+      c->add_recv(std::span<std::byte>(dev_large.data(), 8), 1 - rank);
+      expect = rank == 0 ? "aborted (rank 0 is stopping)" : "rank 0 failed (peer died or closed the connection)";
+      if (rank == 0) {
+        aborter = std::jthread([&c] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(300));
+          c->abort("rank 0 is stopping");
+        });
+      } else {
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+      }
     } else {
       throw error(errc::invalid_argument, "--mode: unknown mode " + mode);
     }
@@ -206,6 +224,7 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const error& e) {
     std::cout << fmt::format("rank {}: error [{}] {}\n", rank, to_string(e.code()), e.what());
+    if (mode == "abort" && rank == 0) std::this_thread::sleep_for(std::chrono::seconds(3));
     if (!expect.empty() && std::string(e.what()).find(expect) != std::string::npos) return 0;
     return 1;
   } catch (const std::exception& e) {

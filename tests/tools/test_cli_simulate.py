@@ -117,6 +117,8 @@ bad_flags = [
     (["simulate", "--inject-delay-ms", "-1"], "--inject-delay-ms: must be in 0..60000, got -1"),
     (["simulate", "--fail-rank", "-2", "--fail-step", "5"], "--fail-rank: must be in -1..3, got -2"),
     (["simulate", "--fail-rank", "1", "--fail-step", "0"], "--fail-step: must be in 1..2000, got 0"),
+    (["simulate", "--stop-rank", "4", "--stop-step", "5"], "--stop-rank: must be in -1..3, got 4"),
+    (["simulate", "--stop-rank", "1"], "--stop-rank and --stop-step go together"),
     (["simulate", "--transfer-fault-rank", "1", "--transfer-fault-step", "3000"],
      "--transfer-fault-step: must be in 1..2000, got 3000"),
     (["simulate", "--rank", "-2"], "--rank: -2 is not a rank"),

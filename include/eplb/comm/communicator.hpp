@@ -154,6 +154,14 @@ class communicator {
   /// work completes) and must only post elsewhere.
   void execute_async(std::function<void(std::exception_ptr)> done);
 
+  /// Ends every pending and future wait of this communicator promptly with errc::cancelled (`why`
+  /// in the message) and, where the backend can, tells the peers this rank is stopping, so that
+  /// they fail with errc::peer_failure naming it rather than after the timeout. From any thread, at
+  /// any time; idempotent, never throws. A batch in flight still ends only once nothing of it can
+  /// touch its buffers. eplb_state::stop() calls it; the communicator is unusable afterwards.
+  void abort(std::string_view why) noexcept;
+  [[nodiscard]] bool aborted() const noexcept;
+
   /// Runs execute_async() jobs for an owner that has its own place for blocking work (a strand of
   /// its pool, say). It must run every job it is given, in order, one at a time: batches must
   /// reach the transport in the order they were made. The destructor waits for the jobs it posted.
@@ -179,6 +187,7 @@ class communicator {
 
  private:
   void check_peer(int peer, const char* what) const;
+  void check_not_aborted() const;
   struct worker;
 
   std::unique_ptr<transport> transport_;

@@ -50,6 +50,15 @@ class mailbox_transport final : public transport {
   void back_off(int idle_rounds) const;
   void check_peers(const pair_batch& batch, clock::time_point now, bool liveness) const;
   void break_with(const std::string& why) noexcept;
+  // Any thread: the batch thread sees abort_requested() in its loop; the peers see the flag.
+  void on_abort(const std::string& why) noexcept override {
+    if (!control_) return;
+    try {
+      control_->publish_failure(rank(), "stopping: " + why);
+    } catch (...) {  // out of memory for the text: the flag still goes up
+      control_->publish_failure(rank(), "stopping");
+    }
+  }
 
   options opts_;
   int ordinal_ = 0;
@@ -237,6 +246,8 @@ void mailbox_transport::drive(pair_batch& batch) {
   int idle_rounds = 0;
   auto next_liveness = clock::now();
   for (;;) {
+    // The caller's catch settles the copies already issued before the buffers go.
+    if (abort_requested()) fail(errc::cancelled, "{} rank {}: aborted ({})", name(), rank(), abort_reason());
     bool done = false;
     const bool progress = advance(batch, done);
     if (done) return;
