@@ -140,7 +140,7 @@ TEST_CASE("a stop-safe chunk plan leaves every expert a slot at every cut; cutti
     };
     try {
       const auto any = exec::plan_chunks(old_row, new_row, ranks, experts, cap_rows, 0, exec::cut_rule::anywhere);
-      for (int done = 1; done < static_cast<int>(any.ranges.size()); ++done) {
+      for (int done = 1; !any.serial && done < static_cast<int>(any.ranges.size()); ++done) {
         std::vector<expert_id> row(old_row);
         const int hi = any.ranges[static_cast<std::size_t>(done - 1)].second;
         for (int q = 0; q < ranks; ++q) {
@@ -167,6 +167,11 @@ TEST_CASE("a stop-safe chunk plan leaves every expert a slot at every cut; cutti
       const auto stop = exec::stop_after_chunks(old_row, new_row, ranks, experts, safe, done);
       CHECK(has_every_expert(stop.row));
       for (const auto& r : stop.repairs) {
+        if (safe.serial) {  // a serial schedule's rows hold saved slots; the bytes are checked where it runs
+          CHECK(r.staged_slot == -1);
+          CHECK((r.row >= 0 && r.row < safe.serial->rows));
+          continue;
+        }
         const auto p = exec::plan_layer(old_row, new_row, ranks, r.rank);
         CHECK(stop.row[static_cast<std::size_t>(r.rank * p.slots + r.slot)] ==
               p.new_local[static_cast<std::size_t>(r.staged_slot)]);  // the row holds the expert named there

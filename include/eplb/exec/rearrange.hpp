@@ -20,6 +20,7 @@ namespace eplb::exec {
 class layer_transfer;
 class layer_pipeline;
 struct row_layout;
+struct layer_stop;
 
 /// The checksum verification compares against: the expected checksum of `tensor` of `expert` in
 /// `layer` (see checksum()).
@@ -138,12 +139,14 @@ class rearranger {
   [[nodiscard]] row_layout layout() const noexcept;
   void check_communicator(const comm::communicator& c) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
-                   std::span<const expert_id> new_row, int& chunks_written);
+                   std::span<const expert_id> new_row, layer_stop& stop);
+  layer_stats move_serial(int layer, const rank_weights& w, std::span<const expert_id> old_row,
+                          const chunk_plan& chunks, layer_stop& stop);
   [[nodiscard]] chunk_plan chunks_of(int layer, std::span<const expert_id> old_row,
                                      std::span<const expert_id> new_row) const;
   std::exception_ptr post_chunk(layer_transfer& m, const chunk_plan& chunks, std::size_t c);
   void write_back_held(layer_transfer& m, std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                       const chunk_plan& chunks, int done);
+                       const chunk_plan& chunks, int done, layer_stop& stop);
   void pass_gate(int layer, int chunk, std::exception_ptr failure) const;
   void vote_noop_layer(int layer, std::span<const expert_id> old_row, std::span<const expert_id> new_row) const;
   [[nodiscard]] bool pipelines() const noexcept;

@@ -1,0 +1,383 @@
+// plan_serial(): a layer's move for any staging cap of at least one row per rank. Every changed slot
+// reads its new expert from one provider slot (a peer's or its own rank's), so the slots form a
+// graph where each has at most one provider: trees, whose slots are written leaves first, straight
+// into the slot once nothing reads its old bytes, and cycles. A cycle is broken by saving one of its
+// slots into a staging row: that slot is then free to be written, its reader takes the row, and the
+// cycle unwinds one slot per batch (or per local copy). When nothing is ready no row is held (a
+// saved cycle always has a ready slot until it is done), so one row per rank always suffices.
+#include <algorithm>
+#include <optional>
+
+#include "eplb/exec/plan.hpp"
+#include "util/fail.hpp"
+
+namespace eplb::exec {
+namespace {
+
+enum class slot_kind { keep, empty, local, remote, dup };
+
+struct slot_state {
+  int rank = 0, slot = 0;
+  expert_id old_e = -1, new_e = -1;
+  slot_kind kind = slot_kind::keep;
+  int provider = -1;  // global slot read (local, remote), or the primary copied (dup)
+  int pending = 0;    // readers of the old bytes not written yet
+  int row = -1;       // staging row holding the old bytes once saved
+  bool written = false;
+};
+
+struct planner {
+  int ranks = 0, slots = 0;
+  std::size_t rows = 1;
+  std::vector<slot_state> s;                // per global slot
+  std::vector<std::vector<int>> readers;    // per global slot: the slots reading its old bytes
+  std::vector<std::vector<char>> row_busy;  // per rank, per row
+  int left = 0;                             // slots still to write
+  std::vector<char> avoid;                  // per global slot: saved last when 1
+
+  [[nodiscard]] bool is_free(const slot_state& x) const { return x.pending == 0 || x.row >= 0; }
+  [[nodiscard]] bool ready(const slot_state& x) const {
+    if (x.written || !is_free(x)) return false;
+    if (x.kind == slot_kind::dup) return s[static_cast<std::size_t>(x.provider)].written;
+    return x.kind == slot_kind::local || x.kind == slot_kind::remote;
+  }
+};
+
+// The slot of `rank` a reader of `e` reads: one that keeps `e` if any (it never changes), else the
+// first holding it.
+int provider_slot(const planner& pl, int rank, expert_id e) {
+  int first = -1;
+  for (int x = 0; x < pl.slots; ++x) {
+    const auto& st = pl.s[static_cast<std::size_t>(rank * pl.slots + x)];
+    if (st.old_e != e) continue;
+    if (st.kind == slot_kind::keep) return rank * pl.slots + x;
+    if (first < 0) first = rank * pl.slots + x;
+  }
+  return first;
+}
+
+// Kinds and providers: the same receiver/sender pairs as plan_layer, every changed slot of a rank
+// that holds its new expert reads it locally, the first slot of a rank wanting a missing expert
+// receives it and the rest copy that slot once it is written.
+void classify(planner& pl, std::span<const expert_id> old_row, std::span<const expert_id> new_row) {
+  for (int g = 0; g < pl.ranks * pl.slots; ++g) {
+    auto& x = pl.s[static_cast<std::size_t>(g)];
+    x = {.rank = g / pl.slots, .slot = g % pl.slots, .old_e = old_row[g], .new_e = new_row[g]};
+    x.kind = x.old_e == x.new_e ? slot_kind::keep : x.new_e < 0 ? slot_kind::empty : slot_kind::local;
+  }
+  for (int r = 0; r < pl.ranks; ++r) {
+    const auto plan = plan_layer(old_row, new_row, pl.ranks, r);
+    for (int x = 0; x < pl.slots; ++x) {
+      auto& st = pl.s[static_cast<std::size_t>(r * pl.slots + x)];
+      if (st.kind != slot_kind::local) continue;
+      if (plan.primary_of[static_cast<std::size_t>(x)] >= 0) {
+        st.kind = slot_kind::dup;
+        st.provider = r * pl.slots + plan.primary_of[static_cast<std::size_t>(x)];
+      } else if (plan.primary[static_cast<std::size_t>(x)]) {
+        st.kind = slot_kind::remote;
+        const auto it =
+            std::find_if(plan.recvs.begin(), plan.recvs.end(), [&](const transfer& t) { return t.expert == st.new_e; });
+        st.provider = provider_slot(pl, it->peer, st.new_e);
+      } else {
+        st.provider = provider_slot(pl, r, st.new_e);
+      }
+    }
+  }
+  pl.readers.assign(pl.s.size(), {});
+  for (int g = 0; g < static_cast<int>(pl.s.size()); ++g) {
+    const auto& x = pl.s[static_cast<std::size_t>(g)];
+    if (x.kind == slot_kind::local || x.kind == slot_kind::remote) {
+      pl.readers[static_cast<std::size_t>(x.provider)].push_back(g);
+      ++pl.s[static_cast<std::size_t>(x.provider)].pending;
+    }
+    pl.left += x.kind == slot_kind::local || x.kind == slot_kind::remote || x.kind == slot_kind::dup ? 1 : 0;
+  }
+}
+
+// Slot `g` is written: its provider has one reader less, and a saved provider's row is freed once
+// nobody reads it.
+void mark_written(planner& pl, int g) {
+  auto& x = pl.s[static_cast<std::size_t>(g)];
+  x.written = true;
+  --pl.left;
+  if (x.kind == slot_kind::dup) return;
+  auto& p = pl.s[static_cast<std::size_t>(x.provider)];
+  if (--p.pending == 0 && p.row >= 0) {
+    pl.row_busy[static_cast<std::size_t>(p.rank)][static_cast<std::size_t>(p.row)] = 0;
+  }
+}
+
+// Where slot `g`'s new bytes come from: its provider's row once saved, else its slot.
+std::pair<int, int> source_of(const planner& pl, const slot_state& x) {
+  const auto& p = pl.s[static_cast<std::size_t>(x.provider)];
+  if (x.kind != slot_kind::dup && p.row >= 0) return {-1, p.row};
+  return {p.slot, -1};
+}
+
+// Local copies and duplicates, repeated while any is ready (each may free its provider).
+void local_fixpoint(planner& pl, std::vector<serial_copy>& out) {
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (int g = 0; g < static_cast<int>(pl.s.size()); ++g) {
+      const auto& x = pl.s[static_cast<std::size_t>(g)];
+      if (x.kind == slot_kind::remote || !pl.ready(x)) continue;
+      const auto [from_slot, from_row] = source_of(pl, x);
+      out.push_back({x.rank, from_slot, from_row, x.slot, -1});
+      mark_written(pl, g);
+      progress = true;
+    }
+  }
+}
+
+// The next batch: every remote slot ready now, written straight from its provider.
+std::vector<serial_move> ready_moves(const planner& pl) {
+  std::vector<serial_move> out;
+  for (const auto& x : pl.s) {
+    if (x.kind != slot_kind::remote || !pl.ready(x)) continue;
+    const auto [from_slot, from_row] = source_of(pl, x);
+    out.push_back({x.new_e, pl.s[static_cast<std::size_t>(x.provider)].rank, from_slot, from_row, x.rank, x.slot});
+  }
+  // The wire order of a pair must be the same at both ends: ascending expert, then receiver.
+  std::stable_sort(out.begin(), out.end(), [](const serial_move& a, const serial_move& b) {
+    return std::tie(a.expert, a.to_rank, a.to_slot) < std::tie(b.expert, b.to_rank, b.to_slot);
+  });
+  return out;
+}
+
+int free_row(const planner& pl, int rank) {
+  const auto& busy = pl.row_busy[static_cast<std::size_t>(rank)];
+  const auto it = std::find(busy.begin(), busy.end(), 0);
+  return it == busy.end() ? -1 : static_cast<int>(it - busy.begin());
+}
+
+void save(planner& pl, int g, std::vector<serial_copy>& out) {
+  auto& x = pl.s[static_cast<std::size_t>(g)];
+  x.row = free_row(pl, x.rank);
+  pl.row_busy[static_cast<std::size_t>(x.rank)][static_cast<std::size_t>(x.row)] = 1;
+  out.push_back({x.rank, x.slot, -1, -1, x.row});
+}
+
+// The cycle of unwritten slots reached from `g` through readers that still wait (at a standstill
+// every slot still read lies on one), in reading order.
+std::vector<int> cycle_from(const planner& pl, int g) {
+  std::vector<int> seen(pl.s.size(), -1), path;
+  while (seen[static_cast<std::size_t>(g)] < 0) {
+    seen[static_cast<std::size_t>(g)] = static_cast<int>(path.size());
+    path.push_back(g);
+    const auto& rd = pl.readers[static_cast<std::size_t>(g)];
+    const auto it =
+        std::find_if(rd.begin(), rd.end(), [&](int r) { return !pl.s[static_cast<std::size_t>(r)].written; });
+    if (it == rd.end()) fail(errc::internal, "plan_serial: slot {} waits for no reader", g);
+    g = *it;
+  }
+  return {path.begin() + seen[static_cast<std::size_t>(g)], path.end()};
+}
+
+// How good a slot is to save: its row is never an expert's only copy when its old expert stays in
+// a kept slot; its rank can take the row back at any stop into a slot that stays empty or keeps an
+// expert kept elsewhere too; slots whose save made an earlier try unsafe come last.
+std::vector<int> save_scores(const planner& pl) {
+  std::vector<int> kept(pl.s.size(), 0);  // per expert (fewer experts than slots): kept slots
+  for (const auto& x : pl.s) {
+    if (x.kind == slot_kind::keep && x.old_e >= 0) ++kept[static_cast<std::size_t>(x.old_e)];
+  }
+  std::vector<char> spare(static_cast<std::size_t>(pl.ranks), 0);
+  for (const auto& x : pl.s) {
+    if (x.kind == slot_kind::keep && (x.old_e < 0 || kept[static_cast<std::size_t>(x.old_e)] > 1)) {
+      spare[static_cast<std::size_t>(x.rank)] = 1;
+    }
+  }
+  std::vector<int> out(pl.s.size(), 0);
+  for (std::size_t g = 0; g < pl.s.size(); ++g) {
+    const auto& x = pl.s[g];
+    if (x.old_e < 0) continue;
+    out[g] = (kept[static_cast<std::size_t>(x.old_e)] > 0 ? 4 : 0) + (spare[static_cast<std::size_t>(x.rank)] ? 2 : 0) -
+             (pl.avoid.empty() ? 0 : 8 * pl.avoid[g]);
+  }
+  return out;
+}
+
+// At a standstill: saves the best slot (save_scores) of each cycle whose ranks have a row free,
+// then, with `spread`, more slots of long cycles so that they unwind in parallel.
+void break_cycles(planner& pl, std::vector<serial_copy>& out, bool spread) {
+  std::vector<char> on_cycle(pl.s.size(), 0);
+  const auto score = save_scores(pl);
+  for (int g = 0; g < static_cast<int>(pl.s.size()); ++g) {
+    const auto& x = pl.s[static_cast<std::size_t>(g)];
+    if (x.written || x.pending == 0 || x.kind == slot_kind::keep || x.kind == slot_kind::empty || on_cycle[g]) continue;
+    const auto cyc = cycle_from(pl, g);
+    for (int c : cyc) on_cycle[static_cast<std::size_t>(c)] = 1;
+    int pick = -1;
+    for (int c : cyc) {
+      if (free_row(pl, pl.s[static_cast<std::size_t>(c)].rank) < 0) continue;
+      if (pick < 0 || score[static_cast<std::size_t>(c)] > score[static_cast<std::size_t>(pick)]) pick = c;
+    }
+    if (pick < 0) continue;
+    save(pl, pick, out);
+    if (!spread) continue;
+    const std::size_t gap = std::max<std::size_t>(4, cyc.size() / (pl.rows * 2));
+    const auto at = static_cast<std::size_t>(std::find(cyc.begin(), cyc.end(), pick) - cyc.begin());
+    for (std::size_t k = gap; k + gap <= cyc.size(); k += gap) {
+      const int c = cyc[(at + k) % cyc.size()];
+      if (free_row(pl, pl.s[static_cast<std::size_t>(c)].rank) >= 0) save(pl, c, out);
+    }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                           int num_ranks, int num_logical, std::size_t buffer_rows, bool spread,
+                                           std::vector<char> avoid) {
+  if (buffer_rows == 0) fail(errc::invalid_argument, "plan_serial: needs at least one staging row");
+  planner pl;
+  pl.avoid = std::move(avoid);
+  pl.ranks = num_ranks;
+  pl.slots = static_cast<int>(old_row.size()) / num_ranks;
+  pl.rows = buffer_rows;
+  pl.s.resize(old_row.size());
+  pl.row_busy.assign(static_cast<std::size_t>(num_ranks), std::vector<char>(buffer_rows, 0));
+  classify(pl, old_row, new_row);
+  auto out = std::make_shared<serial_schedule>();
+  out->num_logical = num_logical;
+  serial_chunk cur;
+  local_fixpoint(pl, cur.before);
+  while (pl.left > 0) {
+    cur.moves = ready_moves(pl);
+    if (cur.moves.empty()) {
+      const auto saved = cur.before.size();
+      break_cycles(pl, cur.before, spread);
+      local_fixpoint(pl, cur.before);
+      if (cur.before.size() == saved) fail(errc::internal, "plan_serial: no progress with {} slots left", pl.left);
+      continue;
+    }
+    for (const auto& m : cur.moves) mark_written(pl, m.to_rank * pl.slots + m.to_slot);
+    local_fixpoint(pl, cur.after);
+    out->chunks.push_back(std::move(cur));
+    cur = {};
+  }
+  // Copies left after the last batch need none: they follow it (or form the only chunk).
+  if (out->chunks.empty()) out->chunks.emplace_back();
+  auto& last = out->chunks.back().after;
+  last.insert(last.end(), cur.before.begin(), cur.before.end());
+  for (const auto& ch : out->chunks) {
+    for (const auto* ops : {&ch.before, &ch.after}) {
+      for (const auto& c : *ops) out->rows = std::max(out->rows, std::max(c.from_row, c.to_row) + 1);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<const serial_schedule> plan_serial(std::span<const expert_id> old_row,
+                                                   std::span<const expert_id> new_row, int num_ranks, int num_logical,
+                                                   std::size_t buffer_rows, bool spread) {
+  return plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, spread, {});
+}
+
+std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const expert_id> old_row,
+                                                             std::span<const expert_id> new_row, int num_ranks,
+                                                             int num_logical, std::size_t buffer_rows) {
+  std::vector<char> avoid(old_row.size(), 0);
+  const int slots = static_cast<int>(old_row.size()) / num_ranks;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    auto sch = plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, false, avoid);
+    int unsafe = -1;
+    for (int c = 0; c < static_cast<int>(sch->chunks.size()) && unsafe < 0; ++c) {
+      if (!serial_stop(*sch, old_row, num_ranks, c)) unsafe = c;
+    }
+    if (unsafe < 0) return sch;
+    // Saving another slot of the same cycles may leave the row on a rank with a slot to spare.
+    for (int c = 0; c <= unsafe; ++c) {
+      for (const auto& op : sch->chunks[static_cast<std::size_t>(c)].before) {
+        if (op.to_row >= 0) avoid[static_cast<std::size_t>(op.rank * slots + op.from_slot)] = 1;
+      }
+    }
+  }
+  return nullptr;
+}
+
+namespace {
+
+// What every live slot and staging row holds while a serial schedule runs (expert ids, -1 none).
+struct serial_state {
+  int slots = 0;
+  std::vector<expert_id> slot;
+  std::vector<std::vector<expert_id>> rows;  // per rank
+
+  expert_id read(int rank, int from_slot, int from_row) const {
+    return from_slot >= 0 ? slot[static_cast<std::size_t>(rank * slots + from_slot)]
+                          : rows[static_cast<std::size_t>(rank)][static_cast<std::size_t>(from_row)];
+  }
+  void apply(const std::vector<serial_copy>& ops) {
+    for (const auto& c : ops) {
+      const expert_id e = read(c.rank, c.from_slot, c.from_row);
+      if (c.to_slot >= 0) {
+        slot[static_cast<std::size_t>(c.rank * slots + c.to_slot)] = e;
+      } else {
+        rows[static_cast<std::size_t>(c.rank)][static_cast<std::size_t>(c.to_row)] = e;
+      }
+    }
+  }
+};
+
+// An expert left only in staging rows goes back into a slot of a rank holding it that the maps
+// leave empty (preferred) or whose expert has another copy. False when there is none.
+bool write_back(const serial_state& st, expert_id e, std::vector<int>& copies, stopped_layer& out) {
+  for (int r = 0; r < static_cast<int>(st.rows.size()); ++r) {
+    const auto& rr = st.rows[static_cast<std::size_t>(r)];
+    const auto it = std::find(rr.begin(), rr.end(), e);
+    if (it == rr.end()) continue;
+    for (const bool empty_only : {true, false}) {
+      for (int x = 0; x < st.slots; ++x) {
+        auto& now = out.row[static_cast<std::size_t>(r * st.slots + x)];
+        if (empty_only ? now >= 0 : now < 0 || copies[static_cast<std::size_t>(now)] < 2) continue;
+        if (now >= 0) --copies[static_cast<std::size_t>(now)];
+        now = e;
+        ++copies[static_cast<std::size_t>(e)];
+        out.repairs.push_back({r, x, -1, static_cast<int>(it - rr.begin())});
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<const expert_id> old_row, int num_ranks,
+                                         int done) {
+  serial_state st;
+  st.slots = static_cast<int>(old_row.size()) / num_ranks;
+  st.slot.assign(old_row.begin(), old_row.end());
+  st.rows.assign(static_cast<std::size_t>(num_ranks), std::vector<expert_id>(static_cast<std::size_t>(sch.rows), -1));
+  for (int c = 0; c < done; ++c) {
+    const auto& ch = sch.chunks[static_cast<std::size_t>(c)];
+    st.apply(ch.before);
+    for (const auto& m : ch.moves) {
+      st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] =
+          st.read(m.from_rank, m.from_slot, m.from_row);
+    }
+    st.apply(ch.after);
+  }
+  if (done < static_cast<int>(sch.chunks.size())) {
+    // The refused batch: its saves ran, what it sent into slots may be anything.
+    const auto& ch = sch.chunks[static_cast<std::size_t>(done)];
+    st.apply(ch.before);
+    for (const auto& m : ch.moves) st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = -1;
+  }
+  stopped_layer out{st.slot, {}};
+  std::vector<int> copies(static_cast<std::size_t>(sch.num_logical), 0);
+  for (const expert_id e : out.row) {
+    if (e >= 0) ++copies[static_cast<std::size_t>(e)];
+  }
+  for (expert_id e = 0; e < sch.num_logical; ++e) {
+    if (copies[static_cast<std::size_t>(e)] == 0 && !write_back(st, e, copies, out)) return std::nullopt;
+  }
+  return out;
+}
+
+}  // namespace eplb::exec
