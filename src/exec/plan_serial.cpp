@@ -7,6 +7,7 @@
 // saved cycle always has a ready slot until it is done), so one row per rank always suffices.
 #include <algorithm>
 #include <optional>
+#include <utility>
 
 #include "eplb/exec/plan.hpp"
 #include "util/fail.hpp"
@@ -23,6 +24,8 @@ struct slot_state {
   int provider = -1;  // global slot read (local, remote), or the primary copied (dup)
   int pending = 0;    // readers of the old bytes not written yet
   int row = -1;       // staging row holding the old bytes once saved
+  int staged = -1;    // staging row its new bytes were received into, written once the slot is free
+  bool read = false;  // its provider was read already (a staged slot)
   bool written = false;
 };
 
@@ -100,7 +103,8 @@ void mark_written(planner& pl, int g) {
   auto& x = pl.s[static_cast<std::size_t>(g)];
   x.written = true;
   --pl.left;
-  if (x.kind == slot_kind::dup) return;
+  if (x.staged >= 0) pl.row_busy[static_cast<std::size_t>(x.rank)][static_cast<std::size_t>(x.staged)] = 0;
+  if (x.kind == slot_kind::dup || std::exchange(x.read, true)) return;
   auto& p = pl.s[static_cast<std::size_t>(x.provider)];
   if (--p.pending == 0 && p.row >= 0) {
     pl.row_busy[static_cast<std::size_t>(p.rank)][static_cast<std::size_t>(p.row)] = 0;
@@ -120,8 +124,8 @@ void local_fixpoint(planner& pl, std::vector<serial_copy>& out) {
     progress = false;
     for (int g = 0; g < static_cast<int>(pl.s.size()); ++g) {
       const auto& x = pl.s[static_cast<std::size_t>(g)];
-      if (x.kind == slot_kind::remote || !pl.ready(x)) continue;
-      const auto [from_slot, from_row] = source_of(pl, x);
+      if ((x.kind == slot_kind::remote && x.staged < 0) || !pl.ready(x)) continue;
+      const auto [from_slot, from_row] = x.staged >= 0 ? std::pair{-1, x.staged} : source_of(pl, x);
       out.push_back({x.rank, from_slot, from_row, x.slot, -1});
       mark_written(pl, g);
       progress = true;
@@ -133,7 +137,7 @@ void local_fixpoint(planner& pl, std::vector<serial_copy>& out) {
 std::vector<serial_move> ready_moves(const planner& pl) {
   std::vector<serial_move> out;
   for (const auto& x : pl.s) {
-    if (x.kind != slot_kind::remote || !pl.ready(x)) continue;
+    if (x.kind != slot_kind::remote || x.staged >= 0 || !pl.ready(x)) continue;
     const auto [from_slot, from_row] = source_of(pl, x);
     out.push_back({x.new_e, pl.s[static_cast<std::size_t>(x.provider)].rank, from_slot, from_row, x.rank, x.slot});
   }
@@ -228,9 +232,120 @@ void break_cycles(planner& pl, std::vector<serial_copy>& out, bool spread) {
 
 namespace {
 
+// One chunk tried on a copy of the planner: `direct` moves into free slots and `staged` slots
+// received into rows (read by this batch, written after it), then the local copies that follow.
+struct chunk_try {
+  planner pl;
+  serial_chunk ch;
+};
+
+chunk_try try_chunk(const planner& base, const serial_chunk& before, const std::vector<int>& direct,
+                    const std::vector<int>& staged) {
+  chunk_try t{base, {before.before, {}, {}}};
+  std::vector<int> row_of(staged.size(), -1);
+  const auto add = [&](int g, int row) {
+    const auto& x = t.pl.s[static_cast<std::size_t>(g)];
+    const auto [from_slot, from_row] = source_of(t.pl, x);
+    t.ch.moves.push_back({x.new_e, t.pl.s[static_cast<std::size_t>(x.provider)].rank, from_slot, from_row, x.rank,
+                          row < 0 ? x.slot : -1, row});
+  };
+  for (int g : direct) add(g, -1);
+  for (std::size_t i = 0; i < staged.size(); ++i) {
+    const auto& x = t.pl.s[static_cast<std::size_t>(staged[i])];
+    row_of[i] = free_row(t.pl, x.rank);
+    t.pl.row_busy[static_cast<std::size_t>(x.rank)][static_cast<std::size_t>(row_of[i])] = 1;
+    add(staged[i], row_of[i]);
+  }
+  // The wire order of a pair must be the same at both ends: ascending expert, then receiver.
+  std::stable_sort(t.ch.moves.begin(), t.ch.moves.end(), [](const serial_move& a, const serial_move& b) {
+    return std::tie(a.expert, a.to_rank) < std::tie(b.expert, b.to_rank);
+  });
+  for (int g : direct) mark_written(t.pl, g);
+  // A staged slot read its provider in the batch; it is written from its row once its own readers
+  // are done, among the local copies.
+  for (std::size_t i = 0; i < staged.size(); ++i) {
+    auto& x = t.pl.s[static_cast<std::size_t>(staged[i])];
+    x.staged = row_of[i];
+    x.read = true;
+    auto& p = t.pl.s[static_cast<std::size_t>(x.provider)];
+    if (--p.pending == 0 && p.row >= 0) {
+      t.pl.row_busy[static_cast<std::size_t>(p.rank)][static_cast<std::size_t>(p.row)] = 0;
+    }
+  }
+  local_fixpoint(t.pl, t.ch.after);
+  return t;
+}
+
+// Remote slots that the batch's moves leave free (and that were not free before), to be received
+// into rows in the same batch, as many per rank as it has rows free.
+std::vector<int> freed_by(const planner& base, const planner& scratch, const std::vector<int>& staged) {
+  std::vector<int> left(static_cast<std::size_t>(base.ranks), 0);
+  for (int r = 0; r < base.ranks; ++r) {
+    const auto& busy = base.row_busy[static_cast<std::size_t>(r)];
+    left[static_cast<std::size_t>(r)] = static_cast<int>(std::count(busy.begin(), busy.end(), 0));
+  }
+  for (int g : staged) --left[static_cast<std::size_t>(base.s[static_cast<std::size_t>(g)].rank)];
+  std::vector<int> out;
+  for (int g = 0; g < static_cast<int>(scratch.s.size()); ++g) {
+    const auto& x = scratch.s[static_cast<std::size_t>(g)];
+    if (x.kind != slot_kind::remote || !scratch.ready(x) || base.ready(base.s[static_cast<std::size_t>(g)])) continue;
+    if (left[static_cast<std::size_t>(x.rank)]-- > 0) out.push_back(g);
+  }
+  return out;
+}
+
+bool stops_safe(const serial_schedule& so_far, const serial_chunk& ch, std::span<const expert_id> old_row,
+                int num_ranks) {
+  serial_schedule t = so_far;
+  t.chunks.push_back(ch);
+  const int c = static_cast<int>(so_far.chunks.size());
+  return serial_stop(t, old_row, num_ranks, c) && serial_stop(t, old_row, num_ranks, c + 1);
+}
+
+// The next chunk under cut_rule::stop_safe: where a stop after the batch could leave an expert only
+// in a row on a rank with no slot to spare, the slots the batch frees are received into rows in
+// the same batch, so that a cycle's walk goes on to where a stop is safe.
+chunk_try safe_chunk(const planner& pl, const serial_chunk& before, const serial_schedule& so_far,
+                     std::span<const expert_id> old_row) {
+  std::vector<int> direct, staged;
+  for (int g = 0; g < static_cast<int>(pl.s.size()); ++g) {
+    const auto& x = pl.s[static_cast<std::size_t>(g)];
+    if (x.kind == slot_kind::remote && pl.ready(x)) direct.push_back(g);
+  }
+  auto t = try_chunk(pl, before, direct, staged);
+  serial_schedule refused = so_far;
+  refused.chunks.push_back(t.ch);
+  if (!serial_stop(refused, old_row, pl.ranks, static_cast<int>(so_far.chunks.size()))) {
+    // A refused batch leaves its direct targets empty: receive them into rows where there are some.
+    std::vector<int> left(static_cast<std::size_t>(pl.ranks), 0);
+    for (int r = 0; r < pl.ranks; ++r) {
+      const auto& busy = pl.row_busy[static_cast<std::size_t>(r)];
+      left[static_cast<std::size_t>(r)] = static_cast<int>(std::count(busy.begin(), busy.end(), 0));
+    }
+    std::erase_if(direct, [&](int g) {
+      if (left[static_cast<std::size_t>(pl.s[static_cast<std::size_t>(g)].rank)]-- <= 0) return false;
+      staged.push_back(g);
+      return true;
+    });
+    t = try_chunk(pl, before, direct, staged);
+  }
+  for (int round = 0; round < pl.ranks * pl.slots && !stops_safe(so_far, t.ch, old_row, pl.ranks); ++round) {
+    auto more = freed_by(pl, t.pl, staged);
+    if (more.empty()) break;
+    staged.insert(staged.end(), more.begin(), more.end());
+    auto next = try_chunk(pl, before, direct, staged);
+    // Every staged slot must be written by the chunk's end (rows are not held across batches).
+    if (std::any_of(staged.begin(), staged.end(),
+                    [&](int g) { return !next.pl.s[static_cast<std::size_t>(g)].written; }))
+      break;
+    t = std::move(next);
+  }
+  return t;
+}
+
 std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                            int num_ranks, int num_logical, std::size_t buffer_rows, bool spread,
-                                           std::vector<char> avoid) {
+                                           std::vector<char> avoid, bool safe) {
   if (buffer_rows == 0) fail(errc::invalid_argument, "plan_serial: needs at least one staging row");
   planner pl;
   pl.avoid = std::move(avoid);
@@ -244,6 +359,7 @@ std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, s
   out->num_logical = num_logical;
   serial_chunk cur;
   local_fixpoint(pl, cur.before);
+  out->rows = static_cast<int>(buffer_rows);  // for the stops checked on the way
   while (pl.left > 0) {
     cur.moves = ready_moves(pl);
     if (cur.moves.empty()) {
@@ -253,11 +369,19 @@ std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, s
       if (cur.before.size() == saved) fail(errc::internal, "plan_serial: no progress with {} slots left", pl.left);
       continue;
     }
+    if (safe) {
+      auto t = safe_chunk(pl, cur, *out, old_row);
+      pl = std::move(t.pl);
+      out->chunks.push_back(std::move(t.ch));
+      cur = {};
+      continue;
+    }
     for (const auto& m : cur.moves) mark_written(pl, m.to_rank * pl.slots + m.to_slot);
     local_fixpoint(pl, cur.after);
     out->chunks.push_back(std::move(cur));
     cur = {};
   }
+  out->rows = 0;
   // Copies left after the last batch need none: they follow it (or form the only chunk).
   if (out->chunks.empty()) out->chunks.emplace_back();
   auto& last = out->chunks.back().after;
@@ -266,6 +390,7 @@ std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, s
     for (const auto* ops : {&ch.before, &ch.after}) {
       for (const auto& c : *ops) out->rows = std::max(out->rows, std::max(c.from_row, c.to_row) + 1);
     }
+    for (const auto& m : ch.moves) out->rows = std::max(out->rows, std::max(m.from_row, m.to_row) + 1);
   }
   return out;
 }
@@ -275,7 +400,7 @@ std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, s
 std::shared_ptr<const serial_schedule> plan_serial(std::span<const expert_id> old_row,
                                                    std::span<const expert_id> new_row, int num_ranks, int num_logical,
                                                    std::size_t buffer_rows, bool spread) {
-  return plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, spread, {});
+  return plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, spread, {}, false);
 }
 
 std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const expert_id> old_row,
@@ -284,7 +409,7 @@ std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const exp
   std::vector<char> avoid(old_row.size(), 0);
   const int slots = static_cast<int>(old_row.size()) / num_ranks;
   for (int attempt = 0; attempt < 8; ++attempt) {
-    auto sch = plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, false, avoid);
+    auto sch = plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, false, avoid, true);
     int unsafe = -1;
     for (int c = 0; c < static_cast<int>(sch->chunks.size()) && unsafe < 0; ++c) {
       if (!serial_stop(*sch, old_row, num_ranks, c)) unsafe = c;
@@ -358,8 +483,12 @@ std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<c
     const auto& ch = sch.chunks[static_cast<std::size_t>(c)];
     st.apply(ch.before);
     for (const auto& m : ch.moves) {
-      st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] =
-          st.read(m.from_rank, m.from_slot, m.from_row);
+      const expert_id e = st.read(m.from_rank, m.from_slot, m.from_row);
+      if (m.to_slot >= 0) {
+        st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = e;
+      } else {
+        st.rows[static_cast<std::size_t>(m.to_rank)][static_cast<std::size_t>(m.to_row)] = e;
+      }
     }
     st.apply(ch.after);
   }
@@ -367,7 +496,9 @@ std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<c
     // The refused batch: its saves ran, what it sent into slots may be anything.
     const auto& ch = sch.chunks[static_cast<std::size_t>(done)];
     st.apply(ch.before);
-    for (const auto& m : ch.moves) st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = -1;
+    for (const auto& m : ch.moves) {
+      if (m.to_slot >= 0) st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = -1;
+    }
   }
   stopped_layer out{st.slot, {}};
   std::vector<int> copies(static_cast<std::size_t>(sch.num_logical), 0);

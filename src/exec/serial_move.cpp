@@ -48,7 +48,7 @@ void post_moves(const serial_places& pl, std::span<const serial_move> moves, com
     if (!send && !recv) continue;
     for (int t = 0; t < pl.tensors(); ++t) {
       if (send) comm.add_send({pl.place(t, m.from_slot, m.from_row), pl.bytes(t)}, m.to_rank);
-      if (recv) comm.add_recv({pl.place(t, m.to_slot, -1), pl.bytes(t)}, m.from_rank);
+      if (recv) comm.add_recv({pl.place(t, m.to_slot, m.to_row), pl.bytes(t)}, m.from_rank);
       ++st.messages;
     }
     (send ? st.bytes_sent : st.bytes_received) += pl.at.shape->expert_bytes();

@@ -59,11 +59,13 @@ struct serial_copy {
 };
 
 /// One expert bundle on the wire in a serial schedule: from a live slot or a staging row of
-/// `from_rank` straight into live slot `to_slot` of `to_rank`, which nothing reads any more.
+/// `from_rank` straight into live slot `to_slot` of `to_rank`, which nothing reads any more, or
+/// (to_slot -1) into staging row `to_row`, written into its slot after the batch.
 struct serial_move {
   expert_id expert;
   int from_rank, from_slot, from_row;
   int to_rank, to_slot;
+  int to_row = -1;
 };
 
 /// One batch of a serial schedule: copies before it (slots saved into rows), its moves, and the
