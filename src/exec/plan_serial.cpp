@@ -37,6 +37,7 @@ struct planner {
   std::vector<std::vector<char>> row_busy;  // per rank, per row
   int left = 0;                             // slots still to write
   std::vector<char> avoid;                  // per global slot: saved last when 1
+  bool one_cycle = false;                   // at a standstill, save a slot of one cycle only
 
   [[nodiscard]] bool is_free(const slot_state& x) const { return x.pending == 0 || x.row >= 0; }
   [[nodiscard]] bool ready(const slot_state& x) const {
@@ -218,6 +219,7 @@ void break_cycles(planner& pl, std::vector<serial_copy>& out, bool spread) {
     }
     if (pick < 0) continue;
     save(pl, pick, out);
+    if (pl.one_cycle) return;
     if (!spread) continue;
     const std::size_t gap = std::max<std::size_t>(4, cyc.size() / (pl.rows * 2));
     const auto at = static_cast<std::size_t>(std::find(cyc.begin(), cyc.end(), pick) - cyc.begin());
@@ -345,10 +347,11 @@ chunk_try safe_chunk(const planner& pl, const serial_chunk& before, const serial
 
 std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                            int num_ranks, int num_logical, std::size_t buffer_rows, bool spread,
-                                           std::vector<char> avoid, bool safe) {
+                                           std::vector<char> avoid, bool safe, bool one_cycle = false) {
   if (buffer_rows == 0) fail(errc::invalid_argument, "plan_serial: needs at least one staging row");
   planner pl;
   pl.avoid = std::move(avoid);
+  pl.one_cycle = one_cycle;
   pl.ranks = num_ranks;
   pl.slots = static_cast<int>(old_row.size()) / num_ranks;
   pl.rows = buffer_rows;
@@ -408,8 +411,11 @@ std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const exp
                                                              int num_logical, std::size_t buffer_rows) {
   std::vector<char> avoid(old_row.size(), 0);
   const int slots = static_cast<int>(old_row.size()) / num_ranks;
-  for (int attempt = 0; attempt < 8; ++attempt) {
-    auto sch = plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, false, avoid, true);
+  // Cycles unwound together first; then one at a time, so that a walk has the rows of every rank
+  // it passes to itself and can go on to a safe stop.
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    if (attempt == 8) std::fill(avoid.begin(), avoid.end(), 0);
+    auto sch = plan_with(old_row, new_row, num_ranks, num_logical, buffer_rows, false, avoid, true, attempt >= 8);
     int unsafe = -1;
     for (int c = 0; c < static_cast<int>(sch->chunks.size()) && unsafe < 0; ++c) {
       if (!serial_stop(*sch, old_row, num_ranks, c)) unsafe = c;
