@@ -345,19 +345,122 @@ chunk_try safe_chunk(const planner& pl, const serial_chunk& before, const serial
   return t;
 }
 
-std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                           int num_ranks, int num_logical, std::size_t buffer_rows, bool spread,
-                                           std::vector<char> avoid, bool safe, bool one_cycle = false) {
+// Copies left after the last batch need none: they follow it (or form the only chunk). Then the
+// rows the schedule uses.
+void finish(serial_schedule& out, const serial_chunk& cur) {
+  out.rows = 0;
+  if (out.chunks.empty()) out.chunks.emplace_back();
+  auto& last = out.chunks.back().after;
+  last.insert(last.end(), cur.before.begin(), cur.before.end());
+  for (const auto& ch : out.chunks) {
+    for (const auto* ops : {&ch.before, &ch.after}) {
+      for (const auto& c : *ops) out.rows = std::max(out.rows, std::max(c.from_row, c.to_row) + 1);
+    }
+    for (const auto& m : ch.moves) out.rows = std::max(out.rows, std::max(m.from_row, m.to_row) + 1);
+  }
+}
+
+planner make_planner(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
+                     std::size_t buffer_rows) {
   if (buffer_rows == 0) fail(errc::invalid_argument, "plan_serial: needs at least one staging row");
   planner pl;
-  pl.avoid = std::move(avoid);
-  pl.one_cycle = one_cycle;
   pl.ranks = num_ranks;
   pl.slots = static_cast<int>(old_row.size()) / num_ranks;
   pl.rows = buffer_rows;
   pl.s.resize(old_row.size());
   pl.row_busy.assign(static_cast<std::size_t>(num_ranks), std::vector<char>(buffer_rows, 0));
   classify(pl, old_row, new_row);
+  return pl;
+}
+
+// A chunk without a batch joins the previous chunk's copies (one stop fewer).
+void push_chunk(serial_schedule& out, serial_chunk ch) {
+  if (ch.moves.empty() && ch.before.empty() && !out.chunks.empty()) {
+    auto& a = out.chunks.back().after;
+    a.insert(a.end(), ch.after.begin(), ch.after.end());
+    return;
+  }
+  out.chunks.push_back(std::move(ch));
+}
+
+// One cycle walked so that every stop keeps every expert: slot c0 is saved into row 0 of its rank
+// (the carrier of its bytes), then c_i takes c_{i+1}'s bytes one step per batch, leaving those
+// bytes in two slots, of ranks R_i and R_{i+1}; the carrier row moves along so that it is always on
+// one of them (a stop writes it back over one of the two). A step's receive goes into a row unless
+// the carrier is on the receiving rank (a refused batch's slot is then where the row goes back).
+// One row per rank.
+void walk_cycle(planner& pl, serial_schedule& out, const std::vector<int>& cyc) {
+  std::vector<int> c{cyc.front()};
+  for (int g = pl.s[static_cast<std::size_t>(c[0])].provider; g != c[0]; g = pl.s[static_cast<std::size_t>(g)].provider)
+    c.push_back(g);
+  const int m = static_cast<int>(c.size());
+  const auto st = [&](int i) -> const slot_state& {
+    return pl.s[static_cast<std::size_t>(c[static_cast<std::size_t>(i % m)])];
+  };
+  int cr = st(0).rank;
+  for (int i = 0; i < m; ++i) {
+    serial_chunk ch;
+    if (i == 0) ch.before.push_back({cr, st(0).slot, -1, -1, 0});
+    const bool last = i == m - 1;
+    const int d = st(i).rank, src_rank = last ? cr : st(i + 1).rank;
+    const int src_slot = last ? -1 : st(i + 1).slot, src_row = last ? 0 : -1;
+    if (src_rank == d) {
+      ch.after.push_back({d, src_slot, src_row, st(i).slot, -1});
+    } else if (cr == d) {
+      ch.moves.push_back({st(i).new_e, src_rank, src_slot, src_row, d, st(i).slot, -1});
+    } else {
+      ch.moves.push_back({st(i).new_e, src_rank, src_slot, src_row, d, -1, 0});
+      ch.after.push_back({d, -1, 0, st(i).slot, -1});
+    }
+    if (!last && cr != d && cr != st(i + 1).rank) {
+      ch.moves.push_back({st(0).old_e, cr, -1, 0, st(i + 1).rank, -1, 0});
+      cr = st(i + 1).rank;
+    }
+    mark_written(pl, c[static_cast<std::size_t>(i)]);
+    push_chunk(out, std::move(ch));
+  }
+}
+
+// The last resort under cut_rule::stop_safe: trees as usual, cycles one at a time by walk_cycle.
+// nullptr when a stop is still unsafe (a tree's batch, checked).
+std::shared_ptr<serial_schedule> plan_walks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                            int num_ranks, int num_logical, std::size_t buffer_rows) {
+  auto pl = make_planner(old_row, new_row, num_ranks, buffer_rows);
+  auto out = std::make_shared<serial_schedule>();
+  out->num_logical = num_logical;
+  serial_chunk cur;
+  local_fixpoint(pl, cur.before);
+  while (pl.left > 0) {
+    cur.moves = ready_moves(pl);
+    if (cur.moves.empty()) {
+      if (!cur.before.empty()) out->chunks.push_back(std::move(cur));
+      cur = {};
+      const auto it = std::find_if(pl.s.begin(), pl.s.end(), [](const slot_state& x) {
+        return !x.written && x.pending > 0 && (x.kind == slot_kind::local || x.kind == slot_kind::remote);
+      });
+      if (it == pl.s.end()) fail(errc::internal, "plan_serial: no progress with {} slots left", pl.left);
+      walk_cycle(pl, *out, cycle_from(pl, static_cast<int>(it - pl.s.begin())));
+      local_fixpoint(pl, cur.before);
+      continue;
+    }
+    for (const auto& mv : cur.moves) mark_written(pl, mv.to_rank * pl.slots + mv.to_slot);
+    local_fixpoint(pl, cur.after);
+    out->chunks.push_back(std::move(cur));
+    cur = {};
+  }
+  finish(*out, cur);
+  for (int c = 0; c < static_cast<int>(out->chunks.size()); ++c) {
+    if (!serial_stop(*out, old_row, num_ranks, c)) return nullptr;
+  }
+  return out;
+}
+
+std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                           int num_ranks, int num_logical, std::size_t buffer_rows, bool spread,
+                                           std::vector<char> avoid, bool safe, bool one_cycle = false) {
+  auto pl = make_planner(old_row, new_row, num_ranks, buffer_rows);
+  pl.avoid = std::move(avoid);
+  pl.one_cycle = one_cycle;
   auto out = std::make_shared<serial_schedule>();
   out->num_logical = num_logical;
   serial_chunk cur;
@@ -384,17 +487,7 @@ std::shared_ptr<serial_schedule> plan_with(std::span<const expert_id> old_row, s
     out->chunks.push_back(std::move(cur));
     cur = {};
   }
-  out->rows = 0;
-  // Copies left after the last batch need none: they follow it (or form the only chunk).
-  if (out->chunks.empty()) out->chunks.emplace_back();
-  auto& last = out->chunks.back().after;
-  last.insert(last.end(), cur.before.begin(), cur.before.end());
-  for (const auto& ch : out->chunks) {
-    for (const auto* ops : {&ch.before, &ch.after}) {
-      for (const auto& c : *ops) out->rows = std::max(out->rows, std::max(c.from_row, c.to_row) + 1);
-    }
-    for (const auto& m : ch.moves) out->rows = std::max(out->rows, std::max(m.from_row, m.to_row) + 1);
-  }
+  finish(*out, cur);
   return out;
 }
 
@@ -428,93 +521,7 @@ std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const exp
       }
     }
   }
-  return nullptr;
-}
-
-namespace {
-
-// What every live slot and staging row holds while a serial schedule runs (expert ids, -1 none).
-struct serial_state {
-  int slots = 0;
-  std::vector<expert_id> slot;
-  std::vector<std::vector<expert_id>> rows;  // per rank
-
-  expert_id read(int rank, int from_slot, int from_row) const {
-    return from_slot >= 0 ? slot[static_cast<std::size_t>(rank * slots + from_slot)]
-                          : rows[static_cast<std::size_t>(rank)][static_cast<std::size_t>(from_row)];
-  }
-  void apply(const std::vector<serial_copy>& ops) {
-    for (const auto& c : ops) {
-      const expert_id e = read(c.rank, c.from_slot, c.from_row);
-      if (c.to_slot >= 0) {
-        slot[static_cast<std::size_t>(c.rank * slots + c.to_slot)] = e;
-      } else {
-        rows[static_cast<std::size_t>(c.rank)][static_cast<std::size_t>(c.to_row)] = e;
-      }
-    }
-  }
-};
-
-// An expert left only in staging rows goes back into a slot of a rank holding it that the maps
-// leave empty (preferred) or whose expert has another copy. False when there is none.
-bool write_back(const serial_state& st, expert_id e, std::vector<int>& copies, stopped_layer& out) {
-  for (int r = 0; r < static_cast<int>(st.rows.size()); ++r) {
-    const auto& rr = st.rows[static_cast<std::size_t>(r)];
-    const auto it = std::find(rr.begin(), rr.end(), e);
-    if (it == rr.end()) continue;
-    for (const bool empty_only : {true, false}) {
-      for (int x = 0; x < st.slots; ++x) {
-        auto& now = out.row[static_cast<std::size_t>(r * st.slots + x)];
-        if (empty_only ? now >= 0 : now < 0 || copies[static_cast<std::size_t>(now)] < 2) continue;
-        if (now >= 0) --copies[static_cast<std::size_t>(now)];
-        now = e;
-        ++copies[static_cast<std::size_t>(e)];
-        out.repairs.push_back({r, x, -1, static_cast<int>(it - rr.begin())});
-        return true;
-      }
-    }
-  }
-  return false;
-}
-
-}  // namespace
-
-std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<const expert_id> old_row, int num_ranks,
-                                         int done) {
-  serial_state st;
-  st.slots = static_cast<int>(old_row.size()) / num_ranks;
-  st.slot.assign(old_row.begin(), old_row.end());
-  st.rows.assign(static_cast<std::size_t>(num_ranks), std::vector<expert_id>(static_cast<std::size_t>(sch.rows), -1));
-  for (int c = 0; c < done; ++c) {
-    const auto& ch = sch.chunks[static_cast<std::size_t>(c)];
-    st.apply(ch.before);
-    for (const auto& m : ch.moves) {
-      const expert_id e = st.read(m.from_rank, m.from_slot, m.from_row);
-      if (m.to_slot >= 0) {
-        st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = e;
-      } else {
-        st.rows[static_cast<std::size_t>(m.to_rank)][static_cast<std::size_t>(m.to_row)] = e;
-      }
-    }
-    st.apply(ch.after);
-  }
-  if (done < static_cast<int>(sch.chunks.size())) {
-    // The refused batch: its saves ran, what it sent into slots may be anything.
-    const auto& ch = sch.chunks[static_cast<std::size_t>(done)];
-    st.apply(ch.before);
-    for (const auto& m : ch.moves) {
-      if (m.to_slot >= 0) st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = -1;
-    }
-  }
-  stopped_layer out{st.slot, {}};
-  std::vector<int> copies(static_cast<std::size_t>(sch.num_logical), 0);
-  for (const expert_id e : out.row) {
-    if (e >= 0) ++copies[static_cast<std::size_t>(e)];
-  }
-  for (expert_id e = 0; e < sch.num_logical; ++e) {
-    if (copies[static_cast<std::size_t>(e)] == 0 && !write_back(st, e, copies, out)) return std::nullopt;
-  }
-  return out;
+  return plan_walks(old_row, new_row, num_ranks, num_logical, buffer_rows);
 }
 
 }  // namespace eplb::exec
