@@ -75,11 +75,15 @@ std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<c
     st.apply(ch.after);
   }
   if (done < static_cast<int>(sch.chunks.size())) {
-    // The refused batch: its saves ran, what it sent into slots may be anything.
+    // The refused batch: its saves ran, what it sent into slots and rows may be anything.
     const auto& ch = sch.chunks[static_cast<std::size_t>(done)];
     st.apply(ch.before);
     for (const auto& m : ch.moves) {
-      if (m.to_slot >= 0) st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = -1;
+      if (m.to_slot >= 0) {
+        st.slot[static_cast<std::size_t>(m.to_rank * st.slots + m.to_slot)] = -1;
+      } else {
+        st.rows[static_cast<std::size_t>(m.to_rank)][static_cast<std::size_t>(m.to_row)] = -1;
+      }
     }
   }
   stopped_layer out{st.slot, {}};
