@@ -108,9 +108,9 @@ enum class cut_rule { anywhere, stop_safe };
 /// then cuts the order greedily so that, on every rank, the staging rows in use fit `buffer_rows`,
 /// each cut where `rule` allows. One range when everything fits. When even one expert does not fit
 /// (a cycle of slots on one rank holds several rows), the plan is a serial schedule
-/// (plan_serial), which fits any `buffer_rows` >= 1 in more batches. Under cut_rule::stop_safe a
-/// serial schedule must leave every expert a slot at every stop; error(errc::invalid_argument)
-/// naming the layer when it cannot.
+/// (plan_serial), which fits any `buffer_rows` >= 1 in more batches. Under cut_rule::stop_safe the
+/// serial schedule leaves every expert a slot at every stop (plan_serial_stop_safe);
+/// error(errc::invalid_argument) naming the layer should it ever not.
 [[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                      int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
                                      cut_rule rule = cut_rule::stop_safe);
@@ -137,8 +137,10 @@ struct row_repair {
                                                                  std::span<const expert_id> new_row, int num_ranks,
                                                                  int num_logical, std::size_t buffer_rows, bool spread);
 /// plan_serial for cut_rule::stop_safe: where a stop would leave an expert only in a staging row on
-/// a rank with no slot to put it back in, tries again saving other slots of the cycles; nullptr
-/// when no try leaves every expert a slot at every stop.
+/// a rank with no slot to put it back in, tries again saving other slots of the cycles, then
+/// unwinding one cycle at a time; last, walks cycles one at a time with the saved bytes carried
+/// along to a rank that holds the bytes moved last twice, which is safe at every stop with one row
+/// per rank. nullptr if even that leaves a stop unsafe (a tree's batch; checked, never seen).
 [[nodiscard]] std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const expert_id> old_row,
                                                                            std::span<const expert_id> new_row,
                                                                            int num_ranks, int num_logical,
