@@ -99,10 +99,14 @@ class rearranger {
   /// Moves one layer to `new_row` and commits the layer's maps in `maps`. Maps, row or weights that
   /// do not fit the model (shape, expert ids, a null tensor pointer) are errors before anything
   /// moves: errc::invalid_map for the row, errc::invalid_argument otherwise. If it fails (error or
-  /// timeout) and the layer fit the staging cap in one chunk, the live slots and maps of the layer
-  /// are exactly as before; the error names the layer. With several chunks a failure after the
-  /// first chunk leaves the layer partly moved, which the error says; under commit_gate every rank
-  /// stops after the same chunk and the maps name what every live slot holds (stop_after_chunks).
+  /// timeout) and the layer fit the staging cap in one chunk of the expert order, the live slots
+  /// and maps of the layer are exactly as before; the error names the layer. With several chunks a
+  /// failure after the first chunk leaves the layer partly moved, which the error says, and so does
+  /// any failure of a serial schedule (plan_serial: a cap below what the expert order needs), whose
+  /// batches write live slots; under commit_gate every rank stops before the same chunk and the
+  /// maps name what every live slot holds, leaving empty (-1) the slots a refused batch wrote
+  /// (stop_after_chunks). Without commit_gate the maps of a partly moved layer stay as they were:
+  /// ranks do not know where the others stopped.
   layer_stats rearrange_layer(int layer, const rank_weights& weights, placement& maps,
                               std::span<const expert_id> new_row);
   /// All layers in order. The whole new map (and the maps and weights) is checked before any layer
