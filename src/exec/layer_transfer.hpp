@@ -27,6 +27,13 @@ struct row_layout {
   }
 };
 
+/// Where a layer stopped part-way under the commit gate: before chunk `done`, with `row` what its
+/// live slots hold on every rank (empty: not stopped part-way; the maps stay as they were).
+struct layer_stop {
+  int done = 0;
+  std::vector<expert_id> row;
+};
+
 /// (live slot, staging row) pairs, duplicates included.
 using row_writes = std::vector<std::pair<int, int>>;
 

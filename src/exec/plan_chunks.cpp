@@ -3,6 +3,7 @@
 // refused the next one), including the staging rows written back so that every expert keeps a
 // live slot.
 #include <algorithm>
+#include <optional>
 
 #include "eplb/exec/plan.hpp"
 #include "util/fail.hpp"
@@ -162,8 +163,8 @@ bool stop_at(const layer_schedule& s, int hi, stopped_layer& out) {
 
 // Where the chunk starting at `lo` ends: the last position up to `hi` (the most the cap allows)
 // where a stop leaves every expert a slot, else the first such position past `hi`, whose rows must
-// still fit the cap.
-int safe_end(const layer_schedule& s, int lo, int hi, std::size_t buffer_rows, int layer) {
+// still fit the cap (-1 when they do not).
+int safe_end(const layer_schedule& s, int lo, int hi, std::size_t buffer_rows) {
   stopped_layer scratch;
   const auto safe = [&](int h) { return h == s.num_logical || stop_at(s, h, scratch); };
   for (int h = hi; h > lo; --h) {
@@ -171,17 +172,51 @@ int safe_end(const layer_schedule& s, int lo, int hi, std::size_t buffer_rows, i
   }
   int h = hi + 1;
   while (!safe(h)) ++h;
-  if (const auto need = rows_in_use(s, lo, h); need > buffer_rows) {
-    fail(errc::invalid_argument,
-         "staging_bytes: layer {} needs at least {} staging rows (one expert bundle each) here, the cap allows {}",
-         layer, need, buffer_rows);
+  return rows_in_use(s, lo, h) > buffer_rows ? -1 : h;
+}
+
+// The expert-order plan, or nullopt when some chunk needs more rows than the cap.
+std::optional<chunk_plan> plan_by_expert(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                         int num_ranks, int num_logical, std::size_t buffer_rows, cut_rule rule) {
+  auto s = make_schedule(old_row, new_row, num_ranks, num_logical);
+  chunk_plan out;
+  out.position = order_experts(read_before_write(s.plans, num_logical), num_logical);
+  add_rows(s, out);
+  // Greedy cut: extend the current range while every rank's rows in use fit, then, if the rule
+  // says so, back off to where a stop keeps every expert in a live slot.
+  for (int lo = 0; lo < num_logical;) {
+    if (rows_in_use(s, lo, lo + 1) > buffer_rows) return std::nullopt;
+    int hi = lo + 1;
+    while (hi < num_logical && rows_in_use(s, lo, hi + 1) <= buffer_rows) ++hi;
+    if (rule == cut_rule::stop_safe && (hi = safe_end(s, lo, hi, buffer_rows)) < 0) return std::nullopt;
+    out.ranges.emplace_back(lo, hi);
+    lo = hi;
   }
-  return h;
+  return out;
+}
+
+// The serial plan; under stop_safe every stop must leave every expert a slot (one break per cycle,
+// which a stop can still leave only in a row on a rank without a spare slot: then refused).
+chunk_plan plan_by_slot(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
+                        int num_logical, std::size_t buffer_rows, int layer, cut_rule rule) {
+  chunk_plan out;
+  out.serial = rule == cut_rule::anywhere
+                   ? plan_serial(old_row, new_row, num_ranks, num_logical, buffer_rows, true)
+                   : plan_serial_stop_safe(old_row, new_row, num_ranks, num_logical, buffer_rows);
+  if (!out.serial) {
+    fail(errc::invalid_argument,
+         "staging_bytes: layer {} cannot be moved with {} staging rows (one expert bundle each) so that a failed "
+         "batch leaves every expert a slot",
+         layer, buffer_rows);
+  }
+  for (int c = 0; c < static_cast<int>(out.serial->chunks.size()); ++c) out.ranges.emplace_back(c, c + 1);
+  return out;
 }
 
 }  // namespace
 
 int chunk_plan::chunk_of(expert_id e) const {
+  if (position.empty()) return -1;  // a serial schedule moves an expert in any of its chunks
   const int pos = position[static_cast<std::size_t>(e)];
   for (std::size_t c = 0; c < ranges.size(); ++c) {
     if (pos >= ranges[c].first && pos < ranges[c].second) return static_cast<int>(c);
@@ -191,25 +226,11 @@ int chunk_plan::chunk_of(expert_id e) const {
 
 chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
                        int num_logical, std::size_t buffer_rows, int layer, cut_rule rule) {
-  auto s = make_schedule(old_row, new_row, num_ranks, num_logical);
-  chunk_plan out;
-  out.position = order_experts(read_before_write(s.plans, num_logical), num_logical);
-  add_rows(s, out);
-  // Greedy cut: extend the current range while every rank's rows in use fit, then, if the rule
-  // says so, back off to where a stop keeps every expert in a live slot.
-  for (int lo = 0; lo < num_logical;) {
-    if (const auto need = rows_in_use(s, lo, lo + 1); need > buffer_rows) {
-      fail(errc::invalid_argument,
-           "staging_bytes: layer {} needs at least {} staging rows (one expert bundle each) here, the cap allows {}",
-           layer, need, buffer_rows);
-    }
-    int hi = lo + 1;
-    while (hi < num_logical && rows_in_use(s, lo, hi + 1) <= buffer_rows) ++hi;
-    if (rule == cut_rule::stop_safe) hi = safe_end(s, lo, hi, buffer_rows, layer);
-    out.ranges.emplace_back(lo, hi);
-    lo = hi;
+  if (buffer_rows == 0) {
+    fail(errc::invalid_argument, "staging_bytes: layer {} needs at least 1 staging row (one expert bundle)", layer);
   }
-  return out;
+  if (auto out = plan_by_expert(old_row, new_row, num_ranks, num_logical, buffer_rows, rule)) return std::move(*out);
+  return plan_by_slot(old_row, new_row, num_ranks, num_logical, buffer_rows, layer, rule);
 }
 
 int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot) {
@@ -218,6 +239,11 @@ int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot
 
 stopped_layer stop_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
                                 int num_logical, const chunk_plan& chunks, int done) {
+  if (chunks.serial) {
+    auto stop = serial_stop(*chunks.serial, old_row, num_ranks, done);
+    if (!stop) fail(errc::internal, "plan_serial: a stop after chunk {} loses an expert", done);
+    return std::move(*stop);
+  }
   if (done <= 0) return {{old_row.begin(), old_row.end()}, {}};
   auto s = make_schedule(old_row, new_row, num_ranks, num_logical);
   add_rows(s, chunks);
@@ -229,7 +255,7 @@ stopped_layer stop_after_chunks(std::span<const expert_id> old_row, std::span<co
 
 std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                         int num_ranks, const chunk_plan& chunks, int done) {
-  const int num_logical = static_cast<int>(chunks.position.size());
+  const int num_logical = chunks.serial ? chunks.serial->num_logical : static_cast<int>(chunks.position.size());
   return stop_after_chunks(old_row, new_row, num_ranks, num_logical, chunks, done).row;
 }
 

@@ -172,18 +172,17 @@ layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placem
   check_layer_inputs(shape_, layer, w, maps, new_row);
   const std::vector<expert_id> old_row(maps.phy2log(layer).begin(), maps.phy2log(layer).end());
   layer_stats stats;
-  int chunks_written = 0;
+  layer_stop stop;
   try {
-    stats = move(layer, w, old_row, new_row, chunks_written);
+    stats = move(layer, w, old_row, new_row, stop);
   } catch (const error& e) {
-    if (chunks_written > 0 && opts_.commit_gate) {
+    if (!stop.row.empty()) {
       // Every rank stopped after the same chunks and wrote back what was only in staging rows
-      // (write_back_held): the maps say which slots hold which expert.
-      const auto chunks = chunks_of(layer, old_row, new_row);
-      const auto row = row_after_chunks(old_row, new_row, shape_.num_ranks, chunks, chunks_written);
-      maps.set_layer(layer, row);
-      fail(e.code(), "layer {}: {} (stopped on every rank after {} of {} chunks; the maps name what each slot holds)",
-           layer, e.what(), chunks_written, chunks.ranges.size());
+      // (write_back_held, serial_move): the maps say which slots hold which expert, and route
+      // nothing to a slot the refused batch may have written.
+      maps.set_layer(layer, stop.row);
+      fail(e.code(), "layer {}: {} (stopped on every rank after {} chunks; the maps name what each slot holds)", layer,
+           e.what(), stop.done);
     }
     fail(e.code(), "layer {}: {}", layer, e.what());
   }
@@ -239,7 +238,7 @@ void rearranger::vote_noop_layer(int layer, std::span<const expert_id> old_row,
 }
 
 layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
-                             std::span<const expert_id> new_row, int& chunks_written) {
+                             std::span<const expert_id> new_row, layer_stop& stop) {
   const auto start = std::chrono::steady_clock::now();
   auto p = plan_layer(old_row, new_row, shape_.num_ranks, rank_);
   if (p.is_noop()) {
@@ -247,6 +246,7 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
     return layer_stats{.layer = layer};
   }
   const auto chunks = chunks_of(layer, old_row, new_row);
+  if (chunks.serial) return move_serial(layer, w, old_row, chunks, stop);
   const bool one_chunk = chunks.ranges.size() == 1;
   // The constructor keeps register_buffers to caps of at least one layer, which never need chunks.
   if (opts_.register_buffers && !one_chunk)
@@ -263,12 +263,11 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
     try {
       pass_gate(layer, static_cast<int>(c), failure);
     } catch (...) {
-      if (c > 0 && opts_.commit_gate) write_back_held(m, old_row, new_row, chunks, static_cast<int>(c));
+      if (c > 0 && opts_.commit_gate) write_back_held(m, old_row, new_row, chunks, static_cast<int>(c), stop);
       throw;
     }
     // Writes whose expert and whose slot's old expert are both done; then free rows no write needs.
     m.write_ready(chunks.ranges[c].second, staging_.data(), stream_);
-    chunks_written = static_cast<int>(c) + 1;
   }
   if (m.writes_left() > 0) fail(errc::internal, "{} writes left after the last chunk", m.writes_left());
   // Surface any device error before the maps commit.
@@ -283,12 +282,14 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
 // wrote are read; the refused chunk's receives went to other rows. Should the write-back itself
 // fail (a device fault on this rank), that error is the one reported.
 void rearranger::write_back_held(layer_transfer& m, std::span<const expert_id> old_row,
-                                 std::span<const expert_id> new_row, const chunk_plan& chunks, int done) {
-  const auto stop = stop_after_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, chunks, done);
-  for (const auto& r : stop.repairs) {
+                                 std::span<const expert_id> new_row, const chunk_plan& chunks, int done,
+                                 layer_stop& stop) {
+  auto s = stop_after_chunks(old_row, new_row, shape_.num_ranks, shape_.num_logical, chunks, done);
+  for (const auto& r : s.repairs) {
     if (r.rank == rank_) m.write_staged(r.slot, r.staged_slot, staging_.data(), stream_);
   }
   stream_.synchronize(opts_.timeout);
+  stop = {done, std::move(s.row)};
 }
 
 // How this rearranger cuts `layer` into batches, alike on every rank: with a commit gate a refused

@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -23,6 +24,9 @@ struct fault_switch {
   std::atomic<int> countdown{0};  ///< the n-th batch from when this is set fails (0: none armed)
   std::atomic<bool> fired{false};
   std::atomic<int> made{0};  ///< communicators made so far (counted by whoever makes them)
+  /// The failing batch also overwrites what it received with 0xEE bytes (host memory only), as a
+  /// transfer that broke half-way may leave anything there.
+  bool scribble = false;
 };
 
 class faulty_transport final : public comm::transport {
@@ -56,6 +60,9 @@ class faulty_transport final : public comm::transport {
     if (switch_->countdown.load() > 0 && --switch_->countdown == 0) {
       switch_->fired = true;
       broken_ = true;
+      for (const auto& o : ops) {
+        if (switch_->scribble && !o.is_send) std::fill_n(static_cast<std::byte*>(o.data), o.bytes, std::byte{0xEE});
+      }
       throw error(errc::transport, fmt::format("injected transfer fault on rank {}", rank()));
     }
   }

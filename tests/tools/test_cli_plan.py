@@ -105,6 +105,18 @@ r = run(["exchange", "--ranks", "2", "--layers", "2", "--experts", "8", "--redun
          "--rounds", "2"])
 expect(r.returncode == 0 and " GB/s, all ranks)" in r.stdout, f"exchange text: {r.stdout!r}")
 
+# Issue 17, item 5: a staging cap of a few bundles (20000 bytes: 3 rows of 5113) or of one (6000)
+# moves every random placement; these failed in round 7 and in layer 0 before.
+for cap in ["20000", "6000", "5113"]:
+    r = run(["exchange", "--ranks", "5", "--layers", "3", "--experts", "40", "--redundant", "10", "--tensor-bytes",
+             "4096,1000,17", "--backend", "loopback", "--device", "host", "--seed", "987", "--rounds", "20",
+             "--staging-bytes", cap, "--json"])
+    try:
+        ex = json.loads(r.stdout)
+        expect(r.returncode == 0 and ex["verified"] and ex["rounds"] == 20, f"exchange cap {cap}: {r.stdout!r}")
+    except ValueError as e:
+        expect(False, f"exchange cap {cap}: {e}: {r.returncode} {r.stdout!r} {r.stderr!r}")
+
 # info --json: the version and every backend, as JSON.
 r = run(["info", "--json"])
 try:

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <optional>
 #include <span>
 #include <vector>
@@ -49,11 +50,49 @@ struct layer_plan {
 [[nodiscard]] layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                     int num_ranks, int rank);
 
+/// One copy on one rank in a serial schedule: from a live slot or a staging row (the other -1) into
+/// a live slot or a staging row (the other -1).
+struct serial_copy {
+  int rank;
+  int from_slot, from_row;
+  int to_slot, to_row;
+};
+
+/// One expert bundle on the wire in a serial schedule: from a live slot or a staging row of
+/// `from_rank` straight into live slot `to_slot` of `to_rank`, which nothing reads any more, or
+/// (to_slot -1) into staging row `to_row`, written into its slot after the batch.
+struct serial_move {
+  expert_id expert;
+  int from_rank, from_slot, from_row;
+  int to_rank, to_slot;
+  int to_row = -1;
+};
+
+/// One batch of a serial schedule: copies before it (slots saved into rows), its moves, and the
+/// copies after it once it is written (local moves, duplicates, rows written into slots), in order.
+struct serial_chunk {
+  std::vector<serial_copy> before;
+  std::vector<serial_move> moves;
+  std::vector<serial_copy> after;
+};
+
+/// The schedule plan_chunks falls back to when the expert order needs more rows than the cap: slots
+/// are written directly (no staging) once nothing reads their old bytes, and a cycle of slots that
+/// read each other is broken by saving one slot in a staging row. Needs one row per rank whatever
+/// the placement; identical on every rank.
+struct serial_schedule {
+  int num_logical = 0;
+  int rows = 0;  ///< staging rows used on any rank
+  std::vector<serial_chunk> chunks;
+};
+
 /// How one layer is split into communicator batches when it does not fit the staging cap: experts
-/// in a global order (the same on every rank), cut into consecutive ranges.
+/// in a global order (the same on every rank), cut into consecutive ranges; or, when that order
+/// does not fit, a serial schedule (then `ranges` has one entry per chunk and `position` is empty).
 struct chunk_plan {
   std::vector<int> position;                ///< per logical expert: its place in the order
   std::vector<std::pair<int, int>> ranges;  ///< [begin, end) of positions, one per batch
+  std::shared_ptr<const serial_schedule> serial;
 
   [[nodiscard]] int chunk_of(expert_id e) const;
 };
@@ -67,9 +106,11 @@ enum class cut_rule { anywhere, stop_safe };
 /// Orders experts so that a slot still read as the source of its old expert X, and rewritten with
 /// Y, sees X before Y wherever the dependencies allow (only cycles force a staging row to be held),
 /// then cuts the order greedily so that, on every rank, the staging rows in use fit `buffer_rows`,
-/// each cut where `rule` allows.
-/// One range when everything fits. error(errc::invalid_argument) naming the layer and the rows
-/// needed when even one expert does not fit.
+/// each cut where `rule` allows. One range when everything fits. When even one expert does not fit
+/// (a cycle of slots on one rank holds several rows), the plan is a serial schedule
+/// (plan_serial), which fits any `buffer_rows` >= 1 in more batches. Under cut_rule::stop_safe the
+/// serial schedule leaves every expert a slot at every stop (plan_serial_stop_safe);
+/// error(errc::invalid_argument) naming the layer should it ever not.
 [[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                      int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
                                      cut_rule rule = cut_rule::stop_safe);
@@ -80,25 +121,50 @@ enum class cut_rule { anywhere, stop_safe };
 [[nodiscard]] int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
 
 /// A rank's write-back when a chunked layer stops: the staging row of its buffer slot `staged_slot`
-/// goes into live slot `slot`, whose expert has another copy or which the maps leave empty.
+/// (serial schedules: staging row `row`, staged_slot -1) goes into live slot `slot`, whose expert
+/// has another copy or which the maps leave empty.
 struct row_repair {
   int rank;
   int slot;
   int staged_slot;
+  int row = -1;
 };
+
+/// The serial schedule of a layer for `buffer_rows` staging rows per rank (>= 1, any placement).
+/// With `spread`, long cycles are broken at several slots at once, in fewer batches but with more
+/// experts held only in rows between batches.
+[[nodiscard]] std::shared_ptr<const serial_schedule> plan_serial(std::span<const expert_id> old_row,
+                                                                 std::span<const expert_id> new_row, int num_ranks,
+                                                                 int num_logical, std::size_t buffer_rows, bool spread);
+/// plan_serial for cut_rule::stop_safe: where a stop would leave an expert only in a staging row on
+/// a rank with no slot to put it back in, tries again saving other slots of the cycles, then
+/// unwinding one cycle at a time; last, walks cycles one at a time with the saved bytes carried
+/// along to a rank that holds the bytes moved last twice, which is safe at every stop with one row
+/// per rank. nullptr if even that leaves a stop unsafe (a tree's batch; checked, never seen).
+[[nodiscard]] std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const expert_id> old_row,
+                                                                           std::span<const expert_id> new_row,
+                                                                           int num_ranks, int num_logical,
+                                                                           std::size_t buffer_rows);
 
 /// What a layer holds on every rank when every rank stopped after its first `done` chunks (the
 /// commit vote refused the next): a slot holds its new expert where its write happened, else its
 /// old one, and every expert whose only copy was a staging row held between chunks is written back
 /// by a rank holding it (`repairs`), so that `row` names what every live slot holds. `chunks` must
 /// come from plan_chunks with cut_rule::stop_safe; error(errc::internal) where a stop loses an
-/// expert.
+/// expert. A serial schedule writes live slots in its batches, so there even a stop before the
+/// first chunk is written (`done` 0) can change the row: the slots the refused batch wrote into are
+/// left empty (-1), whatever bytes arrived.
 struct stopped_layer {
   std::vector<expert_id> row;
   std::vector<row_repair> repairs;
 };
 [[nodiscard]] stopped_layer stop_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
                                               int num_ranks, int num_logical, const chunk_plan& chunks, int done);
+
+/// What a layer holds when every rank ran the first `done` chunks of `sch` and the next was
+/// refused (see stop_after_chunks), or nullopt when an expert would be left without a slot.
+[[nodiscard]] std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<const expert_id> old_row,
+                                                       int num_ranks, int done);
 
 /// stop_after_chunks(...).row: the row a layer holds on every rank after its first `done` chunks.
 [[nodiscard]] std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,

@@ -20,6 +20,7 @@ namespace eplb::exec {
 class layer_transfer;
 class layer_pipeline;
 struct row_layout;
+struct layer_stop;
 
 /// The checksum verification compares against: the expected checksum of `tensor` of `expert` in
 /// `layer` (see checksum()).
@@ -98,10 +99,14 @@ class rearranger {
   /// Moves one layer to `new_row` and commits the layer's maps in `maps`. Maps, row or weights that
   /// do not fit the model (shape, expert ids, a null tensor pointer) are errors before anything
   /// moves: errc::invalid_map for the row, errc::invalid_argument otherwise. If it fails (error or
-  /// timeout) and the layer fit the staging cap in one chunk, the live slots and maps of the layer
-  /// are exactly as before; the error names the layer. With several chunks a failure after the
-  /// first chunk leaves the layer partly moved, which the error says; under commit_gate every rank
-  /// stops after the same chunk and the maps name what every live slot holds (stop_after_chunks).
+  /// timeout) and the layer fit the staging cap in one chunk of the expert order, the live slots
+  /// and maps of the layer are exactly as before; the error names the layer. With several chunks a
+  /// failure after the first chunk leaves the layer partly moved, which the error says, and so does
+  /// any failure of a serial schedule (plan_serial: a cap below what the expert order needs), whose
+  /// batches write live slots; under commit_gate every rank stops before the same chunk and the
+  /// maps name what every live slot holds, leaving empty (-1) the slots a refused batch wrote
+  /// (stop_after_chunks). Without commit_gate the maps of a partly moved layer stay as they were:
+  /// ranks do not know where the others stopped.
   layer_stats rearrange_layer(int layer, const rank_weights& weights, placement& maps,
                               std::span<const expert_id> new_row);
   /// All layers in order. The whole new map (and the maps and weights) is checked before any layer
@@ -138,12 +143,14 @@ class rearranger {
   [[nodiscard]] row_layout layout() const noexcept;
   void check_communicator(const comm::communicator& c) const;
   layer_stats move(int layer, const rank_weights& w, std::span<const expert_id> old_row,
-                   std::span<const expert_id> new_row, int& chunks_written);
+                   std::span<const expert_id> new_row, layer_stop& stop);
+  layer_stats move_serial(int layer, const rank_weights& w, std::span<const expert_id> old_row,
+                          const chunk_plan& chunks, layer_stop& stop);
   [[nodiscard]] chunk_plan chunks_of(int layer, std::span<const expert_id> old_row,
                                      std::span<const expert_id> new_row) const;
   std::exception_ptr post_chunk(layer_transfer& m, const chunk_plan& chunks, std::size_t c);
   void write_back_held(layer_transfer& m, std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                       const chunk_plan& chunks, int done);
+                       const chunk_plan& chunks, int done, layer_stop& stop);
   void pass_gate(int layer, int chunk, std::exception_ptr failure) const;
   void vote_noop_layer(int layer, std::span<const expert_id> old_row, std::span<const expert_id> new_row) const;
   [[nodiscard]] bool pipelines() const noexcept;
