@@ -48,6 +48,8 @@ struct config {
   /// nothing and is reported as skipped. 0: strictly better (eplb default); -1: always (vLLM).
   /// In -1..1.
   double min_improvement = 0.0;
+  /// Allocate everything a rebalance uses when the state is made (eplb_state::reserve()).
+  bool reserve_memory = false;
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;

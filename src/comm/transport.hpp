@@ -44,6 +44,8 @@ class transport {
   /// unregistered.
   [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
   [[nodiscard]] virtual registered_memory allocate_registered(std::size_t bytes);
+  /// communicator::reserve_memory(). Default: nothing to allocate. A wrapping transport forwards it.
+  virtual device::memory_use reserve_memory();
 
   /// The caller's stream (communicator::set_stream); not owned.
   void set_stream(device::stream* s) noexcept { stream_ = s; }

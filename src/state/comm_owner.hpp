@@ -30,6 +30,10 @@ class comm_owner {
   /// `adopt` hands the new one to its users before the old one is destroyed.
   void remake(int generation, const std::function<void(comm::communicator&)>& adopt);
 
+  /// Allocates the communicator's batch memory now (communicator::reserve_memory()), and that of
+  /// every communicator made again later, as it is made. Returns what the current one holds.
+  device::memory_use reserve();
+
   /// Destroys the communicator (its threads and its own staging) now.
   void reset() noexcept { comm_.reset(); }
 
@@ -49,7 +53,8 @@ class comm_owner {
   bool can_remake_;
   int generation_ = 0;
   bool suspect_ = false;
-  comm::backend kind_;  // fixed at start: read by the serving thread while the background remakes
+  bool reserved_ = false;  // reserve() ran: communicators made later reserve too
+  comm::backend kind_;     // fixed at start: read by the serving thread while the background remakes
   std::unique_ptr<comm::communicator> comm_;
 };
 

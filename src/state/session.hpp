@@ -52,6 +52,11 @@ class rebalance_session {
   virtual void on_step_failure() noexcept = 0;
   /// Cancels a rebalance in flight and waits for the background (bounded by the timeout).
   virtual void stop() noexcept = 0;
+  /// Allocates the staging and packing memory rebalances use (eplb_state::reserve()); only while
+  /// nothing is in flight. Returns the bytes the session holds for them.
+  virtual device::memory_use reserve_memory() = 0;
+  /// Allocations rebalances made past the reservation (any thread's; read by the serving thread).
+  [[nodiscard]] virtual std::int64_t reserve_overflows() const noexcept = 0;
 };
 
 /// The strategy cfg.use_async picks. `agreement` is the engine's commit agreement, if any (async).

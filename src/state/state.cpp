@@ -54,6 +54,7 @@ struct eplb_state::impl {
                                          std::move(p.commit_agreement));
     for (int l = 0; l < model.shape.layers; ++l) published.publish(maps, l);
     serving.synchronize(cfg.timeout);
+    if (cfg.reserve_memory) reserve();
   }
   ~impl() {
     session.reset();
@@ -91,6 +92,14 @@ struct eplb_state::impl {
     session->start(local, report);
   }
 
+  void reserve() {
+    if (stopped) fail(errc::cancelled, "eplb_state::reserve: the state was stopped");
+    auto use = session->reserve_memory();
+    use += comms.reserve();
+    m.reserved_device_bytes = use.device_bytes;
+    m.reserved_pinned_bytes = use.pinned_bytes;
+  }
+
   void step(bool is_dummy, step_report& report) {
     load.drain(is_dummy);
     ++m.steps;
@@ -101,6 +110,7 @@ struct eplb_state::impl {
       since_rebalance = 0;
       start_rebalance(report);
     }
+    m.reserve_overflows = session->reserve_overflows();
   }
 };
 
@@ -132,6 +142,10 @@ step_report eplb_state::step(bool is_dummy) {
     throw;
   }
   return report;
+}
+
+void eplb_state::reserve() {
+  impl_->reserve();
 }
 
 void eplb_state::stop() noexcept {

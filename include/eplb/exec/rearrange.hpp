@@ -4,6 +4,7 @@
 // valid).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -112,6 +113,18 @@ class rearranger {
   /// the first mismatch (layer, slot, tensor, expert).
   void verify_layer(int layer, const rank_weights& weights, const placement& maps, const checksum_fn& expected);
 
+  /// Allocates now the memory later moves use, so that they allocate nothing: for rearrange() and
+  /// rearrange_layer() the staging buffer at its largest (two layers of this rank's slots when
+  /// layers are pipelined, else the staging cap's rows) and a packing buffer of as many bytes; with
+  /// `for_queue` only queue_layer()'s packing buffer (one layer); the verification scratch when
+  /// options.verify is set. A move that needs more packing than that (this rank sends more than
+  /// its staging rows' worth in one layer; at most (ranks - 1) times that) grows the buffer, once
+  /// per new high, and counts it in overflows(). Idempotent; not while a move runs. Returns the
+  /// bytes the rearranger holds.
+  device::memory_use reserve_memory(bool for_queue);
+  /// Allocations moves made after reserve_memory() because they needed more than it reserved.
+  [[nodiscard]] std::int64_t overflows() const noexcept { return overflows_.load(std::memory_order_relaxed); }
+
   [[nodiscard]] std::size_t staging_rows() const noexcept { return rows_; }
   [[nodiscard]] comm::communicator& communicator() const noexcept { return *comm_; }
   /// Moves on `c` from now on (a communicator made again after a failure): same rank and size.
@@ -151,6 +164,7 @@ class rearranger {
                                                const matrix<expert_id>& new_map);
   [[nodiscard]] device::memory_kind staging_kind() const;
   [[nodiscard]] std::size_t pack_cap() const noexcept;
+  [[nodiscard]] std::size_t largest_tensor() const noexcept;
   void reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest);
   void retire(device::buffer b, bool wait) noexcept;
 
@@ -166,6 +180,9 @@ class rearranger {
   device::buffer staging_;
   device::buffer pack_;                           // sends packed per peer (coalesce)
   device::buffer queue_pack_;                     // queue_layer's packed sends (never registered)
+  device::buffer verify_scratch_;                 // verify_layer's pinned copy of one tensor
+  bool reserved_ = false;                         // reserve_memory() ran: growing counts as an overflow
+  std::atomic<std::int64_t> overflows_{0};        // grown on the io thread (async), read by the serving one
   comm::registration staging_reg_, pack_reg_;     // declared after the buffers: released before them
   std::vector<comm::registered_memory> retired_;  // outgrown registered buffers, kept until the comm changes
   std::unique_ptr<device::stream> copies_;        // the pipelined path's staging and write-back stream
