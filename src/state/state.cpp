@@ -152,6 +152,7 @@ void eplb_state::stop() noexcept {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
   impl_->session->stop();
+  impl_->m.reserve_overflows = impl_->session->reserve_overflows();  // the background's last ones too
   try {
     impl_->serving.synchronize(impl_->cfg.timeout);
   } catch (...) {

@@ -131,9 +131,9 @@ rank_outcome run_rank(int rank, int ranks, const std::string& communicator, bool
     } catch (const std::exception& e) {
       out.failure = fmt::format("rank {}: {}", rank, e.what());
     }
+    state.stop();  // the background's last allocations (async) are counted, in the metric too
     out.during = a->count() - reserved;
     out.m = state.stats();
-    state.stop();
   }
   return out;
 }

@@ -119,9 +119,9 @@ run_result run_rank(int rank, int ranks, const config& cfg, const std::shared_pt
     } catch (const std::exception& e) {
       out.failure = fmt::format("rank {}: {}", rank, e.what());
     }
+    state.stop();  // the background's last allocations (async) are counted, in the metric too
     out.during_rebalances = a->count() - reserved;
     out.m = state.stats();
-    state.stop();
   }
   return out;
 }
