@@ -112,8 +112,9 @@ class eplb_state {
   /// the largest layer's bundles, the pipeline's two areas): staging and packing buffers, the
   /// communicator's staging (gloo: options.staging_bytes of pinned memory), so that rebalances
   /// allocate nothing. Call it in the engine's profile run, before sizing the KV cache from free
-  /// memory (config::reserve_memory does it in the constructor). Memory comes through the device's
-  /// allocator hook when one is set. A layer that needs more packing than reserved grows it,
+  /// memory). Memory comes through the device's allocator hook when one is set. With
+  /// config::reserve_memory (which calls it in the constructor) no rebalance needs more; without
+  /// it, a layer whose packed sends exceed this rank's staging rows grows the packing buffer,
   /// counted in metrics::reserve_overflows. Idempotent; fills metrics::reserved_device_bytes and
   /// reserved_pinned_bytes. Errors: errc::cancelled after stop(), errc::invalid_argument while a
   /// rebalance is in flight, errc::out_of_memory when the allocator hook has no memory.

@@ -156,6 +156,19 @@ std::size_t rearranger::largest_tensor() const noexcept {
   return largest;
 }
 
+// How a layer's messages are packed: pairs within the cap, and with pack_within_staging (unless
+// every pair is: registered buffers) no more of them than fit the packing reserve_memory()
+// reserves per layer (this rank's staging rows' worth), so that no layer needs more.
+pack_rule rearranger::packing(std::span<const expert_id> old_row, std::span<const expert_id> new_row, std::size_t cap,
+                              bool all, std::vector<std::size_t>& pairs) const {
+  pack_rule rule{.cap = cap, .all = all};
+  if (all || cap == 0 || !opts_.pack_within_staging) return rule;
+  pairs = pair_sends(old_row, new_row, shape_.num_ranks);
+  rule.budget = rows_ * row_bytes_;
+  rule.pairs = &pairs;
+  return rule;
+}
+
 row_layout rearranger::layout() const noexcept {
   return {.shape = &shape_, .offsets = offsets_, .row_bytes = row_bytes_, .rank = rank_};
 }
@@ -281,7 +294,9 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   // The constructor keeps register_buffers to caps of at least one layer, which never need chunks.
   if (opts_.register_buffers && !one_chunk)
     fail(errc::internal, "layer {}: registered buffers but several chunks", layer);
-  layer_transfer m(layout(), layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0, opts_.register_buffers);
+  std::vector<std::size_t> pairs;
+  layer_transfer m(layout(), layer, w, std::move(p), rows_,
+                   packing(old_row, new_row, one_chunk ? pack_cap() : 0, opts_.register_buffers, pairs));
   m.schedule(chunks);
   // Registered buffers are made for the larger path right away (two layers where this rearranger
   // may pipeline, one within a smaller cap).
@@ -365,8 +380,10 @@ staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span
   out.new_row.assign(new_row.begin(), new_row.end());
   // The area holds a whole layer. Peers are packed as on the sync path, but never as registered
   // memory: the caller's areas are not registered, and both ends of a transfer must match.
+  std::vector<std::size_t> pairs;
   layer_transfer m(layout(), layer, w, plan_layer(old_row, new_row, shape_.num_ranks, rank_),
-                   static_cast<std::size_t>(shape_.slots_per_rank()), pack_cap(), false);
+                   static_cast<std::size_t>(shape_.slots_per_rank()),
+                   packing(old_row, new_row, pack_cap(), false, pairs));
   if (queue_pack_.size() < m.pack_bytes()) {
     if (reserved_) overflows_.fetch_add(1, std::memory_order_relaxed);
     retire(std::move(queue_pack_), true);

@@ -59,6 +59,7 @@ async_session::async_session(const session_context& ctx, std::function<std::int6
   threads_ = std::make_unique<runtime::background_threads>();
   side_ = ctx.dev.create_stream();
   exec::rearrange_options opts{.timeout = cfg.timeout, .register_buffers = cfg.register_buffers};
+  opts.pack_within_staging = cfg.reserve_memory;  // alike on every rank: rebalances stay within the reserve
   mover_ = std::make_unique<exec::rearranger>(shape, ctx.rank, ctx.dev, *side_, ctx.comms.get(), opts);
   // validate() keeps staging_bytes at 0 or at least one layer of this rank's slots.
   const std::size_t area = mover_->layer_area_bytes();

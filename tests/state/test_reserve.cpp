@@ -141,7 +141,7 @@ config reserve_config(bool use_async, const std::string& communicator) {
 
 void check_runs(const std::vector<run_result>& results,
                 const std::vector<std::shared_ptr<counting_allocator>>& allocators, int rebalances, bool gloo,
-                bool exact) {
+                bool exact, bool within) {
   for (std::size_t r = 0; r < results.size(); ++r) {
     const auto& x = results[r];
     CAPTURE(r);
@@ -150,7 +150,8 @@ void check_runs(const std::vector<run_result>& results,
     CHECK(x.m.layers_committed >= 4 * rebalances);
     CHECK(x.m.bytes_moved > 0);
     CHECK(x.before_reserve > 0);  // the model, load and map buffers came through the hook too
-    CHECK(x.by_reserve > 0);
+    // The explicit reserve() allocates, unless the constructor already did (reserve_memory).
+    CHECK((within ? x.by_reserve == 0 : x.by_reserve > 0));
     if (exact) {
       CHECK(x.during_rebalances == 0);
       CHECK(x.m.reserve_overflows == 0);
@@ -180,16 +181,19 @@ void check_runs(const std::vector<run_result>& results,
 }
 
 // Each rank's device has its own counting allocator (an engine's per-GPU allocator).
-void reserve_run(bool use_async, const std::string& communicator, int ranks, int rebalances) {
+// `within`: config reserve_memory (packing kept within the reserve on every rank) as well as the
+// explicit reserve().
+void reserve_run(bool use_async, const std::string& communicator, int ranks, int rebalances, bool within) {
   std::vector<std::shared_ptr<counting_allocator>> allocators;
   for (int r = 0; r < ranks; ++r) allocators.push_back(std::make_shared<counting_allocator>());
   auto store = comm::make_memory_store();
   auto world = communicator == "loopback" ? comm::make_loopback_world(ranks) : nullptr;
-  const auto cfg = reserve_config(use_async, communicator);
+  auto cfg = reserve_config(use_async, communicator);
+  cfg.reserve_memory = within;
   const auto results = on_ranks(ranks, [&](int rank) {
     return run_rank(rank, ranks, cfg, store, world, allocators[static_cast<std::size_t>(rank)], rebalances);
   });
-  check_runs(results, allocators, rebalances, communicator == "gloo", ranks == 2);
+  check_runs(results, allocators, rebalances, communicator == "gloo", within || ranks == 2, within);
 }
 
 }  // namespace
@@ -197,14 +201,21 @@ void reserve_run(bool use_async, const std::string& communicator, int ranks, int
 TEST_CASE("reserve: no allocation over 100+ sync and async rebalances after reserve() on 2 loopback ranks") {
   for (const bool use_async : {false, true}) {
     CAPTURE(use_async);
-    reserve_run(use_async, "loopback", 2, 110);
+    reserve_run(use_async, "loopback", 2, 110, false);
   }
 }
 
 TEST_CASE("reserve: on 4 loopback ranks every allocation after reserve() is a counted overflow") {
   for (const bool use_async : {false, true}) {
     CAPTURE(use_async);
-    reserve_run(use_async, "loopback", 4, 110);
+    reserve_run(use_async, "loopback", 4, 110, false);
+  }
+}
+
+TEST_CASE("reserve: with config reserve_memory, no allocation over 100+ rebalances on 4 loopback ranks") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    reserve_run(use_async, "loopback", 4, 110, true);
   }
 }
 
@@ -215,7 +226,7 @@ TEST_CASE("reserve: no allocation over 100+ sync and async rebalances after rese
     return;  // built without Gloo
   for (const bool use_async : {false, true}) {
     CAPTURE(use_async);
-    reserve_run(use_async, "gloo", 2, 100);
+    reserve_run(use_async, "gloo", 2, 100, false);
   }
 }
 
