@@ -48,6 +48,12 @@ struct config {
   /// nothing and is reported as skipped. 0: strictly better (eplb default); -1: always (vLLM).
   /// In -1..1.
   double min_improvement = 0.0;
+  /// Allocate everything a rebalance uses when the state is made (eplb_state::reserve()), and keep
+  /// every rebalance within it: a rank packs its sends of one layer only while they fit its staging
+  /// rows' worth (the pairs beyond go as one message per tensor), so that no rebalance allocates
+  /// (with register_buffers, whose messages are all packed, a larger layer still grows it). Every
+  /// rank must set it alike.
+  bool reserve_memory = false;
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;

@@ -20,6 +20,7 @@ enum class errc {
   device,               ///< the device failed (CUDA error, injected device fault)
   verification_failed,  ///< bytes after a move differ from the reference
   cancelled,            ///< the operation was cancelled (stop())
+  out_of_memory,        ///< an allocator (the device's, or an engine's allocator hook) had no memory
   internal,             ///< a broken invariant inside eplb
 };
 

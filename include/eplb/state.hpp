@@ -75,6 +75,11 @@ struct metrics {
   double balancedness_after = 0;
   bool rebalance_in_flight = false;
   std::int64_t rebalances_skipped = 0;  ///< placements not better by config::min_improvement
+  // eplb_state::reserve(): bytes held for rebalances on this rank (staging, packing, the
+  // communicator's staging or mailbox), and allocations rebalances made past them.
+  std::uint64_t reserved_device_bytes = 0;  ///< device memory (the host device's: host memory)
+  std::uint64_t reserved_pinned_bytes = 0;  ///< pinned host memory
+  std::int64_t reserve_overflows = 0;       ///< a layer needed more packing than reserved: grown
 };
 
 struct step_report {
@@ -102,6 +107,18 @@ class eplb_state {
 
   /// Once per forward step on every rank. Dummy steps count as steps but add no load.
   step_report step(bool is_dummy = false);
+
+  /// Allocates now everything a rebalance uses on this rank, bounded by the config (the staging cap,
+  /// the largest layer's bundles, the pipeline's two areas): staging and packing buffers, the
+  /// communicator's staging (gloo: options.staging_bytes of pinned memory), so that rebalances
+  /// allocate nothing. Call it in the engine's profile run, before sizing the KV cache from free
+  /// memory). Memory comes through the device's allocator hook when one is set. With
+  /// config::reserve_memory (which calls it in the constructor) no rebalance needs more; without
+  /// it, a layer whose packed sends exceed this rank's staging rows grows the packing buffer,
+  /// counted in metrics::reserve_overflows. Idempotent; fills metrics::reserved_device_bytes and
+  /// reserved_pinned_bytes. Errors: errc::cancelled after stop(), errc::invalid_argument while a
+  /// rebalance is in flight, errc::out_of_memory when the allocator hook has no memory.
+  void reserve();
 
   /// Cancels a rebalance in flight, waits for in-flight transfers and device work (bounded by the
   /// timeout) and frees buffers. Idempotent, never throws; step() must not be called afterwards.

@@ -68,6 +68,10 @@ registration transport::register_memory(std::span<std::byte>) {
   return {};
 }
 
+device::memory_use transport::reserve_memory() {
+  return {};
+}
+
 registered_memory transport::allocate_registered(std::size_t) {
   return {};
 }
@@ -206,6 +210,10 @@ registration communicator::register_memory(std::span<std::byte> region) {
 
 registered_memory communicator::allocate_registered(std::size_t bytes) {
   return transport_->allocate_registered(bytes);
+}
+
+device::memory_use communicator::reserve_memory() {
+  return transport_->reserve_memory();
 }
 
 void communicator::set_executor(executor run) {

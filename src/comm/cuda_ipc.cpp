@@ -43,7 +43,8 @@ class device_mailbox final : public mailbox_memory {
   backend kind() const noexcept override { return backend::cuda_ipc; }
   const char* where() const noexcept override { return "device"; }
 
-  void allocate(std::size_t bytes) override { own_ = dev_->allocate(bytes, device::memory_kind::device); }
+  // Its own cudaMalloc allocation, never an engine allocator's: CUDA IPC shares whole allocations.
+  void allocate(std::size_t bytes) override { own_ = dev_->allocate_direct(bytes, device::memory_kind::device); }
 
   std::string handle() const override {
     cudaIpcMemHandle_t h{};

@@ -190,6 +190,16 @@ class gloo_tcp_transport final : public transport {
   }
 
   backend kind() const noexcept override { return backend::gloo; }
+  // The whole cap now: prepare_staging() cuts every batch's windows out of at most staging_bytes.
+  device::memory_use reserve_memory() override {
+    device::memory_use use;
+    if (dev_ == nullptr) return use;
+    if (!broken_ && staging_.size() < opts_.staging_bytes) {
+      staging_ = dev_->allocate(opts_.staging_bytes, device::memory_kind::pinned);
+    }
+    use.add(device::memory_kind::pinned, staging_.size());
+    return use;
+  }
   capabilities caps() const noexcept override {
     return {.host_complete = true,
             .background_safe = true,

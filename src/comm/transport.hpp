@@ -47,6 +47,8 @@ class transport {
   /// unregistered.
   [[nodiscard]] virtual registration register_memory(std::span<std::byte> region);
   [[nodiscard]] virtual registered_memory allocate_registered(std::size_t bytes);
+  /// communicator::reserve_memory(). Default: nothing to allocate. A wrapping transport forwards it.
+  virtual device::memory_use reserve_memory();
 
   /// Ends every pending and future wait of this transport promptly with errc::cancelled naming
   /// `why`, and tells the peers that this rank is stopping where the backend can (loopback: its

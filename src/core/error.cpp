@@ -26,6 +26,8 @@ std::string_view to_string(errc code) noexcept {
       return "verification_failed";
     case errc::cancelled:
       return "cancelled";
+    case errc::out_of_memory:
+      return "out_of_memory";
     case errc::internal:
       return "internal";
   }

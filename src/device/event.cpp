@@ -174,11 +174,6 @@ device::~device() {
   for (auto& e : released_->waiting) keep_for_good(std::move(e.memory));
 }
 
-buffer device::allocate(std::size_t bytes, memory_kind kind) {
-  (void)collect_released();
-  return allocate_memory(bytes, kind);
-}
-
 void device::release_after(buffer b, std::vector<event> after) noexcept {
   if (b.data() == nullptr) return;
   if (ended(after)) return;  // nothing in flight touches it: `b` is freed here

@@ -26,7 +26,7 @@ void write_rows(const row_layout& at, int layer, const rank_weights& w, std::spa
 }
 
 layer_transfer::layer_transfer(const row_layout& at, int layer, const rank_weights& w, layer_plan plan,
-                               std::size_t rows, std::size_t pack_cap, bool pack_all)
+                               std::size_t rows, const pack_rule& packing)
     : at_(at),
       layer_(layer),
       w_(w),
@@ -39,24 +39,70 @@ layer_transfer::layer_transfer(const row_layout& at, int layer, const rank_weigh
   row_of_.assign(static_cast<std::size_t>(p_.slots), -1);
   free_rows_.resize(rows);
   std::iota(free_rows_.rbegin(), free_rows_.rend(), 0);
-  decide_packing(pack_cap, pack_all);
+  decide_packing(packing);
 }
 
-void layer_transfer::decide_packing(std::size_t pack_cap, bool pack_all) {
+// Whether `sender` packs what it sends `receiver`: the pair's bytes fit the cap and, under a
+// budget, the sender's walk over its peers in ascending order still has room for them. Both ends
+// compute it from the same pair counts, so they decide alike.
+bool layer_transfer::packs(const pack_rule& rule, std::size_t sender, std::size_t receiver) const {
+  const auto bytes = [&](std::size_t to) { return (*rule.pairs)[sender * n_ + to] * eb_; };
+  const auto worth = [&](std::size_t b) {
+    if (rule.all) return b > 0;
+    return rule.cap > 0 && b <= rule.cap && (b / eb_) * at_.shape->bundle.size() >= 2;
+  };
+  if (rule.all || rule.budget == 0) return worth(bytes(receiver));
+  std::size_t used = 0;
+  for (std::size_t q = 0; q <= receiver; ++q) {
+    const auto b = bytes(q);
+    if (!worth(b) || used + b > rule.budget) {
+      if (q == receiver) return false;
+      continue;
+    }
+    used += b;
+  }
+  return true;
+}
+
+// The pair counts must say what this rank's own plan sends and receives: a receiver decides its
+// senders' packing from them.
+void layer_transfer::check_pairs(const std::vector<std::size_t>& pairs) const {
+  const auto me = static_cast<std::size_t>(p_.rank);
+  if (pairs.size() != n_ * n_) fail(errc::internal, "layer {}: pair counts for {} ranks", layer_, n_);
+  for (std::size_t q = 0; q < n_; ++q) {
+    if (pairs[me * n_ + q] * eb_ != send_bytes_[q] || pairs[q * n_ + me] * eb_ != recv_bytes_[q]) {
+      fail(errc::internal, "layer {}: pair counts with rank {} differ from rank {}'s plan", layer_, q, me);
+    }
+  }
+}
+
+void layer_transfer::decide_packing(const pack_rule& rule) {
   send_bytes_.resize(n_);
   recv_bytes_.resize(n_);
   for (const auto& s : p_.sends) send_bytes_[static_cast<std::size_t>(s.peer)] += eb_;
   for (const auto& r : p_.recvs) recv_bytes_[static_cast<std::size_t>(r.peer)] += eb_;
-  // Both ends of a pair see the same bytes, so they decide alike.
-  const auto worth = [&](std::size_t bytes) {
-    if (pack_all) return bytes > 0;
-    return pack_cap > 0 && bytes <= pack_cap && (bytes / eb_) * at_.shape->bundle.size() >= 2;
-  };
+  // This rank's own pairs, as the pair counts say (they must, or the two ends could disagree).
+  std::vector<std::size_t> own;
+  if (rule.pairs == nullptr) {
+    own.assign(n_ * n_, 0);
+    const auto me = static_cast<std::size_t>(p_.rank);
+    for (std::size_t q = 0; q < n_; ++q) {
+      own[me * n_ + q] = send_bytes_[q] / eb_;
+      own[q * n_ + me] = recv_bytes_[q] / eb_;
+    }
+  }
+  pack_rule rule_here = rule;
+  if (rule.pairs == nullptr) {
+    rule_here.pairs = &own;
+    rule_here.budget = 0;  // without every pair, only a cap both ends see
+  }
+  check_pairs(*rule_here.pairs);
   pack_send_.resize(n_);
   pack_recv_.resize(n_);
+  const auto me = static_cast<std::size_t>(p_.rank);
   for (std::size_t q = 0; q < n_; ++q) {
-    pack_send_[q] = worth(send_bytes_[q]);
-    pack_recv_[q] = worth(recv_bytes_[q]);
+    pack_send_[q] = q != me && packs(rule_here, me, q);
+    pack_recv_[q] = q != me && packs(rule_here, q, me);
     pack_at_.push_back(pack_total_);
     if (pack_send_[q]) pack_total_ += send_bytes_[q];
   }

@@ -37,6 +37,22 @@ struct layer_stop {
 /// (live slot, staging row) pairs, duplicates included.
 using row_writes = std::vector<std::pair<int, int>>;
 
+/// Expert bundles each rank sends each rank in one layer, num_ranks x num_ranks (sender-major),
+/// as plan_layer() pairs them on every rank.
+[[nodiscard]] std::vector<std::size_t> pair_sends(std::span<const expert_id> old_row,
+                                                  std::span<const expert_id> new_row, int num_ranks);
+
+/// Which pairs of peers are packed into one message. Both ends of a pair decide alike: a pair is
+/// packed when its bytes fit `cap` (0: no packing), and, with a `budget`, when the sender's packed
+/// bytes stay within it, peers taken in ascending order (a receiver replays its senders' walks
+/// from `pairs`, pair_sends() of the layer); `all` packs every pair (registered buffers).
+struct pack_rule {
+  std::size_t cap = 0;
+  bool all = false;
+  std::size_t budget = 0;  ///< 0: unlimited
+  const std::vector<std::size_t>* pairs = nullptr;
+};
+
 /// Copies staging rows into live slots: each run of consecutive slots from consecutive rows is one
 /// strided copy per tensor (few device calls per layer).
 void write_rows(const row_layout& at, int layer, const rank_weights& w, std::span<const std::pair<int, int>> writes,
@@ -44,10 +60,9 @@ void write_rows(const row_layout& at, int layer, const rank_weights& w, std::spa
 
 class layer_transfer {
  public:
-  /// `rows` staging rows are free; a pair of peers is packed when its bytes fit `pack_cap` (0 = no
-  /// packing), which both ends decide alike, or always with `pack_all` (registered buffers).
+  /// `rows` staging rows are free; `packing` says which peers' messages are packed.
   layer_transfer(const row_layout& at, int layer, const rank_weights& w, layer_plan plan, std::size_t rows,
-                 std::size_t pack_cap, bool pack_all);
+                 const pack_rule& packing);
 
   [[nodiscard]] const layer_plan& plan() const noexcept { return p_; }
   /// Bytes of this rank's packed sends (the packing buffer this layer needs).
@@ -84,7 +99,9 @@ class layer_transfer {
   };
 
   [[nodiscard]] bool in_batch(expert_id e, int lo, int hi) const;
-  void decide_packing(std::size_t pack_cap, bool pack_all);
+  void decide_packing(const pack_rule& rule);
+  [[nodiscard]] bool packs(const pack_rule& rule, std::size_t sender, std::size_t receiver) const;
+  void check_pairs(const std::vector<std::size_t>& pairs) const;
   void take_rows(int lo, int hi, std::byte* area, device::stream& copies);
   void post_recvs(int lo, int hi, std::byte* area, comm::communicator& comm);
   void post_sends(int lo, int hi, std::byte* pack, device::stream& copies, comm::communicator& comm);

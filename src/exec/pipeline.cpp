@@ -50,12 +50,14 @@ class layer_pipeline {
   // Every changing layer's transfer, and the staging and packing both areas need.
   void plan_all() {
     const auto all_rows = static_cast<std::size_t>(re_.shape_.slots_per_rank());
+    std::vector<std::size_t> pairs;
     for (int l = 0; l < layers_; ++l) {
       auto p = plan_layer(maps_.phy2log(l), new_row(l), re_.shape_.num_ranks, re_.rank_);
       if (p.is_noop()) continue;
       auto& m = movers_[static_cast<std::size_t>(l)];
-      m = std::make_unique<layer_transfer>(re_.layout(), l, w_, std::move(p), all_rows, re_.pack_cap(),
-                                           re_.opts_.register_buffers);
+      m = std::make_unique<layer_transfer>(
+          re_.layout(), l, w_, std::move(p), all_rows,
+          re_.packing(maps_.phy2log(l), new_row(l), re_.pack_cap(), re_.opts_.register_buffers, pairs));
       rows_ = std::max(rows_, m->rows_needed());  // rows are taken in order from 0
       pack_ = std::max(pack_, m->pack_bytes());
     }

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "eplb/exec/plan.hpp"
+#include "exec/layer_transfer.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::exec {
@@ -119,6 +120,34 @@ void add_transfers(layer_plan& p, std::span<const expert_id> old_row, std::span<
 }
 
 }  // namespace
+
+// add_transfers()'s pairing, for every sender at once.
+std::vector<std::size_t> pair_sends(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                    int num_ranks) {
+  check_rows(old_row, new_row, num_ranks, 0);
+  const auto n = static_cast<std::size_t>(num_ranks);
+  std::vector<std::size_t> out(n * n, 0);
+  const int num_logical = max_expert(old_row, new_row);
+  const auto old_holders = holders(old_row, num_ranks, num_logical);
+  const auto new_holders = holders(new_row, num_ranks, num_logical);
+  std::vector<int> receivers;
+  for (expert_id e = 0; e < num_logical; ++e) {
+    const auto& senders = old_holders[static_cast<std::size_t>(e)];
+    receivers.clear();
+    for (int r : new_holders[static_cast<std::size_t>(e)]) {
+      if (index_of(senders, r) < 0) receivers.push_back(r);
+    }
+    if (receivers.empty() || senders.empty()) continue;  // plan_layer() refuses the latter
+    const int ns = static_cast<int>(senders.size());
+    const int nr = static_cast<int>(receivers.size());
+    const int block = nr / ns;
+    for (int j = 0; j < nr; ++j) {
+      const int from = j < ns * block ? senders[j / block] : senders[j - ns * block];
+      ++out[static_cast<std::size_t>(from) * n + static_cast<std::size_t>(receivers[j])];
+    }
+  }
+  return out;
+}
 
 expert_id layer_plan::read_until(int slot) const {
   const bool source = std::any_of(sends.begin(), sends.end(), [&](const transfer& t) { return t.slot == slot; }) ||

@@ -44,6 +44,7 @@ rearranger::~rearranger() {
   retire(std::move(staging_), false);
   retire(std::move(pack_), false);
   retire(std::move(queue_pack_), false);
+  retire(std::move(verify_scratch_), false);
   for (auto& r : retired_) {
     r.reg = {};
     retire(std::move(r.memory), false);
@@ -109,6 +110,7 @@ void rearranger::set_communicator(comm::communicator& c) {
 // transfers.
 void rearranger::reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest) {
   if (b.size() >= bytes) return;
+  if (reserved_) overflows_.fetch_add(1, std::memory_order_relaxed);
   if (!opts_.register_buffers) {
     retire(std::move(b), true);
     b = dev_.allocate(bytes, staging_kind());
@@ -124,6 +126,47 @@ void rearranger::reserve(device::buffer& b, comm::registration& reg, std::size_t
   if (b.size() > 0) retired_.emplace_back(std::move(b), std::move(reg));
   b = std::move(m.memory);
   reg = std::move(m.reg);
+}
+
+// The sizes the move paths ask reserve() for at most (registered buffers: their "largest"), so
+// that, made now, no later move allocates; packing gets as many bytes as staging.
+device::memory_use rearranger::reserve_memory(bool for_queue) {
+  if (!for_queue) {
+    const std::size_t bytes = (pipelines() ? 2 : 1) * rows_ * row_bytes_;
+    reserve(staging_, staging_reg_, bytes, bytes);
+    if (pack_cap() > 0) reserve(pack_, pack_reg_, bytes, bytes);
+  } else if (pack_cap() > 0 && queue_pack_.size() < layer_area_bytes()) {
+    retire(std::move(queue_pack_), true);
+    queue_pack_ = dev_.allocate(layer_area_bytes(), staging_kind());
+  }
+  if (opts_.verify && verify_scratch_.size() < largest_tensor()) {
+    retire(std::move(verify_scratch_), true);
+    verify_scratch_ = dev_.allocate(largest_tensor(), device::memory_kind::pinned);
+  }
+  reserved_ = true;
+  device::memory_use use;
+  use.add(staging_kind(), staging_.size() + pack_.size() + queue_pack_.size());
+  use.add(device::memory_kind::pinned, verify_scratch_.size());
+  return use;
+}
+
+std::size_t rearranger::largest_tensor() const noexcept {
+  std::size_t largest = 0;
+  for (const auto& t : shape_.bundle) largest = std::max(largest, t.bytes_per_expert);
+  return largest;
+}
+
+// How a layer's messages are packed: pairs within the cap, and with pack_within_staging (unless
+// every pair is: registered buffers) no more of them than fit the packing reserve_memory()
+// reserves per layer (this rank's staging rows' worth), so that no layer needs more.
+pack_rule rearranger::packing(std::span<const expert_id> old_row, std::span<const expert_id> new_row, std::size_t cap,
+                              bool all, std::vector<std::size_t>& pairs) const {
+  pack_rule rule{.cap = cap, .all = all};
+  if (all || cap == 0 || !opts_.pack_within_staging) return rule;
+  pairs = pair_sends(old_row, new_row, shape_.num_ranks);
+  rule.budget = rows_ * row_bytes_;
+  rule.pairs = &pairs;
+  return rule;
 }
 
 row_layout rearranger::layout() const noexcept {
@@ -251,7 +294,9 @@ layer_stats rearranger::move(int layer, const rank_weights& w, std::span<const e
   // The constructor keeps register_buffers to caps of at least one layer, which never need chunks.
   if (opts_.register_buffers && !one_chunk)
     fail(errc::internal, "layer {}: registered buffers but several chunks", layer);
-  layer_transfer m(layout(), layer, w, std::move(p), rows_, one_chunk ? pack_cap() : 0, opts_.register_buffers);
+  std::vector<std::size_t> pairs;
+  layer_transfer m(layout(), layer, w, std::move(p), rows_,
+                   packing(old_row, new_row, one_chunk ? pack_cap() : 0, opts_.register_buffers, pairs));
   m.schedule(chunks);
   // Registered buffers are made for the larger path right away (two layers where this rearranger
   // may pipeline, one within a smaller cap).
@@ -336,9 +381,12 @@ staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span
   out.new_row.assign(new_row.begin(), new_row.end());
   // The area holds a whole layer. Peers are packed as on the sync path, but never as registered
   // memory: the caller's areas are not registered, and both ends of a transfer must match.
+  std::vector<std::size_t> pairs;
   layer_transfer m(layout(), layer, w, plan_layer(old_row, new_row, shape_.num_ranks, rank_),
-                   static_cast<std::size_t>(shape_.slots_per_rank()), pack_cap(), false);
+                   static_cast<std::size_t>(shape_.slots_per_rank()),
+                   packing(old_row, new_row, pack_cap(), false, pairs));
   if (queue_pack_.size() < m.pack_bytes()) {
+    if (reserved_) overflows_.fetch_add(1, std::memory_order_relaxed);
     retire(std::move(queue_pack_), true);
     queue_pack_ = dev_.allocate(std::max(m.pack_bytes(), layer_area_bytes()), staging_kind());
   }
@@ -356,9 +404,11 @@ void rearranger::commit_layer(const staged_layer& staged, const rank_weights& w,
 void rearranger::verify_layer(int layer, const rank_weights& w, const placement& maps, const checksum_fn& expected) {
   const auto row_map = maps.phy2log(layer);
   const int base = rank_ * shape_.slots_per_rank();
-  std::size_t largest = 0;
-  for (const auto& t : shape_.bundle) largest = std::max(largest, t.bytes_per_expert);
-  auto host = dev_.allocate(largest, device::memory_kind::pinned);
+  if (verify_scratch_.size() < largest_tensor()) {
+    if (reserved_) overflows_.fetch_add(1, std::memory_order_relaxed);
+    verify_scratch_ = dev_.allocate(largest_tensor(), device::memory_kind::pinned);  // no work touches the old one
+  }
+  const auto& host = verify_scratch_;
   for (int s = 0; s < shape_.slots_per_rank(); ++s) {
     const expert_id e = row_map[base + s];
     if (e < 0) continue;
@@ -368,7 +418,7 @@ void rearranger::verify_layer(int layer, const rank_weights& w, const placement&
       try {
         stream_.synchronize(opts_.timeout);
       } catch (...) {
-        dev_.release_after(std::move(host), stream_);  // a timed-out wait leaves the copy into it queued
+        dev_.release_after(std::move(verify_scratch_), stream_);  // a timed-out wait leaves the copy into it queued
         throw;
       }
       const auto have = checksum({host.data(), bytes});

@@ -59,12 +59,13 @@ async_session::async_session(const session_context& ctx, std::function<std::int6
   threads_ = std::make_unique<runtime::background_threads>();
   side_ = ctx.dev.create_stream();
   exec::rearrange_options opts{.timeout = cfg.timeout, .register_buffers = cfg.register_buffers};
+  opts.pack_within_staging = cfg.reserve_memory;  // alike on every rank: rebalances stay within the reserve
   mover_ = std::make_unique<exec::rearranger>(shape, ctx.rank, ctx.dev, *side_, ctx.comms.get(), opts);
   // validate() keeps staging_bytes at 0 or at least one layer of this rank's slots.
   const std::size_t area = mover_->layer_area_bytes();
-  const int areas = cfg.staging_bytes == 0 ? 2 : static_cast<int>(std::max<std::size_t>(1, cfg.staging_bytes / area));
+  areas_ = cfg.staging_bytes == 0 ? 2 : static_cast<int>(std::max<std::size_t>(1, cfg.staging_bytes / area));
   background_ = std::make_unique<runtime::async_runtime>(*threads_, *mover_, ctx.weights, *group_, ctx.dev, *side_,
-                                                         areas, cfg.timeout);
+                                                         areas_, cfg.timeout);
   if (!agreement_) {
     agree_ = std::make_unique<runtime::lagged_min>(*group_, threads_->pool(), cfg.commit_lag_steps, cfg.timeout);
   }
@@ -325,6 +326,21 @@ void async_session::stop() noexcept {
   group_->announce_stop();
   ctx_.comms.abort(fmt::format("rank {} is stopping", ctx_.rank));
   background_->stop();
+}
+
+// The staging areas exist since the background was made; queue_layer's packing buffer is made now.
+// The background must be idle: a rebalance that failed may still be ending there.
+device::memory_use async_session::reserve_memory() {
+  if (phase_ != phase::idle || background_->busy()) {
+    fail(errc::invalid_argument,
+         "eplb_state::reserve: a rebalance is in flight (phase {}); call it before the first "
+         "step() or between rebalances",
+         name(phase_));
+  }
+  auto use = mover_->reserve_memory(true);
+  use.add(ctx_.dev.kind() == device::backend_kind::cuda ? device::memory_kind::device : device::memory_kind::host,
+          static_cast<std::size_t>(areas_) * mover_->layer_area_bytes());
+  return use;
 }
 
 std::unique_ptr<rebalance_session> make_session(const session_context& ctx,

@@ -42,6 +42,8 @@ class async_session final : public rebalance_session {
   [[nodiscard]] bool ended_this_step_by_failure() const noexcept override { return ended_by_failure_; }
   void on_step_failure() noexcept override;
   void stop() noexcept override;
+  device::memory_use reserve_memory() override;
+  [[nodiscard]] std::int64_t reserve_overflows() const noexcept override { return mover_->overflows(); }
   [[nodiscard]] phase current() const noexcept { return phase_; }
 
  private:
@@ -64,6 +66,7 @@ class async_session final : public rebalance_session {
   clock_type::time_point deferred_since_;
   clock_type::time_point trigger_time_;
   int committed_ = 0;             // layers of this rebalance committed so far
+  int areas_ = 0;                 // staging areas of the background, allocated when it is made
   std::optional<double> before_;  // balancedness of the old maps under the global load
 
   // Members below are torn down explicitly (see the destructor); declared in the order they are made.

@@ -28,7 +28,14 @@ comm_owner::comm_owner(state_params& p, std::stop_token stop)
 std::unique_ptr<comm::communicator> comm_owner::make(int generation) const {
   auto made = factory_ ? factory_(generation) : comm::make_communicator(backend_, tuned_setup(generation));
   if (!made) fail(errc::invalid_argument, "eplb_state: comm_factory({}) returned no communicator", generation);
-  return wrap_ ? wrap_(std::move(made), generation) : std::move(made);
+  if (wrap_) made = wrap_(std::move(made), generation);
+  if (reserved_ && made) (void)made->reserve_memory();  // before its first batch, as the first one was
+  return made;
+}
+
+device::memory_use comm_owner::reserve() {
+  reserved_ = true;
+  return comm_->reserve_memory();
 }
 
 // Generation 0 at start; a later one under its own store prefix.

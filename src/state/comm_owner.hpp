@@ -38,6 +38,9 @@ class comm_owner {
   /// Aborts the communicator (communicator::abort), and any made later, from any thread: the
   /// remaking thread may be swapping it meanwhile.
   void abort(const std::string& why) noexcept;
+  /// Allocates the communicator's batch memory now (communicator::reserve_memory()), and that of
+  /// every communicator made again later, as it is made. Returns what the current one holds.
+  device::memory_use reserve();
 
   /// Destroys the communicator (its threads and its own staging) now.
   void reset() noexcept { comm_.reset(); }
@@ -62,6 +65,7 @@ class comm_owner {
   std::stop_token stop_;
   std::mutex swap_mutex_;               // abort() against remake()'s swap
   std::optional<std::string> aborted_;  // under swap_mutex_: why abort() was called
+  bool reserved_ = false;  // reserve() ran: communicators made later reserve too
   std::unique_ptr<comm::communicator> comm_;
 };
 

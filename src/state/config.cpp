@@ -137,6 +137,8 @@ const std::vector<std::pair<std::string_view, field_setter>>& json_fields() {
        [](config& c, const std::string& k, const nlohmann::json& v) { c.commit_lag_steps = json_int(k, v); }},
       {"register_buffers",
        [](config& c, const std::string& k, const nlohmann::json& v) { c.register_buffers = json_bool(k, v); }},
+      {"reserve_memory",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.reserve_memory = json_bool(k, v); }},
       {"min_improvement",
        [](config& c, const std::string& k, const nlohmann::json& v) { c.min_improvement = json_number(k, v); }},
   };

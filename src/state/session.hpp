@@ -61,6 +61,11 @@ class rebalance_session {
   /// communicator (transfers in flight end now) and, async, waits for the background to end:
   /// bounded by a few store slices, not by the timeout, since ctx.stop was requested before.
   virtual void stop() noexcept = 0;
+  /// Allocates the staging and packing memory rebalances use (eplb_state::reserve()); only while
+  /// nothing is in flight. Returns the bytes the session holds for them.
+  virtual device::memory_use reserve_memory() = 0;
+  /// Allocations rebalances made past the reservation (any thread's; read by the serving thread).
+  [[nodiscard]] virtual std::int64_t reserve_overflows() const noexcept = 0;
 };
 
 /// The strategy cfg.use_async picks. `agreement` is the engine's commit agreement, if any (async).

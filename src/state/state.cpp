@@ -56,6 +56,7 @@ struct eplb_state::impl {
         std::move(p.commit_agreement));
     for (int l = 0; l < model.shape.layers; ++l) published.publish(maps, l);
     serving.synchronize(cfg.timeout);
+    if (cfg.reserve_memory) reserve();
   }
   ~impl() {
     session.reset();
@@ -93,6 +94,14 @@ struct eplb_state::impl {
     session->start(local, report);
   }
 
+  void reserve() {
+    if (stopped) fail(errc::cancelled, "eplb_state::reserve: the state was stopped");
+    auto use = session->reserve_memory();
+    use += comms.reserve();
+    m.reserved_device_bytes = use.device_bytes;
+    m.reserved_pinned_bytes = use.pinned_bytes;
+  }
+
   void step(bool is_dummy, step_report& report) {
     load.drain(is_dummy);
     ++m.steps;
@@ -103,6 +112,7 @@ struct eplb_state::impl {
       since_rebalance = 0;
       start_rebalance(report);
     }
+    m.reserve_overflows = session->reserve_overflows();
   }
 };
 
@@ -136,6 +146,10 @@ step_report eplb_state::step(bool is_dummy) {
   return report;
 }
 
+void eplb_state::reserve() {
+  impl_->reserve();
+}
+
 // Bounded by a few store slices and stop_stream_wait, whatever the rebalance was doing (issue 17):
 // the store waits end first, then the session tells the peers and aborts the transfers, and the
 // serving stream gets a short wait only. Memory queued work may still touch is freed after that
@@ -145,6 +159,7 @@ void eplb_state::stop() noexcept {
   impl_->stopped = true;
   impl_->stopping.request_stop();
   impl_->session->stop();
+  impl_->m.reserve_overflows = impl_->session->reserve_overflows();  // the background's last ones too
   try {
     impl_->serving.synchronize(std::min(impl_->cfg.timeout, state_detail::stop_stream_wait));
   } catch (...) {

@@ -21,6 +21,7 @@ sync_session::sync_session(const session_context& ctx) : ctx_(ctx) {
                                                  shape.num_ranks, ctx.cfg.timeout);
   exec::rearrange_options opts{
       .staging_bytes = ctx.cfg.staging_bytes, .timeout = ctx.cfg.timeout, .register_buffers = ctx.cfg.register_buffers};
+  opts.pack_within_staging = ctx.cfg.reserve_memory;  // alike on every rank: rebalances stay within the reserve
   opts.commit_gate = [v = vote_.get()](int layer, int chunk, std::exception_ptr failure) {
     return v->decide(layer, chunk, failure);
   };

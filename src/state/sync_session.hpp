@@ -24,6 +24,8 @@ class sync_session final : public rebalance_session {
   [[nodiscard]] bool ended_this_step_by_failure() const noexcept override { return false; }
   void on_step_failure() noexcept override {}
   void stop() noexcept override;
+  device::memory_use reserve_memory() override { return mover_->reserve_memory(false); }
+  [[nodiscard]] std::int64_t reserve_overflows() const noexcept override { return mover_->overflows(); }
 
  private:
   void run(const matrix<double>& local, const matrix<expert_id>& old, step_report& report);

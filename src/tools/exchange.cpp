@@ -196,20 +196,24 @@ std::string pattern_model::mismatch(int layer, std::span<const expert_id> row, i
 
 std::vector<std::byte> pattern_model::snapshot(int layer) {
   // The stream copies into device memory, not into `out`: a timed-out wait must not leave it
-  // writing into a vector that the exception frees.
-  auto scratch = dev_.allocate(largest_tensor(), device::memory_kind::host);
+  // writing into a vector that the exception frees. Kept between calls (an engine's allocator hook
+  // counting eplb's allocations sees none from verification).
+  if (scratch_.size() < largest_tensor()) {
+    scratch_ = device::stream_buffer(dev_, stream_, largest_tensor(), device::memory_kind::host);
+  }
+  std::byte* const scratch = scratch_.data();
   std::vector<std::byte> out;
   try {
     for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
       const auto bytes = shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert;
       for (int s = 0; s < shape_.slots_per_rank(); ++s) {
-        stream_.copy(scratch.data(), weights_.slot(shape_, layer, t, s), bytes);
+        stream_.copy(scratch, weights_.slot(shape_, layer, t, s), bytes);
         stream_.synchronize(timeout_);
-        out.insert(out.end(), scratch.data(), scratch.data() + bytes);
+        out.insert(out.end(), scratch, scratch + bytes);
       }
     }
   } catch (...) {
-    dev_.release_after(std::move(scratch), stream_);  // freed once the queued copy has run
+    scratch_.reset();  // freed once the queued copy has run
     throw;
   }
   return out;

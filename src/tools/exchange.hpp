@@ -77,6 +77,7 @@ class pattern_model {
   device::stream& stream_;
   std::chrono::milliseconds timeout_;
   std::vector<device::stream_buffer> storage_;  // freed after the stream's queued work, even after a timeout
+  device::stream_buffer scratch_;               // snapshot()'s copy of one tensor, reused: verifying allocates nothing
   exec::rank_weights weights_;
   std::map<std::tuple<int, int, int>, std::uint64_t> reference_;
 };

@@ -42,6 +42,7 @@ class faulty_transport final : public comm::transport {
   comm::capabilities caps() const noexcept override { return inner_->caps(); }
   comm::registration register_memory(std::span<std::byte> region) override { return inner_->register_memory(region); }
   comm::registered_memory allocate_registered(std::size_t bytes) override { return inner_->allocate_registered(bytes); }
+  device::memory_use reserve_memory() override { return inner_->reserve_memory(); }
 
   void run(std::span<const comm::op> ops) override {
     if (broken_) throw error(errc::transport, fmt::format("rank {}: broken by an earlier failure", rank()));

@@ -14,6 +14,7 @@
 
 #include "eplb/config.hpp"
 #include "eplb/state.hpp"
+#include "tools/alloc_counter.hpp"
 #include "tools/exchange.hpp"
 #include "tools/faulty_comm.hpp"
 #include "tools/simulate_trace.hpp"
@@ -150,6 +151,8 @@ struct rank_context {
   const std::shared_ptr<comm::store> store;
   const std::shared_ptr<comm::loopback_world> world;
   const std::unique_ptr<device::device> dev;
+  // Every allocation on the device, counted (the engine's allocator, as it would see eplb's).
+  const std::shared_ptr<alloc_counter> allocations;
   const std::unique_ptr<device::stream> stream;
   pattern_model model;
   const std::shared_ptr<fault_switch> faults = std::make_shared<fault_switch>();
@@ -181,6 +184,7 @@ state_params state_params_for(const rank_context& c) {
   sp.cfg.communicator = resolved_backend(cfg);
   sp.cfg.policy = cfg.policy;
   sp.cfg.timeout = cfg.timeout;
+  sp.cfg.reserve_memory = true;  // as an engine's profile run would: rebalances then allocate nothing
   sp.model = {c.model.shape(), p.groups, p.nodes};
   sp.model.shape.ranks_per_node = cfg.ranks / std::max(1, p.nodes);
   sp.rank = c.rank;
@@ -203,6 +207,7 @@ rank_context::rank_context(const simulate_config& cfg, preset_shape preset, int 
       store(std::move(store)),
       world(std::move(world)),
       dev(make_rank_device(cfg, rank)),
+      allocations(alloc_counter::install(*dev)),
       stream(dev->create_stream()),
       model(start_model(cfg, this->preset, rank, *dev, *stream)),
       state(state_params_for(*this)) {}
@@ -412,6 +417,16 @@ void report_stop(rank_context& c, const rank_log& log, json& out) {
   log.write_timings(out);
 }
 
+// Memory reserved for rebalances, and the allocations made after the reserve (every one counted
+// by the device's allocator hook; overflows are those the state itself counts).
+void report_memory(const rank_context& c, std::int64_t baseline, json& out) {
+  const auto& m = c.state.stats();
+  out["reserved_device_bytes"] = m.reserved_device_bytes;
+  out["reserved_pinned_bytes"] = m.reserved_pinned_bytes;
+  out["reserve_overflows"] = m.reserve_overflows;
+  out["allocations_after_reserve"] = c.allocations->count() - baseline;
+}
+
 }  // namespace
 
 json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
@@ -422,6 +437,8 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
   try {
     log.open_trace(cfg, preset);
     rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(world));
+    (void)c.model.snapshot(0);  // verification's scratch, made before the count starts
+    const auto baseline = c.allocations->count();
     try {
       if (!serve(c, log, print_progress)) {
         if (rank == cfg.stop_rank) {
@@ -434,9 +451,11 @@ json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store>
       }
     } catch (const error& e) {
       report_failure(c, log, e, out);
+      report_memory(c, baseline, out);
       return out;
     }
     report_success(c, log, out);
+    report_memory(c, baseline, out);
   } catch (const error& e) {
     std::string what = e.what();
     if (e.code() == errc::timeout && what.find("simulate-end") != std::string::npos) {

@@ -130,13 +130,31 @@ json bytes_per_rebalance(const std::vector<json>& ranks) {
   return sums;
 }
 
+// Memory reserved for rebalances: the largest rank's (device and pinned host apart), and the
+// allocations and overflows after the reserve, summed over ranks.
+void merge_memory(const std::vector<json>& ranks, json& out) {
+  std::uint64_t device_bytes = 0, pinned_bytes = 0;
+  std::int64_t allocations = 0, overflows = 0;
+  for (const auto& r : ranks) {
+    device_bytes = std::max(device_bytes, r.value("reserved_device_bytes", std::uint64_t{0}));
+    pinned_bytes = std::max(pinned_bytes, r.value("reserved_pinned_bytes", std::uint64_t{0}));
+    allocations += r.value("allocations_after_reserve", std::int64_t{0});
+    overflows += r.value("reserve_overflows", std::int64_t{0});
+  }
+  out["reserved_device_bytes"] = device_bytes;
+  out["reserved_pinned_bytes"] = pinned_bytes;
+  out["allocations_after_reserve"] = allocations;
+  out["reserve_overflows"] = overflows;
+}
+
 // How each rank's run ended, without its step times and commits.
 json rank_details(const std::vector<json>& ranks) {
   json details = json::array();
   for (const auto& r : ranks) {
     json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
     for (const char* key :
-         {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest", "stop_ms", "stopped"}) {
+         {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest", "stop_ms", "stopped",
+          "reserved_device_bytes", "reserved_pinned_bytes", "reserve_overflows", "allocations_after_reserve"}) {
       if (r.contains(key)) d[key] = r[key];
     }
     details.push_back(d);
@@ -209,6 +227,7 @@ json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["steps"] = cfg.steps;
   out["policy"] = cfg.policy;
   if (const auto note = adjustment(cfg); !note.empty()) out["preset_adjusted"] = note;
+  merge_memory(ranks, out);
   merge_outcome(ranks, out);
   out["rank_reports"] = rank_details(ranks);
   return out;
@@ -235,6 +254,12 @@ std::string summary_table(const simulate_config& cfg, const json& r) {
       "host time in step(): while rebalancing p50 {:.3f} ms / p99 {:.3f} ms; otherwise p50 {:.3f} / p99 {:.3f} ms\n",
       r.value("step_rebalancing_p50_ms", 0.0), r.value("step_rebalancing_p99_ms", 0.0),
       r.value("step_idle_p50_ms", 0.0), r.value("step_idle_p99_ms", 0.0));
+  out += fmt::format(
+      "reserved for rebalances (largest rank): device {:.2f} MB, pinned host {:.2f} MB; allocations after the "
+      "reserve: {} (overflows {})\n",
+      r.value("reserved_device_bytes", std::uint64_t{0}) / 1e6,
+      r.value("reserved_pinned_bytes", std::uint64_t{0}) / 1e6, r.value("allocations_after_reserve", std::int64_t{0}),
+      r.value("reserve_overflows", std::int64_t{0}));
   out += fmt::format("verification: {}; commits in the same step on every rank: {}\n",
                      r.value("verified", false) ? "every committed layer verified on every surviving rank" : "FAILED",
                      r.value("commit_steps_consistent", false) ? "yes" : "NO");

@@ -189,6 +189,56 @@ struct bad_input {
   std::string text;  ///< a substring of the expected message
 };
 
+// Gives the fixture's device back its own allocator when a row ends, so the fixture still works.
+struct hook_guard {
+  device::device& dev;
+  ~hook_guard() { dev.set_allocator({}); }
+};
+
+device::allocator_hook empty_hook() {
+  return {[](std::size_t, device::memory_kind) -> void* { return nullptr; },
+          [](void*, std::size_t, device::memory_kind) {}};
+}
+
+// Issues 17 and 18: reserve() and the allocator hook.
+void add_reserve_rows(std::vector<bad_input>& t) {
+  using f_t = fixture&;
+  t.push_back({"state: reserve() after stop()",
+               [](f_t f) {
+                 eplb_state s(f.params());
+                 s.stop();
+                 s.reserve();
+               },
+               errc::cancelled, "eplb_state::reserve: the state was stopped"});
+  t.push_back({"state: reserve() when the allocator hook has no memory",
+               [](f_t f) {
+                 eplb_state s(f.params());
+                 hook_guard g{*f.dev};
+                 f.dev->set_allocator(empty_hook());
+                 s.reserve();
+               },
+               errc::out_of_memory, "allocator hook: returned no memory for 1408 bytes of host memory"});
+  t.push_back({"state: reserve_memory at construction when the allocator hook has no memory",
+               [](f_t f) {
+                 auto p = f.params();
+                 p.cfg.reserve_memory = true;
+                 hook_guard g{*f.dev};
+                 f.dev->set_allocator(empty_hook());
+                 make_state(std::move(p));
+               },
+               errc::out_of_memory, "allocator hook: returned no memory for"});
+  t.push_back({"device: an allocator hook with allocate but no free",
+               [](f_t f) {
+                 hook_guard g{*f.dev};
+                 f.dev->set_allocator({[](std::size_t, device::memory_kind) -> void* { return nullptr; }, {}});
+               },
+               errc::invalid_argument,
+               "set_allocator: allocate and free must both be set or both be empty (allocate set, free empty)"});
+  t.push_back({"config: reserve_memory not a boolean",
+               [](f_t) { (void)config::from_json(R"({"reserve_memory": "yes"})"); }, errc::invalid_config,
+               "reserve_memory: \"yes\" is not allowed (must be true or false)"});
+}
+
 std::vector<bad_input> table() {
   using f_t = fixture&;
   std::vector<bad_input> t = {
@@ -821,6 +871,7 @@ std::vector<bad_input> table() {
                  (void)st->add("k", 1);
                },
                errc::transport, "(key \"k\")"});
+  add_reserve_rows(t);
   return t;
 }
 

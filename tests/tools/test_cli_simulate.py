@@ -30,15 +30,28 @@ def check_ok(args, min_rebalances=2):
         expect(out["balancedness_after"] > out["balancedness_before"], f"{args}: balancedness did not improve")
         for key in ("bytes_moved", "step_p50_ms", "step_p99_ms"):
             expect(key in out, f"{args}: {key} missing")
+        # Rebalance memory is reserved at start (reserve_memory): nothing is allocated after it.
+        expect(out["reserved_device_bytes"] > 0, f"{args}: nothing reserved: {out}")
+        expect(out["allocations_after_reserve"] == 0 and out["reserve_overflows"] == 0,
+               f"{args}: allocations after the reserve: {out}")
+        if "gloo" in args:
+            expect(out["reserved_pinned_bytes"] > 0, f"{args}: gloo's pinned staging not reserved: {out}")
+        for rank in out["rank_reports"]:
+            expect("allocations_after_reserve" in rank, f"{args}: rank report without allocations: {rank}")
 
 
 check_ok(["--steps", "700"])
 check_ok(["--steps", "700", "--sync", "--ranks", "2"])
 check_ok(["--steps", "500", "--inject-delay-ms", "1", "--seed", "7"])
+check_ok(["--steps", "700", "--ranks", "2"])
+text = run(["simulate", "--steps", "300", "--ranks", "2"])
+expect("reserved for rebalances (largest rank): device " in text.stdout and "allocations after the reserve: 0 "
+       in text.stdout, f"text report without the reserved memory: {text.stdout}")
 if with_gloo:
     # Gloo staging is slower (much slower under sanitizers): fewer rebalances finish in the run.
     check_ok(["--steps", "1000", "--backend", "gloo"], 1)
     check_ok(["--steps", "1000", "--procs", "--backend", "gloo"], 1)
+    check_ok(["--steps", "1000", "--procs", "--backend", "gloo", "--ranks", "2", "--sync"], 1)
 
 r = run(["simulate", "--json", "--steps", "600", "--fail-rank", "1", "--fail-step", "120", "--timeout-ms", "1500"])
 expect(r.returncode != 0, "a dead rank must give a non-zero exit")

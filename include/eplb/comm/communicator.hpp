@@ -184,6 +184,12 @@ class communicator {
   /// legacy CUDA IPC), registered with it. Empty when the backend has no such memory: allocate
   /// ordinary memory then.
   [[nodiscard]] registered_memory allocate_registered(std::size_t bytes);
+  /// Allocates now the memory this communicator's batches use, so that no batch allocates (gloo over
+  /// TCP: its pinned staging, options.staging_bytes, which every batch fits in); returns what it
+  /// holds for batches (gloo over shared memory, cuda_ipc: the mailbox made at start). Idempotent;
+  /// only between batches. NCCL's own buffers are NCCL's (it connects peers on first use unless
+  /// NCCL_RUNTIME_CONNECT=0).
+  device::memory_use reserve_memory();
 
  private:
   void check_peer(int peer, const char* what) const;

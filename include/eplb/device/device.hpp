@@ -2,6 +2,7 @@
 // threads, memory is host memory, faults can be injected) and the CUDA backend. No CUDA types here.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -23,13 +24,52 @@ enum class memory_kind { host, pinned, device };
 /// "host" or "cuda"; anything else is error(errc::invalid_argument) listing the allowed names.
 [[nodiscard]] backend_kind parse_backend_kind(std::string_view name);
 
-/// Owning handle of device, pinned or host memory; frees it on destruction. Move-only.
+[[nodiscard]] std::string_view to_string(memory_kind kind) noexcept;
+
+/// An engine's own allocator for the memory eplb takes from a device (device::set_allocator): its
+/// staging and packing buffers, a communicator's staging, the load and map buffers. `allocate`
+/// returns `bytes` of `kind` memory aligned to at least 256 bytes, or nullptr when it has none
+/// (eplb then fails with errc::out_of_memory); `free` gets back exactly what `allocate` returned,
+/// with the same size and kind, once no queued work may touch it (device::release_after's rule),
+/// possibly after the device is gone. Both may be called from any eplb thread (the serving thread,
+/// the async io thread, a communicator's worker): they must be thread-safe and must not throw.
+/// Pinned memory must be page-locked where the device copies it asynchronously (CUDA).
+struct allocator_hook {
+  std::function<void*(std::size_t bytes, memory_kind kind)> allocate;
+  std::function<void(void* memory, std::size_t bytes, memory_kind kind)> free;
+};
+
+/// Bytes eplb holds for rebalances, by where they live (metrics::reserved_device_bytes...).
+struct memory_use {
+  std::size_t device_bytes = 0;  ///< device memory; on the host device its memory, host memory
+  std::size_t pinned_bytes = 0;  ///< pinned host memory
+  /// Counts `bytes` of `kind`: pinned as pinned, device and host memory as the device's.
+  void add(memory_kind kind, std::size_t bytes) noexcept {
+    (kind == memory_kind::pinned ? pinned_bytes : device_bytes) += bytes;
+  }
+  memory_use& operator+=(const memory_use& o) noexcept {
+    device_bytes += o.device_bytes;
+    pinned_bytes += o.pinned_bytes;
+    return *this;
+  }
+};
+
+namespace detail {
+/// Hands `data` back to `hook.free`; never throws (a throwing hook is the engine's bug: ignored).
+void free_through(const allocator_hook& hook, std::byte* data, std::size_t size, memory_kind kind) noexcept;
+}  // namespace detail
+
+/// Owning handle of device, pinned or host memory; frees it on destruction (through the allocator
+/// hook that gave it, if any). Move-only.
 class buffer {
  public:
   using deleter = void (*)(std::byte*, int ordinal) noexcept;
   buffer() = default;
   buffer(std::byte* data, std::size_t size, memory_kind kind, int ordinal, deleter free) noexcept
       : data_(data), size_(size), kind_(kind), ordinal_(ordinal), free_(free) {}
+  /// Memory an allocator hook gave: goes back through `hook->free`.
+  buffer(std::byte* data, std::size_t size, memory_kind kind, std::shared_ptr<const allocator_hook> hook) noexcept
+      : data_(data), size_(size), kind_(kind), hook_(std::move(hook)) {}
   buffer(buffer&& other) noexcept { swap(other); }
   buffer& operator=(buffer&& other) noexcept {
     buffer(std::move(other)).swap(*this);
@@ -38,7 +78,12 @@ class buffer {
   buffer(const buffer&) = delete;
   buffer& operator=(const buffer&) = delete;
   ~buffer() {
-    if (data_ != nullptr && free_ != nullptr) free_(data_, ordinal_);
+    if (data_ == nullptr) return;
+    if (hook_) {
+      detail::free_through(*hook_, data_, size_, kind_);
+    } else if (free_ != nullptr) {
+      free_(data_, ordinal_);
+    }
   }
 
   [[nodiscard]] std::byte* data() const noexcept { return data_; }
@@ -53,12 +98,14 @@ class buffer {
     std::swap(kind_, o.kind_);
     std::swap(ordinal_, o.ordinal_);
     std::swap(free_, o.free_);
+    std::swap(hook_, o.hook_);
   }
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
   memory_kind kind_ = memory_kind::host;
   int ordinal_ = 0;
   deleter free_ = nullptr;
+  std::shared_ptr<const allocator_hook> hook_;
 };
 
 namespace detail {
@@ -138,8 +185,17 @@ class device {
   /// query() and wait() poll it (callbacks given to notify() run once a query or wait has seen it
   /// complete). Same errors as wrap_stream().
   [[nodiscard]] virtual event wrap_event(void* native);
-  /// New memory; released buffers whose work has ended are freed first.
+  /// New memory; released buffers whose work has ended are freed first. Through the allocator hook
+  /// when one is set (error(errc::out_of_memory) when it returns null), else the backend's.
   [[nodiscard]] buffer allocate(std::size_t bytes, memory_kind kind);
+  /// The backend's own allocation, never through the hook: memory another process maps (a CUDA IPC
+  /// mailbox must be a whole cudaMalloc allocation).
+  [[nodiscard]] buffer allocate_direct(std::size_t bytes, memory_kind kind);
+  /// Routes later allocate() calls through `hook`, so that an engine accounts eplb's memory in its
+  /// own allocator; buffers allocated before keep their allocator. allocator_hook{} goes back to
+  /// the backend's. error(errc::invalid_argument) when only one of its functions is set. Set it
+  /// before the state that uses this device is made (or before eplb_state::reserve()).
+  void set_allocator(allocator_hook hook);
 
   /// Frees `b` once every event of `after` has completed (a failed or cancelled event counts: the
   /// work before it has ended). Checked on this thread in later allocate(), release_after() and
@@ -161,6 +217,7 @@ class device {
  private:
   struct release_list;
   std::unique_ptr<release_list> released_;
+  std::atomic<std::shared_ptr<const allocator_hook>> hook_;  // set_allocator(); read by allocate() on any thread
 };
 
 /// Keeps `b` allocated until the process exits (counted in leaked_bytes()): for memory that work

@@ -4,6 +4,7 @@
 // valid).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -21,6 +22,7 @@ class layer_transfer;
 class layer_pipeline;
 struct row_layout;
 struct layer_stop;
+struct pack_rule;
 
 /// The checksum verification compares against: the expected checksum of `tensor` of `expert` in
 /// `layer` (see checksum()).
@@ -40,6 +42,11 @@ struct rearrange_options {
   /// ends decide alike; the packing buffer holds this rank's packed sends of one layer.
   bool coalesce = true;
   std::size_t pack_bytes = 0;  ///< largest packed message; 0 = one layer of this rank's slots
+  /// Packs a rank's sends of one layer only while they fit its staging rows' worth (the packing
+  /// reserve_memory() makes), peers in ascending order; the pairs beyond go unpacked. Both ends
+  /// decide alike from the layer's pair counts (every rank must set it alike), so a reserved
+  /// rearranger never grows its packing (registered buffers pack everything and may still grow).
+  bool pack_within_staging = false;
   /// rearrange() overlaps layers when two layers fit the staging cap (0 = they do): layer L's
   /// transfers run while a second stream writes layer L-1 into place and stages layer L+1, and the
   /// host waits only for transfers. Each layer still commits only after its own transfers succeed.
@@ -117,6 +124,18 @@ class rearranger {
   /// the first mismatch (layer, slot, tensor, expert).
   void verify_layer(int layer, const rank_weights& weights, const placement& maps, const checksum_fn& expected);
 
+  /// Allocates now the memory later moves use, so that they allocate nothing: for rearrange() and
+  /// rearrange_layer() the staging buffer at its largest (two layers of this rank's slots when
+  /// layers are pipelined, else the staging cap's rows) and a packing buffer of as many bytes; with
+  /// `for_queue` only queue_layer()'s packing buffer (one layer); the verification scratch when
+  /// options.verify is set. Unless options.pack_within_staging (and not register_buffers), a move
+  /// that needs more packing than that (this rank sends more than its staging rows' worth in one
+  /// layer; at most (ranks - 1) times that) grows the buffer, once per new high, and counts it in
+  /// overflows(). Idempotent; not while a move runs. Returns the bytes the rearranger holds.
+  device::memory_use reserve_memory(bool for_queue);
+  /// Allocations moves made after reserve_memory() because they needed more than it reserved.
+  [[nodiscard]] std::int64_t overflows() const noexcept { return overflows_.load(std::memory_order_relaxed); }
+
   [[nodiscard]] std::size_t staging_rows() const noexcept { return rows_; }
   [[nodiscard]] comm::communicator& communicator() const noexcept { return *comm_; }
   /// Moves on `c` from now on (a communicator made again after a failure): same rank and size.
@@ -158,6 +177,9 @@ class rearranger {
                                                const matrix<expert_id>& new_map);
   [[nodiscard]] device::memory_kind staging_kind() const;
   [[nodiscard]] std::size_t pack_cap() const noexcept;
+  [[nodiscard]] pack_rule packing(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                  std::size_t cap, bool all, std::vector<std::size_t>& pairs) const;
+  [[nodiscard]] std::size_t largest_tensor() const noexcept;
   void reserve(device::buffer& b, comm::registration& reg, std::size_t bytes, std::size_t largest);
   void retire(device::buffer b, bool wait) noexcept;
 
@@ -173,6 +195,9 @@ class rearranger {
   device::buffer staging_;
   device::buffer pack_;                           // sends packed per peer (coalesce)
   device::buffer queue_pack_;                     // queue_layer's packed sends (never registered)
+  device::buffer verify_scratch_;                 // verify_layer's pinned copy of one tensor
+  bool reserved_ = false;                         // reserve_memory() ran: growing counts as an overflow
+  std::atomic<std::int64_t> overflows_{0};        // grown on the io thread (async), read by the serving one
   comm::registration staging_reg_, pack_reg_;     // declared after the buffers: released before them
   std::vector<comm::registered_memory> retired_;  // outgrown registered buffers, kept until the comm changes
   std::unique_ptr<device::stream> copies_;        // the pipelined path's staging and write-back stream

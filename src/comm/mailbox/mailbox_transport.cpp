@@ -35,6 +35,15 @@ class mailbox_transport final : public transport {
     return {.host_complete = true, .background_safe = true, .crosses_nodes = false, .device_memory = true};
   }
   void run(std::span<const op> ops) override { await(enqueue(ops)); }
+  // The mailbox was made at start: nothing more to allocate, its size to report.
+  device::memory_use reserve_memory() override {
+    device::memory_use use;
+    if (size() > 1) {
+      const bool on_device = std::string_view(memory_->where()) == "device";
+      use.add(on_device ? device::memory_kind::device : device::memory_kind::pinned, geometry_.mailbox_bytes());
+    }
+    return use;
+  }
   device::event enqueue(std::span<const op> ops) override;
   void await(const device::event& e) override;
 
