@@ -103,6 +103,11 @@ class stream {
   virtual void fill(void* dst, std::byte value, std::size_t bytes) = 0;
   /// Records an event after all work enqueued so far.
   [[nodiscard]] virtual event record() = 0;
+  /// As record(), cheap enough for every step of a serving loop: nothing is created and no host
+  /// function is queued (CUDA: a cudaEvent_t from a pool the stream grows once, recorded again and
+  /// handed back when the last copy of the event goes). Completion is seen only by query() and
+  /// wait(), so notify() callbacks run once one of those has seen it. Default: record().
+  [[nodiscard]] virtual event mark() { return record(); }
   /// Makes later work on this stream wait for `e` (which may belong to another stream).
   virtual void wait(const event& e) = 0;
   /// Blocks until all enqueued work is done; error(errc::timeout) after `timeout`.
@@ -140,6 +145,9 @@ class device {
   [[nodiscard]] virtual event wrap_event(void* native);
   /// New memory; released buffers whose work has ended are freed first.
   [[nodiscard]] buffer allocate(std::size_t bytes, memory_kind kind);
+  /// Whether `p` is memory this device's streams and kernels can use as device memory (CUDA: device
+  /// or managed memory of this GPU; the host device: any pointer). For checking engines' buffers.
+  [[nodiscard]] virtual bool is_device_memory(const void* p) const noexcept;
 
   /// Frees `b` once every event of `after` has completed (a failed or cancelled event counts: the
   /// work before it has ended). Checked on this thread in later allocate(), release_after() and
