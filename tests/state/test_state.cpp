@@ -362,6 +362,9 @@ long_run run_steps(const config& cfg, int steps, int sample, const std::shared_p
     auto r = make_rank(rank, ranks, cfg, world, store);
     int finished = 0;
     for (int step = 0; step < steps; ++step) {
+      // Async: a forward pass stand-in, so the background's work spans a few steps (before issue
+      // 17, step() took about this long itself, draining its per-step load copies).
+      if (cfg.use_async) std::this_thread::sleep_for(300us);
       for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l + step, rank));
       finished += r.state->step().rebalance_finished ? 1 : 0;
       if (rank != 0) continue;
