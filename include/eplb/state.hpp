@@ -134,14 +134,15 @@ class eplb_state {
   /// of steps T - window_size + 1 .. T, the same steps on every rank: the difference of a reading of
   /// the load buffer taken at step T - window_size (one stream-ordered copy into pinned memory) and
   /// one taken at step T (a copy and a pooled event). Other steps queue nothing on the serving
-  /// stream. Sync mode waits for step T's reading inside step T (it rebalances there anyway); async
-  /// mode does not wait: every rank starts the rebalance from it load_readback_lag_steps later (in
-  /// the same step everywhere), waiting then only if the copy is still not done. A rebalance that
-  /// starts d steps late (async: the previous one still in flight) plans from a window d steps longer.
-  /// Dummy steps count as steps and take their place in the window; their record_load() counts are
-  /// dropped, but counts the router adds to the buffer in a dummy forward pass are counted (an
-  /// engine should not record load there, as vLLM's router does not when told so): unlike vLLM,
-  /// whose window holds the last window_size non-dummy steps of each rank.
+  /// stream unless they commit layers. Sync mode waits for step T's reading inside step T (it
+  /// rebalances there anyway); async mode does not wait: every rank starts the rebalance from it
+  /// load_readback_lag_steps later (in the same step everywhere), waiting then only if the copy is
+  /// still not done. A rebalance that starts d steps late (async: the previous one still in flight)
+  /// plans from a window d steps longer (with a window longer than the interval, so may the next
+  /// few: their start had passed). Dummy steps count as steps and take their place in the window;
+  /// their record_load() counts are dropped, but counts the router adds to the buffer in a dummy
+  /// forward pass are counted (an engine should not record load there): unlike vLLM, whose window
+  /// holds the last window_size non-dummy steps of each rank.
   step_report step(bool is_dummy = false);
 
   /// Cancels a rebalance in flight, waits for in-flight transfers and device work (bounded by the
