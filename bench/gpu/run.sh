@@ -2,7 +2,7 @@
 # Everything a GPU machine runs in one call: unpack the carried Debian packages, build with CUDA,
 # NCCL (pip wheel) and Gloo, run the gpu and multiproc test suites, then the benchmarks (limits, our
 # exchange per backend, the PyTorch peer) in the same run. Results go to $OUT (or ./gpu-out).
-# usage: bench/gpu/run.sh [tests|rearrange|serving|bench|ipc|sweep|tune|all]
+# usage: bench/gpu/run.sh [tests|rearrange|serving|stepcost|bench|ipc|sweep|tune|all]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 what=${1:-all}
@@ -81,6 +81,16 @@ if [ "$what" = serving ] || [ "$what" = all ]; then
         --label qwen3-30b --async-backend "${ab%%:*}" --gloo-transport "$via" ${SERVING_ARGS:-} \
         | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
     done
+  done
+fi
+
+if [ "$what" = stepcost ] || [ "$what" = all ]; then
+  # Issue 17: what step() costs when no rebalance is due, against the same loop without eplb, one
+  # GPU (Qwen3-30B-A3B shape, 48 x 128 + 16; expert bytes do not matter in these steps): spin
+  # forwards of 200 us and 2 ms, then the SGEMM + all-reduce forward.
+  for fwd in 200 2000 0; do
+    python3 tests/comm/run_ranks.py build-gpu/bench/serving_bench 1 --deadline 100 -- --label qwen3-30b-1rank \
+      --phases quiet --forward-us "$fwd" --expert-bytes 65536 | grep -E '^\{|error' | tee -a "$out/stepcost.jsonl"
   done
 fi
 

@@ -1,8 +1,13 @@
 // One rank of the serving-loop benchmark (one process per GPU via run_ranks.py). Every step runs a
 // decode-step stand-in on the serving stream (tiled SGEMMs, each followed by an NCCL all-reduce as
-// an MoE engine's tensor-parallel reduction), a router kernel that counts tokens into EplbState's
-// device load buffer, EplbState::step(), and a stream synchronize (the engine reads its samples).
+// an MoE engine's tensor-parallel reduction; or, with --forward-us, a spin kernel of that length),
+// a router kernel that counts tokens into EplbState's device load buffer, EplbState::step(), and a
+// stream synchronize (the engine reads its samples).
 //
+// Phase 0 (issue 17): the cost of step() when no rebalance is due. Blocks of steps without eplb at
+// all (the router counts into a buffer of the bench's own) alternate with blocks of the same loop
+// with a sync EplbState whose rebalance is never due, so drift hits both alike; reported: the
+// step-time inflation against the baseline (mean, p99) and the host time inside step() (p50, p99).
 // Phase 1 (async): a full-model rebalance runs behind the loop (gloo on the background thread).
 // Step times are split into steps with and without a rebalance in flight; after it, every slot is
 // checked to hold its new expert's bytes. Phase 2 (sync): a fresh EplbState with use_async false
@@ -89,6 +94,14 @@ int main(int argc, char** argv) {
   app.add_option("--lanes", lanes, "async communicator's lanes (0 = eplb_state's choice)");
   app.add_option("--gloo-transport", gloo_via, "gloo: auto | tcp | shared_memory");
   app.add_option("--ipc-max-gbps", ipc_max_gbps, "cuda_ipc: cap on each rank's copy rate (0 = none)");
+  double forward_us = 0;
+  int quiet_rounds = 10, quiet_block = 200;
+  std::string phases = "all";
+  app.add_option("--forward-us", forward_us, "forward pass: a spin kernel of this many us (0: SGEMMs + all-reduces)");
+  app.add_option("--quiet-rounds", quiet_rounds, "phase 0: baseline / eplb block pairs");
+  app.add_option("--quiet-block", quiet_block, "phase 0: steps per block");
+  app.add_option("--phases", phases, "all | quiet (phase 0 only: step cost against the baseline)")
+      ->check(CLI::IsMember({"all", "quiet"}));
   CLI11_PARSE(app, argc, argv);
   try {
     if (device::cuda_device_count() < size) return 77;
@@ -185,15 +198,82 @@ int main(int argc, char** argv) {
       std::uint64_t bytes = 0;
       int layers_committed = 0;
     };
-    const auto forward = [&](eplb_state& st, unsigned shift) {
-      for (int k = 0; k < gemm_calls; ++k) {
-        bench::launch_sgemm(a.data(), b.data(), c.data(), gemm_n, cs);
-        nccl_ok(ncclAllReduce(ar.data(), ar.data(), allreduce_bytes / 4, ncclFloat, ncclSum, tp, cs), "all-reduce");
+    // The forward pass, its router counting into `load` by the maps `phy2log` and `replicas`.
+    const auto forward_into = [&](std::int64_t* load, const std::int32_t* phy2log, const std::int32_t* replicas,
+                                  unsigned shift) {
+      if (forward_us > 0) {
+        bench::launch_spin(static_cast<std::uint64_t>(forward_us * 1000), cs);
+      } else {
+        for (int k = 0; k < gemm_calls; ++k) {
+          bench::launch_sgemm(a.data(), b.data(), c.data(), gemm_n, cs);
+          nccl_ok(ncclAllReduce(ar.data(), ar.data(), allreduce_bytes / 4, ncclFloat, ncclSum, tp, cs), "all-reduce");
+        }
       }
-      bench::launch_route(st.load_buffer(), st.device_phy2log(), st.device_replica_count(), layers, slots, experts,
-                          shift, cs);
+      bench::launch_route(load, phy2log, replicas, layers, slots, experts, shift, cs);
       cuda_ok(cudaGetLastError(), "kernel launch");
     };
+    const auto forward = [&](eplb_state& st, unsigned shift) {
+      forward_into(st.load_buffer(), st.device_phy2log(), st.device_replica_count(), shift);
+    };
+
+    // Phase 0: step cost with no rebalance due (the first one is due after a million steps),
+    // against the same loop without eplb: its router counts into the bench's own buffer and reads
+    // copies of the maps.
+    struct quiet_result {
+      percentiles baseline, eplb, step_call_us;
+    };
+    const auto run_quiet_phase = [&] {
+      auto st = make_state(false, "quiet", start, 1'000'000);
+      auto own_load = dev->allocate(static_cast<std::size_t>(layers * slots) * 8, device::memory_kind::device);
+      auto own_p2l = dev->allocate(static_cast<std::size_t>(layers * slots) * 4, device::memory_kind::device);
+      auto own_cnt = dev->allocate(static_cast<std::size_t>(layers * experts) * 4, device::memory_kind::device);
+      serving->fill(own_load.data(), std::byte{0}, own_load.size());
+      serving->copy(own_p2l.data(), st->device_phy2log(), own_p2l.size());
+      serving->copy(own_cnt.data(), st->device_replica_count(), own_cnt.size());
+      const auto baseline_step = [&] {
+        forward_into(reinterpret_cast<std::int64_t*>(own_load.data()),
+                     reinterpret_cast<const std::int32_t*>(own_p2l.data()),
+                     reinterpret_cast<const std::int32_t*>(own_cnt.data()), 0);
+        cuda_ok(cudaStreamSynchronize(cs), "serving stream");
+      };
+      std::vector<double> base_ms, eplb_ms, call_us;
+      for (int i = 0; i < 50; ++i) baseline_step();  // warm-up (CUDA, NCCL, clocks)
+      for (int round = 0; round < quiet_rounds; ++round) {
+        for (int i = 0; i < quiet_block; ++i) {
+          const auto t0 = clock_type::now();
+          baseline_step();
+          base_ms.push_back(std::chrono::duration<double, std::milli>(clock_type::now() - t0).count());
+        }
+        for (int i = 0; i < quiet_block; ++i) {
+          const auto t0 = clock_type::now();
+          forward(*st, 0);
+          const auto t1 = clock_type::now();
+          const auto rep = st->step();
+          const auto t2 = clock_type::now();
+          cuda_ok(cudaStreamSynchronize(cs), "serving stream");
+          const auto t3 = clock_type::now();
+          if (rep.rebalance_started) throw std::runtime_error("phase 0: a rebalance started");
+          eplb_ms.push_back(std::chrono::duration<double, std::milli>(t3 - t0).count());
+          call_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+        }
+      }
+      st->stop();
+      return quiet_result{summarize(base_ms), summarize(eplb_ms), summarize(call_us)};
+    };
+    const auto quiet0 = run_quiet_phase();
+    std::cout << fmt::format(
+        R"({{"bench":"serving_step_cost","label":"{}","ranks":{},"rank":{},"layers":{},"experts":{},"forward_us":{},)"
+        R"("gemm_n":{},"gemm_calls":{},"step_ms_baseline":{},"step_ms_eplb_quiet":{},"quiet_inflation_mean":{:.5f},)"
+        R"("quiet_inflation_p99":{:.5f},"step_call_us_quiet":{}}})"
+        "\n",
+        label, size, rank, layers, experts, forward_us, gemm_n, gemm_calls, json(quiet0.baseline), json(quiet0.eplb),
+        quiet0.eplb.mean / quiet0.baseline.mean - 1, quiet0.eplb.p99 / quiet0.baseline.p99 - 1,
+        json(quiet0.step_call_us));
+    if (phases == "quiet") {
+      ncclCommDestroy(tp);
+      comm::store_barrier(*files, "done", size, timeout);
+      return 0;
+    }
 
     // Phase 1: async rebalance behind the serving loop.
     step_times t;
@@ -302,13 +382,17 @@ int main(int argc, char** argv) {
     std::cout << fmt::format(
         R"({{"bench":"serving","label":"{}","async_backend":"{}","ipc_max_gbps":{},"chunk_bytes":{},"lanes":{},"ranks":{},"rank":{},"layers":{},"gemm_n":{},"gemm_calls":{},)"
         R"("step_ms_quiet":{},"step_ms_rebalancing":{},"mean_inflation":{:.4f},"p99_inflation":{:.4f},)"
+        R"("baseline_ms":{},"quiet_vs_baseline_mean":{:.5f},"rebalancing_vs_baseline_mean":{:.5f},"rebalancing_vs_baseline_p99":{:.5f},)"
         R"("step_call_us_quiet":{},"step_call_us_rebalancing":{},"rebalance_s":{:.3f},"bytes_received":{},)"
         R"("layers_committed":{},"slots_checked":{},"sync_stall_ms":{:.2f},"sync_first_stall_ms":{:.2f},"sync_quiet_p50_ms":{:.3f},)"
         R"("sync_bytes_received":{},"slowest_busy_steps":{}}})"
         "\n",
-        label, async_backend == "gloo" ? fmt::format("gloo-{}", gloo_via) : async_backend, ipc_max_gbps, chunk_bytes, lanes, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy),
-        busy.mean / quiet.mean, busy.p99 / quiet.p99, json(summarize(t.quiet_step_us)), json(summarize(t.busy_step_us)),
-        t.rebalance_s, t.bytes, t.layers_committed, checked, stall_ms, stalls[0], sync_quiet.p50, sync_bytes, tail);
+        label, async_backend == "gloo" ? fmt::format("gloo-{}", gloo_via) : async_backend, ipc_max_gbps, chunk_bytes,
+        lanes, size, rank, layers, gemm_n, gemm_calls, json(quiet), json(busy), busy.mean / quiet.mean,
+        busy.p99 / quiet.p99, json(quiet0.baseline), quiet.mean / quiet0.baseline.mean - 1,
+        busy.mean / quiet0.baseline.mean - 1, busy.p99 / quiet0.baseline.p99 - 1, json(summarize(t.quiet_step_us)),
+        json(summarize(t.busy_step_us)), t.rebalance_s, t.bytes, t.layers_committed, checked, stall_ms, stalls[0],
+        sync_quiet.p50, sync_bytes, tail);
     return 0;
   } catch (const std::exception& e) {
     std::cout << fmt::format("rank {}: error {}\n", rank, e.what());

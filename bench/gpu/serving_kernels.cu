@@ -1,5 +1,6 @@
-// Kernels of the serving-loop benchmark: a tiled SGEMM (the decode step's compute stand-in) and a
-// router that counts tokens per physical slot into EplbState's device load buffer.
+// Kernels of the serving-loop benchmark: a tiled SGEMM (the decode step's compute stand-in), a spin
+// of a set GPU time (a forward pass of known length), and a router that counts tokens per physical
+// slot into a device load buffer.
 #include "serving_kernels.hpp"
 
 namespace eplb::bench {
@@ -43,7 +44,19 @@ __global__ void route_kernel(std::int64_t* load, const std::int32_t* phy2log, co
   load[i] += tokens / max(1, replicas[layer * experts + e]);
 }
 
+__global__ void spin_kernel(std::uint64_t nanoseconds) {
+  std::uint64_t start = 0, now = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < nanoseconds);
+}
+
 }  // namespace
+
+void launch_spin(std::uint64_t nanoseconds, void* stream) {
+  spin_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(nanoseconds);
+}
 
 void launch_sgemm(const void* a, const void* b, void* c, int n, void* stream) {
   const dim3 grid(n / tile, n / tile), block(tile, tile);

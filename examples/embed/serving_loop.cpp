@@ -6,6 +6,7 @@
 #include <eplb/error.hpp>
 #include <eplb/state.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <thread>
 #include <vector>
@@ -50,6 +51,7 @@ int main() {
         p.comm_setup.world = world;
         eplb::eplb_state state(std::move(p));
         for (int step = 0; step < 400; ++step) {
+          std::this_thread::sleep_for(std::chrono::microseconds(200));  // the forward pass
           // The router's counts per physical slot (expert 0 is hot).
           for (int l = 0; l < layers; ++l) {
             std::vector<std::int64_t> counts(experts + redundant, 1);

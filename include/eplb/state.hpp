@@ -26,6 +26,32 @@ namespace eplb {
 
 /// Async mode commits at most this many layers in one step, bounding the host time of a step.
 inline constexpr int max_commits_per_step = 2;
+/// Async mode starts a rebalance this many steps after the step that triggered it (and read the
+/// load back): by then the copy has long finished in an engine that is at most a step ahead.
+inline constexpr int load_readback_lag_steps = 2;
+
+/// The element type of an engine's buffer.
+enum class element_type { int32, int64 };
+
+/// A buffer the engine owns, in memory of eplb's device (on CUDA: device memory of that GPU), that
+/// eplb reads or writes in stream order on the serving stream. The engine keeps it alive while eplb
+/// runs; its address must be aligned to its element size.
+struct engine_buffer {
+  void* data = nullptr;
+  element_type type = element_type::int64;
+};
+
+/// Buffers an engine hands in instead of eplb's own, each optional and each with its own element
+/// type (vLLM's layers hold an int32 load tensor and int64 maps). Layouts as eplb's own buffers.
+struct engine_buffers {
+  /// layers x physical slots of token counts that the router only ever adds to. eplb never clears
+  /// it (nor may the engine): the window is the difference of two readings, taken modulo 2^32 or
+  /// 2^64, so a counter that wraps stays right while a window's load per slot fits in the type.
+  std::optional<engine_buffer> load;
+  std::optional<engine_buffer> phy2log;        ///< layers x physical slots; -1 for an empty slot
+  std::optional<engine_buffer> log2phy;        ///< layers x experts x device_max_replicas(), padded with -1
+  std::optional<engine_buffer> replica_count;  ///< layers x experts
+};
 
 struct model_desc {
   exec::model_shape shape;  ///< layers, experts, slots (experts + redundant), ranks, bundle
@@ -60,6 +86,8 @@ struct state_params {
   /// is in flight and read config::commit_lag_steps steps later, so step() does not wait on the network.
   std::function<std::int64_t(std::int64_t staged_here)> commit_agreement;
   std::function<void(std::string_view)> log;  ///< balancedness lines; default: stderr on rank 0
+  /// Optional: the engine's own load and map buffers (see engine_buffers); eplb allocates the others.
+  engine_buffers buffers;
 };
 
 struct metrics {
@@ -99,13 +127,27 @@ class eplb_state {
   eplb_state(const eplb_state&) = delete;
   eplb_state& operator=(const eplb_state&) = delete;
 
-  /// The per-step load buffer: layers x physical slots of int64 token counts, device memory on CUDA
-  /// (host memory on the host device). The engine's router increments it; step() drains it.
+  /// The load buffer: layers x physical slots of int64 token counts, device memory on CUDA (host
+  /// memory on the host device), or the engine's own when it gave an int64 one (nullptr for an
+  /// int32 one). The engine's router only adds to it, and eplb never clears it: step() reads it only
+  /// on the steps a window needs (see step()).
   [[nodiscard]] std::int64_t* load_buffer() const noexcept;
   /// Adds counts (one per physical slot) for `layer` to the current step, from the host.
   void record_load(int layer, std::span<const std::int64_t> counts);
 
-  /// Once per forward step on every rank. Dummy steps count as steps but add no load.
+  /// Once per forward step on every rank. The window of a rebalance triggered at step T is the load
+  /// of steps T - window_size + 1 .. T, the same steps on every rank: the difference of a reading of
+  /// the load buffer taken at step T - window_size (one stream-ordered copy into pinned memory) and
+  /// one taken at step T (a copy and a pooled event). Other steps queue nothing on the serving
+  /// stream unless they commit layers. Sync mode waits for step T's reading inside step T (it
+  /// rebalances there anyway); async mode does not wait: every rank starts the rebalance from it
+  /// load_readback_lag_steps later (in the same step everywhere), waiting then only if the copy is
+  /// still not done. A rebalance that starts d steps late (async: the previous one still in flight)
+  /// plans from a window d steps longer (with a window longer than the interval, so may the next
+  /// few: their start had passed). Dummy steps count as steps and take their place in the window;
+  /// their record_load() counts are dropped, but counts the router adds to the buffer in a dummy
+  /// forward pass are counted (an engine should not record load there): unlike vLLM, whose window
+  /// holds the last window_size non-dummy steps of each rank.
   step_report step(bool is_dummy = false);
 
   /// Allocates now everything a rebalance uses on this rank, bounded by the config (the staging cap,
@@ -128,11 +170,15 @@ class eplb_state {
   [[nodiscard]] const placement& maps() const noexcept;
   /// The same maps in device memory (host memory on the host device), updated in stream order by
   /// commits: phy2log [layers x slots], log2phy [layers x experts x max_replicas()] padded with -1,
-  /// replica counts [layers x experts]; all int32.
+  /// replica counts [layers x experts]; int32, eplb's own or the engine's (nullptr for a map the
+  /// engine gave as int64: eplb writes that one).
   [[nodiscard]] const std::int32_t* device_phy2log() const noexcept;
   [[nodiscard]] const std::int32_t* device_log2phy() const noexcept;
   [[nodiscard]] const std::int32_t* device_replica_count() const noexcept;
   [[nodiscard]] int device_max_replicas() const noexcept;
+  /// This rank's load per physical slot (layers x slots) over the window the latest rebalance
+  /// planned from (what step() read back; record_load() counts included); zeros before the first.
+  [[nodiscard]] const matrix<std::int64_t>& window_load() const noexcept;
   [[nodiscard]] const metrics& stats() const noexcept;
   [[nodiscard]] comm::backend communicator_kind() const noexcept;
 

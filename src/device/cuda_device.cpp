@@ -1,10 +1,14 @@
 // The CUDA backend. Events complete on the host through cudaLaunchHostFunc, whose callback only
 // flips host state and runs eplb callbacks that must only post (CUDA forbids CUDA calls there);
 // query and wait also ask the driver, which knows about failures the host callback never sees.
+// stream::mark() events skip the host function and come from a per-stream pool: what step() queues
+// on the engine's stream must neither hold it for the driver's callback thread nor create events.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
+#include <vector>
 
 #include "device/cuda_check.hpp"
 #include "device/event_state.hpp"
@@ -15,11 +19,58 @@ namespace {
 using cuda::check;
 using cuda::use_device;
 
+// The events of stream::mark(), made when none is free and reused from then on. One goes back only
+// when its last event state goes, so nobody can still ask about its previous record.
+class event_pool {
+ public:
+  explicit event_pool(int ordinal) : ordinal_(ordinal) {}
+  ~event_pool() {
+    for (auto e : free_) (void)cudaEventDestroy(e);
+  }
+  event_pool(const event_pool&) = delete;
+  event_pool& operator=(const event_pool&) = delete;
+
+  cudaEvent_t take() {
+    {
+      std::lock_guard lock(mutex_);
+      if (!free_.empty()) {
+        const auto e = free_.back();
+        free_.pop_back();
+        return e;
+      }
+    }
+    use_device(ordinal_);
+    cudaEvent_t e = nullptr;
+    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    return e;
+  }
+  void give_back(cudaEvent_t e) noexcept {
+    try {
+      std::lock_guard lock(mutex_);
+      free_.push_back(e);
+    } catch (...) {
+      (void)cudaEventDestroy(e);
+    }
+  }
+
+ private:
+  int ordinal_;
+  std::mutex mutex_;
+  std::vector<cudaEvent_t> free_;
+};
+
 class cuda_event_state final : public detail::event_state {
  public:
   cuda_event_state(int ordinal, cudaEvent_t e, bool owned = true) : ordinal_(ordinal), event_(e), owned_(owned) {}
+  // A pooled event (stream::mark()): handed back to `pool` when this state goes.
+  cuda_event_state(int ordinal, cudaEvent_t e, std::shared_ptr<event_pool> pool)
+      : ordinal_(ordinal), event_(e), owned_(false), pool_(std::move(pool)) {}
   ~cuda_event_state() override {
-    if (owned_) (void)cudaEventDestroy(event_);
+    if (pool_) {
+      pool_->give_back(event_);
+    } else if (owned_) {
+      (void)cudaEventDestroy(event_);
+    }
   }
 
   cudaEvent_t native() const noexcept { return event_; }
@@ -49,7 +100,8 @@ class cuda_event_state final : public detail::event_state {
  private:
   int ordinal_;
   cudaEvent_t event_;
-  bool owned_;  // false: the engine's event (device::wrap_event)
+  bool owned_;                        // false: the engine's event (device::wrap_event) or a pooled one
+  std::shared_ptr<event_pool> pool_;  // set for stream::mark() events
 };
 
 class cuda_stream final : public stream {
@@ -97,6 +149,12 @@ class cuda_stream final : public stream {
     }
     return event(state);
   }
+  event mark() override {
+    auto state = std::make_shared<cuda_event_state>(ordinal_, pool_->take(), pool_);
+    use_device(ordinal_);
+    check(cudaEventRecord(state->native(), stream_), "cudaEventRecord");
+    return event(state);
+  }
   void wait(const event& e) override {
     auto* state = dynamic_cast<cuda_event_state*>(e.state());
     if (state == nullptr) fail(errc::invalid_argument, "cuda stream: can only wait on CUDA events");
@@ -109,6 +167,8 @@ class cuda_stream final : public stream {
   int ordinal_;
   cudaStream_t stream_ = nullptr;
   bool owned_ = true;
+  // mark()'s events (no CUDA call until the first); outlives the stream while its events are held.
+  std::shared_ptr<event_pool> pool_ = std::make_shared<event_pool>(ordinal_);
 };
 
 void free_device(std::byte* p, int ordinal) noexcept {
@@ -135,6 +195,15 @@ class cuda_device final : public device {
   event wrap_event(void* native) override {
     if (native == nullptr) fail(errc::invalid_argument, "wrap_event: the native event is null");
     return event(std::make_shared<cuda_event_state>(ordinal_, static_cast<cudaEvent_t>(native), false));
+  }
+  bool is_device_memory(const void* p) const noexcept override {
+    cudaPointerAttributes a{};
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    const bool usable = a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+    return usable && a.device == ordinal_;
   }
 
  protected:

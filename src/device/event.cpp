@@ -157,6 +157,10 @@ std::unique_ptr<stream> device::wrap_stream(void* /*native*/) {
   fail(errc::invalid_argument, "wrap_stream: this device has no native streams (only CUDA devices do)");
 }
 
+bool device::is_device_memory(const void* /*p*/) const noexcept {
+  return true;  // host memory is all the host device has
+}
+
 event device::wrap_event(void* /*native*/) {
   fail(errc::invalid_argument, "wrap_event: this device has no native events (only CUDA devices do)");
 }

@@ -5,8 +5,10 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <iostream>
 
+#include "eplb/core/load.hpp"
 #include "eplb/core/policy.hpp"
 #include "state/comm_owner.hpp"
 #include "state/device_maps.hpp"
@@ -36,6 +38,7 @@ struct eplb_state::impl {
   // Last: destroyed first, while the communicator, maps and weights it works on are alive.
   std::unique_ptr<state_detail::rebalance_session> session;
   std::int64_t since_rebalance;
+  std::int64_t start_at = 0;  // async: the step a triggered rebalance starts in (0: none waiting)
   bool stopped = false;
 
   explicit impl(state_params& p)
@@ -47,14 +50,17 @@ struct eplb_state::impl {
         weights(std::move(p.weights)),
         log(std::move(p.log)),
         maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log"),
-        load(dev, serving, p.model.shape.layers, p.model.shape.num_physical, p.cfg.window_size, p.cfg.timeout),
-        published(dev, serving, p.model.shape, p.cfg.timeout),
+        load(dev, serving, {p.model.shape.layers, p.model.shape.num_physical, p.cfg.window_size, p.cfg.step_interval},
+             p.buffers.load, p.cfg.timeout),
+        published(dev, serving, p.model.shape, p.buffers, p.cfg.timeout),
         comms(p, stopping.get_token()),
         since_rebalance(p.cfg.step_interval - p.cfg.step_interval / 4) {
     session = state_detail::make_session(
         {cfg, model, rank, dev, serving, weights, maps, published, comms, m, p.store, stopping.get_token()},
         std::move(p.commit_agreement));
     for (int l = 0; l < model.shape.layers; ++l) published.publish(maps, l);
+    // The first rebalance comes when since_rebalance reaches the interval (at step 1 at the earliest).
+    load.expect_rebalance_at(std::max<std::int64_t>(1, cfg.step_interval - since_rebalance), 0);
     serving.synchronize(cfg.timeout);
     if (cfg.reserve_memory) reserve();
   }
@@ -72,13 +78,19 @@ struct eplb_state::impl {
                                    .phy2log();
   }
 
+  // Log steps read the counters back (a copy and a pooled event); the line comes in a later step,
+  // once the copy is done, and gives the balancedness of this rank's load since the previous one.
   void log_balancedness() {
-    const auto& totals = load.window().physical_totals();
+    if (m.steps % cfg.log_balancedness_interval == 0) (void)load.begin_log_reading(m.steps);
+    const auto since = load.take_log();
+    if (!since) return;
+    const auto& totals = since->second;
     matrix<double> per_slot(totals.rows(), totals.cols());
     std::transform(totals.flat().begin(), totals.flat().end(), per_slot.flat().begin(),
                    [](std::int64_t v) { return static_cast<double>(v); });
     const double b = balancedness_of_slots(per_slot, model.shape.num_ranks);
-    const auto line = fmt::format("eplb rank {} step {}: balancedness {:.4f} (this rank's window)", rank, m.steps, b);
+    const auto line = fmt::format("eplb rank {} step {}: balancedness {:.4f} (this rank's load since the last line)",
+                                  rank, since->first, b);
     if (log) {
       log(line);
     } else if (rank == 0) {
@@ -86,12 +98,39 @@ struct eplb_state::impl {
     }
   }
 
-  void start_rebalance(step_report& report) {
-    load.flush();
-    const auto local = load.window().logical_load(maps);
+  // The trigger: the window's end is read back now. Sync mode plans from it in this step; async
+  // mode starts on every rank load_readback_lag_steps later, when the copy has long finished.
+  void trigger_rebalance(step_report& report) {
     report.rebalance_started = true;
     ++m.rebalances;
-    session->start(local, report);
+    load.begin_window(m.steps);
+    load.expect_rebalance_at(m.steps + cfg.step_interval, m.steps);
+    if (!cfg.use_async) {
+      start_session(report);
+      return;
+    }
+    start_at = m.steps + load_readback_lag_steps;
+    m.rebalance_in_flight = true;
+  }
+
+  void start_session(step_report& report) {
+    start_at = 0;
+    m.rebalance_in_flight = false;              // the session says so from here on (async)
+    const auto& window = load.finish_window();  // waits only if the copy is not done yet
+    session->start(logical_load(window), report);
+  }
+
+  [[nodiscard]] matrix<double> logical_load(const matrix<std::int64_t>& per_slot) const {
+    matrix<double> out(per_slot.rows(), static_cast<std::size_t>(model.shape.num_logical), 0.0);
+    for (int l = 0; l < model.shape.layers; ++l) {
+      const auto map = maps.phy2log(l);
+      const auto row = per_slot.row(static_cast<std::size_t>(l));
+      for (std::size_t s = 0; s < row.size(); ++s) {
+        if (map[s] >= 0)
+          out(static_cast<std::size_t>(l), static_cast<std::size_t>(map[s])) += static_cast<double>(row[s]);
+      }
+    }
+    return out;
   }
 
   void reserve() {
@@ -103,14 +142,17 @@ struct eplb_state::impl {
   }
 
   void step(bool is_dummy, step_report& report) {
-    load.drain(is_dummy);
     ++m.steps;
+    load.end_step(m.steps, is_dummy);
     ++since_rebalance;
-    if (cfg.log_balancedness && m.steps % cfg.log_balancedness_interval == 0) log_balancedness();
+    if (cfg.log_balancedness) log_balancedness();
     session->advance(report);
-    if (!session->in_flight() && !session->ended_this_step_by_failure() && since_rebalance >= cfg.step_interval) {
+    if (start_at != 0) {
+      if (m.steps >= start_at) start_session(report);
+    } else if (!session->in_flight() && !session->ended_this_step_by_failure() &&
+               since_rebalance >= cfg.step_interval) {
       since_rebalance = 0;
-      start_rebalance(report);
+      trigger_rebalance(report);
     }
     m.reserve_overflows = session->reserve_overflows();
   }
@@ -181,6 +223,9 @@ const std::int32_t* eplb_state::device_replica_count() const noexcept {
 }
 int eplb_state::device_max_replicas() const noexcept {
   return impl_->published.max_replicas();
+}
+const matrix<std::int64_t>& eplb_state::window_load() const noexcept {
+  return impl_->load.last_window();
 }
 const metrics& eplb_state::stats() const noexcept {
   return impl_->m;

@@ -1,6 +1,7 @@
 #include "state/validate.hpp"
 
 #include "eplb/core/policy.hpp"
+#include "state/engine_buffers.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::state_detail {
@@ -88,6 +89,7 @@ void validate(const state_params& p) {
   p.cfg.validate();
   p.model.shape.validate();
   check_handles(p);
+  check_engine_buffers(p);
   check_config_against_model(p);
   check_weights(p);
   check_policy_params(p);

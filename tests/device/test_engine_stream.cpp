@@ -71,10 +71,13 @@ TEST_CASE("eplb_state on the engine's stream: load copies, maps and commits in i
     const auto slots = static_cast<std::size_t>(model.shape().num_physical);
     std::vector<std::int64_t> counts(3 * slots, 1);
     counts[0] = counts[slots] = counts[2 * slots] = 1000;  // slot 0 of every layer is hot
+    std::vector<std::int64_t> totals(counts.size(), 0);
     int finished = 0;
     for (int step = 0; step < 40; ++step) {
-      // The engine's router writes the load buffer on its own stream.
-      REQUIRE(cudaMemcpyAsync(state.load_buffer(), counts.data(), counts.size() * sizeof(std::int64_t),
+      // The engine's router adds to the load buffer on its own stream (eplb never clears it since
+      // issue 17: the copy writes the running totals).
+      for (std::size_t i = 0; i < counts.size(); ++i) totals[i] += counts[i];
+      REQUIRE(cudaMemcpyAsync(state.load_buffer(), totals.data(), totals.size() * sizeof(std::int64_t),
                               cudaMemcpyHostToDevice, native) == cudaSuccess);
       finished += state.step().rebalance_finished ? 1 : 0;
     }

@@ -704,6 +704,39 @@ std::vector<bad_input> table() {
          make_state(std::move(p));
        },
        errc::invalid_argument, "eplb_state: weights[1][0] (t0) is null"},
+      // The engine's own buffers (issue 18): 2 layers x 8 slots, 6 experts, 3 replicas at most.
+      {"state: engine load buffer null",
+       [](f_t f) {
+         auto p = f.params();
+         p.buffers.load = engine_buffer{nullptr, element_type::int32};
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "buffers.load: the pointer is null"},
+      {"state: engine int64 map not aligned to 8 bytes",
+       [](f_t f) {
+         alignas(8) static std::byte memory[512];
+         auto p = f.params();
+         p.buffers.phy2log = engine_buffer{memory + 4, element_type::int64};
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "buffers.phy2log: not aligned to its 8-byte int64 elements (address 0x"},
+      {"state: engine buffer of an unknown element type",
+       [](f_t f) {
+         alignas(8) static std::byte memory[512];
+         auto p = f.params();
+         p.buffers.replica_count = engine_buffer{memory, static_cast<element_type>(7)};
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "buffers.replica_count: element type 7 is neither int32 nor int64"},
+      {"state: engine maps overlapping",
+       [](f_t f) {
+         alignas(8) static std::byte memory[512];
+         auto p = f.params();
+         p.buffers.phy2log = engine_buffer{memory, element_type::int32};  // 64 bytes
+         p.buffers.log2phy = engine_buffer{memory + 32, element_type::int32};
+         make_state(std::move(p));
+       },
+       errc::invalid_argument, "buffers.log2phy: overlaps buffers.phy2log"},
       {"state: invalid initial map",
        [](f_t f) {
          auto p = f.params();

@@ -247,6 +247,9 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<wor
     if (plan.how == ending::stop && step == plan.stop_step) break;
     if (plan.how != ending::device_fault && step == plan.steps) break;
     for (int l = 0; l < layers; ++l) r.state->record_load(l, counts(step, l, rank, plan.seed));
+    // A forward pass stand-in: before issue 17, step() itself took about this long on the ranks
+    // with slow streams, waiting for its per-step load copies; now it queues nothing.
+    std::this_thread::sleep_for(500us);
     if (pace() % 3 == 0) std::this_thread::sleep_for(std::chrono::microseconds(pace() % 400));
     if (pause_pending && !r.state->stats().rebalance_in_flight) {
       std::this_thread::sleep_for(plan.timeout + 200ms);

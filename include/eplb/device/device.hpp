@@ -150,6 +150,11 @@ class stream {
   virtual void fill(void* dst, std::byte value, std::size_t bytes) = 0;
   /// Records an event after all work enqueued so far.
   [[nodiscard]] virtual event record() = 0;
+  /// As record(), cheap enough for every step of a serving loop: nothing is created and no host
+  /// function is queued (CUDA: a cudaEvent_t from a pool the stream grows once, recorded again and
+  /// handed back when the last copy of the event goes). Completion is seen only by query() and
+  /// wait(), so notify() callbacks run once one of those has seen it. Default: record().
+  [[nodiscard]] virtual event mark() { return record(); }
   /// Makes later work on this stream wait for `e` (which may belong to another stream).
   virtual void wait(const event& e) = 0;
   /// Blocks until all enqueued work is done; error(errc::timeout) after `timeout`.
@@ -196,6 +201,9 @@ class device {
   /// the backend's. error(errc::invalid_argument) when only one of its functions is set. Set it
   /// before the state that uses this device is made (or before eplb_state::reserve()).
   void set_allocator(allocator_hook hook);
+  /// Whether `p` is memory this device's streams and kernels can use as device memory (CUDA: device
+  /// or managed memory of this GPU; the host device: any pointer). For checking engines' buffers.
+  [[nodiscard]] virtual bool is_device_memory(const void* p) const noexcept;
 
   /// Frees `b` once every event of `after` has completed (a failed or cancelled event counts: the
   /// work before it has ended). Checked on this thread in later allocate(), release_after() and
