@@ -10,6 +10,7 @@
 
 #include "eplb/core/matrix.hpp"
 #include "eplb/core/placement.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb::exec {
 
@@ -21,7 +22,7 @@ struct transfer {
   int slot;
 };
 
-struct layer_plan {
+struct EPLB_API layer_plan {
   int rank = 0;
   int slots = 0;                  ///< slots per rank
   std::vector<char> unchanged;    ///< per local slot: keeps its expert
@@ -46,12 +47,12 @@ struct layer_plan {
 /// Senders for expert e: the ranks holding it in `old_row` (ascending); receivers: ranks holding it
 /// in `new_row` but not in `old_row` (ascending); receivers are split over senders in blocks, the
 /// remainder round-robin, so every rank derives the same pairs.
-[[nodiscard]] layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                    int num_ranks, int rank);
+[[nodiscard]] EPLB_API layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                             int num_ranks, int rank);
 
 /// How one layer is split into communicator batches when it does not fit the staging cap: experts
 /// in a global order (the same on every rank), cut into consecutive ranges.
-struct chunk_plan {
+struct EPLB_API chunk_plan {
   std::vector<int> position;                ///< per logical expert: its place in the order
   std::vector<std::pair<int, int>> ranges;  ///< [begin, end) of positions, one per batch
 
@@ -70,14 +71,14 @@ enum class cut_rule { anywhere, stop_safe };
 /// each cut where `rule` allows.
 /// One range when everything fits. error(errc::invalid_argument) naming the layer and the rows
 /// needed when even one expert does not fit.
-[[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                     int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
-                                     cut_rule rule = cut_rule::stop_safe);
+[[nodiscard]] EPLB_API chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                              int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
+                                              cut_rule rule = cut_rule::stop_safe);
 
 /// The serial path's schedule: the position in `chunks`' order after whose chunk live slot `slot`
 /// of `plan` is written (its new expert is staged and its old expert, if still read, was sent), or
 /// -1 when the slot is not written.
-[[nodiscard]] int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
+[[nodiscard]] EPLB_API int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
 
 /// A rank's write-back when a chunked layer stops: the staging row of its buffer slot `staged_slot`
 /// goes into live slot `slot`, whose expert has another copy or which the maps leave empty.
@@ -97,22 +98,24 @@ struct stopped_layer {
   std::vector<expert_id> row;
   std::vector<row_repair> repairs;
 };
-[[nodiscard]] stopped_layer stop_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                              int num_ranks, int num_logical, const chunk_plan& chunks, int done);
+[[nodiscard]] EPLB_API stopped_layer stop_after_chunks(std::span<const expert_id> old_row,
+                                                       std::span<const expert_id> new_row, int num_ranks,
+                                                       int num_logical, const chunk_plan& chunks, int done);
 
 /// stop_after_chunks(...).row: the row a layer holds on every rank after its first `done` chunks.
-[[nodiscard]] std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,
-                                                      std::span<const expert_id> new_row, int num_ranks,
-                                                      const chunk_plan& chunks, int done);
+[[nodiscard]] EPLB_API std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,
+                                                               std::span<const expert_id> new_row, int num_ranks,
+                                                               const chunk_plan& chunks, int done);
 
 /// Elastic EP, scale-down: `survivors` is a placement over the ranks that stay; `mapping[r]` is the
 /// new rank of old rank r or -1 when it leaves. Returns the same placement over the old ranks, with
 /// -1 in the slots of leaving ranks, so their experts are moved out while they are still alive.
-[[nodiscard]] matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors, std::span<const int> mapping,
-                                                      int slots_per_rank);
+[[nodiscard]] EPLB_API matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors,
+                                                               std::span<const int> mapping, int slots_per_rank);
 /// Elastic EP, scale-up: `old_map` over the old ranks; `mapping[r]` is old rank r's new rank.
 /// Returns the old placement over `new_ranks` ranks, new ranks' slots empty (-1).
-[[nodiscard]] matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map, std::span<const int> mapping,
-                                                    int new_ranks, int slots_per_rank);
+[[nodiscard]] EPLB_API matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map,
+                                                             std::span<const int> mapping, int new_ranks,
+                                                             int slots_per_rank);
 
 }  // namespace eplb::exec

@@ -14,6 +14,7 @@
 #include "eplb/device/device.hpp"
 #include "eplb/exec/model.hpp"
 #include "eplb/exec/plan.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb::exec {
 
@@ -26,7 +27,7 @@ struct row_layout;
 using checksum_fn = std::function<std::uint64_t(int layer, expert_id expert, int tensor)>;
 
 /// 64-bit checksum of host bytes (the one verification uses).
-[[nodiscard]] std::uint64_t checksum(std::span<const std::byte> bytes) noexcept;
+[[nodiscard]] EPLB_API std::uint64_t checksum(std::span<const std::byte> bytes) noexcept;
 
 struct rearrange_options {
   std::size_t staging_bytes = 0;              ///< cap on the staging buffer; 0 = one layer of this rank's slots
@@ -82,7 +83,7 @@ struct staged_layer {
   layer_stats stats;
 };
 
-class rearranger {
+class EPLB_API rearranger {
  public:
   /// `weights` are this rank's live slots; `stream` orders every copy (the communicator's stream is
   /// set to it). Throws error(errc::invalid_argument) for an inconsistent shape.
