@@ -6,7 +6,7 @@ stands for another copy of those libraries in the process. Functions that a shar
 depends on exports (libfmt.so, libgloo.so: what ldd lists for it) are left out: those are that
 library's to define.
 
-usage: make_impostor.py OUT.cpp ARCHIVE LIBEPLB_SO"""
+usage: make_impostor.py OUT.cpp LIBEPLB_SO ARCHIVE..."""
 import re
 import subprocess
 import sys
@@ -23,13 +23,13 @@ def defined(cmd):
 
 
 def main():
-    out, archive, lib = sys.argv[1:4]
+    out, lib, archives = sys.argv[1], sys.argv[2], sys.argv[3:]
     ldd = subprocess.run(["ldd", lib], check=True, capture_output=True, text=True).stdout
     deps = re.findall(r"=> (/\S+)", ldd)
     taken = set()
     for dep in deps:
         taken.update(defined(["nm", "-D", "--defined-only", dep]))
-    mangled = sorted({s for s in defined(["nm", "--defined-only", archive])
+    mangled = sorted({s for s in defined(["nm", "--defined-only", *archives])
                       if re.fullmatch(r"_Z[A-Za-z0-9_]+", s) and s not in taken})
     demangled = subprocess.run(["c++filt"], input="\n".join(mangled), check=True, capture_output=True,
                                text=True).stdout.splitlines()
