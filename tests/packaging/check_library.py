@@ -14,6 +14,7 @@ usage: check_library.py LIBEPLB_SO VERSION INCLUDE_DIR EPLB_PC
   C++20 or later; the library's own dependencies are found through its DT_NEEDED)."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,9 @@ def declared_functions(include_dir):
 
 
 def check_exported(names, include_dir):
+    if shutil.which("ctags") is None:  # universal-ctags: ./dev installs it; GPU machines lack it
+        print("note: no ctags here, the check that every declared function is exported is skipped")
+        return []
     exported = {n.split("(", 1)[0] for n in names if n.startswith("eplb::")}
     missing = [f"{scope}::{name}" for scope, name in declared_functions(include_dir)
                if f"{scope}::{name}" not in exported]
@@ -102,9 +106,7 @@ def main():
     problems = check_symbols(names) + check_soname(lib, version) + check_exported(names, include_dir) + check_pc(pc)
     for p in problems:
         print("FAIL:", p)
-    declared = len(declared_functions(include_dir))
-    print(f"{len(names)} dynamic symbols, {declared} functions declared in the public headers, "
-          f"{len(problems)} problems")
+    print(f"{len(names)} dynamic symbols, {len(problems)} problems")
     return 1 if problems else 0
 
 
