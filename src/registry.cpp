@@ -63,6 +63,9 @@ std::unique_ptr<transport> make_transport(backend b, const setup& s) {
       if (auto why = gpu_unavailable_reason(); !why.empty()) {
         fail(errc::backend_unavailable, "communicator {}: {}", to_string(b), why);
       }
+      if (auto why = nccl_unavailable_reason(); !why.empty()) {
+        fail(errc::backend_unavailable, "communicator {}: {}", to_string(b), why);
+      }
       return make_nccl(s, b == backend::stateless_nccl);
 #else
       fail(errc::backend_unavailable, "communicator {}: eplb was built without NCCL", to_string(b));
@@ -92,7 +95,8 @@ std::vector<backend_status> backend_report() {
   out.push_back({backend::gloo, EPLB_HAVE_GLOO != 0, EPLB_HAVE_GLOO != 0,
                  EPLB_HAVE_GLOO ? "" : "built without Gloo (libgloo-dev not found)"});
 #if EPLB_HAVE_NCCL
-  const auto why = gpu_unavailable_reason();
+  auto why = gpu_unavailable_reason();
+  if (why.empty()) why = nccl_unavailable_reason();  // loaded at run time (comm/nccl_library.hpp)
   for (auto b : {backend::nccl, backend::stateless_nccl}) out.push_back({b, true, why.empty(), why});
 #else
   for (auto b : {backend::nccl, backend::stateless_nccl}) out.push_back({b, false, false, "built without NCCL"});

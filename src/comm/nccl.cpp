@@ -5,15 +5,16 @@
 // always creates its own ncclComm from a unique id exchanged through the store, independent of any
 // framework group; a new rank set (elastic EP) is a new communicator under a new store prefix.
 #include <cuda_runtime_api.h>
-#include <nccl.h>
 
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
 #include "comm/backends.hpp"
+#include "comm/nccl_library.hpp"
 #include "device/cuda_check.hpp"
 #include "util/deadline.hpp"
 #include "util/fail.hpp"
@@ -25,7 +26,7 @@ using clock = std::chrono::steady_clock;
 
 void free_nccl_memory(std::byte* p, int ordinal) noexcept {
   (void)cudaSetDevice(ordinal);
-  (void)ncclMemFree(p);
+  (void)nccl().MemFree(p);  // loaded before any memory was allocated from it
 }
 
 class nccl_transport final : public transport {
@@ -37,22 +38,14 @@ class nccl_transport final : public transport {
     ordinal_ = s.dev->ordinal();
     device::cuda::use_device(ordinal_);
     if (!stateless && s.external_nccl_comm != nullptr) {
-      comm_ = static_cast<ncclComm_t>(s.external_nccl_comm);
-      owned_ = false;
-      int n = 0, r = 0;
-      check(ncclCommCount(comm_, &n), "ncclCommCount");
-      check(ncclCommUserRank(comm_, &r), "ncclCommUserRank");
-      if (n != size() || r != rank()) {
-        fail(errc::invalid_argument, "nccl: the external communicator is rank {} of {}, setup says {} of {}", r, n,
-             rank(), size());
-      }
+      adopt(static_cast<ncclComm_t>(s.external_nccl_comm));
       return;
     }
     if (!s.rendezvous) fail(errc::invalid_argument, "{}: setup.rendezvous (a store) is missing", name());
     ncclUniqueId id{};
     const std::string key = "nccl-unique-id";
     if (rank() == 0) {
-      check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      check(api_.GetUniqueId(&id), "ncclGetUniqueId");
       s.rendezvous->set(key, std::string(reinterpret_cast<const char*>(&id), sizeof id));
     } else {
       const auto v = s.rendezvous->get(key, opts_.timeout);
@@ -61,7 +54,7 @@ class nccl_transport final : public transport {
     }
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    const ncclResult_t r = ncclCommInitRankConfig(&comm_, size(), id, rank(), &config);
+    const ncclResult_t r = api_.CommInitRankConfig(&comm_, size(), id, rank(), &config);
     if (r != ncclSuccess && r != ncclInProgress) check(r, "ncclCommInitRankConfig");
     await_comm(deadline_after(opts_.timeout), "joining the communicator (a rank never arrived?)");
   }
@@ -71,16 +64,16 @@ class nccl_transport final : public transport {
     (void)cudaSetDevice(ordinal_);
     // Finalize flushes outstanding work; a peer that is gone can keep it pending, so bound the
     // wait and abort instead of hanging in a destructor.
-    ncclResult_t state = ncclCommFinalize(comm_);
+    ncclResult_t state = api_.CommFinalize(comm_);
     const auto deadline = deadline_after(opts_.timeout);
     while (state == ncclInProgress && clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::microseconds(500));
-      if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) break;
+      if (api_.CommGetAsyncError(comm_, &state) != ncclSuccess) break;
     }
     if (state == ncclSuccess) {
-      (void)ncclCommDestroy(comm_);
+      (void)api_.CommDestroy(comm_);
     } else {
-      (void)ncclCommAbort(comm_);
+      (void)api_.CommAbort(comm_);
     }
   }
 
@@ -93,12 +86,12 @@ class nccl_transport final : public transport {
     check_alive();
     device::cuda::use_device(ordinal_);
     void* handle = nullptr;
-    check(ncclCommRegister(comm_, region.data(), region.size(), &handle), "ncclCommRegister");
+    check(api_.CommRegister(comm_, region.data(), region.size(), &handle), "ncclCommRegister");
     if (handle == nullptr) return {};  // registration is off in this NCCL (NCCL_LOCAL_REGISTER=0)
     return registration([this, handle] {
       if (comm_ == nullptr) return;  // an aborted communicator freed its registrations already
       (void)cudaSetDevice(ordinal_);
-      (void)ncclCommDeregister(comm_, handle);
+      (void)api_.CommDeregister(comm_, handle);
     });
   }
 
@@ -106,7 +99,7 @@ class nccl_transport final : public transport {
     if (bytes == 0) return {};
     device::cuda::use_device(ordinal_);
     void* p = nullptr;
-    check(ncclMemAlloc(&p, bytes), "ncclMemAlloc");
+    check(api_.MemAlloc(&p, bytes), "ncclMemAlloc");
     device::buffer memory(static_cast<std::byte*>(p), bytes, device::memory_kind::device, ordinal_, &free_nccl_memory);
     auto reg = register_memory(memory.span());
     return {std::move(memory), std::move(reg)};
@@ -126,16 +119,16 @@ class nccl_transport final : public transport {
     for (const auto& o : ops) {
       if (std::find(peers_.begin(), peers_.end(), o.peer) == peers_.end()) peers_.push_back(o.peer);
     }
-    check(ncclGroupStart(), "ncclGroupStart");
+    check(api_.GroupStart(), "ncclGroupStart");
     for (const auto& o : ops) {
-      const ncclResult_t r = o.is_send ? ncclSend(o.data, o.bytes, ncclUint8, o.peer, comm_, s)
-                                       : ncclRecv(o.data, o.bytes, ncclUint8, o.peer, comm_, s);
+      const ncclResult_t r = o.is_send ? api_.Send(o.data, o.bytes, ncclUint8, o.peer, comm_, s)
+                                       : api_.Recv(o.data, o.bytes, ncclUint8, o.peer, comm_, s);
       if (r != ncclSuccess && r != ncclInProgress) {
-        (void)ncclGroupEnd();
+        (void)api_.GroupEnd();
         check(r, o.is_send ? "ncclSend" : "ncclRecv");
       }
     }
-    const ncclResult_t end = ncclGroupEnd();
+    const ncclResult_t end = api_.GroupEnd();
     if (end != ncclSuccess && end != ncclInProgress) check(end, "ncclGroupEnd");
     // Enqueueing can wait on peers too (connecting, exchanging registered buffers' handles).
     await_comm(deadline_after(opts_.timeout), "enqueueing the batch", true);
@@ -149,9 +142,9 @@ class nccl_transport final : public transport {
     while (!done.wait_for(std::chrono::microseconds(200))) {
       if (aborted_) fail(errc::transport, "{} rank {}: communicator was aborted", name(), rank());
       ncclResult_t async = ncclSuccess;
-      check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
+      check(api_.CommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
       if (async != ncclSuccess && async != ncclInProgress)
-        abort_with(errc::peer_failure, fmt::format("asynchronous NCCL error: {}", ncclGetErrorString(async)));
+        abort_with(errc::peer_failure, fmt::format("asynchronous NCCL error: {}", api_.GetErrorString(async)));
       if (clock::now() >= deadline) {
         abort_with(errc::timeout, fmt::format("transfers with peers {} did not finish within {} ms",
                                               fmt::join(peers_, ","), opts_.timeout.count()));
@@ -162,6 +155,32 @@ class nccl_transport final : public transport {
  private:
   const char* name() const { return stateless_ ? "stateless_nccl" : "nccl"; }
 
+  // The engine's communicator works only with the NCCL copy that made it. With two copies in the
+  // process nothing tells which one that was, so the user must name it; a communicator the loaded
+  // copy does not recognise (another version's layout) fails its first query.
+  void adopt(ncclComm_t c) {
+    if (api_.loaded.size() > 1 && std::getenv("EPLB_NCCL_LIBRARY") == nullptr) {
+      fail(
+          errc::invalid_argument,
+          "nccl: setup.external_nccl_comm: this process holds {} NCCL libraries ({}); set EPLB_NCCL_LIBRARY to the one "
+          "that made the communicator",
+          api_.loaded.size(), fmt::join(api_.loaded, ", "));
+    }
+    int n = 0, r = 0;
+    if (api_.CommCount(c, &n) != ncclSuccess || api_.CommUserRank(c, &r) != ncclSuccess) {
+      fail(errc::invalid_argument,
+           "nccl: setup.external_nccl_comm is not a communicator of the loaded NCCL {} ({}); was it made by another "
+           "NCCL? (set EPLB_NCCL_LIBRARY)",
+           api_.path, api_.version);
+    }
+    if (n != size() || r != rank()) {
+      fail(errc::invalid_argument, "nccl: the external communicator is rank {} of {}, setup says {} of {}", r, n,
+           rank(), size());
+    }
+    comm_ = c;
+    owned_ = false;
+  }
+
   void check_alive() const {
     if (aborted_)
       fail(errc::transport, "{} rank {}: communicator was aborted after an earlier failure", name(), rank());
@@ -169,8 +188,8 @@ class nccl_transport final : public transport {
 
   void check(ncclResult_t r, const char* what) {
     if (r == ncclSuccess) return;
-    fail(errc::transport, "{} rank {}: {} failed: {} ({})", name(), rank(), what, ncclGetErrorString(r),
-         ncclGetLastError(comm_));
+    fail(errc::transport, "{} rank {}: {} failed: {} ({})", name(), rank(), what, api_.GetErrorString(r),
+         api_.GetLastError(comm_));
   }
 
   // `with_peers`: the wait is on the last batch's peers, named in the error.
@@ -180,10 +199,10 @@ class nccl_transport final : public transport {
     };
     for (;;) {
       ncclResult_t state = ncclSuccess;
-      check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
+      check(api_.CommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
       if (state == ncclSuccess) return;
       if (state != ncclInProgress)
-        abort_with(errc::peer_failure, fmt::format("{}: {}", doing(), ncclGetErrorString(state)));
+        abort_with(errc::peer_failure, fmt::format("{}: {}", doing(), api_.GetErrorString(state)));
       if (clock::now() >= deadline)
         abort_with(errc::timeout, fmt::format("{}: not done within {} ms", doing(), opts_.timeout.count()));
       std::this_thread::sleep_for(std::chrono::microseconds(20));
@@ -193,12 +212,13 @@ class nccl_transport final : public transport {
   [[noreturn]] void abort_with(errc code, const std::string& why) {
     if (!aborted_ && comm_ != nullptr) {
       aborted_ = true;
-      (void)ncclCommAbort(comm_);  // frees the communicator; the engine must rebuild one it lent us
+      (void)api_.CommAbort(comm_);  // frees the communicator; the engine must rebuild one it lent us
       comm_ = nullptr;
     }
     fail(code, "{} rank {}: {}; communicator aborted", name(), rank(), why);
   }
 
+  const nccl_library& api_ = nccl();  // first: every other member's use goes through it
   options opts_;
   bool stateless_;
   int ordinal_ = 0;
@@ -209,6 +229,10 @@ class nccl_transport final : public transport {
 };
 
 }  // namespace
+
+int nccl_runtime_version() noexcept {
+  return nccl_unavailable_reason().empty() ? nccl().version : 0;
+}
 
 std::unique_ptr<transport> make_nccl(const setup& s, bool stateless) {
   return std::make_unique<nccl_transport>(s, stateless);

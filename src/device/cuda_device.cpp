@@ -176,6 +176,12 @@ std::unique_ptr<device> make_device(int ordinal) {
   return std::make_unique<cuda_device>(ordinal);
 }
 
+void versions(int& driver, int& runtime) noexcept {
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+  (void)cudaGetLastError();
+}
+
 int device_count() noexcept {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {

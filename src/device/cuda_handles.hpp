@@ -59,6 +59,29 @@ class event_handle {
   cudaEvent_t e_ = nullptr;
 };
 
+/// Makes work queued on `waiter` from now on wait for everything queued so far on `streams` (on
+/// the GPU: the host never waits). For copies that outlived a bounded wait: a caller that frees its
+/// buffers after an event recorded on `waiter` then frees them only once those copies have ended.
+/// A null `waiter` is the legacy default stream. False when CUDA refused a call (the error is
+/// cleared), and then nothing is known about the ordering.
+template <typename Streams>
+[[nodiscard]] bool order_after(cudaStream_t waiter, const Streams& streams) noexcept {
+  if (waiter == nullptr) waiter = cudaStreamLegacy;
+  bool ok = true;
+  for (const auto& s : streams) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) != cudaSuccess) {
+      ok = false;
+      continue;
+    }
+    // Destroying a recorded event is allowed: the wait already captured the point it marks.
+    ok &= cudaEventRecord(e, s.get()) == cudaSuccess && cudaStreamWaitEvent(waiter, e, 0) == cudaSuccess;
+    ok &= cudaEventDestroy(e) == cudaSuccess;
+  }
+  if (!ok) (void)cudaGetLastError();
+  return ok;
+}
+
 /// Host memory registered (pinned) for the copy engines, e.g. a shared-memory mapping; empty when
 /// registration failed (status() says why).
 class host_registration {

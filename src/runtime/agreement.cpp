@@ -31,13 +31,13 @@ void lagged_min::begin(std::int64_t id) {
 
 void lagged_min::post(std::int64_t value) {
   auto task = std::make_shared<std::packaged_task<std::int64_t()>>(
-      [&group = group_, key = fmt::format("{}/{}", id_, next_round_++), value, shared = shared_] {
+      [&group = group_, id = id_, round = next_round_++, value, shared = shared_] {
         {
           std::lock_guard lock(shared->mutex);
           if (shared->failure) std::rethrow_exception(shared->failure);
         }
         try {
-          return group.allreduce_min(value, key);
+          return group.allreduce_min(value, id, round);
         } catch (...) {
           std::lock_guard lock(shared->mutex);
           if (!shared->failure) shared->failure = std::current_exception();

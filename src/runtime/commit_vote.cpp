@@ -25,22 +25,23 @@ commit_vote::commit_vote(std::shared_ptr<comm::store> store, int rank, int size,
     : store_(std::move(store)), rank_(rank), size_(size), timeout_(timeout) {}
 
 void commit_vote::begin(std::int64_t id) {
-  if (id_ >= 0) previous_ = {id_, batch_ + 1};  // an abort writes one batch past the last decided
+  if (id_ >= 0) unforgotten_.emplace_back(id_, batch_ + 1);  // an abort writes one batch past the last decided
   id_ = id;
   batch_ = 0;
   aborted_ = false;
 }
 
 void commit_vote::forget_previous() noexcept {
-  if (!previous_ || rank_ != 0) return;
-  const auto [id, batches] = *previous_;
-  previous_.reset();
+  auto earlier = std::exchange(unforgotten_, {});
+  if (rank_ != 0) return;
   try {
-    for (std::int64_t b = 0; b < batches; ++b) {
-      store_->erase(fmt::format("sync-vote/{}/{}/ok", id, b));
-      store_->erase(fmt::format("sync-vote/{}/{}/decision", id, b));
+    for (const auto& [id, batches] : earlier) {
+      for (std::int64_t b = 0; b < batches; ++b) {
+        store_->erase(fmt::format("sync-vote/{}/{}/ok", id, b));
+        store_->erase(fmt::format("sync-vote/{}/{}/decision", id, b));
+      }
+      store_->erase(fmt::format("sync-vote/{}/ended", id));
     }
-    store_->erase(fmt::format("sync-vote/{}/ended", id));
   } catch (...) {  // NOLINT(bugprone-empty-catch): a store that fails here fails the next collective too
   }
 }

@@ -8,8 +8,9 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
-#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "eplb/comm/store.hpp"
 
@@ -34,8 +35,9 @@ class commit_vote {
   /// fast does not run ahead into the next collective alone and time out there. A dead peer
   /// costs the wait once; nothing is thrown.
   void settle(std::int64_t id) noexcept;
-  /// Deletes the previous rebalance's keys (rank 0 does it for all). Call once every rank is known
-  /// to have ended that rebalance: after the current one's load sum, which every rank joins only
+  /// Deletes the keys of every earlier rebalance not deleted yet (rank 0 does it for all): also
+  /// those whose own load sum failed, so that no rebalance's keys stay behind. Call once every rank
+  /// is known to have ended them: after the current one's load sum, which every rank joins only
   /// once it has.
   void forget_previous() noexcept;
 
@@ -49,7 +51,9 @@ class commit_vote {
   std::int64_t id_ = -1;
   std::int64_t batch_ = 0;
   bool aborted_ = false;
-  std::optional<std::pair<std::int64_t, std::int64_t>> previous_;  // its id and how many batches it keyed
+  // Earlier rebalances whose keys are still in the store: id and how many batches each keyed.
+  // One entry per rebalance since the last successful load sum.
+  std::vector<std::pair<std::int64_t, std::int64_t>> unforgotten_;
 };
 
 }  // namespace eplb::runtime

@@ -1,5 +1,6 @@
 #include "runtime/cpu_group.hpp"
 
+#include <charconv>
 #include <cstring>
 
 #include "util/deadline.hpp"
@@ -58,13 +59,12 @@ std::string cpu_group::read(const std::string& key, int from, const std::string&
 // of a later rebalance that completes deletes what is left of the earlier ones (every rank has
 // moved on; an earlier rebalance's rounds still running are forgotten ones). So the store holds
 // at most a few rounds per family, whatever ran.
-void cpu_group::posted(const std::string& family, std::string key) {
+void cpu_group::posted(const std::string& family, std::uint64_t order, std::string key) {
   std::lock_guard lock(mutex_);
   auto& f = families_[family];
   // "min/ID" families are ordered by the rebalance id (a retired rebalance's rounds may post after
   // a newer one started); other namespaces have one family.
-  const auto slash = family.find('/');
-  if (slash != std::string::npos) f.order = std::stoull(family.substr(slash + 1));
+  f.order = order;
   f.stale.insert(f.stale.end(), std::make_move_iterator(f.current.begin()), std::make_move_iterator(f.current.end()));
   f.current.clear();
   f.current.push_back(std::move(key));
@@ -96,11 +96,11 @@ void cpu_group::completed(const std::string& family) {
   for (const auto& k : stale) store_->erase(k);
 }
 
-std::vector<std::string> cpu_group::exchange(const std::string& family, const std::string& round, std::string mine,
-                                             std::chrono::milliseconds timeout) {
+std::vector<std::string> cpu_group::exchange(const std::string& family, std::uint64_t order, const std::string& round,
+                                             std::string mine, std::chrono::milliseconds timeout) {
   const auto own = fmt::format("{}/{}", round, rank_);
   store_->set(own, mine);
-  posted(family, own);
+  posted(family, order, own);
   std::vector<std::string> all(static_cast<std::size_t>(size_));
   const auto deadline = deadline_after(timeout);
   for (int r = 0; r < size_; ++r) {
@@ -139,7 +139,7 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
     }
     add_bytes(mine, part);
   }
-  const auto totals = exchange("sum", round + "/total", to_bytes(mine), timeout);
+  const auto totals = exchange("sum", 0, round + "/total", to_bytes(mine), timeout);
   std::vector<double> out(values.size(), 0.0);
   for (int s = 0; s < size_; ++s) {
     const auto [b, e] = slice(values.size(), size_, s);
@@ -153,10 +153,19 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
   return out;
 }
 
-std::int64_t cpu_group::allreduce_min(std::int64_t value, const std::string& round) {
-  const auto all = exchange("min/" + round.substr(0, round.find('/')), "min/" + round, std::to_string(value), timeout_);
+std::int64_t cpu_group::allreduce_min(std::int64_t value, std::int64_t rebalance, std::int64_t round) {
+  const auto all = exchange(fmt::format("min/{}", rebalance), static_cast<std::uint64_t>(rebalance),
+                            fmt::format("min/{}/{}", rebalance, round), std::to_string(value), timeout_);
   std::int64_t out = value;
-  for (const auto& v : all) out = std::min(out, static_cast<std::int64_t>(std::stoll(v)));
+  for (std::size_t r = 0; r < all.size(); ++r) {
+    std::int64_t v = 0;
+    const auto& text = all[r];
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec != std::errc() || end != text.data() + text.size()) {
+      fail(errc::transport, "cpu group: rank {}'s value of agreement round {}/{} is malformed", r, rebalance, round);
+    }
+    out = std::min(out, v);
+  }
   return out;
 }
 

@@ -28,18 +28,19 @@ class cpu_group {
   /// group's) bounds the wait for the other ranks.
   [[nodiscard]] std::vector<double> allreduce_sum(std::span<const double> values,
                                                   std::optional<std::chrono::milliseconds> timeout = {});
-  /// Minimum over ranks of round `round` (a key every rank derives alike: rounds are independent,
-  /// so one abandoned by a failure cannot shift the next).
-  [[nodiscard]] std::int64_t allreduce_min(std::int64_t value, const std::string& round);
+  /// Minimum over ranks of round `round` of rebalance `rebalance` (numbers every rank derives
+  /// alike: rounds are independent, so one abandoned by a failure cannot shift the next).
+  [[nodiscard]] std::int64_t allreduce_min(std::int64_t value, std::int64_t rebalance, std::int64_t round);
 
  private:
   // Posts this rank's value of `round` and reads every rank's; `family` names the sequence of
   // rounds whose keys are cleaned up together (see posted()).
-  std::vector<std::string> exchange(const std::string& family, const std::string& round, std::string mine,
-                                    std::chrono::milliseconds timeout);
+  // `order`: within a namespace, rounds of a family with a smaller order are older (rebalance ids).
+  std::vector<std::string> exchange(const std::string& family, std::uint64_t order, const std::string& round,
+                                    std::string mine, std::chrono::milliseconds timeout);
   [[nodiscard]] std::string read(const std::string& key, int from, const std::string& round,
                                  std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout);
-  void posted(const std::string& family, std::string key);
+  void posted(const std::string& family, std::uint64_t order, std::string key);
   void completed(const std::string& family);
 
   std::shared_ptr<comm::store> store_;

@@ -18,6 +18,7 @@
 #include "eplb/comm/store.hpp"
 #include "eplb/config.hpp"
 #include "tools/rank_processes.hpp"
+#include "tools/runnable.hpp"
 #include "util/deadline.hpp"
 #include "util/fail.hpp"
 
@@ -69,6 +70,7 @@ void validate(const exchange_config& c) {
   check_range("--inject-delay-ms", c.faults.max_delay.count(), 0, 60'000);
   check_range("--inject-fail-op", c.faults.fail_at_op, -1, std::numeric_limits<std::int64_t>::max());
   check_range("--fault-rank", c.fault_rank, -1, c.ranks - 1);
+  check_runnable(c.backend, c.device);
 }
 
 std::byte weight_byte(int layer, expert_id expert, int tensor, std::size_t offset) noexcept {

@@ -15,10 +15,12 @@
 #include "eplb/comm/store.hpp"
 #include "eplb/device/device.hpp"
 #include "eplb/error.hpp"
+#include "eplb/versions.hpp"
 #include "eplb_build_config.hpp"
 #include "tools/exchange.hpp"
 #include "tools/plan_json.hpp"
 #include "tools/rank_processes.hpp"
+#include "tools/report/html.hpp"
 #include "tools/simulate.hpp"
 #include "util/fail.hpp"
 #include "util/json_text.hpp"
@@ -47,17 +49,21 @@ void check_written(std::ostream& out, const std::string& what) {
   if (!out) throw write_error(fmt::format("{}: write failed{}; output lost", what, errno_text(errno)));
 }
 
-// --result FILE, opened before the run so that an unwritable path is a bad input found at once,
-// not a finished run whose result is lost. Empty when no path is given.
-std::unique_ptr<std::ofstream> open_result(const std::string& path) {
+// --result FILE (or --report, --jsonl), opened before the run so that an unwritable path is a bad
+// input found at once, not a finished run whose result is lost. Empty when no path is given.
+std::unique_ptr<std::ofstream> open_output(const char* flag, const std::string& path) {
   if (path.empty()) return nullptr;
   errno = 0;
   auto out = std::make_unique<std::ofstream>(path, std::ios::trunc);
   if (!*out) {
     throw eplb::error(eplb::errc::invalid_argument,
-                      fmt::format("--result {}: cannot open for writing{}", eplb::excerpt(path), errno_text(errno)));
+                      fmt::format("{} {}: cannot open for writing{}", flag, eplb::excerpt(path), errno_text(errno)));
   }
   return out;
+}
+
+std::unique_ptr<std::ofstream> open_result(const std::string& path) {
+  return open_output("--result", path);
 }
 
 // CLI11 reads "-1" into an unsigned option as 2^64 - 1: options that take no sign refuse one.
@@ -103,6 +109,10 @@ int run_info_json() {
       {{"kind", "host"}, {"built", true}, {"runnable", true}},
       {{"kind", "cuda"}, {"built", EPLB_HAVE_CUDA != 0}, {"runnable", gpus > 0}, {"gpus", gpus}},
   });
+  out["components"] = nlohmann::json::array();
+  for (const auto& c : eplb::component_versions()) {
+    out["components"].push_back({{"name", c.name}, {"version", c.version}, {"note", c.note}});
+  }
   out["communicators"] = nlohmann::json::array();
   for (const auto& b : eplb::comm::backend_report()) {
     out["communicators"].push_back(
@@ -114,7 +124,11 @@ int run_info_json() {
 
 int run_info(bool json) {
   if (json) return run_info_json();
-  std::cout << fmt::format("eplb {}\n", EPLB_VERSION);
+  std::cout << fmt::format("eplb {}\nversions:\n", EPLB_VERSION);
+  for (const auto& c : eplb::component_versions()) {
+    if (c.name == "eplb") continue;
+    std::cout << fmt::format("  {:<16} {}\n", c.name, c.version.empty() ? "- (" + c.note + ")" : c.version);
+  }
   const int gpus = eplb::device::cuda_device_count();
   std::cout << fmt::format("devices:\n  {:<16} built, runnable\n", "host");
   std::cout << fmt::format("  {:<16} {}, {}\n", "cuda", EPLB_HAVE_CUDA ? "built" : "not built",
@@ -261,11 +275,16 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
     if (verified) store.finish();
     return verified ? 0 : 1;
   }
+  // Opened (and emptied) before any rank starts: an unwritable path is bad input found at once.
+  const auto html = open_output("--report", cfg.report_path);
+  (void)open_output("--jsonl", cfg.jsonl_path);
   const auto report = tools::run_simulation(cfg, "/proc/self/exe", child_args, !f.json);
+  if (html) {
+    *html << tools::html_report(cfg, report);
+    check_written(*html, "--report " + excerpt(cfg.report_path));
+  }
   if (f.json) {
-    auto brief = report;
-    brief.erase("rebalance_log");
-    std::cout << brief.dump() << '\n';
+    std::cout << report.dump() << '\n';
   } else {
     std::cout << tools::summary_table(cfg, report);
   }
@@ -314,19 +333,19 @@ CLI::App* add_exchange_command(CLI::App& app, exchange_flags& ex) {
   auto* exchange =
       app.add_subcommand("exchange", "Rearrange a random model with recognisable bytes and verify every byte");
   exchange->add_option("--ranks", ex.cfg.ranks, "EP ranks (threads for loopback, processes otherwise)");
-  exchange->add_option("--layers", ex.cfg.layers);
+  exchange->add_option("--layers", ex.cfg.layers, "MoE layers");
   exchange->add_option("--experts", ex.cfg.experts, "logical experts per layer");
   exchange->add_option("--redundant", ex.cfg.redundant, "extra physical slots per layer");
   exchange->add_option("--tensor-bytes", ex.tensor_bytes, "bytes per expert of each bundle tensor, comma separated");
   exchange->add_option("--backend", ex.backend, "loopback | gloo | nccl | stateless_nccl | cuda_ipc");
   exchange->add_option("--device", ex.device, "host | cuda");
-  exchange->add_option("--seed", ex.cfg.seed)->check(no_sign);
-  exchange->add_option("--rounds", ex.cfg.rounds);
+  exchange->add_option("--seed", ex.cfg.seed, "random placements and bytes")->check(no_sign);
+  exchange->add_option("--rounds", ex.cfg.rounds, "rearrangements, each to a new random placement");
   exchange->add_option("--staging-bytes", ex.cfg.staging_bytes, "staging cap (0 = one layer)")->check(no_sign);
   exchange->add_flag("!--no-coalesce", ex.cfg.coalesce, "one message per tensor of every expert, not per peer");
   exchange->add_flag("--register", ex.cfg.register_buffers,
                      "register the staging buffers with the communicator (nccl: zero-copy over NVLink)");
-  exchange->add_option("--timeout-ms", ex.timeout_ms);
+  exchange->add_option("--timeout-ms", ex.timeout_ms, "every wait of a transfer, 1..86400000");
   exchange->add_option("--inject-delay-ms", ex.delay_ms, "host device: random delay up to this per stream operation");
   exchange->add_option("--inject-fail-op", ex.fail_op, "host device: the Nth stream operation fails");
   exchange->add_option("--fault-rank", ex.cfg.fault_rank, "the rank whose device gets the injected faults");
@@ -342,15 +361,16 @@ CLI::App* add_exchange_command(CLI::App& app, exchange_flags& ex) {
 
 // The flags that shape the simulated run: model, ranks, steps, mode, load and timing.
 void add_simulate_run_flags(CLI::App& simulate, simulate_flags& sim) {
-  simulate.add_option("--preset", sim.cfg.preset, "tiny (default) | qwen3-30b-a3b | deepseek-v3");
-  simulate.add_option("--ranks", sim.cfg.ranks, "EP ranks");
+  simulate.add_option("--preset", sim.cfg.preset, "tiny | qwen3-30b-a3b | deepseek-v3");
+  simulate.add_option("--policy", sim.cfg.policy, "default | min_move (the placement policy)");
+  simulate.add_option("--ranks", sim.cfg.ranks, "EP ranks, 2..64 (a preset's redundant slots grow to divide)");
   simulate.add_flag("--procs", sim.cfg.procs, "ranks as processes (default: threads)");
-  simulate.add_option("--steps", sim.cfg.steps);
+  simulate.add_option("--steps", sim.cfg.steps, "forward steps every rank runs");
   simulate.add_flag("--async", sim.async, "stage on a background thread, commit at step boundaries (default)");
   simulate.add_flag("--sync", sim.sync, "rearrange inside step()");
   simulate.add_option("--backend", sim.cfg.backend, "auto | loopback | gloo | nccl | stateless_nccl | cuda_ipc");
   simulate.add_option("--device", sim.device, "host | cuda");
-  simulate.add_option("--seed", sim.cfg.seed)->check(no_sign);
+  simulate.add_option("--seed", sim.cfg.seed, "the load's random stream")->check(no_sign);
   simulate.add_option("--step-interval", sim.cfg.step_interval, "steps between rebalances (0: the preset's)");
   simulate.add_option("--commit-lag", sim.cfg.commit_lag,
                       "async: steps between agreeing on staged layers and "
@@ -361,7 +381,7 @@ void add_simulate_run_flags(CLI::App& simulate, simulate_flags& sim) {
       ->check(no_sign);
   simulate.add_option("--tokens", sim.cfg.tokens_per_step, "routed token slots per rank, layer and step");
   simulate.add_option("--drift-steps", sim.cfg.drift_steps, "the hot experts move this often");
-  simulate.add_option("--timeout-ms", sim.timeout_ms);
+  simulate.add_option("--timeout-ms", sim.timeout_ms, "every wait of a rebalance, 1..86400000");
   simulate.add_option("--forward-us", sim.forward_us, "time each step spends in the forward-pass stand-in");
 }
 
@@ -369,11 +389,15 @@ void add_simulate_run_flags(CLI::App& simulate, simulate_flags& sim) {
 void add_simulate_fault_and_rank_flags(CLI::App& simulate, simulate_flags& sim) {
   simulate.add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
   simulate.add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
-  simulate.add_option("--fail-step", sim.cfg.fail_step);
+  simulate.add_option("--fail-step", sim.cfg.fail_step, "the step at which --fail-rank dies");
   simulate.add_option("--transfer-fault-rank", sim.cfg.transfer_fault_rank,
                       "this rank's first batch after --transfer-fault-step fails once; the run goes on");
-  simulate.add_option("--transfer-fault-step", sim.cfg.transfer_fault_step);
+  simulate.add_option("--transfer-fault-step", sim.cfg.transfer_fault_step, "the step after which the fault is armed");
   simulate.add_flag("--json", sim.json, "print one JSON object");
+  simulate.add_option(
+      "--report", sim.cfg.report_path,
+      "write a self-contained HTML page with plots of the run (balancedness, loads, bytes, step times)");
+  simulate.add_option("--jsonl", sim.cfg.jsonl_path, "append one JSON line per step and per rebalance of every rank");
   simulate.add_option("--rank", sim.rank, "run only this rank (with --procs; one process per rank, needs --store)");
   simulate.add_option("--store", sim.store, "with --rank: DIR (file store), tcp:HOST:PORT, or tcp-serve:HOST:PORT");
   simulate.add_option("--hostname", sim.cfg.hostname, "gloo: the address this rank listens on (default 127.0.0.1)");
@@ -411,6 +435,7 @@ int run_reporting_errors(const std::function<int()>& command) {
 
 int main(int argc, char** argv) {
   CLI::App app{"eplb: expert-parallel load balancing for MoE serving"};
+  app.option_defaults()->always_capture_default();  // help shows every option's default
   app.set_version_flag("--version", fmt::format("eplb {}", EPLB_VERSION), "Print the version and exit");
   app.require_subcommand(1);
   plan_flags pl;
@@ -419,7 +444,7 @@ int main(int argc, char** argv) {
   auto* plan = add_plan_command(app, pl);
   auto* info = app.add_subcommand("info", "Show which device and communicator backends were built and can run here");
   bool info_json = false;
-  info->add_flag("--json", info_json, "Print one JSON object (version, devices, communicators)");
+  info->add_flag("--json", info_json, "Print one JSON object (versions, devices, communicators)");
   auto* exchange = add_exchange_command(app, ex);
   auto* simulate = add_simulate_command(app, sim);
   if (const auto status = parse_flags(app, argc, argv)) return *status;

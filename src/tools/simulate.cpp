@@ -9,6 +9,7 @@
 
 #include "eplb/config.hpp"
 #include "tools/rank_processes.hpp"
+#include "tools/runnable.hpp"
 #include "tools/simulate_rank.hpp"
 #include "util/deadline.hpp"
 #include "util/fail.hpp"
@@ -65,13 +66,55 @@ void check_numbers(const simulate_config& c, const preset_shape& p) {
 
 }  // namespace
 
-void validate(const simulate_config& c) {
-  const auto p = find_preset(c.preset);
-  if (c.ranks < 2 || c.ranks > 64) fail(errc::invalid_argument, "--ranks: must be in 2..64, got {}", c.ranks);
-  if ((p.experts + p.redundant) % c.ranks != 0) {
-    fail(errc::invalid_argument, "--ranks: {} does not divide the {} slots per layer of preset {}", c.ranks,
-         p.experts + p.redundant, c.preset);
+preset_shape preset_for(const simulate_config& c) {
+  auto p = find_preset(c.preset);
+  if (c.ranks < 1) return p;
+  const int slots = p.experts + p.redundant;
+  p.redundant += (c.ranks - slots % c.ranks) % c.ranks;
+  // Hierarchical placement needs nodes dividing the ranks and the groups: the largest such count.
+  while (p.nodes > 1 && (c.ranks % p.nodes != 0 || p.groups % p.nodes != 0)) --p.nodes;
+  return p;
+}
+
+std::string adjustment(const simulate_config& c) {
+  const auto given = find_preset(c.preset);
+  const auto used = preset_for(c);
+  std::string out;
+  if (used.redundant != given.redundant) {
+    out = fmt::format("{} redundant slots instead of {} (so that {} ranks hold {} slots each)", used.redundant,
+                      given.redundant, c.ranks, (used.experts + used.redundant) / c.ranks);
   }
+  if (used.nodes != given.nodes) {
+    out += fmt::format("{}{} nodes instead of {} (a count that divides {} ranks and {} groups)",
+                       out.empty() ? "" : "; ", used.nodes, given.nodes, c.ranks, used.groups);
+  }
+  return out;
+}
+
+namespace {
+
+// The backend and device, checked here so that a run that cannot work is refused up front (exit
+// 2) instead of starting every rank and failing each.
+void check_backend_and_device(const simulate_config& c) {
+  const auto kind = comm::parse_backend(resolved_backend(c));
+  check_runnable(kind, c.device);
+  config probe;
+  probe.use_async = c.use_async;
+  probe.communicator = comm::to_string(kind);
+  try {
+    (void)probe.resolved_communicator();  // refuses a backend the mode does not allow, naming why
+  } catch (const error& e) {
+    fail(errc::invalid_argument, "--backend {} with {}: {}", comm::to_string(kind), c.use_async ? "--async" : "--sync",
+         e.what());
+  }
+  (void)parse_policy(c.policy, "--policy");
+}
+
+}  // namespace
+
+void validate(const simulate_config& c) {
+  if (c.ranks < 2 || c.ranks > 64) fail(errc::invalid_argument, "--ranks: must be in 2..64, got {}", c.ranks);
+  const auto p = preset_for(c);
   check_numbers(c, p);
   if (c.backend != "auto") (void)comm::parse_backend(c.backend);
   const bool loopback =
@@ -84,6 +127,7 @@ void validate(const simulate_config& c) {
   if (loopback && c.device == device::backend_kind::cuda) {
     fail(errc::invalid_argument, "--backend loopback moves host memory only: use gloo (or nccl with --sync) on cuda");
   }
+  check_backend_and_device(c);
 }
 
 std::string resolved_backend(const simulate_config& c) {

@@ -19,6 +19,7 @@ namespace eplb::tools {
 
 struct simulate_config {
   std::string preset = "tiny";
+  std::string policy = "default";  ///< the placement policy: default | min_move
   int ranks = 4;
   int steps = 2000;
   bool use_async = true;
@@ -43,6 +44,8 @@ struct simulate_config {
   std::chrono::milliseconds timeout{10'000};
   bool procs = false;
   std::string hostname = "127.0.0.1";  ///< gloo: the address this rank listens on
+  std::string report_path;             ///< --report: a self-contained HTML page of the run
+  std::string jsonl_path;              ///< --jsonl: per-step and per-rebalance records, one per line
 };
 
 struct preset_shape {
@@ -55,7 +58,15 @@ struct preset_shape {
 /// listing them for an unknown name.
 [[nodiscard]] preset_shape find_preset(const std::string& name);
 
-/// Checks flags and combinations; error(errc::invalid_argument) naming the flag.
+/// The preset fitted to the run's rank count: its redundant slots grow until every rank holds as
+/// many slots, and its nodes shrink to a count that divides the ranks and the groups. adjustment()
+/// says what changed ("" when nothing did).
+[[nodiscard]] preset_shape preset_for(const simulate_config& cfg);
+[[nodiscard]] std::string adjustment(const simulate_config& cfg);
+
+/// Checks flags and combinations, before any rank starts: numbers, the backend (known, built,
+/// runnable here, allowed in the mode) and the device (a GPU for cuda). error(errc::invalid_argument
+/// or invalid_config) naming the flag.
 void validate(const simulate_config& cfg);
 
 /// The communicator backend a run uses: --backend, or for "auto" loopback (threads on the host

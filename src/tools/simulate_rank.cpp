@@ -16,6 +16,7 @@
 #include "eplb/state.hpp"
 #include "tools/exchange.hpp"
 #include "tools/faulty_comm.hpp"
+#include "tools/simulate_trace.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::tools {
@@ -79,23 +80,26 @@ std::string verify_layer(const eplb_state& state, pattern_model& model, int laye
 
 class progress {
  public:
-  progress(bool enabled, int steps) : enabled_(enabled), tty_(enabled && ::isatty(STDOUT_FILENO)), steps_(steps) {}
+  // On stderr, so that stdout holds the summary (or the JSON) alone.
+  progress(bool enabled, int steps) : enabled_(enabled), tty_(enabled && ::isatty(STDERR_FILENO)), steps_(steps) {}
   void update(int step, const metrics& m, bool force) {
     if (!enabled_) return;
     const int every = tty_ ? std::max(1, steps_ / 200) : std::max(1, steps_ / 10);
     if (!force && step % every != 0) return;
     const std::string state = m.rebalance_in_flight ? "rebalancing" : "serving";
+    // Balancedness is known once a rebalance has measured it.
+    const auto balance = m.balancedness_after > 0 ? fmt::format("{:.3f}", m.balancedness_after) : std::string("-");
     if (tty_) {
       const int width = 30;
       const int filled = width * step / steps_;
-      std::cout << fmt::format("\r[{}{}] step {}/{}  balancedness {:.3f}  rebalances {}  {:<12}",
-                               std::string(filled, '#'), std::string(width - filled, '.'), step, steps_,
-                               m.balancedness_after, m.rebalances, state)
+      std::cerr << fmt::format("\r[{}{}] step {}/{}  balancedness {:<5}  rebalances {}  {:<12}",
+                               std::string(filled, '#'), std::string(width - filled, '.'), step, steps_, balance,
+                               m.rebalances, state)
                 << std::flush;
-      if (step == steps_) std::cout << '\n';
+      if (step == steps_) std::cerr << '\n';
     } else {
-      std::cout << fmt::format("step {}/{}: balancedness {:.3f}, rebalances {}, {}\n", step, steps_,
-                               m.balancedness_after, m.rebalances, state)
+      std::cerr << fmt::format("step {}/{}: balancedness {}, rebalances {}, {}\n", step, steps_, balance, m.rebalances,
+                               state)
                 << std::flush;
     }
   }
@@ -175,6 +179,7 @@ state_params state_params_for(const rank_context& c) {
   sp.cfg.num_redundant_experts = p.redundant;
   sp.cfg.use_async = cfg.use_async;
   sp.cfg.communicator = resolved_backend(cfg);
+  sp.cfg.policy = cfg.policy;
   sp.cfg.timeout = cfg.timeout;
   sp.model = {c.model.shape(), p.groups, p.nodes};
   sp.model.shape.ranks_per_node = cfg.ranks / std::max(1, p.nodes);
@@ -209,6 +214,21 @@ struct rank_log {
   std::vector<double> busy_us, idle_us;
   json commits = json::array(), rebalances = json::array(), errors = json::array();
   int rebalance = -1, layer = 0, trigger_step = 0;  // the rebalance whose layers commit next
+  std::uint64_t bytes_seen = 0;                     // bytes_moved when the last rebalance finished
+  // --report and --jsonl only: load samples, and the lines appended to the --jsonl file.
+  std::unique_ptr<load_sampler> sampler;
+  std::unique_ptr<jsonl_sink> sink;
+
+  void open_trace(const simulate_config& cfg, const preset_shape& p) {
+    if (!cfg.report_path.empty() || !cfg.jsonl_path.empty()) {
+      sampler = std::make_unique<load_sampler>(p.layers, cfg.ranks, (p.experts + p.redundant) / cfg.ranks,
+                                               sample_every(cfg.steps, p.layers, cfg.ranks));
+    }
+    if (!cfg.jsonl_path.empty()) sink = std::make_unique<jsonl_sink>(cfg.jsonl_path);
+  }
+  void record(json line) {
+    if (sink) sink->write(line);
+  }
 
   void begin_rebalance(int step) {
     ++rebalance;
@@ -220,6 +240,7 @@ struct rank_log {
     out["idle_us"] = idle_us;
     out["commits"] = commits;
     out["rebalances"] = rebalances;
+    if (sampler) out["samples"] = sampler->to_json();
   }
 };
 
@@ -239,6 +260,7 @@ step_report checked_step(rank_context& c, rank_log& log, int step) {
   } catch (const error& e) {
     if (!c.transfer_fault() || e.code() == errc::verification_failed) throw;
     log.errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
+    log.record({{"type", "error"}, {"rank", c.rank}, {"step", step}, {"error", log.errors.back()["error"]}});
     return {};
   }
 }
@@ -270,7 +292,13 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, const s
                               {"before", m.balancedness_before},
                               {"after", m.balancedness_after},
                               {"seconds", m.rebalance_seconds},
-                              {"skipped", rep.rebalance_skipped}});
+                              {"skipped", rep.rebalance_skipped},
+                              {"bytes", m.bytes_moved - log.bytes_seen}});
+    log.bytes_seen = m.bytes_moved;
+    auto line = log.rebalances.back();
+    line["type"] = "rebalance";
+    line["rank"] = c.rank;
+    log.record(std::move(line));
   }
   if (change.started && c.cfg.use_async) log.begin_rebalance(step);
 }
@@ -280,7 +308,11 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, const s
 void serve_step(rank_context& c, router& route, rank_log& log, int step) {
   const auto& cfg = c.cfg;
   if (cfg.forward.count() > 0) std::this_thread::sleep_for(cfg.forward);
-  for (int l = 0; l < c.preset.layers; ++l) c.state.record_load(l, route.route(l, step, c.state.maps()));
+  for (int l = 0; l < c.preset.layers; ++l) {
+    const auto counts = route.route(l, step, c.state.maps());
+    if (log.sampler) log.sampler->add(l, counts);
+    c.state.record_load(l, counts);
+  }
   if (c.transfer_fault() && c.rank == cfg.transfer_fault_rank && step == cfg.transfer_fault_step) {
     c.faults->countdown = 1;
   }
@@ -297,6 +329,13 @@ void serve_step(rank_context& c, router& route, rank_log& log, int step) {
   change.committed = static_cast<int>(m.layers_committed - committed_before);
   (busy || change.started ? log.busy_us : log.idle_us).push_back(us);
   log_commits(c, log, rep, change, step);
+  if (log.sampler) log.sampler->end_step(step);
+  log.record({{"type", "step"},
+              {"rank", c.rank},
+              {"step", step},
+              {"host_us", us},
+              {"rebalancing", busy || change.started},
+              {"committed", change.committed}});
 }
 
 // Every step, then a meeting of all ranks; false when this rank dies on purpose (--fail-rank).
@@ -350,10 +389,11 @@ void report_success(rank_context& c, const rank_log& log, json& out) {
 
 json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
               std::shared_ptr<comm::loopback_world> world, bool print_progress) {
-  auto preset = find_preset(cfg.preset);
+  auto preset = preset_for(cfg);
   json out = {{"rank", rank}, {"verified", false}, {"failure", ""}};
   rank_log log;
   try {
+    log.open_trace(cfg, preset);
     rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(world));
     try {
       if (!serve(c, log, print_progress)) {

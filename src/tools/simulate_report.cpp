@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "tools/report/series.hpp"
+
 namespace eplb::tools {
 namespace {
 
@@ -108,6 +110,24 @@ void merge_step_times(const std::vector<json>& ranks, json& out) {
   out["step_rebalancing_p99_ms"] = percentile(busy, 0.99);
   out["step_idle_p50_ms"] = percentile(idle, 0.5);
   out["step_idle_p99_ms"] = percentile(idle, 0.99);
+  const auto summary = [](const std::vector<double>& ms) {
+    return json{{"p50", percentile(ms, 0.5) * 1000},
+                {"p90", percentile(ms, 0.9) * 1000},
+                {"p99", percentile(ms, 0.99) * 1000},
+                {"max", percentile(ms, 1.0) * 1000}};
+  };
+  out["step_time_us"] = {{"quiet", summary(idle)}, {"rebalancing", summary(busy)}};
+}
+
+// Bytes every rank received in each rebalance, summed over ranks (by the order they finished).
+json bytes_per_rebalance(const std::vector<json>& ranks) {
+  std::vector<double> sums;
+  for (const auto& r : ranks) {
+    const auto list = r.value("rebalances", json::array());
+    if (sums.size() < list.size()) sums.resize(list.size(), 0.0);
+    for (std::size_t i = 0; i < list.size(); ++i) sums[i] += list[i].value("bytes", 0.0);
+  }
+  return sums;
 }
 
 // How each rank's run ended, without its step times and commits.
@@ -147,6 +167,28 @@ std::string failures_text(const json& r) {
   return out;
 }
 
+// What the injected faults did, in words: who was hit, who named the error, whether the others'
+// weights stayed intact. Empty without injected faults.
+std::string injected_text(const simulate_config& cfg, const json& r) {
+  std::string out;
+  const bool intact = r.value("verified", false);
+  if (cfg.fail_rank >= 0) {
+    out += fmt::format("injected: rank {} died at step {}; the {} other ranks' weights {}\n", cfg.fail_rank,
+                       cfg.fail_step, cfg.ranks - 1,
+                       intact ? "verified intact (every live slot holds its mapped expert)" : "NOT all verified");
+  }
+  if (cfg.transfer_fault_rank >= 0) {
+    int named = 0;
+    for (const auto& f : r.value("failures", json::array())) named += f.value("recovered", false) ? 1 : 0;
+    out += fmt::format(
+        "injected: rank {}'s first batch after step {} failed; {} error(s) reported across ranks, {} rebalance(s) "
+        "finished after them; weights {}\n",
+        cfg.transfer_fault_rank, cfg.transfer_fault_step, named, r.value("rebalances_after_errors", 0),
+        intact ? "verified on every rank" : "NOT all verified");
+  }
+  return out;
+}
+
 }  // namespace
 
 json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
@@ -160,8 +202,12 @@ json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
   out["bytes_moved"] = bytes;
   merge_step_times(ranks, out);
   out["rebalance_log"] = rb;
+  out["bytes_per_rebalance"] = bytes_per_rebalance(ranks);
+  if (auto series = merge_series(ranks, rb); !series.is_null()) out["series"] = std::move(series);
   out["ranks"] = cfg.ranks;
   out["steps"] = cfg.steps;
+  out["policy"] = cfg.policy;
+  if (const auto note = adjustment(cfg); !note.empty()) out["preset_adjusted"] = note;
   merge_outcome(ranks, out);
   out["rank_reports"] = rank_details(ranks);
   return out;
@@ -172,6 +218,8 @@ std::string summary_table(const simulate_config& cfg, const json& r) {
       fmt::format("eplb simulate: preset {}, {} ranks ({}), {}, {} backend, {} device, {} steps\n", cfg.preset,
                   cfg.ranks, cfg.procs ? "processes" : "threads", cfg.use_async ? "async" : "sync",
                   resolved_backend(cfg), device::to_string(cfg.device), cfg.steps);
+  if (r.contains("preset_adjusted"))
+    out += fmt::format("preset adjusted: {}\n", r["preset_adjusted"].get<std::string>());
   out += fmt::format("{:>9}  {:>12}  {:>11}  {:>27}  {:>11}\n", "rebalance", "trigger step", "commit step",
                      "balancedness before -> after", "duration ms");
   int i = 0;
@@ -190,6 +238,7 @@ std::string summary_table(const simulate_config& cfg, const json& r) {
                      r.value("verified", false) ? "every committed layer verified on every surviving rank" : "FAILED",
                      r.value("commit_steps_consistent", false) ? "yes" : "NO");
   out += failures_text(r);
+  out += injected_text(cfg, r);
   if (r.contains("failure")) out += fmt::format("failure: {}\n", r["failure"].get<std::string>());
   return out;
 }

@@ -23,6 +23,7 @@
 #include "runtime/awaitables.hpp"
 #include "runtime/background_threads.hpp"
 #include "runtime/blocking_pool.hpp"
+#include "runtime/commit_vote.hpp"
 #include "runtime/cpu_group.hpp"
 #include "tools/exchange.hpp"
 #include "util/asio.hpp"
@@ -681,4 +682,36 @@ TEST_CASE("cpu group: the load sum's store traffic per rank does not grow with t
     CHECK(static_cast<double>(ours) / ranks <= 3.2 * matrix_bytes);  // posts it, reads its slices, reads the sums
     CHECK(static_cast<double>(gather) / ranks >= (ranks - 1) * matrix_bytes);
   }
+}
+
+// Issue 17: the vote keys of a rebalance whose load sum failed (so forget_previous() never ran
+// after it) are deleted by the next successful one, not left behind for good.
+TEST_CASE("commit_vote: keys of rebalances whose load sum failed are deleted by the next success") {
+  auto store = comm::make_memory_store();
+  runtime::commit_vote vote(store, 0, 1, 2s);
+  vote.begin(0);
+  CHECK(vote.decide(0, 0, nullptr).empty());
+  CHECK(vote.decide(1, 0, nullptr).empty());
+  vote.settle(0);
+  const auto after_first = store->usage().keys;
+  CHECK(after_first >= 5);  // two batches (ok, decision) and "ended"
+  // Rebalance 1 fails before its sum (so nothing is forgotten) and votes one batch, then aborts.
+  vote.begin(1);
+  CHECK(vote.decide(0, 0, nullptr).empty());
+  vote.abort("the load sum failed");
+  vote.settle(1);
+  // Rebalance 2's sum succeeds: every earlier rebalance's keys go, rebalance 1's included.
+  vote.begin(2);
+  vote.forget_previous();
+  CHECK(store->usage().keys == 0);
+  CHECK(vote.decide(0, 0, nullptr).empty());
+  CHECK(store->usage().keys == 2);
+  // A later success forgets rebalance 2; nothing accumulates over many rebalances.
+  for (int id = 3; id < 200; ++id) {
+    vote.begin(id);
+    vote.forget_previous();
+    CHECK(vote.decide(0, 0, nullptr).empty());
+    if (id % 3 == 0) vote.abort("injected");
+  }
+  CHECK(store->usage().keys <= 3);
 }

@@ -47,8 +47,33 @@ expect("rank 1" in out.get("failure", ""), f"the failure must name rank 1: {out.
 
 r = run(["simulate", "--preset", "huge"])
 expect(r.returncode == 2 and "--preset: unknown preset \"huge\"" in r.stderr, f"bad preset: {r.returncode} {r.stderr}")
-r = run(["simulate", "--ranks", "3"])
-expect(r.returncode == 2 and "--ranks: 3 does not divide" in r.stderr, f"bad ranks: {r.returncode} {r.stderr}")
+# Issue 21: a preset accepts any rank count, growing its redundant slots (and shrinking its nodes)
+# to fit, and says so; --policy picks the placement policy; progress goes to stderr only.
+r = run(["simulate", "--json", "--ranks", "3", "--steps", "500", "--policy", "min_move"])
+out = json.loads(r.stdout) if r.stdout.startswith("{") else {}
+expect(r.returncode == 0 and out.get("verified") and out.get("policy") == "min_move"
+       and "5 redundant slots instead of 4" in out.get("preset_adjusted", "")
+       and len(out.get("rebalance_log", [])) == out.get("rebalances", -1) >= 1, f"3 ranks: {r.returncode} {out}")
+r = run(["simulate", "--ranks", "6", "--preset", "deepseek-v3", "--steps", "20"])
+expect(r.returncode == 0 and "preset adjusted: 2 nodes instead of 4" in r.stdout, f"6 ranks: {r.stdout}")
+r = run(["simulate", "--steps", "300"])
+expect(r.returncode == 0 and "step 30/300: balancedness -," in r.stderr and "/300" not in r.stdout
+       and r.stdout.startswith("eplb simulate:"), f"progress: {r.stdout!r} {r.stderr!r}")
+r = run(["simulate", "--steps", "600", "--fail-rank", "1", "--fail-step", "120", "--timeout-ms", "1500"])
+expect("injected: rank 1 died at step 120; the 3 other ranks' weights verified intact" in r.stdout,
+       f"fail-rank summary: {r.stdout}")
+
+# Help: every option of every command has a description, and the ones with a value show its default.
+for command in ("simulate", "exchange"):
+    r = run([command, "--help"])
+    lines = r.stdout.splitlines() + [""]
+    options = [(line, lines[i + 1]) for i, line in enumerate(lines) if line.startswith("  --")]
+    # The text is in the column after the name, or on the next line when the name is long.
+    bare = [line for line, after in options
+            if not line[30:].strip() and not (after.startswith(" " * 30) and after.strip())]
+    expect(r.returncode == 0 and len(options) > 15 and not bare, f"{command} --help: options without text: {bare}")
+    numeric = [line for line, _ in options if " INT" in line or " UINT" in line]
+    expect(numeric and all("=" in line.split()[1] for line in numeric), f"{command} --help: defaults missing: {numeric}")
 r = run(["simulate", "--sync", "--async"])
 expect(r.returncode == 2 and "exclude each other" in r.stderr, f"sync+async: {r.returncode} {r.stderr}")
 r = run(["simulate", "--device", "tpu"])
@@ -101,7 +126,19 @@ bad_flags = [
     (["exchange", "--rank", "0", "--store", "/tmp", "--result", "/nonexistent/dir/result"],
      "--result /nonexistent/dir/result: cannot open for writing"),
     (["frobnicate"], "A subcommand is required"),
+    (["simulate", "--policy", "greedy"], '--policy: unknown policy "greedy"'),
 ]
+# Issue 21: what cannot run here is refused before any rank starts.
+info = json.loads(run(["info", "--json"]).stdout)
+runnable = {c["kind"]: c["runnable"] for c in info["communicators"]}
+if not runnable["nccl"]:
+    bad_flags.append((["simulate", "--backend", "nccl"], "--backend nccl: cannot run here"))
+    bad_flags.append((["exchange", "--backend", "nccl"], "--backend nccl: cannot run here"))
+else:
+    bad_flags.append((["simulate", "--backend", "nccl"], "--backend nccl with --async: communicator"))
+if not info["devices"][1]["runnable"]:
+    bad_flags.append((["simulate", "--device", "cuda", "--procs"], "--device cuda: no usable GPU here"))
+    bad_flags.append((["exchange", "--device", "cuda", "--backend", "gloo"], "--device cuda: no usable GPU here"))
 for args, message in bad_flags:
     started = time.monotonic()
     r = run(args, timeout=30)
@@ -131,7 +168,14 @@ if with_gloo:
     expect("injected transfer fault on rank 3" in r.stdout, f"transfer fault: text output lacks it: {r.stdout}")
 
 r = run(["info"])
-expect(r.returncode == 0 and "loopback" in r.stdout and "runnable" in r.stdout, f"info: {r.stdout}")
+expect(r.returncode == 0 and "loopback" in r.stdout and "runnable" in r.stdout and "cuda runtime" in r.stdout,
+       f"info: {r.stdout}")
+# info --json names the versions of eplb and of what it runs on (empty with a reason when absent).
+names = [c["name"] for c in info["components"]]
+expect(names == ["eplb", "cuda driver", "cuda runtime", "nccl", "gloo"] and info["components"][0]["version"]
+       == info["version"] and all(c["version"] or c["note"] for c in info["components"]), f"components: {info}")
+if with_gloo:
+    expect(info["components"][4]["version"].count(".") == 2, f"gloo version: {info['components']}")
 
 if failures:
     print("\n".join(failures))

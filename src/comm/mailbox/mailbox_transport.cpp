@@ -44,7 +44,7 @@ class mailbox_transport final : public transport {
   void connect();
   void check_records(const rank_record& mine) const;
   int ordinal_of(int r) const;
-  void run_batch(std::span<const op> ops, cudaEvent_t start);
+  void run_batch(std::span<const op> ops, cudaEvent_t start, cudaStream_t caller);
   void drive(pair_batch& batch);
   bool advance(pair_batch& batch, bool& done);
   void back_off(int idle_rounds) const;
@@ -169,18 +169,20 @@ device::event mailbox_transport::enqueue(std::span<const op> ops) {
   }
   device::cuda::use_device(ordinal_);
   std::shared_ptr<device::cuda::event_handle> start;
+  cudaStream_t caller = nullptr;
   if (stream() != nullptr) {
+    caller = static_cast<cudaStream_t>(stream()->native_handle());
     start = std::make_shared<device::cuda::event_handle>();
-    start->record(static_cast<cudaStream_t>(stream()->native_handle()));
+    start->record(caller);
   }
   auto done = std::make_shared<device::detail::event_state>();
-  batches_->post([this, batch = std::vector<op>(ops.begin(), ops.end()), start, done]() mutable {
+  batches_->post([this, batch = std::vector<op>(ops.begin(), ops.end()), start, caller, done]() mutable {
     std::exception_ptr failure;
     try {
       if (broken_.load(std::memory_order_acquire)) {
         fail(errc::transport, "{} rank {}: broken by an earlier failure ({})", name(), rank(), broken_reason_);
       }
-      run_batch(batch, start ? start->get() : nullptr);
+      run_batch(batch, start ? start->get() : nullptr, caller);
     } catch (const error& e) {
       break_with(e.what());
       failure = std::current_exception();
@@ -211,7 +213,11 @@ void mailbox_transport::await(const device::event& e) {
   }
 }
 
-void mailbox_transport::run_batch(std::span<const op> ops, cudaEvent_t start) {
+// A failed batch may leave copies queued on our lanes (a stalled GPU outlives settle()): the
+// caller's stream is ordered after them, so buffers it frees after an event on that stream (as
+// every eplb caller does: device::release_after) are not freed under a copy still reading or
+// writing them.
+void mailbox_transport::run_batch(std::span<const op> ops, cudaEvent_t start, cudaStream_t caller) {
   device::cuda::use_device(ordinal_);
   pair_batch batch;
   pairs_->open(ops, batch);
@@ -219,7 +225,9 @@ void mailbox_transport::run_batch(std::span<const op> ops, cudaEvent_t start) {
   try {
     drive(batch);
   } catch (...) {
-    (void)pairs_->settle(opts_.timeout);  // no copy of ours may still touch the caller's buffers or a mailbox
+    // Ordering the caller's stream costs no wait; without a stream, wait (bounded) as well.
+    const bool fenced = caller != nullptr && pairs_->fence(caller);
+    if (!fenced && !pairs_->settle(opts_.timeout)) (void)pairs_->fence(caller);
     throw;
   }
   pairs_->close(batch);

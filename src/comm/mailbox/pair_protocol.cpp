@@ -231,4 +231,8 @@ bool pair_protocol::settle(milliseconds timeout) noexcept {
   return settled;
 }
 
+bool pair_protocol::fence(cudaStream_t caller) noexcept {
+  return device::cuda::order_after(caller, lanes_);
+}
+
 }  // namespace eplb::comm

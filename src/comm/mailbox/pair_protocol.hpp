@@ -69,6 +69,10 @@ class pair_protocol {
   void close(const pair_batch& batch);
   /// Waits (at most `timeout`) for our copy streams; false when some copy still runs.
   bool settle(milliseconds timeout) noexcept;
+  /// Orders `caller` (null: the legacy default stream) after every copy queued so far, for copies
+  /// that outlived settle(): the caller's buffers are then freed after them. False when CUDA
+  /// refused (nothing is known then).
+  bool fence(cudaStream_t caller) noexcept;
 
  private:
   bool post_manifest(pair_stream& st, pair_control& ctl);
