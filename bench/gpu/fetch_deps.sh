@@ -1,6 +1,7 @@
 #!/bin/sh
 # Downloads the Debian packages a GPU machine lacks (it has no apt and no network) into deps/debs,
-# a git-ignored folder the device call carries. Run here, where apt works.
+# a git-ignored folder the device call carries. Run here, where apt works. Only for
+# `EPLB_DEPS=debs bench/gpu/run.sh`: by default the GPU build takes these from subprojects/.
 set -eu
 cd "$(dirname "$0")/../.."
 mkdir -p deps/debs

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything a GPU machine runs in one call: unpack the carried Debian packages, build with CUDA,
-# NCCL (pip wheel) and Gloo, run the gpu and multiproc test suites, then the benchmarks (limits, our
-# exchange per backend, the PyTorch peer) in the same run. Results go to $OUT (or ./gpu-out).
+# Everything a GPU machine runs in one call: build with CUDA, NCCL (pip wheel) and Gloo (from
+# subprojects/, or EPLB_DEPS=debs: the carried Debian packages), run the gpu, multiproc and packaging
+# test suites, then the benchmarks (limits, our exchange per backend, the PyTorch peer) in the same run. Results go to $OUT (or ./gpu-out).
 # usage: bench/gpu/run.sh [tests|rearrange|serving|stepcost|bench|ipc|sweep|tune|all]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,26 +10,41 @@ out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 
-prefix=/tmp/eplb-deps
-python3 bench/gpu/unpack_debs.py deps/debs "$prefix" || exit 1
-P=$prefix/usr
 nccl_root=$(python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])')
-export CPLUS_INCLUDE_PATH=$P/include PATH=/usr/local/cuda/bin:$PATH
+export PATH=/usr/local/cuda/bin:$PATH
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   nproc; ldd --version | head -1; g++ --version | head -1; meson --version
 } 2>&1 | tee "$out/machine.txt"
 
-if [ ! -f build-gpu/build.ninja ]; then
-  meson setup build-gpu -Dgloo_root="$P" -Dnccl_root="$nccl_root" -Dgpu_arch=9.0 -Dbuildtype=release \
+# Dependencies the machine lacks (Gloo, nlohmann-json, CLI11; fmt and doctest where missing) come
+# from subprojects/: local archives, nothing downloaded, Gloo built by CMake into libeplb.
+# EPLB_DEPS=debs: the former way, Debian packages carried in deps/debs (bench/gpu/fetch_deps.sh)
+# unpacked into a prefix, in build-gpu-debs.
+if [ "${EPLB_DEPS:-subprojects}" = debs ]; then
+  bd=build-gpu-debs
+  prefix=/tmp/eplb-deps
+  python3 bench/gpu/unpack_debs.py deps/debs "$prefix" || exit 1
+  P=$prefix/usr
+  export CPLUS_INCLUDE_PATH=$P/include
+  setup_args=(-Dgloo_root="$P")
+else
+  bd=build-gpu
+  setup_args=(--wrap-mode=nodownload -Dgloo=enabled)
+fi
+if [ ! -f $bd/build.ninja ]; then
+  meson setup $bd "${setup_args[@]}" -Dnccl_root="$nccl_root" -Dgpu_arch=9.0 -Dbuildtype=release \
     >"$out/setup.log" 2>&1 || { tail -40 "$out/setup.log"; exit 1; }
 fi
 grep -A6 "Backends and parts" "$out/setup.log" || true
-meson compile -C build-gpu >"$out/build.log" 2>&1 || { grep -E "error|FAILED" -A5 "$out/build.log" | head -60; exit 1; }
+meson compile -C $bd >"$out/build.log" 2>&1 || { grep -E "error|FAILED" -A5 "$out/build.log" | head -60; exit 1; }
 export LD_LIBRARY_PATH=$nccl_root/lib:${LD_LIBRARY_PATH:-}
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  meson test -C build-gpu ${TEST_SUITES:---suite gpu --suite multiproc --suite comm} --print-errorlogs >"$out/tests.log" 2>&1
+  # The packaging suite's dlopen test also preloads PyTorch's libtorch_cpu.so (its own Gloo), RTLD_GLOBAL.
+  EPLB_PRELOAD_LIBS=$(python3 -c 'import importlib.util, os; print(os.path.join(os.path.dirname(
+    importlib.util.find_spec("torch").origin), "lib", "libtorch_cpu.so"))' 2>/dev/null) \
+  meson test -C $bd ${TEST_SUITES:---suite gpu --suite multiproc --suite comm --suite packaging} --print-errorlogs >"$out/tests.log" 2>&1
   grep -E "^ *[0-9]+/[0-9]+ |^(Ok|Fail|Skipped|Timeout):" "$out/tests.log"
 fi
 
@@ -37,7 +52,7 @@ if [ "$what" = sweep ]; then
   # Gloo staging parameters: lanes x chunk size on the DeepSeek-V3 exchange between 2 ranks.
   for lanes in 4 8 16; do
     for chunk in 8388608 16777216 33554432; do
-      python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench 2 --deadline 300 -- \
+      python3 tests/comm/run_ranks.py $bd/bench/exchange_bench 2 --deadline 300 -- \
         --backend gloo --label "sweep-l$lanes-c$chunk" --expert-bytes 44040192 --moved 32 --reps 4 \
         --lanes "$lanes" --chunk "$chunk" | grep '^{' | tee -a "$out/sweep.jsonl"
     done
@@ -58,7 +73,7 @@ if [ "$what" = rearrange ] || [ "$what" = all ]; then
       [ "$ranks" -le "$ngpu" ] || continue
       for flags in "" "--register" "--no-pipeline" "--no-pipeline --no-coalesce" "--backend cuda_ipc"; do
         [ -z "${REARRANGE_FLAGS:-}" ] || [[ "$REARRANGE_FLAGS" == *"[$flags]"* ]] || continue
-        python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 500 -- \
+        python3 tests/comm/run_ranks.py $bd/bench/rearrange_bench "$ranks" --deadline 500 -- \
           --label "$1" --layers "$2" --experts "$3" --redundant "$4" --expert-bytes "$5" --reps 3 $flags \
           --maps-out /tmp/maps-$1-$ranks.json | grep -E '^\{|error' | tee -a "$out/rearrange.jsonl"
       done
@@ -77,7 +92,7 @@ if [ "$what" = serving ] || [ "$what" = all ]; then
     # Entries: a backend, or gloo:TRANSPORT (gloo:tcp, gloo:shared_memory; plain gloo is auto).
     for ab in ${SERVING_BACKENDS:-gloo cuda_ipc}; do
       via=${ab#*:}; [ "$via" != "$ab" ] || via=auto
-      python3 tests/comm/run_ranks.py build-gpu/bench/serving_bench "$ranks" --deadline 400 -- \
+      python3 tests/comm/run_ranks.py $bd/bench/serving_bench "$ranks" --deadline 400 -- \
         --label qwen3-30b --async-backend "${ab%%:*}" --gloo-transport "$via" ${SERVING_ARGS:-} \
         | grep -E '^\{|error' | tee -a "$out/serving.jsonl"
     done
@@ -98,11 +113,11 @@ if [ "$what" = ipc ]; then
   # cuda_ipc against the NVLink limit, our nccl and the PyTorch peers (NCCL and the Gloo path vLLM
   # uses for async EPLB), same run, DeepSeek-V3 expert size.
   res=$out/ipc.jsonl
-  build-gpu/bench/gpu_limits | tee -a "$res"
+  $bd/bench/gpu_limits | tee -a "$res"
   for ranks in 4 2; do
     [ "$ranks" -le "$(nvidia-smi -L | wc -l)" ] || continue
     for backend in cuda_ipc nccl; do
-      python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 60 -- \
+      python3 tests/comm/run_ranks.py $bd/bench/exchange_bench "$ranks" --deadline 60 -- \
         --backend "$backend" --label deepseek-v3 --expert-bytes 44040192 --moved 32 --reps 10 \
         | grep -E '^\{|error' | tee -a "$res"
     done
@@ -120,14 +135,14 @@ if [ "$what" = tune ]; then
   for ranks in ${TUNE_RANKS:-4 2}; do
     [ "$ranks" -le "$ngpu" ] || continue
     while IFS= read -r envs; do
-      env $envs python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 60 -- \
+      env $envs python3 tests/comm/run_ranks.py $bd/bench/exchange_bench "$ranks" --deadline 60 -- \
         --backend nccl --label "deepseek-v3 [${envs}]" --expert-bytes 44040192 --moved 32 --reps 10 \
         | grep -E '^\{|error' | tee -a "$res"
     done <<<"${TUNE_ENVS:-$default_envs}"
     [ -n "${TUNE_REARRANGE:-}" ] || continue
     layers=${DEEPSEEK_LAYERS:-6}
     while IFS='|' read -r envs flags; do
-      env $envs python3 tests/comm/run_ranks.py build-gpu/bench/rearrange_bench "$ranks" --deadline 300 -- \
+      env $envs python3 tests/comm/run_ranks.py $bd/bench/rearrange_bench "$ranks" --deadline 300 -- \
         --label "deepseek-v3 [${envs}] [${flags}]" --layers "$layers" --experts 256 --redundant 32 \
         --expert-bytes 44040192 --reps 3 $flags --maps-out /tmp/maps-tune-$ranks.json | grep -E '^\{|error' | tee -a "$res"
     done <<<"$TUNE_REARRANGE"
@@ -140,13 +155,13 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   res=$out/bench.jsonl
   : >"$res"
   ngpu=$(nvidia-smi -L | wc -l)
-  build-gpu/bench/gpu_limits | tee -a "$res"
+  $bd/bench/gpu_limits | tee -a "$res"
   # The host's loopback TCP ceiling for Gloo's traffic between 2 and 4 ranks of this host, with the
   # lane count gloo picks by itself here (communicator options, lanes = 0).
   for ranks in 2 4; do
     lanes=$(( $(nproc) * 2 < 64 ? $(nproc) * 2 : 64 )); lanes=$(( lanes / (ranks - 1) ))
     lanes=$(( lanes < 2 ? 2 : (lanes > 16 ? 16 : lanes) ))
-    timeout 120 build-gpu/bench/tcp_limit --ranks "$ranks" --lanes "$lanes" | tee -a "$res"
+    timeout 120 $bd/bench/tcp_limit --ranks "$ranks" --lanes "$lanes" | tee -a "$res"
   done
   # name expert-bytes experts-moved-per-rank: Qwen3-30B-A3B bf16, Qwen3-235B-A22B bf16, DeepSeek-V3 fp8.
   for shape in "qwen3-30b 9437184 16" "qwen3-235b 37748736 16" "deepseek-v3 44040192 32"; do
@@ -156,7 +171,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
       [ "$ranks" -le "$ngpu" ] || [ -n "${EPLB_SHARE_GPUS:-}" ] || continue
       for backend in nccl gloo "gloo --gloo-transport tcp" cuda_ipc "cuda_ipc --pull"; do
         [ -z "${BACKENDS:-}" ] || [[ " $BACKENDS " == *" ${backend%% *} "* ]] || continue
-        python3 tests/comm/run_ranks.py build-gpu/bench/exchange_bench "$ranks" --deadline 300 -- \
+        python3 tests/comm/run_ranks.py $bd/bench/exchange_bench "$ranks" --deadline 300 -- \
           --backend $backend --label "$1" --expert-bytes "$2" --moved "$3" --reps 10 \
           | grep -E '^\{|error' | tee -a "$res"
       done

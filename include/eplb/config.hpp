@@ -10,6 +10,7 @@
 #include "eplb/comm/communicator.hpp"
 #include "eplb/core/policy.hpp"
 #include "eplb/error.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb {
 
@@ -21,9 +22,10 @@ inline constexpr std::chrono::milliseconds max_timeout{86'400'000};
 
 /// Throws error(code) naming `field`, the value and the allowed range when `timeout` is outside
 /// [min_timeout, max_timeout].
-void check_timeout(std::string_view field, std::chrono::milliseconds timeout, errc code = errc::invalid_config);
+EPLB_API void check_timeout(std::string_view field, std::chrono::milliseconds timeout,
+                            errc code = errc::invalid_config);
 
-struct config {
+struct EPLB_API config {
   int window_size = 1000;         ///< steps of load kept in the window (> 0)
   int step_interval = 3000;       ///< steps between rebalances (> 0); the first after a quarter
   int num_redundant_experts = 0;  ///< extra physical slots per layer (>= 0)

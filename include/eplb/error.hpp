@@ -6,6 +6,8 @@
 #include <string>
 #include <string_view>
 
+#include "eplb/export.hpp"
+
 namespace eplb {
 
 enum class errc {
@@ -24,9 +26,9 @@ enum class errc {
   internal,             ///< a broken invariant inside eplb
 };
 
-[[nodiscard]] std::string_view to_string(errc code) noexcept;
+[[nodiscard]] EPLB_API std::string_view to_string(errc code) noexcept;
 
-class error : public std::runtime_error {
+class EPLB_API error : public std::runtime_error {
  public:
   error(errc code, const std::string& message) : std::runtime_error(message), code_(code) {}
   [[nodiscard]] errc code() const noexcept { return code_; }

@@ -21,6 +21,7 @@
 #include "eplb/core/placement.hpp"
 #include "eplb/device/device.hpp"
 #include "eplb/exec/model.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb {
 
@@ -117,7 +118,7 @@ struct step_report {
   int layers_committed = 0;        ///< in this step
 };
 
-class eplb_state {
+class EPLB_API eplb_state {
  public:
   /// Validates everything (config fields, model shape, groups and nodes, weights) and creates the
   /// communicator, the side stream and the background thread (async). Throws eplb::error naming

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include "eplb/export.hpp"
+
 namespace eplb {
 
 struct component_version {
@@ -13,6 +15,6 @@ struct component_version {
 };
 
 /// eplb's own version first, then every component eplb can use; never throws.
-[[nodiscard]] std::vector<component_version> component_versions() noexcept;
+[[nodiscard]] EPLB_API std::vector<component_version> component_versions() noexcept;
 
 }  // namespace eplb

@@ -18,14 +18,15 @@
 
 #include "eplb/comm/store.hpp"
 #include "eplb/device/device.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb::comm {
 
 enum class backend { loopback, gloo, nccl, stateless_nccl, cuda_ipc };
 
-[[nodiscard]] std::string_view to_string(backend b) noexcept;
+[[nodiscard]] EPLB_API std::string_view to_string(backend b) noexcept;
 /// Parses a backend name; error(errc::invalid_argument) listing the known names otherwise.
-[[nodiscard]] backend parse_backend(std::string_view name);
+[[nodiscard]] EPLB_API backend parse_backend(std::string_view name);
 
 /// What a backend promises; the runtime and the config decide from these, never from names.
 struct capabilities {
@@ -43,9 +44,9 @@ enum class gloo_transport {
   tcp,            ///< Gloo's TCP pairs, staged through pinned host memory (also across hosts)
   shared_memory,  ///< a pinned host mailbox every rank maps: D2H into it, H2D out of it, no TCP
 };
-[[nodiscard]] std::string_view to_string(gloo_transport t) noexcept;
+[[nodiscard]] EPLB_API std::string_view to_string(gloo_transport t) noexcept;
 /// Parses "auto", "tcp" or "shared_memory"; error(errc::invalid_argument) otherwise.
-[[nodiscard]] gloo_transport parse_gloo_transport(std::string_view name);
+[[nodiscard]] EPLB_API gloo_transport parse_gloo_transport(std::string_view name);
 
 struct options {
   milliseconds timeout{30'000};         ///< every wait of one execute(); a silent peer fails after this
@@ -117,7 +118,7 @@ struct op;        // one queued send or receive (src/comm/transport.hpp)
 
 /// What a caller uses: queue sends and receives, run them as a batch, wait. make_communicator()
 /// makes one; the bytes move through its transport, which it owns.
-class communicator {
+class EPLB_API communicator {
  public:
   explicit communicator(std::unique_ptr<transport> t);
   /// Finishes queued execute_async() batches, then destroys the transport. Virtual so that a
@@ -203,9 +204,9 @@ class communicator {
 
 /// Shared state of a loopback group: its ranks are threads of this process.
 class loopback_world;
-[[nodiscard]] std::shared_ptr<loopback_world> make_loopback_world(int size);
+[[nodiscard]] EPLB_API std::shared_ptr<loopback_world> make_loopback_world(int size);
 /// Marks `rank` dead: peers waiting on it fail with errc::peer_failure naming it (fault injection).
-void mark_dead(loopback_world& world, int rank);
+EPLB_API void mark_dead(loopback_world& world, int rank);
 
 /// Everything a backend may need to start; each backend reads what it uses.
 struct setup {
@@ -220,7 +221,7 @@ struct setup {
 
 /// Creates a communicator. error(errc::backend_unavailable) when `b` was not built or cannot run
 /// here (no GPU for nccl...), error(errc::invalid_argument) when `s` lacks what `b` needs.
-[[nodiscard]] std::unique_ptr<communicator> make_communicator(backend b, const setup& s);
+[[nodiscard]] EPLB_API std::unique_ptr<communicator> make_communicator(backend b, const setup& s);
 
 struct backend_status {
   backend kind;
@@ -229,6 +230,6 @@ struct backend_status {
   std::string reason;  ///< why it is not built or cannot run here
 };
 /// Every backend eplb knows, whether it was compiled in and whether it can run on this machine.
-[[nodiscard]] std::vector<backend_status> backend_report();
+[[nodiscard]] EPLB_API std::vector<backend_status> backend_report();
 
 }  // namespace eplb::comm

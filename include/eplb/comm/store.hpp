@@ -8,6 +8,8 @@
 #include <memory>
 #include <string>
 
+#include "eplb/export.hpp"
+
 namespace eplb::comm {
 
 using std::chrono::milliseconds;
@@ -18,7 +20,7 @@ struct store_usage {
   std::size_t bytes = 0;
 };
 
-class store {
+class EPLB_API store {
  public:
   virtual ~store() = default;
   virtual void set(const std::string& key, const std::string& value) = 0;
@@ -37,17 +39,17 @@ class store {
   [[nodiscard]] virtual store_usage usage() = 0;
 };
 
-[[nodiscard]] std::shared_ptr<store> make_memory_store();
+[[nodiscard]] EPLB_API std::shared_ptr<store> make_memory_store();
 /// Keys are files in `directory` (created if missing), written atomically.
-[[nodiscard]] std::shared_ptr<store> make_file_store(const std::string& directory);
+[[nodiscard]] EPLB_API std::shared_ptr<store> make_file_store(const std::string& directory);
 /// Connects to a TCP store server; retries until `connect_timeout` while the server starts.
-[[nodiscard]] std::shared_ptr<store> make_tcp_store(const std::string& host, std::uint16_t port,
-                                                    milliseconds connect_timeout);
+[[nodiscard]] EPLB_API std::shared_ptr<store> make_tcp_store(const std::string& host, std::uint16_t port,
+                                                             milliseconds connect_timeout);
 /// All keys of `inner` seen through `prefix` + "/" (separates runs and communicators).
-[[nodiscard]] std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::string prefix);
+[[nodiscard]] EPLB_API std::shared_ptr<store> make_prefix_store(std::shared_ptr<store> inner, std::string prefix);
 
 /// Serves a TCP store on a background thread until destroyed.
-class tcp_store_server {
+class EPLB_API tcp_store_server {
  public:
   /// Listens on `bind_address`:`port` (port 0 picks a free one; see port()).
   explicit tcp_store_server(const std::string& bind_address = "127.0.0.1", std::uint16_t port = 0);
@@ -62,6 +64,6 @@ class tcp_store_server {
 };
 
 /// Blocks until `count` ranks called barrier with the same name, or error(errc::timeout).
-void store_barrier(store& s, const std::string& name, int count, milliseconds timeout);
+EPLB_API void store_barrier(store& s, const std::string& name, int count, milliseconds timeout);
 
 }  // namespace eplb::comm

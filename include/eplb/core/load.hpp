@@ -7,12 +7,13 @@
 
 #include "eplb/core/matrix.hpp"
 #include "eplb/core/placement.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb {
 
 /// window_size steps of per-physical-slot token counts for every layer, as a ring. A running
 /// total makes folding O(layers x slots) whatever the window size.
-class load_window {
+class EPLB_API load_window {
  public:
   load_window(int window_size, int layers, int num_physical);
 
@@ -38,14 +39,14 @@ class load_window {
 
 /// vLLM's balancedness: sum over layers of mean tokens per rank, divided by the sum over layers of
 /// the max tokens per rank. `per_slot` is layers x R. 1.0 when there is no load at all.
-[[nodiscard]] double balancedness_of_slots(const matrix<double>& per_slot, int num_ranks);
+[[nodiscard]] EPLB_API double balancedness_of_slots(const matrix<double>& per_slot, int num_ranks);
 
 /// Balancedness a placement would give a logical load (layers x E) when every replica of an
 /// expert takes an equal share of its tokens (routing picks replicas round-robin).
-[[nodiscard]] double balancedness(const placement& where, const matrix<double>& logical_load);
+[[nodiscard]] EPLB_API double balancedness(const placement& where, const matrix<double>& logical_load);
 /// Whether moving from `current` to the placement `next` (same shape) is worth it: its balancedness
 /// under `logical_load` exceeds `current`'s by more than `min_improvement`.
-[[nodiscard]] bool improves_enough(const placement& current, const matrix<expert_id>& next,
-                                   const matrix<double>& logical_load, double min_improvement);
+[[nodiscard]] EPLB_API bool improves_enough(const placement& current, const matrix<expert_id>& next,
+                                            const matrix<double>& logical_load, double min_improvement);
 
 }  // namespace eplb

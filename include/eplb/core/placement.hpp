@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "eplb/core/matrix.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb {
 
@@ -23,7 +24,7 @@ inline constexpr expert_id empty_slot = -1;
 /// (check_limits in policy.hpp).
 inline constexpr std::int64_t max_log2phy_entries = std::int64_t{1} << 24;
 
-class placement {
+class EPLB_API placement {
  public:
   /// Validates phy2log (layers x R) against num_logical and num_ranks and derives the other maps.
   /// Throws error(errc::invalid_map) naming `field`, the layer/slot and the broken rule: ids out of
@@ -71,9 +72,9 @@ class placement {
 };
 
 /// Checks one layer's row; throws error(errc::invalid_map) naming field[layer][slot].
-void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field);
+EPLB_API void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field);
 
 /// Slots whose expert differs between two placements of the same shape.
-[[nodiscard]] std::int64_t moved_slots(const matrix<expert_id>& before, const matrix<expert_id>& after);
+[[nodiscard]] EPLB_API std::int64_t moved_slots(const matrix<expert_id>& before, const matrix<expert_id>& after);
 
 }  // namespace eplb

@@ -7,14 +7,15 @@
 
 #include "eplb/core/matrix.hpp"
 #include "eplb/core/placement.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb {
 
 enum class policy_kind { deepseek_default, min_move };
 
 /// Parses "default" or "min_move"; anything else is error(errc::invalid_argument) listing them.
-[[nodiscard]] policy_kind parse_policy(std::string_view name, std::string_view field = "policy");
-[[nodiscard]] std::string_view to_string(policy_kind kind) noexcept;
+[[nodiscard]] EPLB_API policy_kind parse_policy(std::string_view name, std::string_view field = "policy");
+[[nodiscard]] EPLB_API std::string_view to_string(policy_kind kind) noexcept;
 
 /// Bound on one layer's total load (rebalance_input::load): the default policy sums loads in float32
 /// (as vLLM does), and totals near FLT_MAX (3.4e38) would overflow to inf. Token counts are far below.
@@ -31,7 +32,7 @@ struct rebalance_input {
 
 /// Checks the input (loads as documented on rebalance_input, shapes, old_phy2log ids); throws
 /// error(errc::invalid_argument) naming the field and the rule.
-void validate(const rebalance_input& in);
+EPLB_API void validate(const rebalance_input& in);
 
 /// Limits on the shapes the policies take, so that no input, however small, asks for unbounded time
 /// or memory: within them the policies cost O(layers x slots x log slots) (at the largest, 1,024
@@ -48,7 +49,7 @@ inline constexpr std::int64_t max_total_slots = 1 << 22;  ///< layers x num_repl
 /// Throws error(errc::invalid_argument) naming the limit a shape exceeds (the limits above and
 /// layers x experts x (num_replicas - experts + 1) <= max_log2phy_entries); O(1). The policies call
 /// it before anything else; the other rules on the input are validate()'s.
-void check_limits(const rebalance_input& in);
+EPLB_API void check_limits(const rebalance_input& in);
 
 /// DeepSeek's EPLB as vLLM's DefaultEplbPolicy runs it, bit for bit: loads are rounded to float32
 /// and summed per group in float32 (numpy's pairwise order); per-replica loads are float32 / count
@@ -56,7 +57,7 @@ void check_limits(const rebalance_input& in);
 /// Hierarchical (groups -> nodes, replicate per node, pack per node's GPUs) when
 /// num_groups % num_nodes == 0, else global (one group, one node). With an old placement, experts a
 /// rank keeps stay in their old slots (vLLM's preserve_intragpu_slots).
-[[nodiscard]] matrix<expert_id> rebalance_default(const rebalance_input& in);
+[[nodiscard]] EPLB_API matrix<expert_id> rebalance_default(const rebalance_input& in);
 
 /// Nearly the default policy's balance with far fewer moves. Per layer it considers (1) the
 /// default's per-rank packs assigned to ranks by maximum-overlap matchings with the old placement
@@ -68,9 +69,9 @@ void check_limits(const rebalance_input& in);
 /// larger ones near-maximum (greedy by overlap, a maximum-cardinality matching per overlap value),
 /// and the in-place search stops at a work budget (giving (1)), so a call stays O(slots log slots)
 /// per layer plus a constant (under 0.1 s for 4,096 slots on 4,096 ranks; it was 100 s).
-[[nodiscard]] matrix<expert_id> rebalance_min_move(const rebalance_input& in);
+[[nodiscard]] EPLB_API matrix<expert_id> rebalance_min_move(const rebalance_input& in);
 
 /// Dispatches on the policy kind.
-[[nodiscard]] matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in);
+[[nodiscard]] EPLB_API matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in);
 
 }  // namespace eplb

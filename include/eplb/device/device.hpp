@@ -13,6 +13,8 @@
 #include <string_view>
 #include <vector>
 
+#include "eplb/export.hpp"
+
 namespace eplb::device {
 
 using std::chrono::milliseconds;
@@ -20,9 +22,9 @@ using std::chrono::milliseconds;
 enum class backend_kind { host, cuda };
 enum class memory_kind { host, pinned, device };
 
-[[nodiscard]] std::string_view to_string(backend_kind kind) noexcept;
+[[nodiscard]] EPLB_API std::string_view to_string(backend_kind kind) noexcept;
 /// "host" or "cuda"; anything else is error(errc::invalid_argument) listing the allowed names.
-[[nodiscard]] backend_kind parse_backend_kind(std::string_view name);
+[[nodiscard]] EPLB_API backend_kind parse_backend_kind(std::string_view name);
 
 [[nodiscard]] std::string_view to_string(memory_kind kind) noexcept;
 
@@ -56,7 +58,7 @@ struct memory_use {
 
 namespace detail {
 /// Hands `data` back to `hook.free`; never throws (a throwing hook is the engine's bug: ignored).
-void free_through(const allocator_hook& hook, std::byte* data, std::size_t size, memory_kind kind) noexcept;
+EPLB_API void free_through(const allocator_hook& hook, std::byte* data, std::size_t size, memory_kind kind) noexcept;
 }  // namespace detail
 
 /// Owning handle of device, pinned or host memory; frees it on destruction (through the allocator
@@ -114,7 +116,7 @@ class event_state;
 
 /// Marks a point in a stream. Cheap to copy (shared state). Completes when all work enqueued on its
 /// stream before record() has finished; fails when that work failed.
-class event {
+class EPLB_API event {
  public:
   event() = default;
   explicit event(std::shared_ptr<detail::event_state> state) : state_(std::move(state)) {}
@@ -137,7 +139,7 @@ class event {
 };
 
 /// An in-order queue of device work. Enqueueing is thread-safe and never blocks on the work.
-class stream {
+class EPLB_API stream {
  public:
   virtual ~stream() = default;
   /// Copies `bytes` from src to dst in stream order (host, pinned or device memory, either way).
@@ -166,7 +168,7 @@ class stream {
 /// Memory that queued work may still touch is freed only once that work has ended: a wait that
 /// timed out leaves copies, transfers or kernels queued, and freeing their buffers then would let
 /// them write into (or read from) memory the allocator has handed out again.
-class device {
+class EPLB_API device {
  public:
   device();
   /// Frees released buffers whose work has ended, giving work still in flight 200 ms to end; the
@@ -230,11 +232,11 @@ class device {
 
 /// Keeps `b` allocated until the process exits (counted in leaked_bytes()): for memory that work
 /// of unknown extent (a stream that cannot even record an event) may still touch.
-void keep_for_good(buffer b) noexcept;
+EPLB_API void keep_for_good(buffer b) noexcept;
 /// Bytes this process deliberately never freed: buffers whose work had not ended (a stalled stream
 /// or a broken one) when their device went, and keep_for_good(). They stay reachable, so leak
 /// checkers do not report them.
-[[nodiscard]] std::size_t leaked_bytes() noexcept;
+[[nodiscard]] EPLB_API std::size_t leaked_bytes() noexcept;
 
 /// A buffer that work on one stream uses. On destruction (or reset()) it goes to its device's
 /// release_after() with an event recorded on that stream, so it outlives the work queued so far
@@ -284,14 +286,14 @@ struct host_faults {
   std::uint64_t seed = 1;
 };
 
-[[nodiscard]] std::unique_ptr<device> make_host_device(host_faults faults = {});
+[[nodiscard]] EPLB_API std::unique_ptr<device> make_host_device(host_faults faults = {});
 /// Arms a fault on a host device: its `ops_from_now`-th next stream operation fails (tests and
 /// demonstrations). error(errc::invalid_argument) for other backends.
-void fail_host_device_after(device& host_device, std::int64_t ops_from_now);
+EPLB_API void fail_host_device_after(device& host_device, std::int64_t ops_from_now);
 /// The CUDA device `ordinal`; error(errc::backend_unavailable) when CUDA was not built or no such GPU.
-[[nodiscard]] std::unique_ptr<device> make_cuda_device(int ordinal);
-[[nodiscard]] std::unique_ptr<device> make_device(backend_kind kind, int ordinal = 0);
+[[nodiscard]] EPLB_API std::unique_ptr<device> make_cuda_device(int ordinal);
+[[nodiscard]] EPLB_API std::unique_ptr<device> make_device(backend_kind kind, int ordinal = 0);
 /// Number of usable GPUs: 0 when CUDA was not built or no driver/GPU is present.
-[[nodiscard]] int cuda_device_count() noexcept;
+[[nodiscard]] EPLB_API int cuda_device_count() noexcept;
 
 }  // namespace eplb::device

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "eplb/device/device.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb::exec {
 
@@ -20,7 +21,7 @@ struct tensor_spec {
   device::memory_kind memory = device::memory_kind::device;
 };
 
-struct model_shape {
+struct EPLB_API model_shape {
   int layers = 0;
   int num_logical = 0;
   int num_physical = 0;  ///< slots per layer over all ranks

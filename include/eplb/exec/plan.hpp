@@ -11,6 +11,7 @@
 
 #include "eplb/core/matrix.hpp"
 #include "eplb/core/placement.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb::exec {
 
@@ -22,7 +23,7 @@ struct transfer {
   int slot;
 };
 
-struct layer_plan {
+struct EPLB_API layer_plan {
   int rank = 0;
   int slots = 0;                  ///< slots per rank
   std::vector<char> unchanged;    ///< per local slot: keeps its expert
@@ -47,8 +48,8 @@ struct layer_plan {
 /// Senders for expert e: the ranks holding it in `old_row` (ascending); receivers: ranks holding it
 /// in `new_row` but not in `old_row` (ascending); receivers are split over senders in blocks, the
 /// remainder round-robin, so every rank derives the same pairs.
-[[nodiscard]] layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                    int num_ranks, int rank);
+[[nodiscard]] EPLB_API layer_plan plan_layer(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                             int num_ranks, int rank);
 
 /// One copy on one rank in a serial schedule: from a live slot or a staging row (the other -1) into
 /// a live slot or a staging row (the other -1).
@@ -89,7 +90,7 @@ struct serial_schedule {
 /// How one layer is split into communicator batches when it does not fit the staging cap: experts
 /// in a global order (the same on every rank), cut into consecutive ranges; or, when that order
 /// does not fit, a serial schedule (then `ranges` has one entry per chunk and `position` is empty).
-struct chunk_plan {
+struct EPLB_API chunk_plan {
   std::vector<int> position;                ///< per logical expert: its place in the order
   std::vector<std::pair<int, int>> ranges;  ///< [begin, end) of positions, one per batch
   std::shared_ptr<const serial_schedule> serial;
@@ -111,14 +112,14 @@ enum class cut_rule { anywhere, stop_safe };
 /// (plan_serial), which fits any `buffer_rows` >= 1 in more batches. Under cut_rule::stop_safe the
 /// serial schedule leaves every expert a slot at every stop (plan_serial_stop_safe);
 /// error(errc::invalid_argument) naming the layer should it ever not.
-[[nodiscard]] chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                     int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
-                                     cut_rule rule = cut_rule::stop_safe);
+[[nodiscard]] EPLB_API chunk_plan plan_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
+                                              int num_ranks, int num_logical, std::size_t buffer_rows, int layer,
+                                              cut_rule rule = cut_rule::stop_safe);
 
 /// The serial path's schedule: the position in `chunks`' order after whose chunk live slot `slot`
 /// of `plan` is written (its new expert is staged and its old expert, if still read, was sent), or
 /// -1 when the slot is not written.
-[[nodiscard]] int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
+[[nodiscard]] EPLB_API int write_ready_after(const layer_plan& plan, const chunk_plan& chunks, int slot);
 
 /// A rank's write-back when a chunked layer stops: the staging row of its buffer slot `staged_slot`
 /// (serial schedules: staging row `row`, staged_slot -1) goes into live slot `slot`, whose expert
@@ -133,18 +134,19 @@ struct row_repair {
 /// The serial schedule of a layer for `buffer_rows` staging rows per rank (>= 1, any placement).
 /// With `spread`, long cycles are broken at several slots at once, in fewer batches but with more
 /// experts held only in rows between batches.
-[[nodiscard]] std::shared_ptr<const serial_schedule> plan_serial(std::span<const expert_id> old_row,
-                                                                 std::span<const expert_id> new_row, int num_ranks,
-                                                                 int num_logical, std::size_t buffer_rows, bool spread);
+[[nodiscard]] EPLB_API std::shared_ptr<const serial_schedule> plan_serial(std::span<const expert_id> old_row,
+                                                                          std::span<const expert_id> new_row,
+                                                                          int num_ranks, int num_logical,
+                                                                          std::size_t buffer_rows, bool spread);
 /// plan_serial for cut_rule::stop_safe: where a stop would leave an expert only in a staging row on
 /// a rank with no slot to put it back in, tries again saving other slots of the cycles, then
 /// unwinding one cycle at a time; last, walks cycles one at a time with the saved bytes carried
 /// along to a rank that holds the bytes moved last twice, which is safe at every stop with one row
 /// per rank. nullptr if even that leaves a stop unsafe (a tree's batch; checked, never seen).
-[[nodiscard]] std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const expert_id> old_row,
-                                                                           std::span<const expert_id> new_row,
-                                                                           int num_ranks, int num_logical,
-                                                                           std::size_t buffer_rows);
+[[nodiscard]] EPLB_API std::shared_ptr<const serial_schedule> plan_serial_stop_safe(std::span<const expert_id> old_row,
+                                                                                    std::span<const expert_id> new_row,
+                                                                                    int num_ranks, int num_logical,
+                                                                                    std::size_t buffer_rows);
 
 /// What a layer holds on every rank when every rank stopped after its first `done` chunks (the
 /// commit vote refused the next): a slot holds its new expert where its write happened, else its
@@ -158,27 +160,30 @@ struct stopped_layer {
   std::vector<expert_id> row;
   std::vector<row_repair> repairs;
 };
-[[nodiscard]] stopped_layer stop_after_chunks(std::span<const expert_id> old_row, std::span<const expert_id> new_row,
-                                              int num_ranks, int num_logical, const chunk_plan& chunks, int done);
+[[nodiscard]] EPLB_API stopped_layer stop_after_chunks(std::span<const expert_id> old_row,
+                                                       std::span<const expert_id> new_row, int num_ranks,
+                                                       int num_logical, const chunk_plan& chunks, int done);
 
 /// What a layer holds when every rank ran the first `done` chunks of `sch` and the next was
 /// refused (see stop_after_chunks), or nullopt when an expert would be left without a slot.
-[[nodiscard]] std::optional<stopped_layer> serial_stop(const serial_schedule& sch, std::span<const expert_id> old_row,
-                                                       int num_ranks, int done);
+[[nodiscard]] EPLB_API std::optional<stopped_layer> serial_stop(const serial_schedule& sch,
+                                                                std::span<const expert_id> old_row, int num_ranks,
+                                                                int done);
 
 /// stop_after_chunks(...).row: the row a layer holds on every rank after its first `done` chunks.
-[[nodiscard]] std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,
-                                                      std::span<const expert_id> new_row, int num_ranks,
-                                                      const chunk_plan& chunks, int done);
+[[nodiscard]] EPLB_API std::vector<expert_id> row_after_chunks(std::span<const expert_id> old_row,
+                                                               std::span<const expert_id> new_row, int num_ranks,
+                                                               const chunk_plan& chunks, int done);
 
 /// Elastic EP, scale-down: `survivors` is a placement over the ranks that stay; `mapping[r]` is the
 /// new rank of old rank r or -1 when it leaves. Returns the same placement over the old ranks, with
 /// -1 in the slots of leaving ranks, so their experts are moved out while they are still alive.
-[[nodiscard]] matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors, std::span<const int> mapping,
-                                                      int slots_per_rank);
+[[nodiscard]] EPLB_API matrix<expert_id> expand_for_scale_down(const matrix<expert_id>& survivors,
+                                                               std::span<const int> mapping, int slots_per_rank);
 /// Elastic EP, scale-up: `old_map` over the old ranks; `mapping[r]` is old rank r's new rank.
 /// Returns the old placement over `new_ranks` ranks, new ranks' slots empty (-1).
-[[nodiscard]] matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map, std::span<const int> mapping,
-                                                    int new_ranks, int slots_per_rank);
+[[nodiscard]] EPLB_API matrix<expert_id> expand_for_scale_up(const matrix<expert_id>& old_map,
+                                                             std::span<const int> mapping, int new_ranks,
+                                                             int slots_per_rank);
 
 }  // namespace eplb::exec

@@ -15,6 +15,7 @@
 #include "eplb/device/device.hpp"
 #include "eplb/exec/model.hpp"
 #include "eplb/exec/plan.hpp"
+#include "eplb/export.hpp"
 
 namespace eplb::exec {
 
@@ -29,7 +30,7 @@ struct pack_rule;
 using checksum_fn = std::function<std::uint64_t(int layer, expert_id expert, int tensor)>;
 
 /// 64-bit checksum of host bytes (the one verification uses).
-[[nodiscard]] std::uint64_t checksum(std::span<const std::byte> bytes) noexcept;
+[[nodiscard]] EPLB_API std::uint64_t checksum(std::span<const std::byte> bytes) noexcept;
 
 struct rearrange_options {
   std::size_t staging_bytes = 0;              ///< cap on the staging buffer; 0 = one layer of this rank's slots
@@ -90,7 +91,7 @@ struct staged_layer {
   layer_stats stats;
 };
 
-class rearranger {
+class EPLB_API rearranger {
  public:
   /// `weights` are this rank's live slots; `stream` orders every copy (the communicator's stream is
   /// set to it). Throws error(errc::invalid_argument) for an inconsistent shape.
