@@ -135,6 +135,11 @@ class State:
         """Adds int64 counts (one per physical slot) for ``layer`` from the host."""
         self._s.record_load(layer, counts)
 
+    def synchronize(self, timeout=60.0):
+        """Waits until the map updates and load copies queued on the serving stream are done (the
+        tensors below are updated in that stream's order; a torch engine gets this from its stream)."""
+        self._s.synchronize(timeout)
+
     def stop(self):
         """Cancels a rebalance in flight and releases everything; idempotent."""
         self._s.stop()
@@ -142,7 +147,12 @@ class State:
     def _table(self, which):
         return from_dlpack_capsule(self._s.table(self._s, which), self._kind)
 
-    load_buffer = property(lambda self: self._table("load"))
+    @property
+    def load_buffer(self):
+        if self._kind == "numpy":
+            return self._s.load_array(self._s)
+        return self._table("load")
+
     phy2log = property(lambda self: self._table("phy2log"))
     log2phy = property(lambda self: self._table("log2phy"))
     replica_count = property(lambda self: self._table("replica_count"))

@@ -77,6 +77,13 @@ class state_handle {
     live().record_load(layer, {reinterpret_cast<const std::int64_t*>(v.data()), static_cast<std::size_t>(v.numel())});
   }
 
+  // Commits update the device maps in serving-stream order: waits for what is queued there.
+  void synchronize(double timeout) {
+    live();
+    py::gil_scoped_release nogil;
+    stream_->synchronize(comm::milliseconds(static_cast<std::int64_t>(timeout * 1000)));
+  }
+
   void stop() {
     if (state_ == nullptr) return;
     py::gil_scoped_release nogil;
@@ -99,6 +106,15 @@ class state_handle {
                            {layers, m.num_logical(), s.device_max_replicas()}, {dtype_kind::int_, 32}, ordinal(), self);
     return export_dlpack(const_cast<std::int32_t*>(s.device_replica_count()), {layers, m.num_logical()},
                          {dtype_kind::int_, 32}, ordinal(), self);
+  }
+
+  // numpy marks DLPack imports read-only; the router's counts must be writable: a plain view.
+  py::array_t<std::int64_t> load_array(const py::object& self) {
+    auto& s = live();
+    if (ordinal() >= 0) throw error(errc::invalid_argument, "load_buffer: in device memory; use torch tensors");
+    const auto& m = s.maps();
+    return py::array_t<std::int64_t>({static_cast<py::ssize_t>(m.layers()), static_cast<py::ssize_t>(m.num_physical())},
+                                     s.load_buffer(), self);
   }
 
   py::array_t<std::int32_t> maps() {
@@ -191,8 +207,10 @@ void bind_state(py::module_& m) {
       .def("step", &state_handle::step, py::arg("is_dummy") = false)
       .def("record_load", &state_handle::record_load)
       .def("stop", &state_handle::stop)
+      .def("synchronize", &state_handle::synchronize, py::arg("timeout") = 60.0)
       .def("table", [](state_handle& h, const py::object& self,
                        const std::string& which) { return h.table(self, which.c_str()); })
+      .def("load_array", [](state_handle& h, const py::object& self) { return h.load_array(self); })
       .def("maps", &state_handle::maps)
       .def("metrics", &state_handle::metrics)
       .def_property_readonly("communicator", &state_handle::communicator);
