@@ -1,15 +1,15 @@
-"""Shared helpers: ranks as threads (loopback) or as processes (gloo on 127.0.0.1), every wait bounded."""
+"""pytest setup for tests/python: the package under test (build/python through PYTHONPATH, or an
+installed one), torch when present. The GPU tests run from gpu_suite.py (suite gpu) only."""
 
-import multiprocessing as mp
 import os
 import sys
-import threading
-import traceback
 
 import pytest
 
-# The tests run against build/python (meson test sets PYTHONPATH) or an installed package.
-import eplb  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import eplb  # noqa: E402,F401
+from ranks import pattern, run_processes, run_threads  # noqa: E402,F401
 
 try:
     import torch  # noqa: F401
@@ -20,64 +20,5 @@ except ImportError:
 
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed")
 
-
-def run_threads(size, fn, timeout=60):
-    """Runs fn(rank) on `size` threads; returns the results by rank, re-raises the first failure."""
-    results = [None] * size
-    errors = [None] * size
-
-    def body(rank):
-        try:
-            results[rank] = fn(rank)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors[rank] = e
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-        assert not t.is_alive(), f"a rank thread did not finish within {timeout} s"
-    for e in errors:
-        if e is not None:
-            raise e
-    return results
-
-
-def _process_main(fn, rank, size, args, queue):
-    try:
-        queue.put((rank, True, fn(rank, size, *args)))
-    except BaseException:  # noqa: BLE001 - sent to the parent
-        queue.put((rank, False, traceback.format_exc()))
-
-
-def run_processes(size, fn, *args, timeout=120):
-    """Runs fn(rank, size, *args) in `size` spawned processes; returns their results by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_process_main, args=(fn, r, size, args, queue), daemon=True) for r in range(size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(size):
-            rank, ok, value = queue.get(timeout=timeout)
-            if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(size)]
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _spawned_children_find_the_package():
-    # Spawned processes import eplb and this directory's modules afresh.
-    here = os.path.dirname(__file__)
-    paths = [p for p in (os.path.dirname(os.path.dirname(eplb.__file__)), here) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
-    sys.path.insert(0, here)
-    yield
+# Collected only when gpu_suite.py asks for it (it passes the file explicitly).
+collect_ignore = [] if os.environ.get("EPLB_GPU_SUITE") else ["test_gpu.py"]

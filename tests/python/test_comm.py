@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 import eplb
-from conftest import HAVE_TORCH, needs_torch, run_processes, run_threads
+from conftest import HAVE_TORCH, needs_torch, pattern, run_processes, run_threads
 from test_stores import DictStore
-
-
-def pattern(src, dst, i, n):
-    # Bytes that tell who sent what: a wrong peer, order or offset shows as a mismatch.
-    return ((np.arange(n, dtype=np.int64) * 7 + src * 1000 + dst * 100 + i) % 251).astype(np.uint8)
 
 
 def exchange(comm, rank, size, make, rounds=2, sizes=(1, 4096, 100_003)):
