@@ -1,6 +1,7 @@
 """pytest setup for tests/python: the package under test (build/python through PYTHONPATH, or an
 installed one), torch when present. The GPU tests run from gpu_suite.py (suite gpu) only."""
 
+import importlib.util
 import os
 import sys
 
@@ -11,12 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eplb  # noqa: E402,F401
 from ranks import pattern, run_processes, run_threads  # noqa: E402,F401
 
-try:
-    import torch  # noqa: F401
-
-    HAVE_TORCH = True
-except ImportError:
-    HAVE_TORCH = False
+# Without importing it: spawned rank processes import the test modules, and torch takes seconds.
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed")
 
