@@ -26,7 +26,8 @@ try:
 except Exception:  # noqa: BLE001
     _PolicyBase = object
 
-__all__ = ["EplbCommunicator", "EplbDefaultPolicy", "EplbMinMovePolicy", "create_eplb_communicator", "register"]
+__all__ = ["EplbCommunicator", "EplbDefaultPolicy", "EplbMinMovePolicy", "create_eplb_communicator", "install",
+           "register"]
 
 
 class EplbCommunicator(_CommunicatorBase):
@@ -99,18 +100,50 @@ def _default_store():
     raise ValueError("store: none given and torch.distributed is not initialised (pass an eplb or torch Store)")
 
 
-def create_eplb_communicator(group_coordinator, backend="gloo", expert_weights=None, store=None, **options):
-    """The counterpart of vLLM's factory: an EplbCommunicator for a vLLM GroupCoordinator (its
-    rank_in_group, world_size and device), meeting through ``store`` or torch's default store under
-    a prefix named after the group. ``expert_weights`` picks the device when given."""
+# vLLM's communicator names and what eplb runs for them. torch_gloo and None get gloo (safe beside the
+# serving loop's NCCL, so async EPLB can use it); pynccl is for elastic EP, where eplb's
+# stateless_nccl makes its own NCCL communicator.
+VLLM_BACKENDS = {None: "gloo", "torch_gloo": "gloo", "torch_nccl": "nccl", "pynccl": "stateless_nccl", "nixl": "gloo"}
+_generations = {}
+
+
+def create_eplb_communicator(group_coordinator, backend=None, expert_weights=None, store=None, **options):
+    """A drop-in for vLLM's factory of the same name: an EplbCommunicator for a vLLM GroupCoordinator
+    (its rank_in_group, world_size and device). ``backend``: a vLLM name (mapped by VLLM_BACKENDS) or
+    an eplb one. The ranks meet through ``store``, by default torch's default store, under a prefix
+    named after the group and a count of the communicators made for it (every EP rank makes them in
+    the same order), so that a communicator made again never reads an old one's keys."""
+    name = VLLM_BACKENDS.get(backend, backend)
     device = getattr(group_coordinator, "device", "cpu")
     if expert_weights:
         device = getattr(expert_weights[0], "device", device)
-    if store is None:
-        name = getattr(group_coordinator, "unique_name", "ep")
-        store = _eplb.PrefixStore(_eplb.as_store(_default_store()), f"{name}/{backend}")
-    return EplbCommunicator(backend, rank=group_coordinator.rank_in_group, size=group_coordinator.world_size,
-                            store=store, device=device, **options)
+    group = getattr(group_coordinator, "unique_name", "ep")
+    generation = _generations.get(group, 0)
+    _generations[group] = generation + 1
+    base = _eplb.as_store(store) if store is not None else _default_store()
+    return EplbCommunicator(name, rank=group_coordinator.rank_in_group, size=group_coordinator.world_size,
+                            store=_eplb.PrefixStore(base, f"{group}/{generation}"), device=device, **options)
+
+
+def install():
+    """Makes vLLM build eplb communicators: replaces ``create_eplb_communicator`` in the vLLM modules
+    that call it (eplb_communicator and eplb_state; elastic_execute when present). Returns the
+    modules patched. Call it in every worker process before the engine starts (see the README)."""
+    import importlib
+
+    patched = []
+    for module in ("vllm.distributed.eplb.eplb_communicator", "vllm.distributed.eplb.eplb_state",
+                   "vllm.distributed.elastic_ep.elastic_execute"):
+        try:
+            m = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(m, "create_eplb_communicator"):
+            m.create_eplb_communicator = create_eplb_communicator
+            patched.append(module)
+    if not patched:
+        raise ImportError("vLLM's create_eplb_communicator was not found (is vLLM >= the PR #33176 merge installed?)")
+    return patched
 
 
 class EplbDefaultPolicy(_PolicyBase):

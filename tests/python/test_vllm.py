@@ -117,3 +117,56 @@ def test_policy_classes_are_rebalance():
 def test_no_store_without_torch_distributed():
     with pytest.raises(ValueError, match="store: none given"):
         eplb.vllm.EplbCommunicator("gloo", rank=0, size=2)
+
+
+def test_install_patches_vllms_factory(monkeypatch):
+    import types
+
+    names = ["vllm", "vllm.distributed", "vllm.distributed.eplb", "vllm.distributed.eplb.eplb_communicator",
+             "vllm.distributed.eplb.eplb_state"]
+    fakes = {n: types.ModuleType(n) for n in names}
+    for leaf in names[3:]:
+        fakes[leaf].create_eplb_communicator = lambda *a, **k: "vllm's own"
+    for n, m in fakes.items():
+        monkeypatch.setitem(sys.modules, n, m)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.elastic_ep", None)
+    assert eplb.vllm.install() == names[3:]
+    for leaf in names[3:]:
+        assert fakes[leaf].create_eplb_communicator is eplb.vllm.create_eplb_communicator
+
+
+def test_install_without_vllm_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="create_eplb_communicator was not found"):
+        eplb.vllm.install()
+
+
+class Group:
+    """What the factory reads of vLLM's GroupCoordinator."""
+
+    def __init__(self, rank, size):
+        self.rank_in_group, self.world_size, self.device, self.unique_name = rank, size, "cpu", "ep:0"
+
+
+def factory_rank(rank, size, rdv):
+    import eplb
+    import eplb.vllm
+    import vllm_shaped
+
+    old, new = vllm_shaped.maps(ranks=size, seed=4)
+    for _ in range(2):  # made twice for the group, as after a failed rebalance: fresh keys each time
+        weights = vllm_shaped.make_weights(old, rank, size)
+        comm = eplb.vllm.create_eplb_communicator(Group(rank, size), "torch_gloo", weights[0],
+                                                  store=eplb.FileStore(rdv), timeout=20)
+        assert comm.backend == "gloo"
+        vllm_shaped.rearrange(old, new, weights, rank, size, comm)
+        vllm_shaped.check_weights(new, weights, rank, size)
+        comm.close()
+    return sorted(eplb.vllm._generations.items())
+
+
+def test_factory_on_a_group_coordinator(tmp_path):
+    """vLLM's factory call (group, vLLM backend name, weights), one process per rank as in vLLM."""
+    assert run_processes(2, factory_rank, str(tmp_path / "rdv")) == [[("ep:0", 2)]] * 2
+    with pytest.raises(eplb.InvalidArgument, match="unknown"):
+        eplb.vllm.create_eplb_communicator(Group(0, 1), "carrier_pigeon", store=eplb.MemoryStore())
