@@ -143,7 +143,12 @@ tensor_view tensor_view::of(const py::handle& obj, std::string_view arg, bool wr
     refuse(arg, fmt::format("expected a tensor or array (buffer protocol or __dlpack__), got {}",
                             py::str(py::type::of(obj)).cast<std::string>()));
   try {
-    v.capsule_ = obj.attr("__dlpack__")();
+    // A CUDA producer is told not to synchronise (stream -1): eplb orders its copies on the stream
+    // given to set_stream, and torch would otherwise record and wait on an event per tensor.
+    bool cuda = false;
+    if (py::hasattr(obj, "__dlpack_device__"))
+      cuda = obj.attr("__dlpack_device__")().cast<py::tuple>()[0].cast<int>() == 2;
+    v.capsule_ = cuda ? obj.attr("__dlpack__")(py::arg("stream") = -1) : obj.attr("__dlpack__")();
   } catch (py::error_already_set& e) {
     refuse(arg, fmt::format("cannot be exported through DLPack: {}", e.what()));
   }
