@@ -41,11 +41,19 @@ def check_weights(rank, weights, phy2log):
             assert np.array_equal(np.asarray(w2[s]).ravel(), expert_bytes(layer, expert, 15, np.float32))
 
 
-@pytest.mark.parametrize("kind", ["numpy"] + (["torch"] if HAVE_TORCH else []))
-@pytest.mark.parametrize("use_async", [False, True])
-def test_two_ranks_rebalance_in_place(kind, use_async):
+CASES = [(kind, use_async, "memory") for kind in ["numpy"] + (["torch"] if HAVE_TORCH else [])
+         for use_async in (False, True)]
+# A Python store (the torch.distributed adapter's path): the load sum and the commit agreement call
+# it from eplb's own threads, which take the GIL only inside each call.
+CASES += [("numpy", False, "python"), ("numpy", True, "python")]
+
+
+@pytest.mark.parametrize("kind,use_async,store_kind", CASES)
+def test_two_ranks_rebalance_in_place(kind, use_async, store_kind):
+    from test_stores import DictStore
+
     world = eplb.LoopbackWorld(RANKS)
-    store = eplb.MemoryStore()
+    store = eplb.MemoryStore() if store_kind == "memory" else eplb.TorchStore(DictStore())
     # Async mode stages on a background thread and commits steps later: a longer interval lets the
     # first rebalance end before the next starts.
     config = {"communicator": "loopback", "window_size": 8, "step_interval": 40 if use_async else 8,
