@@ -1,0 +1,170 @@
+"""eplb: expert-parallel load balancing for MoE serving engines, from Python.
+
+Tensors go in and out without copies: numpy arrays and torch tensors (CPU or CUDA) are read in place
+through the buffer protocol or DLPack, and every call that can block releases the GIL.
+
+- ``rebalance(weight, num_replicas, num_groups, num_nodes, num_ranks, old=None, policy="default")``:
+  vLLM's ``rebalance_experts`` contract (phy2log, log2phy, replica counts).
+- ``Communicator(backend, rank, size, store, device, **options)``: eplb's weight exchange.
+- ``State(config, weights, ...)``: the whole runtime (load window, rebalances, commits).
+- Stores: ``MemoryStore``, ``FileStore``, ``TCPStore``, ``PrefixStore`` and ``TorchStore`` (over a
+  torch.distributed Store).
+- ``eplb.vllm``: a communicator and policies for vLLM.
+"""
+
+import json as _json
+
+from . import _eplb
+from ._errors import BackendUnavailable, Error, InvalidArgument, PeerFailure, Timeout
+from ._eplb import FileStore, LoopbackWorld, MemoryStore, PrefixStore, Store, TCPStore, TorchStore, backends
+from ._tensors import device_of, from_dlpack_capsule, is_torch, like, stream_handle
+
+__version__ = _eplb.__version__
+
+__all__ = [
+    "BackendUnavailable", "Communicator", "Error", "FileStore", "InvalidArgument", "LoopbackWorld",
+    "MemoryStore", "PeerFailure", "PrefixStore", "State", "Store", "TCPStore", "Timeout", "TorchStore",
+    "as_store", "backends", "rebalance",
+]
+
+
+def _plain(tensor):
+    # Weights are parameters: DLPack refuses tensors that require grad, and detach() is a view.
+    if getattr(tensor, "requires_grad", False):
+        return tensor.detach()
+    return tensor
+
+
+def rebalance(weight, num_replicas, num_groups, num_nodes, num_ranks, old=None, policy="default"):
+    """A new placement for ``weight`` [layers, experts] (loads, host memory).
+
+    Returns ``(phy2log [layers, num_replicas], log2phy [layers, experts, num_replicas - experts + 1]
+    padded with -1, replica counts [layers, experts])``, int64, numpy arrays for numpy input and
+    torch tensors for torch input. ``old`` is the current phy2log: with it, experts a rank keeps stay
+    in their slots; ``policy="min_move"`` also moves far fewer experts. Bit for bit the C++ policy
+    (and vLLM's default policy). Bad input raises ``InvalidArgument`` naming the argument.
+    """
+    phy2log, log2phy, counts = _eplb._rebalance(
+        _plain(weight), num_replicas, num_groups, num_nodes, num_ranks,
+        None if old is None else _plain(old), policy)
+    return like(phy2log, weight), like(log2phy, weight), like(counts, weight)
+
+
+def as_store(store):
+    """An eplb Store: ``store`` itself, or a TorchStore over a torch.distributed Store; None stays None."""
+    if store is None or isinstance(store, Store):
+        return store
+    return TorchStore(store)
+
+
+class Communicator:
+    """Point-to-point exchange between the ranks of an EP group (eplb's C++ communicator).
+
+    ``backend``: "gloo" (TCP or shared memory between processes), "loopback" (threads of this process,
+    pass ``world=LoopbackWorld(size)``), "nccl", "stateless_nccl" or "cuda_ipc" (GPUs).
+    ``store``: where ranks meet (an eplb Store or a torch.distributed Store).
+    ``device``: "cpu", "cuda", "cuda:N", an int or a torch.device: where the tensors live.
+    ``options``: timeout (s), chunk_bytes, lanes, staging_bytes, hostname, nice, gloo_transport
+    ("auto", "tcp", "shared_memory"), cuda_ipc_pull, max_gbps.
+
+    Queue sends and receives, then ``execute()`` them as one batch. Between two ranks, sends and
+    receives match in the order they were added. Tensors are used in place and must stay alive and
+    unchanged until ``execute()`` returns (stream-ordered backends: until the stream reaches it).
+    """
+
+    def __init__(self, backend, rank, size, store=None, device="cpu", world=None, **options):
+        kind, ordinal = device_of(device)
+        self._c = _eplb._Communicator(backend, rank, size, as_store(store), kind, ordinal, world, options)
+
+    def add_send(self, tensor, dst):
+        self._c.add_send(_plain(tensor), dst)
+
+    def add_recv(self, tensor, src):
+        self._c.add_recv(_plain(tensor), src)
+
+    def execute(self):
+        """Runs every queued operation as one batch (without the GIL) and clears the queue."""
+        self._c.execute()
+
+    def set_stream(self, stream):
+        """The stream that orders the transfers (a torch.cuda.Stream, a raw cudaStream_t, or None)."""
+        self._c.set_stream(stream_handle(stream))
+
+    def close(self):
+        self._c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    rank = property(lambda self: self._c.rank)
+    size = property(lambda self: self._c.size)
+    backend = property(lambda self: self._c.backend)
+    pending = property(lambda self: self._c.pending)
+    capabilities = property(lambda self: self._c.capabilities)
+
+
+class State:
+    """eplb's runtime for one EP rank: call ``step()`` once per forward step on every rank.
+
+    ``config``: a dict (or JSON text) of eplb's config fields (window_size, step_interval, use_async,
+    policy, communicator, timeout_ms...). ``weights``: per MoE layer, the list of this rank's expert
+    tensors, each [local slots, ...] and contiguous; they are read and rearranged in place.
+    The router's counts go into ``load_buffer`` [layers, physical slots] (int64) or ``record_load``;
+    ``phy2log``, ``log2phy`` and ``replica_count`` alias eplb's maps (int32, updated by commits).
+    """
+
+    def __init__(self, config, weights, *, num_experts, rank, num_ranks, store, device="cpu",
+                 num_groups=1, num_nodes=1, ranks_per_node=0, world=None, serving_stream=None,
+                 comm_options=None):
+        text = config if isinstance(config, str) else _json.dumps(config)
+        kind, ordinal = device_of(device)
+        weights = [[_plain(t) for t in layer] for layer in weights]
+        self._kind = "torch" if weights and weights[0] and is_torch(weights[0][0]) else "numpy"
+        self._s = _eplb._State(text, weights, num_experts, rank, num_ranks, as_store(store), kind, ordinal,
+                               num_groups, num_nodes, ranks_per_node, world, comm_options or {},
+                               stream_handle(serving_stream))
+
+    def step(self, is_dummy=False):
+        """One forward step (without the GIL); returns what happened (rebalance_started...)."""
+        return self._s.step(is_dummy)
+
+    def record_load(self, layer, counts):
+        """Adds int64 counts (one per physical slot) for ``layer`` from the host."""
+        self._s.record_load(layer, counts)
+
+    def synchronize(self, timeout=60.0):
+        """Waits until the map updates and load copies queued on the serving stream are done (the
+        tensors below are updated in that stream's order; a torch engine gets this from its stream)."""
+        self._s.synchronize(timeout)
+
+    def stop(self):
+        """Cancels a rebalance in flight and releases everything; idempotent."""
+        self._s.stop()
+
+    def _table(self, which):
+        return from_dlpack_capsule(self._s.table(self._s, which), self._kind)
+
+    @property
+    def load_buffer(self):
+        if self._kind == "numpy":
+            return self._s.load_array(self._s)
+        return self._table("load")
+
+    phy2log = property(lambda self: self._table("phy2log"))
+    log2phy = property(lambda self: self._table("log2phy"))
+    replica_count = property(lambda self: self._table("replica_count"))
+    metrics = property(lambda self: self._s.metrics())
+    communicator = property(lambda self: self._s.communicator)
+
+    def maps(self):
+        """phy2log of the committed layers, copied to the host (numpy int32)."""
+        return self._s.maps()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

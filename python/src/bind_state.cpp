@@ -1,0 +1,219 @@
+// State for Python: an eplb_state over the engine's weight tensors (viewed in place), with the load
+// buffer and the maps exported as tensors that alias eplb's memory.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <fmt/format.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "arrays.hpp"
+#include "bindings.hpp"
+#include "device_handle.hpp"
+#include "eplb/error.hpp"
+#include "eplb/state.hpp"
+#include "store_handle.hpp"
+
+namespace eplb::python {
+namespace {
+
+struct state_args {
+  std::string config_json;
+  py::list weights;  // layers x tensors, each [slots_per_rank, ...]
+  int num_experts = 0;
+  int rank = 0;
+  int num_ranks = 1;
+  int num_groups = 1;
+  int num_nodes = 1;
+  int ranks_per_node = 0;
+};
+
+class state_handle {
+ public:
+  state_handle(const state_args& a, const store_handle& store, const std::string& dev_kind, int ordinal,
+               const py::object& world, const py::dict& comm_options, std::uintptr_t serving_stream) {
+    dev_ = open_device(dev_kind, ordinal);
+    stream_ = serving_stream != 0 ? dev_->wrap_stream(reinterpret_cast<void*>(serving_stream)) : dev_->create_stream();
+    state_params p;
+    p.cfg = config::from_json(a.config_json);
+    p.rank = a.rank;
+    p.dev = dev_.get();
+    p.serving_stream = stream_.get();
+    p.store = store.s;
+    p.comm_setup.opts = parse_options(comm_options);
+    if (!world.is_none()) p.comm_setup.world = world.cast<world_handle&>().world;
+    p.model = {.shape = shape_of(a, p.weights), .num_groups = a.num_groups, .num_nodes = a.num_nodes};
+    if (p.cfg.num_redundant_experts == 0) p.cfg.num_redundant_experts = p.model.shape.num_physical - a.num_experts;
+    store_ = store;
+    py::gil_scoped_release nogil;  // creating the communicator meets the peers
+    state_ = std::make_unique<eplb_state>(std::move(p));
+  }
+  ~state_handle() { stop(); }
+  state_handle(const state_handle&) = delete;
+  state_handle& operator=(const state_handle&) = delete;
+
+  py::dict step(bool is_dummy) {
+    step_report r;
+    {
+      py::gil_scoped_release nogil;
+      r = live().step(is_dummy);
+    }
+    py::dict d;
+    d["rebalance_started"] = r.rebalance_started;
+    d["rebalance_finished"] = r.rebalance_finished;
+    d["rebalance_skipped"] = r.rebalance_skipped;
+    d["layers_committed"] = r.layers_committed;
+    return d;
+  }
+
+  void record_load(int layer, const py::handle& counts) {
+    auto v = tensor_view::of(counts, "counts", false);
+    v.require_host("counts");
+    if (v.type() != dtype{dtype_kind::int_, 64})
+      throw error(errc::invalid_argument, fmt::format("counts: dtype {} is not int64", to_string(v.type())));
+    live().record_load(layer, {reinterpret_cast<const std::int64_t*>(v.data()), static_cast<std::size_t>(v.numel())});
+  }
+
+  // Commits update the device maps in serving-stream order: waits for what is queued there.
+  void synchronize(double timeout) {
+    live();
+    py::gil_scoped_release nogil;
+    stream_->synchronize(comm::milliseconds(static_cast<std::int64_t>(timeout * 1000)));
+  }
+
+  void stop() {
+    if (state_ == nullptr) return;
+    py::gil_scoped_release nogil;
+    state_->stop();
+    state_.reset();
+  }
+
+  // A DLPack capsule over eplb's memory, keeping this state's Python object alive.
+  py::capsule table(const py::object& self, const char* which) {
+    auto& s = live();
+    const auto& m = s.maps();
+    const std::int64_t layers = m.layers();
+    if (std::string_view(which) == "load")
+      return export_dlpack(s.load_buffer(), {layers, m.num_physical()}, {dtype_kind::int_, 64}, ordinal(), self);
+    if (std::string_view(which) == "phy2log")
+      return export_dlpack(const_cast<std::int32_t*>(s.device_phy2log()), {layers, m.num_physical()},
+                           {dtype_kind::int_, 32}, ordinal(), self);
+    if (std::string_view(which) == "log2phy")
+      return export_dlpack(const_cast<std::int32_t*>(s.device_log2phy()),
+                           {layers, m.num_logical(), s.device_max_replicas()}, {dtype_kind::int_, 32}, ordinal(), self);
+    return export_dlpack(const_cast<std::int32_t*>(s.device_replica_count()), {layers, m.num_logical()},
+                         {dtype_kind::int_, 32}, ordinal(), self);
+  }
+
+  // numpy marks DLPack imports read-only; the router's counts must be writable: a plain view.
+  py::array_t<std::int64_t> load_array(const py::object& self) {
+    auto& s = live();
+    if (ordinal() >= 0) throw error(errc::invalid_argument, "load_buffer: in device memory; use torch tensors");
+    const auto& m = s.maps();
+    return py::array_t<std::int64_t>({static_cast<py::ssize_t>(m.layers()), static_cast<py::ssize_t>(m.num_physical())},
+                                     s.load_buffer(), self);
+  }
+
+  py::array_t<std::int32_t> maps() {
+    const auto& m = live().maps();
+    py::array_t<std::int32_t> out({static_cast<py::ssize_t>(m.layers()), static_cast<py::ssize_t>(m.num_physical())});
+    std::copy(m.phy2log().flat().begin(), m.phy2log().flat().end(), out.mutable_data());
+    return out;
+  }
+
+  py::dict metrics() {
+    const auto& x = live().stats();
+    py::dict d;
+    d["steps"] = x.steps;
+    d["rebalances"] = x.rebalances;
+    d["layers_committed"] = x.layers_committed;
+    d["bytes_moved"] = x.bytes_moved;
+    d["plan_seconds"] = x.plan_seconds;
+    d["rebalance_seconds"] = x.rebalance_seconds;
+    d["balancedness_before"] = x.balancedness_before;
+    d["balancedness_after"] = x.balancedness_after;
+    d["rebalance_in_flight"] = x.rebalance_in_flight;
+    d["rebalances_skipped"] = x.rebalances_skipped;
+    return d;
+  }
+
+  [[nodiscard]] std::string communicator() { return std::string(to_string(live().communicator_kind())); }
+
+ private:
+  [[nodiscard]] int ordinal() const { return dev_->kind() == device::backend_kind::cuda ? dev_->ordinal() : -1; }
+  eplb_state& live() const {
+    if (state_ == nullptr) throw error(errc::invalid_argument, "state: already stopped");
+    return *state_;
+  }
+
+  exec::model_shape shape_of(const state_args& a, exec::rank_weights& w) {
+    if (a.weights.empty()) throw error(errc::invalid_argument, "weights: needs at least one layer");
+    exec::model_shape s{.layers = static_cast<int>(a.weights.size()),
+                        .num_logical = a.num_experts,
+                        .num_ranks = a.num_ranks,
+                        .ranks_per_node = a.ranks_per_node};
+    std::int64_t slots = -1;
+    for (std::size_t l = 0; l < a.weights.size(); ++l) {
+      const auto tensors = a.weights[l].cast<py::list>();
+      if (l > 0 && tensors.size() != s.bundle.size())
+        throw error(errc::invalid_argument,
+                    fmt::format("weights[{}]: {} tensors, layer 0 has {}", l, tensors.size(), s.bundle.size()));
+      w.base.emplace_back();
+      for (std::size_t t = 0; t < tensors.size(); ++t) {
+        const auto arg = fmt::format("weights[{}][{}]", l, t);
+        auto v = tensor_view::of(tensors[t], arg, true);
+        if (v.shape().empty() || (slots >= 0 && v.shape()[0] != slots))
+          throw error(errc::invalid_argument,
+                      fmt::format("{}: the first dimension must be the {} local slots", arg, slots));
+        slots = v.shape()[0];
+        const std::size_t per_expert = v.bytes() / static_cast<std::size_t>(slots);
+        if (l == 0) {
+          s.bundle.push_back({fmt::format("tensor{}", t), per_expert, per_expert,
+                              v.device().cuda ? device::memory_kind::device : device::memory_kind::host});
+        } else if (per_expert != s.bundle[t].bytes_per_expert) {
+          throw error(errc::invalid_argument, fmt::format("{}: {} bytes per expert, layer 0 has {}", arg, per_expert,
+                                                          s.bundle[t].bytes_per_expert));
+        }
+        w.base.back().push_back(v.data());
+        views_.push_back(std::move(v));
+      }
+    }
+    s.num_physical = static_cast<int>(slots) * a.num_ranks;
+    return s;
+  }
+
+  store_handle store_;
+  std::vector<tensor_view> views_;  // the weights stay borrowed while the state lives
+  std::unique_ptr<device::device> dev_;
+  std::unique_ptr<device::stream> stream_;
+  std::unique_ptr<eplb_state> state_;  // last: destroyed first
+};
+
+}  // namespace
+
+void bind_state(py::module_& m) {
+  py::class_<state_handle>(m, "_State")
+      .def(py::init([](const std::string& cfg, py::list weights, int num_experts, int rank, int num_ranks,
+                       const store_handle& store, const std::string& dev_kind, int ordinal, int num_groups,
+                       int num_nodes, int ranks_per_node, const py::object& world, const py::dict& comm_options,
+                       std::uintptr_t serving_stream) {
+        const state_args a{cfg,       std::move(weights), num_experts, rank,
+                           num_ranks, num_groups,         num_nodes,   ranks_per_node};
+        return std::make_unique<state_handle>(a, store, dev_kind, ordinal, world, comm_options, serving_stream);
+      }))
+      .def("step", &state_handle::step, py::arg("is_dummy") = false)
+      .def("record_load", &state_handle::record_load)
+      .def("stop", &state_handle::stop)
+      .def("synchronize", &state_handle::synchronize, py::arg("timeout") = 60.0)
+      .def("table", [](state_handle& h, const py::object& self,
+                       const std::string& which) { return h.table(self, which.c_str()); })
+      .def("load_array", [](state_handle& h, const py::object& self) { return h.load_array(self); })
+      .def("maps", &state_handle::maps)
+      .def("metrics", &state_handle::metrics)
+      .def_property_readonly("communicator", &state_handle::communicator);
+}
+
+}  // namespace eplb::python

@@ -1,0 +1,174 @@
+"""CUDA tensors through eplb from Python, on one GPU: ranks are processes sharing it (the backends that
+run that way: gloo over TCP and over shared memory). Run by gpu_suite.py (suite gpu)."""
+
+import numpy as np
+
+import vllm_shaped
+from ranks import pattern, run_processes
+
+
+def _cases(*cases):
+    def mark(fn):
+        fn.cases = list(cases)
+        try:
+            import pytest
+
+            names = fn.__code__.co_varnames[: len(cases[0])]
+            return pytest.mark.parametrize(",".join(names), cases)(fn)
+        except ImportError:
+            return fn
+
+    return mark
+
+
+def exchange_rank(rank, size, rdv, transport):
+    import torch
+
+    import eplb
+
+    torch.cuda.set_device(0)
+    stream = torch.cuda.Stream()
+    with eplb.Communicator("gloo", rank, size, eplb.FileStore(rdv), device="cuda:0", gloo_transport=transport,
+                           timeout=60) as c:
+        c.set_stream(stream)  # a torch stream: eplb's copies are ordered on it
+        for _ in range(3):
+            recvs = []
+            for peer in range(size):
+                if peer == rank:
+                    continue
+                for i, n in enumerate((1, 4096, 3_000_001)):
+                    c.add_send(torch.from_numpy(pattern(rank, peer, i, n)).cuda(), peer)
+                    buf = torch.zeros(n, dtype=torch.uint8, device="cuda")
+                    c.add_recv(buf, peer)
+                    recvs.append((peer, i, n, buf))
+            torch.cuda.current_stream().synchronize()  # the sends' data is in place before eplb reads it
+            c.execute()
+            stream.synchronize()
+            for peer, i, n, buf in recvs:
+                assert np.array_equal(buf.cpu().numpy(), pattern(peer, rank, i, n)), (peer, i)
+        # A CUDA tensor on a host communicator is refused by name.
+        world = eplb.LoopbackWorld(1)
+        host = eplb.Communicator("loopback", 0, 1, world=world)
+        try:
+            host.add_send(torch.zeros(4, device="cuda"), 0)
+            raise AssertionError("a CUDA tensor was accepted by a host communicator")
+        except eplb.InvalidArgument as e:
+            assert "tensor: is on cuda:0" in str(e), str(e)
+    return True
+
+
+@_cases(("tcp",), ("shared_memory",))
+def test_gloo_cuda_tensors(transport, tmp_path):
+    assert run_processes(2, exchange_rank, str(tmp_path / "rdv"), transport) == [True, True]
+
+
+class TorchGlooStaged:
+    """vLLM's torch_gloo shape: CUDA tensors staged through the host around a Gloo batch_isend_irecv."""
+
+    def __init__(self):
+        self.ops = []
+
+    def add_send(self, tensor, dst_rank):
+        self.ops.append(("send", tensor, dst_rank))
+
+    def add_recv(self, tensor, src_rank):
+        self.ops.append(("recv", tensor, src_rank))
+
+    def execute(self):
+        import torch.distributed as dist
+
+        p2p, back = [], []
+        for kind, t, peer in self.ops:
+            if kind == "send":
+                p2p.append(dist.P2POp(dist.isend, t.cpu(), peer))
+            else:
+                host = t.new_empty(t.shape, device="cpu")
+                p2p.append(dist.P2POp(dist.irecv, host, peer))
+                back.append((t, host))
+        self.ops.clear()
+        if p2p:
+            for req in dist.batch_isend_irecv(p2p):
+                req.wait()
+        for t, host in back:
+            t.copy_(host)
+
+
+def rearrange_rank(rank, size, rdv, transport):
+    import torch
+    import torch.distributed as dist
+
+    import eplb
+    import eplb.vllm
+
+    torch.cuda.set_device(0)
+    old, new = vllm_shaped.maps(ranks=size, seed=11)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}.torch", rank=rank, world_size=size)
+    out = []
+    try:
+        store = eplb.PrefixStore(eplb.as_store(dist.distributed_c10d._get_default_store()), "eplb")
+        ours = eplb.vllm.EplbCommunicator("gloo", rank=rank, size=size, store=store, device="cuda:0",
+                                          gloo_transport=transport, timeout=60)
+        stream = torch.cuda.Stream()
+        ours.set_stream(stream)
+        for comm, interface in ((TorchGlooStaged(), "pr33176"), (ours, "pr33176"), (ours, "list")):
+            weights = [[torch.from_numpy(w).cuda() for w in layer] for layer in vllm_shaped.make_weights(old, rank, size)]
+            torch.cuda.synchronize()
+            vllm_shaped.rearrange(old, new, weights, rank, size, comm, interface)
+            torch.cuda.synchronize()
+            host = [[t.cpu().numpy() for t in layer] for layer in weights]
+            vllm_shaped.check_weights(new, host, rank, size)
+            out.append(b"".join(t.tobytes() for layer in host for t in layer))
+        ours.close()
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+@_cases(("tcp",), ("shared_memory",))
+def test_vllm_shaped_rearrangement_matches_torch_gloo(transport, tmp_path):
+    for reference, pr33176, listed in run_processes(2, rearrange_rank, str(tmp_path / "rdv"), transport):
+        assert pr33176 == reference
+        assert listed == reference
+
+
+def state_rank(rank, size, rdv):
+    import torch
+
+    import eplb
+
+    torch.cuda.set_device(0)
+    slots, experts, layers = 3, 4, 2
+    weights = []
+    for layer in range(layers):
+        w = torch.zeros(slots, 64, dtype=torch.uint8, device="cuda")
+        for s in range(slots):
+            w[s] = (rank * slots + s) % experts + 10 * layer
+        weights.append([w])
+    serving = torch.cuda.Stream()
+    config = {"communicator": "gloo", "window_size": 8, "step_interval": 8, "timeout_ms": 60000}
+    with eplb.State(config, weights, num_experts=experts, rank=rank, num_ranks=size, store=eplb.FileStore(rdv),
+                    device="cuda:0", serving_stream=serving) as state:
+        load = state.load_buffer
+        assert load.is_cuda and load.dtype == torch.int64 and tuple(load.shape) == (layers, slots * size)
+        assert state.phy2log.is_cuda and state.phy2log.dtype == torch.int32
+        for _ in range(200):
+            with torch.cuda.stream(serving):
+                load[:, 2] += 100  # expert 2 (one replica, on rank 0) is hot
+                load += 1
+            report = state.step()
+            if report["rebalance_finished"] and not report["rebalance_skipped"]:
+                break
+        serving.synchronize()
+        phy2log = state.phy2log.cpu().numpy()
+        assert phy2log.tolist() == state.maps().tolist()
+        for layer in range(layers):
+            for s in range(slots):
+                expert = int(phy2log[layer][rank * slots + s])
+                assert int(weights[layer][0][s][0]) == expert + 10 * layer
+        return phy2log.tolist()
+
+
+def test_state_on_cuda_tensors(tmp_path):
+    maps = run_processes(2, state_rank, str(tmp_path / "rdv"))
+    assert maps[0] == maps[1]
+    assert maps[0][0] != [p % 4 for p in range(6)], "the hot expert should have moved"
