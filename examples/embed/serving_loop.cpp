@@ -64,8 +64,10 @@ int main() {
                         state.maps().replica_count(0, 0));
           }
         }
-        // A graceful shutdown drains: step on until no rebalance is in flight (every rank sees it
-        // end in the same step), so stop() has no transfer to abandon mid-way.
+        // A graceful shutdown drains: no new rebalance (drain(), in the same step on every rank),
+        // then step on until none is in flight (every rank sees it end in the same step), so
+        // stop() has no transfer to abandon mid-way.
+        state.drain();
         for (int extra = 0; extra < 1000 && state.stats().rebalance_in_flight; ++extra) (void)state.step();
         state.stop();
       } catch (const eplb::error& e) {

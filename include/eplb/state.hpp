@@ -163,6 +163,13 @@ class EPLB_API eplb_state {
   /// rebalance is in flight, errc::out_of_memory when the allocator hook has no memory.
   void reserve();
 
+  /// Starts no rebalance after this step, so that a shutdown can step on until
+  /// metrics::rebalance_in_flight is false and stop() with nothing to abort (one started before
+  /// still runs to its end; with an interval shorter than a rebalance, a drain without this never
+  /// ends). Call it in the same step on every rank: a rank that triggers a rebalance its drained
+  /// peers do not join gets errc::peer_failure once they stop. Idempotent, never throws.
+  void drain() noexcept;
+
   /// Cancels a rebalance in flight, waits for in-flight transfers and device work (bounded by the
   /// timeout) and frees buffers. Idempotent, never throws; step() must not be called afterwards.
   void stop() noexcept;

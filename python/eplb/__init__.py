@@ -140,6 +140,11 @@ class State:
         tensors below are updated in that stream's order; a torch engine gets this from its stream)."""
         self._s.synchronize(timeout)
 
+    def drain(self):
+        """Starts no rebalance after this step (call it in the same step on every rank, then step
+        until ``metrics["rebalance_in_flight"]`` is False): a shutdown with nothing to abort."""
+        self._s.drain()
+
     def stop(self):
         """Cancels a rebalance in flight and releases everything; idempotent."""
         self._s.stop()

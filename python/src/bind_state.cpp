@@ -84,6 +84,10 @@ class state_handle {
     stream_->synchronize(comm::milliseconds(static_cast<std::int64_t>(timeout * 1000)));
   }
 
+  void drain() {
+    if (state_ != nullptr) state_->drain();
+  }
+
   void stop() {
     if (state_ == nullptr) return;
     py::gil_scoped_release nogil;
@@ -206,6 +210,7 @@ void bind_state(py::module_& m) {
       }))
       .def("step", &state_handle::step, py::arg("is_dummy") = false)
       .def("record_load", &state_handle::record_load)
+      .def("drain", &state_handle::drain)
       .def("stop", &state_handle::stop)
       .def("synchronize", &state_handle::synchronize, py::arg("timeout") = 60.0)
       .def("table", [](state_handle& h, const py::object& self,

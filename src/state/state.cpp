@@ -40,6 +40,7 @@ struct eplb_state::impl {
   std::int64_t since_rebalance;
   std::int64_t start_at = 0;  // async: the step a triggered rebalance starts in (0: none waiting)
   bool stopped = false;
+  bool draining = false;  // drain(): no trigger from now on
 
   explicit impl(state_params& p)
       : cfg(p.cfg),
@@ -149,7 +150,7 @@ struct eplb_state::impl {
     session->advance(report);
     if (start_at != 0) {
       if (m.steps >= start_at) start_session(report);
-    } else if (!session->in_flight() && !session->ended_this_step_by_failure() &&
+    } else if (!draining && !session->in_flight() && !session->ended_this_step_by_failure() &&
                since_rebalance >= cfg.step_interval) {
       since_rebalance = 0;
       trigger_rebalance(report);
@@ -196,6 +197,10 @@ void eplb_state::reserve() {
 // the store waits end first, then the session tells the peers and aborts the transfers, and the
 // serving stream gets a short wait only. Memory queued work may still touch is freed after that
 // work by the device (release_after), never by this.
+void eplb_state::drain() noexcept {
+  if (impl_) impl_->draining = true;
+}
+
 void eplb_state::stop() noexcept {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;

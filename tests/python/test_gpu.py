@@ -14,7 +14,9 @@ def _cases(*cases):
             import pytest
 
             names = fn.__code__.co_varnames[: len(cases[0])]
-            return pytest.mark.parametrize(",".join(names), cases)(fn)
+            # One name: pytest wants the bare values, not 1-tuples.
+            values = [c[0] for c in cases] if len(names) == 1 else cases
+            return pytest.mark.parametrize(",".join(names), values)(fn)
         except ImportError:
             return fn
 

@@ -88,6 +88,7 @@ def test_two_ranks_rebalance_in_place(kind, use_async, store_kind):
                     time.sleep(0.002)  # a forward step's worth of time for the background thread
             assert finished, f"no rebalance finished within {step + 1} steps"
             # Drain (every rank sees the end of a rebalance in the same step): maps and weights agree.
+            state.drain()
             for _ in range(2000):
                 if not state.metrics["rebalance_in_flight"]:
                     break

@@ -12,7 +12,6 @@
 #include <deque>
 #include <optional>
 #include <thread>
-#include <thread>
 
 #include "check_error.hpp"
 #include "eplb/state.hpp"

@@ -204,15 +204,23 @@ TEST_CASE("async rebalances on 4 loopback ranks under injected delays: same-step
     int rebalance = 0, layer = 0;
     std::string failure;
     // Past `steps`, drain: a rank that stops with a rebalance in flight aborts it and tells its
-    // peers (issue 17), so every rank steps on until none is in flight, which all see in one step.
+    // peers (issue 17), so every rank starts no more rebalances (drain(), in the same step) and
+    // steps on until none is in flight, which all see in one step.
     for (int step = 0; (step < steps || r.state->stats().rebalance_in_flight) && step < steps + 400 && failure.empty();
          ++step) {
+      if (step == steps) r.state->drain();
       for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(16, step, l + step / 50, rank));
       // A forward pass stand-in: before issue 17, step() itself took about this long, waiting for
       // its per-step load copies under the injected delays; now it queues nothing.
       std::this_thread::sleep_for(1500us);
       if (pace() % 7 == 0) std::this_thread::sleep_for(std::chrono::microseconds(pace() % 2000));
-      const auto rep = r.state->step();
+      step_report rep;
+      try {
+        rep = r.state->step();
+      } catch (const error& e) {
+        failure = fmt::format("rank {} step {}: {}", rank, step, e.what());
+        break;
+      }
       for (int k = 0; k < rep.layers_committed; ++k) {
         commits[{rebalance, layer}] = step;
         if (auto bad = verify(r, layer, rank); !bad.empty()) failure = bad;
