@@ -140,7 +140,8 @@ class EPLB_API eplb_state {
   /// of steps T - window_size + 1 .. T, the same steps on every rank: the difference of a reading of
   /// the load buffer taken at step T - window_size (one stream-ordered copy into pinned memory) and
   /// one taken at step T (a copy and a pooled event). Other steps queue nothing on the serving
-  /// stream unless they commit layers. Sync mode waits for step T's reading inside step T (it
+  /// stream unless they commit layers (then the copies, map writes and a pooled event: no event is
+  /// created and no host function queued in any step). Sync mode waits for step T's reading inside step T (it
   /// rebalances there anyway); async mode does not wait: every rank starts the rebalance from it
   /// load_readback_lag_steps later (in the same step everywhere), waiting then only if the copy is
   /// still not done. A rebalance that starts d steps late (async: the previous one still in flight)

@@ -92,6 +92,22 @@ asio::awaitable<void> await_event(asio::io_context& io, std::shared_ptr<post_gat
   return async_wait_report(io, std::move(gate), std::move(start), {std::move(what), timeout}, asio::use_awaitable);
 }
 
+asio::awaitable<void> poll_event(asio::io_context& io, device::event e, std::chrono::milliseconds timeout,
+                                 std::string what) {
+  using std::chrono::microseconds;
+  const auto deadline = deadline_after(timeout);
+  asio::steady_timer timer(io);
+  microseconds slice(50);
+  while (!e.query()) {  // rethrows the failure of the work before it
+    if (clock::now() >= deadline) fail(errc::timeout, "{} not done within {} ms", what, timeout.count());
+    timer.expires_after(slice);
+    boost::system::error_code ec;
+    co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (ec == asio::error::operation_aborted) fail(errc::cancelled, "{} cancelled", what);
+    slice = std::min(slice * 2, microseconds(1000));
+  }
+}
+
 staging_ring::staging_ring(asio::io_context& io, std::shared_ptr<post_gate> gate, int areas,
                            std::chrono::milliseconds timeout)
     : io_(io), gate_(std::move(gate)), timeout_(timeout) {
@@ -112,7 +128,7 @@ asio::awaitable<int> staging_ring::acquire() {
   free_.pop_front();
   if (consumed_[static_cast<std::size_t>(a)].valid()) {
     std::string what = "the serving stream's read of a staging area";
-    co_await await_event(io_, gate_, consumed_[static_cast<std::size_t>(a)], timeout_, std::move(what));
+    co_await poll_event(io_, consumed_[static_cast<std::size_t>(a)], timeout_, std::move(what));
   }
   co_return a;
 }

@@ -83,9 +83,18 @@ auto async_wait_report(asio::io_context& io, std::shared_ptr<post_gate> gate, st
 asio::awaitable<void> await_event(asio::io_context& io, std::shared_ptr<post_gate> gate, device::event e,
                                   std::chrono::milliseconds timeout, std::string what);
 
+/// As await_event, for an event made by stream::mark(), which runs notify() callbacks only once a
+/// query() or wait() has seen it complete: polls query() on the io thread (every 50 us, doubling
+/// up to 1 ms) until it completes, `timeout` passes (errc::timeout) or the awaiting coroutine is
+/// cancelled (errc::cancelled). An event already complete costs one query and no suspension.
+/// Resumes on: the io thread.
+asio::awaitable<void> poll_event(asio::io_context& io, device::event e, std::chrono::milliseconds timeout,
+                                 std::string what);
+
 /// The staging areas of a rebalance (touched on the io thread only). acquire() takes the oldest free
 /// area, waiting while none is free, then waits for the serving stream's last read of it; release()
-/// hands a committed area back with that read's event. cancel() makes a waiting or later acquire()
+/// hands a committed area back with that read's event (a stream::mark(): the step that commits
+/// queues no host function on the engine's stream, so acquire() polls it). cancel() makes a waiting or later acquire()
 /// with no free area fail with errc::cancelled and `reason`. reset() starts a new rebalance: every
 /// area is free again (also those a failed rebalance staged and never had committed; their last
 /// serving reads are still awaited) and the cancel is forgotten.
@@ -94,7 +103,7 @@ class staging_ring {
   staging_ring(asio::io_context& io, std::shared_ptr<post_gate> gate, int areas, std::chrono::milliseconds timeout);
 
   /// Resumes on the io thread. Errors: errc::cancelled (cancel(), or cancellation of the
-  /// coroutine while no area is free); the serving read's failure or errc::timeout (await_event).
+  /// coroutine while no area is free); the serving read's failure or errc::timeout (poll_event).
   asio::awaitable<int> acquire();
   void release(int area, device::event consumed);
   void cancel(std::string reason);

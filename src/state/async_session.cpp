@@ -272,7 +272,7 @@ void async_session::commit_agreed(std::int64_t agreed, step_report& report) {
     mover_->commit_layer(ready.staged, ctx_.weights, background_->area(ready.area), ctx_.serving);
     // Released right after its reads are queued: publish() may throw, and an area whose reads
     // were not recorded could be staged into again while they are still queued.
-    background_->release(ready.area, ctx_.serving.record());
+    background_->release(ready.area, ctx_.serving.mark());  // polled, never a host function
     ctx_.maps.set_layer(committed_, ready.staged.new_row);
     ctx_.published.publish(ctx_.maps, committed_);
     ctx_.m.bytes_moved += ready.staged.stats.bytes_received;

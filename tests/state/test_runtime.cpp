@@ -260,6 +260,39 @@ TEST_CASE("await_event in a coroutine: cancelling the coroutine ends the device 
   io.poll();  // the late report: dropped
 }
 
+TEST_CASE("poll_event (marks): completes after the event, times out, and ends with errc::cancelled when cancelled") {
+  asio::io_context io;
+  const auto busy = asio::make_work_guard(io);
+  manual_event e;
+  const auto start = [&](std::chrono::milliseconds timeout, asio::cancellation_signal& cancel) {
+    auto p = std::make_shared<probe>();
+    asio::co_spawn(io, runtime::poll_event(io, e.event(), timeout, "the serving read"),
+                   asio::bind_cancellation_slot(cancel.slot(), [p](std::exception_ptr f) {
+                     p->done = true;
+                     p->failure = f;
+                   }));
+    return p;
+  };
+  asio::cancellation_signal cancel;
+  auto cancelled = start(10s, cancel);
+  io.run_for(3ms);
+  CHECK_FALSE(cancelled->done);
+  cancel.emit(asio::cancellation_type::terminal);
+  CHECK(run_until(
+      io, [&] { return cancelled->done; }, 100ms));
+  CHECK(failure_of(cancelled->failure) == "cancelled: the serving read cancelled");
+  asio::cancellation_signal unused;
+  auto slow = start(20ms, unused);
+  CHECK(run_until(
+      io, [&] { return slow->done; }, 1s));
+  CHECK(failure_of(slow->failure) == "timeout: the serving read not done within 20 ms");
+  auto done = start(10s, unused);
+  e.complete();
+  CHECK(run_until(
+      io, [&] { return done->done; }, 100ms));
+  CHECK(failure_of(done->failure).empty());
+}
+
 TEST_CASE("staging ring: oldest free area first, waits for a free area, then for the serving read") {
   asio::io_context io;
   const auto busy = asio::make_work_guard(io);  // the io_context never stops for lack of work
@@ -281,13 +314,12 @@ TEST_CASE("staging ring: oldest free area first, waits for a free area, then for
   // The serving thread hands area 1 back; its read of the area is still running.
   manual_event read1;
   ring.release(1, read1.event());
-  io.poll();
+  io.run_for(5ms);           // polls the read's mark() (poll_event)
   CHECK_FALSE(third->done);  // took area 1, now waits for the read
   CHECK(ring.free_count() == 0);
-  CHECK(io.poll() == 0);
   read1.complete();
-  io.poll();
-  CHECK(third->done);
+  CHECK(run_until(
+      io, [&] { return third->done; }, 100ms));  // within a poll slice (1 ms at most)
   CHECK(third->value == 1);
   CHECK(failure_of(third->failure).empty());
   // Released in the order 1, 0 (reads done): handed out in that order.
@@ -312,11 +344,11 @@ TEST_CASE("staging ring: a failed or slow serving read fails acquire()") {
   auto second = std::make_shared<probe>();
   spawn(io, ring.acquire(), second);
   SUBCASE("failed") {
-    io.poll();
+    io.run_for(5ms);
     CHECK_FALSE(second->done);
     read.fail(errc::device, "serving stream fault");
-    io.poll();
-    CHECK(second->done);
+    CHECK(run_until(
+        io, [&] { return second->done; }, 100ms));
     CHECK(failure_of(second->failure) == "device: serving stream fault");
   }
   SUBCASE("slow") {
@@ -371,10 +403,11 @@ TEST_CASE("staging ring: reset() frees every area and forgets cancel(); the serv
   CHECK_FALSE(ring.cancelled());
   auto next = std::make_shared<probe>();
   spawn(io, ring.acquire(), next);
-  io.poll();
+  io.run_for(5ms);
   CHECK_FALSE(next->done);  // area 0 first, after its read
   read0.complete();
-  io.poll();
+  CHECK(run_until(
+      io, [&] { return next->done; }, 100ms));
   CHECK(next->value == 0);
   CHECK(failure_of(next->failure).empty());
 }
