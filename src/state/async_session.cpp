@@ -307,8 +307,16 @@ void async_session::on_step_failure() noexcept {
     } catch (...) {  // NOLINT(bugprone-empty-catch): the original error is what this rank reports
     }
   }
-  abandon(code);
-  if (phase_ == phase::failing) enter(phase::failing_quiet);  // a commit or the agreement failed here
+  // From deferred or staging every transition below is allowed, so enter() does not throw; what
+  // can (cancelling the background posts to it: an allocation) must not escape this noexcept
+  // function: the rebalance then ends quietly on this rank and its peers learn it by their timeout.
+  try {
+    abandon(code);
+    if (phase_ == phase::failing) enter(phase::failing_quiet);  // a commit or the agreement failed here
+  } catch (...) {
+    failure_code_ = code;
+    if (phase_ != phase::idle && phase_ != phase::failing_quiet) enter(phase::failing_quiet);
+  }
 }
 
 // ctx_.stop was requested before: every store wait of the background and of the agreement's

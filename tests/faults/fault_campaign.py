@@ -39,16 +39,17 @@ def transfer_fault_case(i):
     sync = rng.random() < 0.6
     procs = rng.random() < 0.5
     rank, step = rng.randrange(4), rng.randrange(60, 400)
-    args = ["--ranks", "4", "--steps", "900", "--step-interval", "40", "--window", "20", "--timeout-ms",
+    args = ["--ranks", "4", "--step-interval", "40", "--window", "20", "--timeout-ms",
             str(TIMEOUT_MS), "--seed", str(rng.randrange(1000)), "--transfer-fault-rank", str(rank),
             "--transfer-fault-step", str(step)]
     if sync:
-        args.append("--sync")
+        args += ["--sync", "--steps", "900"]
     else:
         # Recovery is bounded in time, not in steps: the cancelled rebalance's transfer may wait out
-        # the timeout and the next one re-makes the communicator first. Steps of 4 ms leave the
-        # steps after the fault (at least 500) 2 s or more, also on a loaded machine.
-        args += ["--forward-us", "4000"]
+        # the timeout (1 s), then the next one re-makes the communicator and moves every layer.
+        # Steps of 4 ms leave the steps after the fault (at least 1000) 4 s or more; 500 steps (2 s)
+        # were once too few in CI, with other tests loading its 2 cores.
+        args += ["--steps", "1400", "--forward-us", "4000"]
     if procs:
         args += ["--procs", "--backend", "gloo"]
     label = f"case {i}: transfer fault rank {rank} step {step} {'sync' if sync else 'async'} " + \
@@ -61,7 +62,10 @@ def transfer_fault_case(i):
         if not r.get("errors"):
             failures.append(f"{label}: rank {r['rank']} reports no error for the failed rebalance")
     if out.get("rebalances_after_errors", 0) < 1:
-        failures.append(f"{label}: no rebalance finished after the fault")
+        # What each rank saw, so that a run that cannot be replayed (timing) still says why.
+        seen = [f"rank {r.get('rank')}: errors {[(e.get('step'), e.get('error', '')[:120]) for e in r.get('errors', [])]}, "
+                f"{r.get('rebalances')} rebalances, failure {r.get('failure')!r}" for r in reports]
+        failures.append(f"{label}: no rebalance finished after the fault; " + "; ".join(seen))
     print(f"{label}: {out.get('errors')} errors, {out.get('rebalances_after_errors')} rebalances after")
 
 
