@@ -114,18 +114,23 @@ class State:
     tensors, each [local slots, ...] and contiguous; they are read and rearranged in place.
     The router's counts go into ``load_buffer`` [layers, physical slots] (int64) or ``record_load``;
     ``phy2log``, ``log2phy`` and ``replica_count`` alias eplb's maps (int32, updated by commits).
+    ``buffers``: the engine's own tensors instead, by name ("load" [layers, slots], "phy2log" [layers,
+    slots], "log2phy" [layers, experts, slots - experts + 1] padded with -1, "replica_count"
+    [layers, experts]), each int32 or int64, contiguous, on the state's device; eplb writes the maps
+    and reads the load in the serving stream's order, and never clears the load (a counter the
+    router only adds to: windows are differences of two readings). The properties then return them.
     """
 
     def __init__(self, config, weights, *, num_experts, rank, num_ranks, store, device="cpu",
                  num_groups=1, num_nodes=1, ranks_per_node=0, world=None, serving_stream=None,
-                 comm_options=None):
+                 comm_options=None, buffers=None):
         text = config if isinstance(config, str) else _json.dumps(config)
         kind, ordinal = device_of(device)
         weights = [[_plain(t) for t in layer] for layer in weights]
         self._kind = "torch" if weights and weights[0] and is_torch(weights[0][0]) else "numpy"
         self._s = _eplb._State(text, weights, num_experts, rank, num_ranks, as_store(store), kind, ordinal,
                                num_groups, num_nodes, ranks_per_node, world, comm_options or {},
-                               stream_handle(serving_stream))
+                               stream_handle(serving_stream), {k: _plain(v) for k, v in (buffers or {}).items()})
 
     def step(self, is_dummy=False):
         """One forward step (without the GIL); returns what happened (rebalance_started...)."""
@@ -150,11 +155,13 @@ class State:
         self._s.stop()
 
     def _table(self, which):
+        if self._s.has_engine_buffer(which):
+            return self._s.table(self._s, which)
         return from_dlpack_capsule(self._s.table(self._s, which), self._kind)
 
     @property
     def load_buffer(self):
-        if self._kind == "numpy":
+        if self._kind == "numpy" and not self._s.has_engine_buffer("load"):
             return self._s.load_array(self._s)
         return self._table("load")
 

@@ -4,7 +4,9 @@
 #include <pybind11/stl.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,6 +31,7 @@ struct state_args {
   int num_groups = 1;
   int num_nodes = 1;
   int ranks_per_node = 0;
+  py::dict buffers;  // the engine's own load / map tensors, by name (optional)
 };
 
 class state_handle {
@@ -47,6 +50,7 @@ class state_handle {
     if (!world.is_none()) p.comm_setup.world = world.cast<world_handle&>().world;
     p.model = {.shape = shape_of(a, p.weights), .num_groups = a.num_groups, .num_nodes = a.num_nodes};
     if (p.cfg.num_redundant_experts == 0) p.cfg.num_redundant_experts = p.model.shape.num_physical - a.num_experts;
+    p.buffers = engine_buffers_of(a.buffers, p.model.shape);
     store_ = store;
     py::gil_scoped_release nogil;  // creating the communicator meets the peers
     state_ = std::make_unique<eplb_state>(std::move(p));
@@ -96,8 +100,9 @@ class state_handle {
   }
 
   // A DLPack capsule over eplb's memory, keeping this state's Python object alive.
-  py::capsule table(const py::object& self, const char* which) {
+  py::object table(const py::object& self, const char* which) {
     auto& s = live();
+    if (engine_.contains(which)) return engine_[which];  // the engine's own tensor, as it gave it
     const auto& m = s.maps();
     const std::int64_t layers = m.layers();
     if (std::string_view(which) == "load")
@@ -144,6 +149,8 @@ class state_handle {
     return d;
   }
 
+  [[nodiscard]] bool has_engine(const std::string& which) const { return engine_.contains(which); }
+
   [[nodiscard]] std::string communicator() { return std::string(to_string(live().communicator_kind())); }
 
  private:
@@ -189,7 +196,50 @@ class state_handle {
     return s;
   }
 
+  // The engine's tensors for eplb's load buffer and maps: int32 or int64, contiguous, writable, on
+  // the state's device, of the layout eplb's own buffers have (state.hpp's engine_buffers).
+  engine_buffers engine_buffers_of(const py::dict& given, const exec::model_shape& s) {
+    const std::int64_t layers = s.layers, slots = s.num_physical, experts = s.num_logical;
+    const std::int64_t width = slots - experts + 1;  // device_max_replicas()
+    const std::pair<const char*, std::vector<std::int64_t>> layouts[] = {{"load", {layers, slots}},
+                                                                         {"phy2log", {layers, slots}},
+                                                                         {"log2phy", {layers, experts, width}},
+                                                                         {"replica_count", {layers, experts}}};
+    engine_buffers out;
+    std::optional<engine_buffer>* slots_of[] = {&out.load, &out.phy2log, &out.log2phy, &out.replica_count};
+    for (const auto& [k, v] : given) {
+      const auto key = k.cast<std::string>();
+      const auto at =
+          std::find_if(std::begin(layouts), std::end(layouts), [&](const auto& l) { return key == l.first; });
+      if (at == std::end(layouts))
+        throw error(errc::invalid_argument,
+                    fmt::format("buffers: unknown key '{}' (allowed: load, phy2log, log2phy, replica_count)", key));
+      *slots_of[at - std::begin(layouts)] = engine_buffer_of(v, "buffers." + key, at->second);
+      engine_[py::str(key)] = py::reinterpret_borrow<py::object>(v);
+    }
+    return out;
+  }
+
+  engine_buffer engine_buffer_of(const py::handle& obj, const std::string& arg, const std::vector<std::int64_t>& want) {
+    auto v = tensor_view::of(obj, arg, true);
+    if (v.type() != dtype{dtype_kind::int_, 32} && v.type() != dtype{dtype_kind::int_, 64})
+      throw error(errc::invalid_argument,
+                  fmt::format("{}: dtype {} (int32 or int64 wanted)", arg, to_string(v.type())));
+    if (v.shape() != want)
+      throw error(errc::invalid_argument,
+                  fmt::format("{}: shape [{}], wanted [{}]", arg, fmt::join(v.shape(), ", "), fmt::join(want, ", ")));
+    if (v.device().ordinal != ordinal())
+      throw error(errc::invalid_argument,
+                  fmt::format("{}: on {}, the state's device is {}", arg, where(v.device().ordinal), where(ordinal())));
+    const engine_buffer b{v.data(), v.type().bits == 32 ? element_type::int32 : element_type::int64};
+    views_.push_back(std::move(v));
+    return b;
+  }
+
+  static std::string where(int ordinal) { return ordinal < 0 ? "the host" : fmt::format("cuda:{}", ordinal); }
+
   store_handle store_;
+  py::dict engine_;                 // the engine's tensors by name, handed back by table()
   std::vector<tensor_view> views_;  // the weights stay borrowed while the state lives
   std::unique_ptr<device::device> dev_;
   std::unique_ptr<device::stream> stream_;
@@ -203,9 +253,9 @@ void bind_state(py::module_& m) {
       .def(py::init([](const std::string& cfg, py::list weights, int num_experts, int rank, int num_ranks,
                        const store_handle& store, const std::string& dev_kind, int ordinal, int num_groups,
                        int num_nodes, int ranks_per_node, const py::object& world, const py::dict& comm_options,
-                       std::uintptr_t serving_stream) {
-        const state_args a{cfg,       std::move(weights), num_experts, rank,
-                           num_ranks, num_groups,         num_nodes,   ranks_per_node};
+                       std::uintptr_t serving_stream, py::dict buffers) {
+        const state_args a{cfg,       std::move(weights), num_experts,       rank, num_ranks, num_groups,
+                           num_nodes, ranks_per_node,     std::move(buffers)};
         return std::make_unique<state_handle>(a, store, dev_kind, ordinal, world, comm_options, serving_stream);
       }))
       .def("step", &state_handle::step, py::arg("is_dummy") = false)
@@ -215,6 +265,7 @@ void bind_state(py::module_& m) {
       .def("synchronize", &state_handle::synchronize, py::arg("timeout") = 60.0)
       .def("table", [](state_handle& h, const py::object& self,
                        const std::string& which) { return h.table(self, which.c_str()); })
+      .def("has_engine_buffer", [](state_handle& h, const std::string& which) { return h.has_engine(which); })
       .def("load_array", [](state_handle& h, const py::object& self) { return h.load_array(self); })
       .def("maps", &state_handle::maps)
       .def("metrics", &state_handle::metrics)

@@ -133,7 +133,7 @@ def test_vllm_shaped_rearrangement_matches_torch_gloo(transport, tmp_path):
         assert listed == reference
 
 
-def state_rank(rank, size, rdv):
+def state_rank(rank, size, rdv, engine):
     import torch
 
     import eplb
@@ -148,11 +148,21 @@ def state_rank(rank, size, rdv):
         weights.append([w])
     serving = torch.cuda.Stream()
     config = {"communicator": "gloo", "window_size": 8, "step_interval": 8, "timeout_ms": 60000}
+    n = slots * size
+    # vLLM's layers: an int32 load counter and int64 maps, the engine's own CUDA tensors.
+    given = {"load": torch.zeros(layers, n, dtype=torch.int32, device="cuda"),
+             "phy2log": torch.full((layers, n), 99, dtype=torch.int64, device="cuda"),
+             "log2phy": torch.full((layers, experts, n - experts + 1), 99, dtype=torch.int64, device="cuda"),
+             "replica_count": torch.full((layers, experts), 99, dtype=torch.int64, device="cuda")} if engine else None
     with eplb.State(config, weights, num_experts=experts, rank=rank, num_ranks=size, store=eplb.FileStore(rdv),
-                    device="cuda:0", serving_stream=serving) as state:
+                    device="cuda:0", serving_stream=serving, buffers=given) as state:
         load = state.load_buffer
-        assert load.is_cuda and load.dtype == torch.int64 and tuple(load.shape) == (layers, slots * size)
-        assert state.phy2log.is_cuda and state.phy2log.dtype == torch.int32
+        want = (torch.int32, torch.int64) if engine else (torch.int64, torch.int32)
+        assert load.is_cuda and load.dtype == want[0] and tuple(load.shape) == (layers, n)
+        assert state.phy2log.is_cuda and state.phy2log.dtype == want[1]
+        if engine:
+            assert load.data_ptr() == given["load"].data_ptr()
+            assert state.phy2log.data_ptr() == given["phy2log"].data_ptr()
         for _ in range(200):
             with torch.cuda.stream(serving):
                 load[:, 2] += 100  # expert 2 (one replica, on rank 0) is hot
@@ -170,7 +180,8 @@ def state_rank(rank, size, rdv):
         return phy2log.tolist()
 
 
-def test_state_on_cuda_tensors(tmp_path):
-    maps = run_processes(2, state_rank, str(tmp_path / "rdv"))
+@_cases((False,), (True,))
+def test_state_on_cuda_tensors(engine, tmp_path):
+    maps = run_processes(2, state_rank, str(tmp_path / "rdv"), engine)
     assert maps[0] == maps[1]
     assert maps[0][0] != [p % 4 for p in range(6)], "the hot expert should have moved"

@@ -46,6 +46,16 @@ CASES = [(kind, use_async, "memory") for kind in ["numpy"] + (["torch"] if HAVE_
 # A Python store (the torch.distributed adapter's path): the load sum and the commit agreement call
 # it from eplb's own threads, which take the GIL only inside each call.
 CASES += [("numpy", False, "python"), ("numpy", True, "python")]
+# The engine's own buffers (vLLM's layers: an int32 load counter, int64 maps).
+CASES += [("numpy", False, "engine"), ("numpy", True, "engine")]
+
+
+def engine_buffers():
+    slots = RANKS * SLOTS
+    return {"load": np.zeros((LAYERS, slots), dtype=np.int32),
+            "phy2log": np.full((LAYERS, slots), 99, dtype=np.int64),
+            "log2phy": np.full((LAYERS, EXPERTS, slots - EXPERTS + 1), 99, dtype=np.int64),
+            "replica_count": np.full((LAYERS, EXPERTS), 99, dtype=np.int64)}
 
 
 @pytest.mark.parametrize("kind,use_async,store_kind", CASES)
@@ -53,7 +63,7 @@ def test_two_ranks_rebalance_in_place(kind, use_async, store_kind):
     from test_stores import DictStore
 
     world = eplb.LoopbackWorld(RANKS)
-    store = eplb.MemoryStore() if store_kind == "memory" else eplb.TorchStore(DictStore())
+    store = eplb.TorchStore(DictStore()) if store_kind == "python" else eplb.MemoryStore()
     # Async mode stages on a background thread and commits steps later: a longer interval lets the
     # first rebalance end before the next starts.
     config = {"communicator": "loopback", "window_size": 8, "step_interval": 40 if use_async else 8,
@@ -61,13 +71,18 @@ def test_two_ranks_rebalance_in_place(kind, use_async, store_kind):
 
     def rank_main(rank):
         weights = make_weights(rank, kind)
+        given = engine_buffers() if store_kind == "engine" else None
         with eplb.State(config, weights, num_experts=EXPERTS, rank=rank, num_ranks=RANKS, store=store,
-                        world=world) as state:
+                        world=world, buffers=given) as state:
             assert state.communicator == "loopback"
             before = np.asarray(state.phy2log).copy()
             assert before.tolist() == [[p % EXPERTS for p in range(RANKS * SLOTS)]] * LAYERS
             load = state.load_buffer
-            assert tuple(load.shape) == (LAYERS, RANKS * SLOTS) and str(load.dtype).endswith("int64")
+            want = "int32" if given else "int64"
+            assert tuple(load.shape) == (LAYERS, RANKS * SLOTS) and str(load.dtype).endswith(want)
+            if given:  # the engine's own arrays, written at construction
+                assert load is given["load"] and state.phy2log is given["phy2log"]
+                assert given["phy2log"].tolist() == before.tolist()
             finished = False
             for step in range(2000):
                 # Expert 2 (one replica, on rank 0) is hot: its slots get most tokens (through the load buffer on layer 0,
@@ -106,6 +121,8 @@ def test_two_ranks_rebalance_in_place(kind, use_async, store_kind):
                     slots = [int(p) for p in log2phy[layer][e] if p >= 0]
                     assert slots == [p for p in range(RANKS * SLOTS) if after[layer][p] == e]
             check_weights(rank, weights, after)
+            if given:
+                assert given["phy2log"].tolist() == after.tolist() and given["log2phy"].dtype == np.int64
             m = state.metrics
             assert m["rebalances"] >= 1
             return after.tolist(), m["bytes_moved"]
@@ -129,8 +146,18 @@ def test_bad_weights_are_named():
     with pytest.raises(eplb.InvalidArgument, match="window_size"):
         eplb.State({"window_size": 0, "communicator": "loopback"}, [[np.zeros((4, 8), dtype=np.uint8)]],
                    num_experts=4, rank=0, num_ranks=1, store=store, world=world)
-    s = eplb.State(config, [[np.zeros((4, 8), dtype=np.uint8)]], num_experts=4, rank=0, num_ranks=1, store=store,
-                   world=world)
+    one = [[np.zeros((4, 8), dtype=np.uint8)]]
+    ro_load = np.zeros((1, 4), dtype=np.int64)
+    ro_load.flags.writeable = False
+    for buffers, message in [
+            ({"loads": np.zeros((1, 4), dtype=np.int64)}, "buffers: unknown key 'loads'"),
+            ({"load": np.zeros((1, 4), dtype=np.float32)}, r"buffers.load: dtype float32 \(int32 or int64 wanted\)"),
+            ({"load": np.zeros((4,), dtype=np.int64)}, r"buffers.load: shape \[4\], wanted \[1, 4\]"),
+            ({"log2phy": np.zeros((1, 4, 2), dtype=np.int64)}, r"buffers.log2phy: shape \[1, 4, 2\], wanted \[1, 4, 1\]"),
+            ({"load": ro_load}, "buffers.load: is read-only")]:
+        with pytest.raises(eplb.InvalidArgument, match=message):
+            eplb.State(config, one, num_experts=4, rank=0, num_ranks=1, store=store, world=world, buffers=buffers)
+    s = eplb.State(config, one, num_experts=4, rank=0, num_ranks=1, store=store, world=world)
     with pytest.raises(eplb.InvalidArgument, match="counts: dtype int32 is not int64"):
         s.record_load(0, np.zeros(4, dtype=np.int32))
     s.stop()
