@@ -388,6 +388,13 @@ long_run run_steps(const config& cfg, int steps, int sample, const std::shared_p
       out.most.keys = std::max(out.most.keys, u.keys);
       out.most.bytes = std::max(out.most.bytes, u.bytes);
     }
+    // Every rank drains in the same step (a peer that stops mid-rebalance is an error on the others).
+    r.state->drain();
+    for (int extra = 0; extra < 10'000 && r.state->stats().rebalance_in_flight; ++extra) {
+      if (cfg.use_async) std::this_thread::sleep_for(300us);
+      finished += r.state->step().rebalance_finished ? 1 : 0;
+    }
+    CHECK_FALSE(r.state->stats().rebalance_in_flight);
     r.state->stop();
     if (rank == 0) out.rebalances = finished;
     return 0;
