@@ -4,7 +4,6 @@
 // stream is freed only after those copies. Here a lane is stalled by a host function that waits
 // for the test, and an event recorded on the caller's stream after the fence must not complete
 // before the lane does. Exits 77 (skip) without a GPU.
-#define DOCTEST_CONFIG_IMPLEMENT
 #include <cuda_runtime_api.h>
 #include <doctest/doctest.h>
 
@@ -75,13 +74,4 @@ TEST_CASE("order_after: memory released after the caller's stream outlives the s
   REQUIRE(cudaStreamSynchronize(lanes[0].get()) == cudaSuccess);
   caller->synchronize(10s);
   CHECK(dev->collect_released() == 0);  // freed once the lane and the caller passed it
-}
-
-int main(int argc, char** argv) {
-  if (device::cuda_device_count() == 0) {
-    std::puts("skip: no GPU");
-    return 77;
-  }
-  doctest::Context context(argc, argv);
-  return context.run();
 }

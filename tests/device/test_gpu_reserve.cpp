@@ -3,7 +3,6 @@
 // 100+ rebalances (sync and async, one rank on loopback; two ranks as threads over Gloo on GPU 0
 // where Gloo was built), every committed layer is verified, and every block comes back through the
 // hook's free (cudaFree / cudaFreeHost) with its size and kind. Exits 77 (skip) without a GPU.
-#define DOCTEST_CONFIG_IMPLEMENT
 #include <cuda_runtime_api.h>
 #include <doctest/doctest.h>
 #include <fmt/format.h>
@@ -14,6 +13,7 @@
 #include <mutex>
 #include <vector>
 
+#include "counting_allocator.hpp"
 #include "eplb/state.hpp"
 #include "on_ranks.hpp"
 #include "tools/exchange.hpp"
@@ -23,54 +23,29 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// The engine's allocator: the CUDA runtime's, every live block remembered and counted.
-struct cuda_counting_allocator {
-  std::mutex mutex;
-  std::map<void*, std::pair<std::size_t, device::memory_kind>> live;
-  std::int64_t allocations = 0, frees = 0, bad_frees = 0;
+using eplb::testing::counting_allocator;
 
-  static device::allocator_hook hook(const std::shared_ptr<cuda_counting_allocator>& self) {
-    return {[self](std::size_t bytes, device::memory_kind kind) -> void* {
-              void* p = nullptr;
-              const std::size_t n = std::max<std::size_t>(bytes, 1);
-              if (kind == device::memory_kind::device) {
-                if (cudaMalloc(&p, n) != cudaSuccess) return nullptr;
-              } else if (kind == device::memory_kind::pinned) {
-                if (cudaHostAlloc(&p, n, cudaHostAllocPortable) != cudaSuccess) return nullptr;
-              } else {
-                p = std::aligned_alloc(256, (n + 255) / 256 * 256);
-                if (p == nullptr) return nullptr;
-              }
-              std::lock_guard lock(self->mutex);
-              self->live[p] = {bytes, kind};
-              ++self->allocations;
-              return p;
-            },
-            [self](void* p, std::size_t bytes, device::memory_kind kind) {
-              {
-                std::lock_guard lock(self->mutex);
-                const auto it = self->live.find(p);
-                if (it == self->live.end() || it->second != std::make_pair(bytes, kind)) {
-                  ++self->bad_frees;
-                  return;
-                }
-                self->live.erase(it);
-                ++self->frees;
-              }
-              if (kind == device::memory_kind::device) {
-                (void)cudaFree(p);
-              } else if (kind == device::memory_kind::pinned) {
-                (void)cudaFreeHost(p);
-              } else {
-                std::free(p);
-              }
-            }};
-  }
-  std::int64_t count() {
-    std::lock_guard lock(mutex);
-    return allocations;
-  }
-};
+// The engine's allocator: the CUDA runtime's, every live block remembered and counted.
+device::allocator_hook cuda_hook(const std::shared_ptr<counting_allocator>& a) {
+  const auto get = [](std::size_t bytes, device::memory_kind kind) -> void* {
+    void* p = nullptr;
+    if (kind == device::memory_kind::device) return cudaMalloc(&p, bytes) == cudaSuccess ? p : nullptr;
+    if (kind == device::memory_kind::pinned) {
+      return cudaHostAlloc(&p, bytes, cudaHostAllocPortable) == cudaSuccess ? p : nullptr;
+    }
+    return counting_allocator::host_allocate(bytes, kind);
+  };
+  const auto put = [](void* p, device::memory_kind kind) {
+    if (kind == device::memory_kind::device) {
+      (void)cudaFree(p);
+    } else if (kind == device::memory_kind::pinned) {
+      (void)cudaFreeHost(p);
+    } else {
+      counting_allocator::host_free(p, kind);
+    }
+  };
+  return counting_allocator::hook(a, get, put);
+}
 
 struct rank_outcome {
   std::string failure;
@@ -80,10 +55,10 @@ struct rank_outcome {
 };
 
 rank_outcome run_rank(int rank, int ranks, const std::string& communicator, bool use_async,
-                      const std::shared_ptr<comm::store>& store, const std::shared_ptr<cuda_counting_allocator>& a) {
+                      const std::shared_ptr<comm::store>& store, const std::shared_ptr<counting_allocator>& a) {
   rank_outcome out;
   auto dev = device::make_cuda_device(0);
-  dev->set_allocator(cuda_counting_allocator::hook(a));
+  dev->set_allocator(cuda_hook(a));
   auto serving = dev->create_stream();
   tools::exchange_config shape{.ranks = ranks,
                                .layers = 3,
@@ -144,8 +119,8 @@ void check_run(const std::string& communicator, int ranks) {
   for (const bool use_async : {false, true}) {
     CAPTURE(use_async);
     auto store = comm::make_memory_store();
-    std::vector<std::shared_ptr<cuda_counting_allocator>> allocators;
-    for (int r = 0; r < ranks; ++r) allocators.push_back(std::make_shared<cuda_counting_allocator>());
+    std::vector<std::shared_ptr<counting_allocator>> allocators;
+    for (int r = 0; r < ranks; ++r) allocators.push_back(std::make_shared<counting_allocator>());
     const auto results = eplb::testing::on_ranks(ranks, [&](int rank) {
       return run_rank(rank, ranks, communicator, use_async, store, allocators[static_cast<std::size_t>(rank)]);
     });
@@ -182,13 +157,4 @@ TEST_CASE("cudaMalloc allocator hook: no allocation over 100+ rebalances after r
                    [](const auto& b) { return b.kind == comm::backend::gloo && b.built; }))
     return;
   check_run("gloo", 2);
-}
-
-int main(int argc, char** argv) {
-  if (device::cuda_device_count() == 0) {
-    std::puts("skip: no GPU");
-    return 77;
-  }
-  doctest::Context context(argc, argv);
-  return context.run();
 }

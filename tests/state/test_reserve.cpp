@@ -12,6 +12,7 @@
 #include <mutex>
 
 #include "check_error.hpp"
+#include "counting_allocator.hpp"
 #include "device/event_state.hpp"
 #include "eplb/config.hpp"
 #include "eplb/state.hpp"
@@ -24,41 +25,12 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// An engine's allocator stand-in: aligned host memory, every live block remembered, so that a free
-// of something it did not give (or with another size or kind) is caught.
-struct counting_allocator {
-  std::mutex mutex;
-  std::map<void*, std::pair<std::size_t, device::memory_kind>> live;
-  std::int64_t allocations = 0, frees = 0, bad_frees = 0;
-  std::size_t fail_from = SIZE_MAX;  // allocations past this many return null
+using eplb::testing::counting_allocator;
 
-  static device::allocator_hook hook(const std::shared_ptr<counting_allocator>& self) {
-    return {[self](std::size_t bytes, device::memory_kind kind) -> void* {
-              std::lock_guard lock(self->mutex);
-              if (static_cast<std::size_t>(self->allocations) >= self->fail_from) return nullptr;
-              void* p = std::aligned_alloc(256, (std::max<std::size_t>(bytes, 1) + 255) / 256 * 256);
-              if (p == nullptr) return nullptr;
-              self->live[p] = {bytes, kind};
-              ++self->allocations;
-              return p;
-            },
-            [self](void* p, std::size_t bytes, device::memory_kind kind) {
-              std::lock_guard lock(self->mutex);
-              const auto it = self->live.find(p);
-              if (it == self->live.end() || it->second != std::make_pair(bytes, kind)) {
-                ++self->bad_frees;
-                return;
-              }
-              self->live.erase(it);
-              ++self->frees;
-              std::free(p);
-            }};
-  }
-  std::int64_t count() {
-    std::lock_guard lock(mutex);
-    return allocations;
-  }
-};
+// The host device's memory through the counting hook.
+device::allocator_hook host_hook(const std::shared_ptr<counting_allocator>& a) {
+  return counting_allocator::hook(a, counting_allocator::host_allocate, counting_allocator::host_free);
+}
 
 // Layers x slots of skewed counts whose hot experts move with `phase`.
 std::vector<std::int64_t> skewed_counts(int slots, int step, int phase, int rank) {
@@ -83,7 +55,7 @@ run_result run_rank(int rank, int ranks, const config& cfg, const std::shared_pt
                     int rebalances) {
   run_result out;
   auto dev = device::make_host_device();
-  dev->set_allocator(counting_allocator::hook(a));
+  dev->set_allocator(host_hook(a));
   auto stream = dev->create_stream();
   tools::exchange_config shape{.ranks = ranks, .layers = 4, .experts = 12, .redundant = 4, .tensor_bytes = {512, 96}};
   const auto start = tools::round_placement(shape, 0, {});
@@ -234,7 +206,7 @@ TEST_CASE("reserve: config reserve_memory reserves at construction; a later rese
   auto a = std::make_shared<counting_allocator>();
   auto world = comm::make_loopback_world(1);
   auto dev = device::make_host_device();
-  dev->set_allocator(counting_allocator::hook(a));
+  dev->set_allocator(host_hook(a));
   auto stream = dev->create_stream();
   tools::exchange_config shape{.ranks = 1, .layers = 2, .experts = 6, .redundant = 2, .tensor_bytes = {64, 24}};
   const auto start = tools::round_placement(shape, 0, {});
@@ -267,7 +239,7 @@ TEST_CASE("reserve: config reserve_memory reserves at construction; a later rese
 TEST_CASE("allocator hook: memory goes back through it only once the work queued on it has ended") {
   auto a = std::make_shared<counting_allocator>();
   auto dev = device::make_host_device();
-  dev->set_allocator(counting_allocator::hook(a));
+  dev->set_allocator(host_hook(a));
   auto s = dev->create_stream();
   auto gate = std::make_shared<device::detail::event_state>();
   std::vector<std::byte> src(4096, std::byte{7});
