@@ -30,7 +30,7 @@ int max_expert(std::span<const expert_id> a, std::span<const expert_id> b) {
   return m + 1;
 }
 
-int index_of(const std::vector<int>& v, int x) {
+int index_of(std::span<const int> v, int x) {
   const auto it = std::lower_bound(v.begin(), v.end(), x);
   return it != v.end() && *it == x ? static_cast<int>(it - v.begin()) : -1;
 }
@@ -85,10 +85,12 @@ primaries classify_slots(layer_plan& p) {
   return out;
 }
 
-// The wire half: receivers of each expert are split over its senders in blocks, the remainder
-// round-robin; this rank keeps the pairs it is part of.
-void add_transfers(layer_plan& p, std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
-                   const primaries& prims) {
+// The one pairing rule of the wire: for each expert, the ranks that want it and lack it (its
+// receivers, in rank order) are split over the ranks that hold it (its senders) in blocks, the
+// remainder round-robin. Calls fn(expert, senders, receivers, sender_of) per expert with
+// receivers, where sender_of(j) is receiver j's sender; senders may be empty (the caller decides).
+template <typename Fn>
+void for_each_pairing(std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks, Fn fn) {
   const int num_logical = max_expert(old_row, new_row);
   const auto old_holders = holders(old_row, num_ranks, num_logical);
   const auto new_holders = holders(new_row, num_ranks, num_logical);
@@ -100,23 +102,31 @@ void add_transfers(layer_plan& p, std::span<const expert_id> old_row, std::span<
       if (index_of(senders, r) < 0) receivers.push_back(r);
     }
     if (receivers.empty()) continue;
+    const int ns = static_cast<int>(senders.size());
+    const int block = ns == 0 ? 0 : static_cast<int>(receivers.size()) / ns;
+    const auto sender_of = [&senders, ns, block](int j) {
+      return j < ns * block ? senders[j / block] : senders[j - ns * block];
+    };
+    fn(e, std::span<const int>(senders), std::span<const int>(receivers), sender_of);
+  }
+}
+
+// The wire half: this rank keeps the pairs it is part of.
+void add_transfers(layer_plan& p, std::span<const expert_id> old_row, std::span<const expert_id> new_row, int num_ranks,
+                   const primaries& prims) {
+  for_each_pairing(old_row, new_row, num_ranks, [&](expert_id e, auto senders, auto receivers, auto sender_of) {
     if (senders.empty()) {
       fail(errc::invalid_map, "plan_layer: expert {} is wanted by rank {} but no rank holds it in the old map", e,
            receivers.front());
     }
-    const int ns = static_cast<int>(senders.size());
-    const int nr = static_cast<int>(receivers.size());
-    const int block = nr / ns;
-    if (const int i = index_of(senders, p.rank); i >= 0) {
+    if (index_of(senders, p.rank) >= 0) {
       const int src = first_old(p, e);
-      for (int k = i * block; k < (i + 1) * block; ++k) p.sends.push_back({e, receivers[k], src});
-      if (ns * block + i < nr) p.sends.push_back({e, receivers[ns * block + i], src});
+      for (std::size_t j = 0; j < receivers.size(); ++j) {
+        if (sender_of(static_cast<int>(j)) == p.rank) p.sends.push_back({e, receivers[j], src});
+      }
     }
-    if (const int j = index_of(receivers, p.rank); j >= 0) {
-      const int from = j < ns * block ? senders[j / block] : senders[j - ns * block];
-      p.recvs.push_back({e, from, primary_slot(prims, e)});
-    }
-  }
+    if (const int j = index_of(receivers, p.rank); j >= 0) p.recvs.push_back({e, sender_of(j), primary_slot(prims, e)});
+  });
 }
 
 }  // namespace
@@ -127,25 +137,12 @@ std::vector<std::size_t> pair_sends(std::span<const expert_id> old_row, std::spa
   check_rows(old_row, new_row, num_ranks, 0);
   const auto n = static_cast<std::size_t>(num_ranks);
   std::vector<std::size_t> out(n * n, 0);
-  const int num_logical = max_expert(old_row, new_row);
-  const auto old_holders = holders(old_row, num_ranks, num_logical);
-  const auto new_holders = holders(new_row, num_ranks, num_logical);
-  std::vector<int> receivers;
-  for (expert_id e = 0; e < num_logical; ++e) {
-    const auto& senders = old_holders[static_cast<std::size_t>(e)];
-    receivers.clear();
-    for (int r : new_holders[static_cast<std::size_t>(e)]) {
-      if (index_of(senders, r) < 0) receivers.push_back(r);
+  for_each_pairing(old_row, new_row, num_ranks, [&](expert_id, auto senders, auto receivers, auto sender_of) {
+    if (senders.empty()) return;  // plan_layer() refuses it
+    for (std::size_t j = 0; j < receivers.size(); ++j) {
+      ++out[static_cast<std::size_t>(sender_of(static_cast<int>(j))) * n + static_cast<std::size_t>(receivers[j])];
     }
-    if (receivers.empty() || senders.empty()) continue;  // plan_layer() refuses the latter
-    const int ns = static_cast<int>(senders.size());
-    const int nr = static_cast<int>(receivers.size());
-    const int block = nr / ns;
-    for (int j = 0; j < nr; ++j) {
-      const int from = j < ns * block ? senders[j / block] : senders[j - ns * block];
-      ++out[static_cast<std::size_t>(from) * n + static_cast<std::size_t>(receivers[j])];
-    }
-  }
+  });
   return out;
 }
 
