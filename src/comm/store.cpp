@@ -22,6 +22,8 @@ namespace eplb::comm {
 namespace {
 
 using clock = std::chrono::steady_clock;
+// How long add() waits for a counter file that another process holds locked (see lock_counter).
+constexpr milliseconds counter_lock_wait(2000);
 
 class memory_store final : public store {
  public:
@@ -129,7 +131,7 @@ class file_store final : public store {
     const auto path = dir_ / (file_name(key) + ".counter");
     const int fd = ::open(path.c_str(), O_RDWR | O_CREAT, 0644);
     if (fd < 0) fail(errc::transport, "file store: cannot open {}", path.string());
-    ::flock(fd, LOCK_EX);  // processes serialise on the counter file
+    lock_counter(fd, key);  // processes serialise on the counter file
     char buf[32] = {};
     const auto n = ::pread(fd, buf, sizeof buf - 1, 0);
     std::int64_t now = 0;
@@ -149,6 +151,29 @@ class file_store final : public store {
     set(key, text);  // so that get() sees counters too
     return now;
   }
+  // A holder keeps the lock for a read and a write, microseconds; one that never lets go was
+  // frozen or killed in between (SIGSTOP: a killed process's lock goes with it), and a blocking
+  // flock would hang every other process's add() for good (the fault campaign found it). So: tries
+  // with a growing pause, and after counter_lock_wait an errc::timeout naming the counter.
+  static void lock_counter(int fd, const std::string& key) {
+    const auto deadline = deadline_after(counter_lock_wait);
+    auto pause = std::chrono::microseconds(50);
+    while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK && errno != EINTR) {
+        ::close(fd);
+        fail(errc::transport, "file store: cannot lock the counter of \"{}\"", key);
+      }
+      if (clock::now() >= deadline) {
+        ::close(fd);
+        fail(errc::timeout,
+             "file store: the counter of \"{}\" stayed locked for {} ms (a process holding it is stopped or stuck)",
+             key, counter_lock_wait.count());
+      }
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(20'000));
+    }
+  }
+
   std::string set_if_absent(const std::string& key, const std::string& value) override {
     const auto path = dir_ / file_name(key);
     const auto tmp = write_temp(path, value);

@@ -1,6 +1,8 @@
 // In-process communicator tests: loopback conformance (threads), error cases, stores.
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <algorithm>
@@ -277,6 +279,27 @@ TEST_CASE("stores: erase removes a key and its counter; usage counts what is hel
     s->erase("late");
     CHECK(s->usage().keys == 0);
   }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("file store: a counter whose lock a frozen process holds is a timeout, not a hang") {
+  // The fault campaign froze a rank (SIGSTOP) inside add(), holding the counter file's lock: every
+  // other rank's add() then blocked for good. Here another open file description holds it.
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-store-lock-{}", ::getpid());
+  std::filesystem::remove_all(dir);
+  auto s = comm::make_file_store(dir.string());
+  CHECK(s->add("votes", 1) == 1);
+  const int holder = ::open((dir / "votes.counter").c_str(), O_RDWR);
+  REQUIRE(holder >= 0);
+  REQUIRE(::flock(holder, LOCK_EX) == 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK_EPLB_ERROR(s->add("votes", 1), errc::timeout, "file store: the counter of \"votes\" stayed locked for 2000 ms");
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  CHECK(waited >= 1900ms);
+  CHECK(waited < 4s);
+  ::flock(holder, LOCK_UN);
+  ::close(holder);
+  CHECK(s->add("votes", 1) == 2);  // the value was not touched
   std::filesystem::remove_all(dir);
 }
 
