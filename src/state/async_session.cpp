@@ -115,9 +115,11 @@ void async_session::start(const matrix<double>& local_load, step_report& /*repor
   deferred_ = runtime::rebalance_inputs{local_load,       ctx_.maps.phy2log(), ctx_.cfg.resolved_policy(),
                                         model.num_groups, model.num_nodes,     std::move(prepare)};
   // Every rank plans from the same global load, so every rank decides alike.
-  deferred_->accept = [min = ctx_.cfg.min_improvement, experts = model.shape.num_logical,
-                       ranks = model.shape.num_ranks](const matrix<double>& total, const matrix<expert_id>& old,
-                                                      const matrix<expert_id>& next) {
+  ideal_.store(0);
+  deferred_->accept = [min = ctx_.cfg.min_improvement, experts = model.shape.num_logical, ranks = model.shape.num_ranks,
+                       ideal = &ideal_](const matrix<double>& total, const matrix<expert_id>& old,
+                                        const matrix<expert_id>& next) {
+    ideal->store(balancedness(placement(next, experts, ranks, "planned"), total));
     return improves_enough(placement(old, experts, ranks, "old"), next, total, min);
   };
   deferred_since_ = clock_type::now();
@@ -226,13 +228,17 @@ void async_session::advance_running(step_report& report) {
   }
   if (!before_ && phase_ != phase::deferred) {
     // The global load arrives with the policy, before any layer is staged: measure the old maps.
-    if (const auto total = background_->global_load()) before_ = balancedness(ctx_.maps, *total);
+    if (const auto total = background_->global_load()) {
+      before_ = balancedness(ctx_.maps, *total);
+      ctx_.records.planned(*total, *before_, ideal_.load(), background_->plan_seconds());
+    }
   }
   if (agreed) commit_agreed(*agreed, report);
   auto& m = ctx_.m;
   m.commit_host_seconds_max =
       std::max(m.commit_host_seconds_max, std::chrono::duration<double>(clock_type::now() - start).count());
   m.plan_seconds = background_->plan_seconds();
+  if (before_) ctx_.records.plan_seconds(m.plan_seconds);  // written after global_load() on the io thread
   m.stage_seconds_per_layer = background_->stage_seconds();
   if (committed_ == ctx_.model.shape.layers) finish(report);
 }
@@ -266,6 +272,8 @@ void async_session::finish(step_report& report) {
 // so every rank commits the same layers here).
 void async_session::commit_agreed(std::int64_t agreed, step_report& report) {
   const std::int64_t limit = std::min<std::int64_t>(agreed, committed_ + max_commits_per_step);
+  if (committed_ >= limit) return;
+  const auto start = clock_type::now();
   for (; committed_ < limit; ++committed_) {
     const auto ready = background_->get(committed_);
     ctx_.serving.wait(ready.ready);
@@ -276,9 +284,11 @@ void async_session::commit_agreed(std::int64_t agreed, step_report& report) {
     ctx_.maps.set_layer(committed_, ready.staged.new_row);
     ctx_.published.publish(ctx_.maps, committed_);
     ctx_.m.bytes_moved += ready.staged.stats.bytes_received;
+    ctx_.records.layer(ready.staged.stats, ctx_.m.steps);
     ++ctx_.m.layers_committed;
     ++report.layers_committed;
   }
+  ctx_.records.commit_seconds(std::chrono::duration<double>(clock_type::now() - start).count());
 }
 
 // Stops this rank's part of the rebalance. Unless it already ended for everyone, it stays in

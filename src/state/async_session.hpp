@@ -4,6 +4,7 @@
 // later, or the engine's own collective), and every rank commits the agreed layers in the same step.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -68,6 +69,7 @@ class async_session final : public rebalance_session {
   int committed_ = 0;             // layers of this rebalance committed so far
   int areas_ = 0;                 // staging areas of the background, allocated when it is made
   std::optional<double> before_;  // balancedness of the old maps under the global load
+  std::atomic<double> ideal_{0};  // of the planned placement: written on the io thread before global_load()
 
   // Members below are torn down explicitly (see the destructor); declared in the order they are made.
   std::unique_ptr<runtime::cpu_group> group_;
