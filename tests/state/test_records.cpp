@@ -49,6 +49,7 @@ struct rank_run {
   std::thread::id serving;
   metrics stats;
   std::string prometheus;
+  rebalance_record stopped;  // the last record after stop()
 };
 
 struct run_options {
@@ -60,6 +61,7 @@ struct run_options {
   int fault_rank = -1;  // arms a transfer fault on this rank at fault_step
   int fault_step = 0;
   bool quiet_log = true;  // false: no on_event, every line goes to `log`
+  int stop_at = -1;       // every rank stops here (after drain: none), without stepping on
 };
 
 // A few hot experts, moving every 25 steps, so that every rebalance has something to move.
@@ -142,8 +144,9 @@ rank_run run_rank(const run_options& o, int rank, const std::shared_ptr<comm::lo
   }
   eplb_state state(std::move(p));
   for (int step = 0; step < o.steps; ++step) {
-    sync.arrive_and_wait();                   // the engine's all-to-all: ranks stay within a step of each other
-    if (step == o.steps - 40) state.drain();  // every rebalance ends inside the run
+    sync.arrive_and_wait();  // the engine's all-to-all: ranks stay within a step of each other
+    if (step == o.steps - 40 && o.stop_at < 0) state.drain();  // every rebalance ends inside the run
+    if (step == o.stop_at) break;
     if (rank == o.fault_rank && step == o.fault_step) sw->countdown = 1;
     if (o.use_async) std::this_thread::sleep_for(200us);  // an engine's forward pass: the background stages
     for (int l = 0; l < layers; ++l) state.record_load(l, moving_counts(step, l, rank));
@@ -160,11 +163,12 @@ rank_run run_rank(const run_options& o, int rank, const std::shared_ptr<comm::lo
       out.errors.emplace_back(e.what());
     }
   }
-  finish_in_flight(state, sync, busy);
+  if (o.stop_at < 0) finish_in_flight(state, sync, busy);
   out.history = state.history();
   out.stats = state.stats();
   out.prometheus = state.prometheus_text();
-  state.stop();
+  state.stop();  // with stop_at, mid-rebalance: its record ends as stopped
+  if (!state.history().empty()) out.stopped = state.history().back();
   return out;
 }
 
@@ -427,4 +431,35 @@ TEST_CASE("records: a rebalance that ends in the step the next starts keeps its 
   check_committed(runs);
   check_same_on_every_rank(runs);
   for (const auto& r : runs) CHECK(r.ended_and_started > 0);  // the case did happen
+}
+
+TEST_CASE("records: an async rebalance that fails is recorded with each rank's error") {
+  const auto runs = run({.use_async = true, .steps = 300, .fault_rank = 2, .fault_step = 30});
+  for (const auto& r : runs) {
+    REQUIRE(r.errors.size() == 1);  // the rebalance staging at step 30 (2 or 3) fails everywhere
+    const auto failed = std::find_if(r.history.begin(), r.history.end(),
+                                     [](const auto& h) { return h.outcome == rebalance_outcome::failed; });
+    REQUIRE(failed != r.history.end());
+    CHECK(failed->id == runs[0].history[static_cast<std::size_t>(failed - r.history.begin())].id);
+    CHECK(failed->error == r.errors[0]);
+    CHECK(r.stats.rebalances_failed == 1);
+    REQUIRE(failed + 1 != r.history.end());
+    CHECK((failed + 1)->outcome == rebalance_outcome::committed);
+    CHECK((failed + 1)->communicator_generation > 0);
+  }
+  CHECK(runs[2].errors[0].find("rebalance failed on rank 2") != std::string::npos);
+  check_same_on_every_rank(runs);
+}
+
+TEST_CASE("records: stop() mid-rebalance ends its record as stopped") {
+  // Async: rebalance 2 is triggered at step 25 and starts at 27 (unless rebalance 1 is still in
+  // flight then); every rank stops after step 28, with the last one started still in flight.
+  const auto runs = run({.use_async = true, .steps = 60, .stop_at = 28});
+  for (const auto& r : runs) {
+    REQUIRE(!r.started_ids.empty());
+    CHECK(r.history.size() == r.started_ids.size() - 1);  // taken before stop()
+    CHECK(r.stopped.id == r.started_ids.back());
+    CHECK(r.stopped.outcome == rebalance_outcome::stopped);
+    CHECK(r.stopped.error == "stopped by eplb_state::stop()");
+  }
 }
