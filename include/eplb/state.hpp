@@ -264,6 +264,10 @@ class EPLB_API eplb_state {
   /// This rank's load per physical slot (layers x slots) over the window the latest rebalance
   /// planned from (what step() read back; record_load() counts included); zeros before the first.
   [[nodiscard]] const matrix<std::int64_t>& window_load() const noexcept;
+  /// The summed load of every rank per layer and logical expert (layers x experts) over the window
+  /// the latest planned rebalance used: the load all-reduce's result, the same on every rank (no
+  /// collective of its own); empty before the first rebalance plans.
+  [[nodiscard]] const matrix<double>& global_window_load() const noexcept;
   [[nodiscard]] const metrics& stats() const noexcept;
   /// The last config::history_size rebalances that ended on this rank, oldest first.
   [[nodiscard]] std::vector<rebalance_record> history() const;

@@ -102,6 +102,7 @@ void async_session::enter(phase next) {
 void async_session::start(const matrix<double>& local_load, step_report& /*report*/) {
   trigger_time_ = clock_type::now();
   before_.reset();
+  background_started_ = false;
   if (agree_) agree_->begin(ctx_.m.rebalances);
   std::function<void()> prepare;
   if (ctx_.comms.take_suspect() && ctx_.comms.can_remake()) {
@@ -140,8 +141,9 @@ std::exception_ptr async_session::start_background_when_idle() {
                                                                     "of being abandoned",
                                                                     2 * ctx_.cfg.timeout.count())));
   }
-  background_->start(std::move(*deferred_));
+  background_->start(std::move(*deferred_));  // clears the previous rebalance's global load
   deferred_.reset();
+  background_started_ = true;
   enter(phase::staging);
   return nullptr;
 }
@@ -161,6 +163,7 @@ void async_session::advance(step_report& report) {
 // the failure still commit here as on the peers (their layers are staged on this rank too), so
 // every rank ends with the same maps.
 void async_session::advance_failing(step_report& report) {
+  note_plan();
   std::optional<std::int64_t> agreed;
   try {
     agreed = agree_->step(failure_code_);
@@ -184,6 +187,17 @@ void async_session::advance_failing(step_report& report) {
   }
 }
 
+// The global load arrives with the policy, before any layer is staged: measure the old maps under
+// it (before any layer commits) and hand it to the record. A rank that failed before the plan
+// came has none (its record keeps 0).
+void async_session::note_plan() {
+  if (before_ || !background_started_) return;  // until it started, global_load() is the previous one's
+  if (const auto total = background_->global_load()) {
+    before_ = balancedness(ctx_.maps, *total);
+    ctx_.records.planned(*total, *before_, ideal_.load(), background_->plan_seconds());
+  }
+}
+
 std::optional<std::int64_t> async_session::agree_on(std::int64_t mine) {
   try {
     // Built in: the round of commit_lag_steps steps ago.
@@ -201,6 +215,7 @@ void async_session::advance_running(step_report& report) {
   const bool waiting = phase_ == phase::deferred;
   const auto failure = late ? late : waiting ? nullptr : background_->failure();
   // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop too.
+  note_plan();  // before a failure ends it: the record keeps the plan's figures
   const std::int64_t mine = failure ? -(ctx_.rank + 2) : waiting ? 0 : background_->staged_layers();
   const auto agreed = agree_on(mine);
   if (agreed && *agreed < 0) enter(phase::idle);  // every rank reads this round in this step
@@ -225,13 +240,6 @@ void async_session::advance_running(step_report& report) {
     const int size = ctx_.model.shape.num_ranks;
     fail(errc::peer_failure, "{} rank {}; layers not committed keep their old weights",
          r >= size ? "rebalance ended: stopped on" : "rebalance failed on", r >= size ? r - size : r);
-  }
-  if (!before_ && phase_ != phase::deferred) {
-    // The global load arrives with the policy, before any layer is staged: measure the old maps.
-    if (const auto total = background_->global_load()) {
-      before_ = balancedness(ctx_.maps, *total);
-      ctx_.records.planned(*total, *before_, ideal_.load(), background_->plan_seconds());
-    }
   }
   if (agreed) commit_agreed(*agreed, report);
   auto& m = ctx_.m;

@@ -105,6 +105,7 @@ void rebalance_records::started(std::int64_t step) {
 void rebalance_records::planned(const matrix<double>& global_load, double before, double ideal, double plan_seconds) {
   if (!open_) return;
   global_load_ = global_load;
+  last_global_load_ = global_load;
   open_->balancedness_before = before;
   open_->balancedness_after = before;
   if (ideal > 0) open_->balancedness_ideal = ideal;

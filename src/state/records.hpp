@@ -81,6 +81,7 @@ class rebalance_records {
 
   [[nodiscard]] const std::deque<rebalance_record>& history() const noexcept { return history_; }
   [[nodiscard]] const record_totals& totals() const noexcept { return totals_; }
+  [[nodiscard]] const matrix<double>& last_global_load() const noexcept { return last_global_load_; }
 
  private:
   int rank_;
@@ -90,6 +91,7 @@ class rebalance_records {
   std::function<void(std::string_view)> log_;
   std::optional<rebalance_record> open_;
   std::optional<matrix<double>> global_load_;  // the open one's, for balancedness_after
+  matrix<double> last_global_load_;            // the latest planned one's (global_window_load())
   std::chrono::steady_clock::time_point trigger_time_;
   std::int64_t step_ = 0;
   int generation_ = 0;

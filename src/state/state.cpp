@@ -282,6 +282,9 @@ int eplb_state::device_max_replicas() const noexcept {
 const matrix<std::int64_t>& eplb_state::window_load() const noexcept {
   return impl_->load.last_window();
 }
+const matrix<double>& eplb_state::global_window_load() const noexcept {
+  return impl_->records.last_global_load();
+}
 const metrics& eplb_state::stats() const noexcept {
   return impl_->m;
 }

@@ -50,6 +50,8 @@ struct rank_run {
   metrics stats;
   std::string prometheus;
   rebalance_record stopped;  // the last record after stop()
+  double window_total = 0;   // of window_load(): this rank's
+  matrix<double> global_window;
 };
 
 struct run_options {
@@ -166,6 +168,8 @@ rank_run run_rank(const run_options& o, int rank, const std::shared_ptr<comm::lo
   if (o.stop_at < 0) finish_in_flight(state, sync, busy);
   out.history = state.history();
   out.stats = state.stats();
+  for (const auto v : state.window_load().flat()) out.window_total += static_cast<double>(v);
+  out.global_window = state.global_window_load();
   out.prometheus = state.prometheus_text();
   state.stop();  // with stop_at, mid-rebalance: its record ends as stopped
   if (!state.history().empty()) out.stopped = state.history().back();
@@ -326,6 +330,15 @@ TEST_CASE("records: sync rebalances on 4 ranks") {
   const auto runs = run({.use_async = false});
   check_committed(runs);
   check_same_on_every_rank(runs);
+  // The all-reduced window every rank planned from is the sum of the ranks' windows.
+  double sum = 0;
+  for (const auto& r : runs) sum += r.window_total;
+  for (const auto& r : runs) {
+    REQUIRE(r.global_window.rows() == static_cast<std::size_t>(layers));
+    CHECK(r.global_window.flat()[0] == runs[0].global_window.flat()[0]);
+    CHECK(std::accumulate(r.global_window.flat().begin(), r.global_window.flat().end(), 0.0) == sum);
+  }
+  CHECK(sum > 0);
 }
 
 TEST_CASE("records: async rebalances on 4 ranks") {
