@@ -124,6 +124,9 @@ struct eplb_state::impl {
 
   // Before a trigger in the same step, so that the record that ends here keeps its own id.
   void end_rebalance_if_idle(step_report& report) {
+    // A remake happens inside a rebalance (sync: in its load sum; async: on the background), so its
+    // event comes before the end of the rebalance that made it.
+    records.communicator(comms.generation(), m.steps);
     if (!records.open()) return;
     // Called at most twice a step (after advance and after a sync start), each commit once.
     if (report.layers_committed > layers_announced && records.wants_debug()) {
@@ -182,7 +185,6 @@ struct eplb_state::impl {
     ++since_rebalance;
     if (cfg.log_balancedness) log_balancedness();
     session->advance(report);
-    records.communicator(comms.generation(), m.steps);
     end_rebalance_if_idle(report);
     if (start_at != 0) {
       if (m.steps >= start_at) start_session(report);

@@ -396,6 +396,12 @@ TEST_CASE("records: a failed rebalance is recorded with its error, the next on a
     const auto remade = std::count_if(r.events.begin(), r.events.end(),
                                       [](const auto& e) { return e.kind == event_kind::communicator_remade; });
     CHECK(remade == 1);
+    // Made again in the load sum of the rebalance after the failed one: its event comes inside it.
+    const auto remade_event = std::find_if(r.events.begin(), r.events.end(),
+                                           [](const auto& e) { return e.kind == event_kind::communicator_remade; });
+    REQUIRE(remade_event != r.events.end());
+    CHECK(remade_event->id == next.id);
+    CHECK(remade_event->step == next.start_step);
     const auto failed_event = std::find_if(r.events.begin(), r.events.end(),
                                            [](const auto& e) { return e.kind == event_kind::rebalance_failed; });
     REQUIRE(failed_event != r.events.end());
