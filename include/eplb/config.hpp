@@ -56,6 +56,8 @@ struct EPLB_API config {
   /// (with register_buffers, whose messages are all packed, a larger layer still grows it). Every
   /// rank must set it alike.
   bool reserve_memory = false;
+  /// Rebalance records eplb_state::history() keeps (1..100000; eplb default).
+  int history_size = 64;
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;

@@ -14,7 +14,9 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "eplb/comm/communicator.hpp"
 #include "eplb/config.hpp"
@@ -60,6 +62,67 @@ struct model_desc {
   int num_nodes = 1;
 };
 
+/// How a rebalance ended on this rank.
+enum class rebalance_outcome {
+  committed,  ///< every layer committed (a layer the plan left alone counts as committed)
+  skipped,    ///< the plan was not better by config::min_improvement: nothing moved
+  failed,     ///< step() threw (here or because of a peer); layers committed before stay committed
+  stopped,    ///< stop() ended it on this rank
+};
+[[nodiscard]] EPLB_API std::string_view to_string(rebalance_outcome o) noexcept;
+
+/// One rebalance as this rank saw it, from its trigger to its end. id, trigger_step, start_step and
+/// the balancedness figures are the same on every rank; bytes and times are this rank's.
+struct rebalance_record {
+  std::int64_t id = 0;                  ///< metrics::rebalances when it was triggered: 1, 2, ...
+  std::int64_t trigger_step = 0;        ///< the last step of the window it planned from
+  std::int64_t start_step = 0;          ///< the step it planned in (async: trigger + lag, or later)
+  std::int64_t first_commit_step = -1;  ///< the step that committed its first layer; -1: none
+  std::int64_t end_step = 0;            ///< the step it ended in on this rank
+  rebalance_outcome outcome = rebalance_outcome::committed;
+  std::string error;                ///< failed or stopped: what step() threw (or why it stopped)
+  int communicator_generation = 0;  ///< of the communicator in use when it ended (0: the first)
+  /// Balancedness (vLLM's: mean over max of tokens per rank) of the summed load of every rank over
+  /// the window, from the load all-reduce the rebalance runs anyway: of the maps before it, of the
+  /// maps after it (committed layers only), and of the planned placement. 0 when it never planned.
+  double balancedness_before = 0;
+  double balancedness_after = 0;
+  double balancedness_ideal = 0;
+  int layers_committed = 0;
+  std::uint64_t bytes_sent = 0;  ///< this rank's, over the communicator
+  std::uint64_t bytes_received = 0;
+  std::uint64_t bytes_same_node = 0;  ///< sent + received with peers on this rank's node
+  std::uint64_t bytes_cross_node = 0;
+  std::vector<std::uint64_t> bytes_per_peer;  ///< sent + received, indexed by peer rank
+  double plan_seconds = 0;                    ///< load all-reduce and policy
+  double transfer_seconds = 0;                ///< the committed layers' transfers and copies, summed
+  double commit_seconds = 0;                  ///< host time step() spent committing its layers (async)
+  double total_seconds = 0;                   ///< trigger to end
+};
+
+enum class event_level { debug, info, warning, error };
+enum class event_kind {
+  rebalance_started,    ///< info
+  layers_committed,     ///< debug: a step committed layers of the rebalance in flight
+  rebalance_finished,   ///< info: committed
+  rebalance_skipped,    ///< info
+  rebalance_failed,     ///< error (warning when it failed on a peer or was stopped)
+  communicator_remade,  ///< warning: after a failure, under a new generation
+  balancedness,         ///< info: config::log_balancedness's line (this rank's load only)
+};
+[[nodiscard]] EPLB_API std::string_view to_string(event_kind k) noexcept;
+[[nodiscard]] EPLB_API std::string_view to_string(event_level l) noexcept;
+
+/// What state_params::on_event receives. The views and the pointer live for the call only.
+struct event {
+  event_level level = event_level::info;
+  event_kind kind = event_kind::rebalance_started;
+  std::int64_t step = 0;                     ///< metrics::steps when it happened
+  std::int64_t rebalance_id = 0;             ///< the rebalance it is about; 0: none
+  std::string_view message;                  ///< one line, as `log` would get it
+  const rebalance_record* record = nullptr;  ///< the finished, skipped and failed kinds
+};
+
 struct state_params {
   config cfg;
   model_desc model;
@@ -86,14 +149,21 @@ struct state_params {
   /// Default: a CPU all-reduce over the store on a background thread, run only while a rebalance
   /// is in flight and read config::commit_lag_steps steps later, so step() does not wait on the network.
   std::function<std::int64_t(std::int64_t staged_here)> commit_agreement;
-  std::function<void(std::string_view)> log;  ///< balancedness lines; default: stderr on rank 0
+  /// Optional: every event's line of level info and above when on_event is not set (balancedness
+  /// lines, rebalances started, finished, skipped and failed, communicators made again); default:
+  /// stderr on rank 0. Called as on_event is.
+  std::function<void(std::string_view)> log;
+  /// Optional: every event, debug level included, in the order they happen. Called on the thread
+  /// that calls step() or stop(), from inside them only (never from the background thread), so it
+  /// must be quick and must not call back into the state; what it throws is dropped.
+  std::function<void(const event&)> on_event;
   /// Optional: the engine's own load and map buffers (see engine_buffers); eplb allocates the others.
   engine_buffers buffers;
 };
 
 struct metrics {
   std::int64_t steps = 0;
-  std::int64_t rebalances = 0;
+  std::int64_t rebalances = 0;  ///< started (triggered); see rebalances_failed and history()
   std::int64_t layers_committed = 0;
   std::uint64_t bytes_moved = 0;       ///< received by this rank
   double plan_seconds = 0;             ///< last rebalance: all-reduce + policy
@@ -104,6 +174,7 @@ struct metrics {
   double balancedness_after = 0;
   bool rebalance_in_flight = false;
   std::int64_t rebalances_skipped = 0;  ///< placements not better by config::min_improvement
+  std::int64_t rebalances_failed = 0;   ///< ended failed or stopped on this rank
   // eplb_state::reserve(): bytes held for rebalances on this rank (staging, packing, the
   // communicator's staging or mailbox), and allocations rebalances made past them.
   std::uint64_t reserved_device_bytes = 0;  ///< device memory (the host device's: host memory)
@@ -116,6 +187,11 @@ struct step_report {
   bool rebalance_finished = false;
   bool rebalance_skipped = false;  ///< finished without moving: the placement was not better enough
   int layers_committed = 0;        ///< in this step
+  std::int64_t started_id = 0;     ///< the id of the rebalance started in this step; 0: none
+  /// The rebalance that ended in this step (finished, skipped, or failed in a step that did not
+  /// throw), else nullptr. Valid until the next step(); history() keeps a copy. A rebalance can
+  /// end and the next start in the same step: this is the one that ended (its own id).
+  const rebalance_record* finished = nullptr;
 };
 
 class EPLB_API eplb_state {
@@ -188,7 +264,20 @@ class EPLB_API eplb_state {
   /// This rank's load per physical slot (layers x slots) over the window the latest rebalance
   /// planned from (what step() read back; record_load() counts included); zeros before the first.
   [[nodiscard]] const matrix<std::int64_t>& window_load() const noexcept;
+  /// The summed load of every rank per layer and logical expert (layers x experts) over the window
+  /// the latest planned rebalance used: the load all-reduce's result, the same on every rank (no
+  /// collective of its own); empty before the first rebalance plans.
+  [[nodiscard]] const matrix<double>& global_window_load() const noexcept;
   [[nodiscard]] const metrics& stats() const noexcept;
+  /// The last config::history_size rebalances that ended on this rank, oldest first.
+  [[nodiscard]] std::vector<rebalance_record> history() const;
+  /// This rank's metrics in Prometheus text exposition format 0.0.4, every sample labelled
+  /// rank="N", names starting with `prefix` (an engine's /metrics handler returns it, or appends
+  /// it to its own): rebalances by outcome, layers and bytes moved, the last rebalance's
+  /// balancedness, reserved memory, and histograms of rebalance duration and of step()'s host time.
+  /// Call it from the serving thread (or between steps). errc::invalid_argument for a prefix
+  /// that is not a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*).
+  [[nodiscard]] std::string prometheus_text(std::string_view prefix = "eplb") const;
   [[nodiscard]] comm::backend communicator_kind() const noexcept;
 
  private:

@@ -175,6 +175,17 @@ class State:
         """phy2log of the committed layers, copied to the host (numpy int32)."""
         return self._s.maps()
 
+    def history(self):
+        """The last ``history_size`` rebalance records of this rank (dicts, oldest first): id,
+        steps, outcome ("committed", "skipped", "failed", "stopped") and error, global balancedness
+        before/after/planned, bytes moved and seconds per phase. ``step()`` returns the one that
+        ended in that step as ``finished``."""
+        return self._s.history()
+
+    def prometheus_text(self, prefix="eplb"):
+        """This rank's metrics in Prometheus text format 0.0.4, for an engine's /metrics endpoint."""
+        return self._s.prometheus_text(prefix)
+
     def __enter__(self):
         return self
 

@@ -22,6 +22,33 @@
 namespace eplb::python {
 namespace {
 
+// A rebalance_record as a dict with the C++ field names (outcome as its name).
+py::dict record_dict(const rebalance_record& r) {
+  py::dict d;
+  d["id"] = r.id;
+  d["trigger_step"] = r.trigger_step;
+  d["start_step"] = r.start_step;
+  d["first_commit_step"] = r.first_commit_step;
+  d["end_step"] = r.end_step;
+  d["outcome"] = std::string(to_string(r.outcome));
+  d["error"] = r.error;
+  d["communicator_generation"] = r.communicator_generation;
+  d["balancedness_before"] = r.balancedness_before;
+  d["balancedness_after"] = r.balancedness_after;
+  d["balancedness_ideal"] = r.balancedness_ideal;
+  d["layers_committed"] = r.layers_committed;
+  d["bytes_sent"] = r.bytes_sent;
+  d["bytes_received"] = r.bytes_received;
+  d["bytes_same_node"] = r.bytes_same_node;
+  d["bytes_cross_node"] = r.bytes_cross_node;
+  d["bytes_per_peer"] = r.bytes_per_peer;
+  d["plan_seconds"] = r.plan_seconds;
+  d["transfer_seconds"] = r.transfer_seconds;
+  d["commit_seconds"] = r.commit_seconds;
+  d["total_seconds"] = r.total_seconds;
+  return d;
+}
+
 struct state_args {
   std::string config_json;
   py::list weights;  // layers x tensors, each [slots_per_rank, ...]
@@ -70,8 +97,18 @@ class state_handle {
     d["rebalance_finished"] = r.rebalance_finished;
     d["rebalance_skipped"] = r.rebalance_skipped;
     d["layers_committed"] = r.layers_committed;
+    d["started_id"] = r.started_id;
+    d["finished"] = r.finished ? py::object(record_dict(*r.finished)) : py::object(py::none());
     return d;
   }
+
+  py::list history() {
+    py::list out;
+    for (const auto& r : live().history()) out.append(record_dict(r));
+    return out;
+  }
+
+  std::string prometheus_text(const std::string& prefix) { return live().prometheus_text(prefix); }
 
   void record_load(int layer, const py::handle& counts) {
     auto v = tensor_view::of(counts, "counts", false);
@@ -146,6 +183,7 @@ class state_handle {
     d["balancedness_after"] = x.balancedness_after;
     d["rebalance_in_flight"] = x.rebalance_in_flight;
     d["rebalances_skipped"] = x.rebalances_skipped;
+    d["rebalances_failed"] = x.rebalances_failed;
     return d;
   }
 
@@ -269,6 +307,8 @@ void bind_state(py::module_& m) {
       .def("load_array", [](state_handle& h, const py::object& self) { return h.load_array(self); })
       .def("maps", &state_handle::maps)
       .def("metrics", &state_handle::metrics)
+      .def("history", &state_handle::history)
+      .def("prometheus_text", &state_handle::prometheus_text, py::arg("prefix") = "eplb")
       .def_property_readonly("communicator", &state_handle::communicator);
 }
 

@@ -254,6 +254,7 @@ void layer_transfer::account(int peer) {
   const auto& shape = *at_.shape;
   const int rpn = shape.ranks_per_node > 0 ? shape.ranks_per_node : shape.num_ranks;
   (peer / rpn == at_.rank / rpn ? stats.bytes_same_node : stats.bytes_cross_node) += eb_;
+  add_peer_bytes(stats, shape.num_ranks, peer, eb_);
 }
 
 std::byte* layer_transfer::slot(int tensor, int s) const {

@@ -15,6 +15,13 @@
 
 namespace eplb::exec {
 
+/// Counts `bytes` against `peer` in st.bytes_per_peer, sized on the first transfer (a layer that
+/// moves nothing allocates nothing).
+inline void add_peer_bytes(layer_stats& st, int num_ranks, int peer, std::uint64_t bytes) {
+  if (st.bytes_per_peer.empty()) st.bytes_per_peer.assign(static_cast<std::size_t>(num_ranks), 0);
+  st.bytes_per_peer[static_cast<std::size_t>(peer)] += bytes;
+}
+
 /// Where an expert bundle sits in a staging area: row r, tensor t at r * row_bytes + offsets[t].
 struct row_layout {
   const model_shape* shape = nullptr;

@@ -38,6 +38,7 @@ void account(const serial_places& pl, int peer, layer_stats& st) {
   const auto& shape = *pl.at.shape;
   const int rpn = shape.ranks_per_node > 0 ? shape.ranks_per_node : shape.num_ranks;
   (peer / rpn == pl.at.rank / rpn ? st.bytes_same_node : st.bytes_cross_node) += shape.expert_bytes();
+  add_peer_bytes(st, shape.num_ranks, peer, shape.expert_bytes());
 }
 
 // The batch of one chunk: both ends post a pair's messages in the schedule's order.

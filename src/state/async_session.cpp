@@ -102,6 +102,7 @@ void async_session::enter(phase next) {
 void async_session::start(const matrix<double>& local_load, step_report& /*report*/) {
   trigger_time_ = clock_type::now();
   before_.reset();
+  background_started_ = false;
   if (agree_) agree_->begin(ctx_.m.rebalances);
   std::function<void()> prepare;
   if (ctx_.comms.take_suspect() && ctx_.comms.can_remake()) {
@@ -115,9 +116,11 @@ void async_session::start(const matrix<double>& local_load, step_report& /*repor
   deferred_ = runtime::rebalance_inputs{local_load,       ctx_.maps.phy2log(), ctx_.cfg.resolved_policy(),
                                         model.num_groups, model.num_nodes,     std::move(prepare)};
   // Every rank plans from the same global load, so every rank decides alike.
-  deferred_->accept = [min = ctx_.cfg.min_improvement, experts = model.shape.num_logical,
-                       ranks = model.shape.num_ranks](const matrix<double>& total, const matrix<expert_id>& old,
-                                                      const matrix<expert_id>& next) {
+  ideal_.store(0);
+  deferred_->accept = [min = ctx_.cfg.min_improvement, experts = model.shape.num_logical, ranks = model.shape.num_ranks,
+                       ideal = &ideal_](const matrix<double>& total, const matrix<expert_id>& old,
+                                        const matrix<expert_id>& next) {
+    ideal->store(balancedness(placement(next, experts, ranks, "planned"), total));
     return improves_enough(placement(old, experts, ranks, "old"), next, total, min);
   };
   deferred_since_ = clock_type::now();
@@ -138,8 +141,9 @@ std::exception_ptr async_session::start_background_when_idle() {
                                                                     "of being abandoned",
                                                                     2 * ctx_.cfg.timeout.count())));
   }
-  background_->start(std::move(*deferred_));
+  background_->start(std::move(*deferred_));  // clears the previous rebalance's global load
   deferred_.reset();
+  background_started_ = true;
   enter(phase::staging);
   return nullptr;
 }
@@ -159,6 +163,7 @@ void async_session::advance(step_report& report) {
 // the failure still commit here as on the peers (their layers are staged on this rank too), so
 // every rank ends with the same maps.
 void async_session::advance_failing(step_report& report) {
+  note_plan();
   std::optional<std::int64_t> agreed;
   try {
     agreed = agree_->step(failure_code_);
@@ -182,6 +187,17 @@ void async_session::advance_failing(step_report& report) {
   }
 }
 
+// The global load arrives with the policy, before any layer is staged: measure the old maps under
+// it (before any layer commits) and hand it to the record. A rank that failed before the plan
+// came has none (its record keeps 0).
+void async_session::note_plan() {
+  if (before_ || !background_started_) return;  // until it started, global_load() is the previous one's
+  if (const auto total = background_->global_load()) {
+    before_ = balancedness(ctx_.maps, *total);
+    ctx_.records.planned(*total, *before_, ideal_.load(), background_->plan_seconds());
+  }
+}
+
 std::optional<std::int64_t> async_session::agree_on(std::int64_t mine) {
   try {
     // Built in: the round of commit_lag_steps steps ago.
@@ -199,6 +215,7 @@ void async_session::advance_running(step_report& report) {
   const bool waiting = phase_ == phase::deferred;
   const auto failure = late ? late : waiting ? nullptr : background_->failure();
   // A failed rank says so in the agreement (as -(rank + 2)) so its peers stop too.
+  note_plan();  // before a failure ends it: the record keeps the plan's figures
   const std::int64_t mine = failure ? -(ctx_.rank + 2) : waiting ? 0 : background_->staged_layers();
   const auto agreed = agree_on(mine);
   if (agreed && *agreed < 0) enter(phase::idle);  // every rank reads this round in this step
@@ -224,15 +241,12 @@ void async_session::advance_running(step_report& report) {
     fail(errc::peer_failure, "{} rank {}; layers not committed keep their old weights",
          r >= size ? "rebalance ended: stopped on" : "rebalance failed on", r >= size ? r - size : r);
   }
-  if (!before_ && phase_ != phase::deferred) {
-    // The global load arrives with the policy, before any layer is staged: measure the old maps.
-    if (const auto total = background_->global_load()) before_ = balancedness(ctx_.maps, *total);
-  }
   if (agreed) commit_agreed(*agreed, report);
   auto& m = ctx_.m;
   m.commit_host_seconds_max =
       std::max(m.commit_host_seconds_max, std::chrono::duration<double>(clock_type::now() - start).count());
   m.plan_seconds = background_->plan_seconds();
+  if (before_) ctx_.records.plan_seconds(m.plan_seconds);  // written after global_load() on the io thread
   m.stage_seconds_per_layer = background_->stage_seconds();
   if (committed_ == ctx_.model.shape.layers) finish(report);
 }
@@ -266,6 +280,8 @@ void async_session::finish(step_report& report) {
 // so every rank commits the same layers here).
 void async_session::commit_agreed(std::int64_t agreed, step_report& report) {
   const std::int64_t limit = std::min<std::int64_t>(agreed, committed_ + max_commits_per_step);
+  if (committed_ >= limit) return;
+  const auto start = clock_type::now();
   for (; committed_ < limit; ++committed_) {
     const auto ready = background_->get(committed_);
     ctx_.serving.wait(ready.ready);
@@ -276,9 +292,11 @@ void async_session::commit_agreed(std::int64_t agreed, step_report& report) {
     ctx_.maps.set_layer(committed_, ready.staged.new_row);
     ctx_.published.publish(ctx_.maps, committed_);
     ctx_.m.bytes_moved += ready.staged.stats.bytes_received;
+    ctx_.records.layer(ready.staged.stats, ctx_.m.steps);
     ++ctx_.m.layers_committed;
     ++report.layers_committed;
   }
+  ctx_.records.commit_seconds(std::chrono::duration<double>(clock_type::now() - start).count());
 }
 
 // Stops this rank's part of the rebalance. Unless it already ended for everyone, it stays in

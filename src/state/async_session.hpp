@@ -4,6 +4,7 @@
 // later, or the engine's own collective), and every rank commits the agreed layers in the same step.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -49,6 +50,7 @@ class async_session final : public rebalance_session {
  private:
   void enter(phase next);
   void advance_failing(step_report& report);
+  void note_plan();
   void advance_running(step_report& report);
   [[nodiscard]] std::optional<std::int64_t> agree_on(std::int64_t mine);
   [[nodiscard]] std::exception_ptr start_background_when_idle();
@@ -65,9 +67,11 @@ class async_session final : public rebalance_session {
   std::optional<runtime::rebalance_inputs> deferred_;
   clock_type::time_point deferred_since_;
   clock_type::time_point trigger_time_;
-  int committed_ = 0;             // layers of this rebalance committed so far
-  int areas_ = 0;                 // staging areas of the background, allocated when it is made
-  std::optional<double> before_;  // balancedness of the old maps under the global load
+  int committed_ = 0;                // layers of this rebalance committed so far
+  int areas_ = 0;                    // staging areas of the background, allocated when it is made
+  std::optional<double> before_;     // balancedness of the old maps under the global load
+  bool background_started_ = false;  // this rebalance's background part was started
+  std::atomic<double> ideal_{0};     // of the planned placement: written on the io thread before global_load()
 
   // Members below are torn down explicitly (see the destructor); declared in the order they are made.
   std::unique_ptr<runtime::cpu_group> group_;

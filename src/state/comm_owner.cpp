@@ -78,7 +78,7 @@ void comm_owner::remake(int generation, const std::function<void(comm::communica
   if (aborted_) fresh->abort(*aborted_);
   adopt(*fresh);
   old = std::exchange(comm_, std::move(fresh));
-  generation_ = generation;
+  generation_.store(generation, std::memory_order_release);
 }
 
 void comm_owner::abort(const std::string& why) noexcept {

@@ -4,6 +4,7 @@
 // mode and by the background thread in async mode (the serving thread reads kind() only).
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -23,7 +24,8 @@ class comm_owner {
 
   [[nodiscard]] comm::communicator& get() const noexcept { return *comm_; }
   [[nodiscard]] comm::backend kind() const noexcept { return kind_; }
-  [[nodiscard]] int generation() const noexcept { return generation_; }
+  /// Any thread: the serving thread reads it (records, events) while the background remakes.
+  [[nodiscard]] int generation() const noexcept { return generation_.load(std::memory_order_acquire); }
 
   /// A rebalance failed: the communicator may be broken. take_suspect() reads and clears it.
   void mark_suspect() noexcept { suspect_ = true; }
@@ -59,13 +61,13 @@ class comm_owner {
   std::function<std::unique_ptr<comm::communicator>(int)> factory_;
   std::function<std::unique_ptr<comm::communicator>(std::unique_ptr<comm::communicator>, int)> wrap_;
   bool can_remake_;
-  int generation_ = 0;
+  std::atomic<int> generation_{0};
   bool suspect_ = false;
   comm::backend kind_;  // fixed at start: read by the serving thread while the background remakes
   std::stop_token stop_;
   std::mutex swap_mutex_;               // abort() against remake()'s swap
   std::optional<std::string> aborted_;  // under swap_mutex_: why abort() was called
-  bool reserved_ = false;  // reserve() ran: communicators made later reserve too
+  bool reserved_ = false;               // reserve() ran: communicators made later reserve too
   std::unique_ptr<comm::communicator> comm_;
 };
 

@@ -34,6 +34,9 @@ void config::validate() const {
   if (!(min_improvement >= -1.0 && min_improvement <= 1.0)) {
     fail(errc::invalid_config, "min_improvement: {} is not allowed (must be in -1..1)", min_improvement);
   }
+  if (history_size < 1 || history_size > 100'000) {
+    fail(errc::invalid_config, "history_size: {} is not allowed (must be in 1..100000)", history_size);
+  }
   if (register_buffers && use_async) {
     fail(errc::invalid_config,
          "register_buffers: true is not allowed with use_async = true (async communicators move bytes through their "
@@ -139,6 +142,8 @@ const std::vector<std::pair<std::string_view, field_setter>>& json_fields() {
        [](config& c, const std::string& k, const nlohmann::json& v) { c.register_buffers = json_bool(k, v); }},
       {"reserve_memory",
        [](config& c, const std::string& k, const nlohmann::json& v) { c.reserve_memory = json_bool(k, v); }},
+      {"history_size",
+       [](config& c, const std::string& k, const nlohmann::json& v) { c.history_size = json_int(k, v); }},
       {"min_improvement",
        [](config& c, const std::string& k, const nlohmann::json& v) { c.min_improvement = json_number(k, v); }},
   };

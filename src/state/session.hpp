@@ -13,6 +13,7 @@
 #include "eplb/state.hpp"
 #include "state/comm_owner.hpp"
 #include "state/device_maps.hpp"
+#include "state/records.hpp"
 
 namespace eplb::state_detail {
 
@@ -34,6 +35,7 @@ struct session_context {
   device_maps& published;  // the same maps in device memory
   comm_owner& comms;
   metrics& m;
+  rebalance_records& records;          // the open rebalance's record: serving thread only
   std::shared_ptr<comm::store> store;  // the CPU collectives' rendezvous
   std::stop_token stop;                // eplb_state::stop() requested: every store wait ends (cancelled)
 };

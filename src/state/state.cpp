@@ -28,8 +28,8 @@ struct eplb_state::impl {
   device::device& dev;
   device::stream& serving;
   exec::rank_weights weights;
-  std::function<void(std::string_view)> log;
   metrics m;
+  state_detail::rebalance_records records;  // before the session, which fills the open record
   placement maps;
   state_detail::load_recorder load;
   state_detail::device_maps published;
@@ -40,7 +40,8 @@ struct eplb_state::impl {
   std::int64_t since_rebalance;
   std::int64_t start_at = 0;  // async: the step a triggered rebalance starts in (0: none waiting)
   bool stopped = false;
-  bool draining = false;  // drain(): no trigger from now on
+  bool draining = false;     // drain(): no trigger from now on
+  int layers_announced = 0;  // of this step's report: in a layers_committed event already
 
   explicit impl(state_params& p)
       : cfg(p.cfg),
@@ -49,7 +50,7 @@ struct eplb_state::impl {
         dev(*p.dev),
         serving(*p.serving_stream),
         weights(std::move(p.weights)),
-        log(std::move(p.log)),
+        records(p.rank, p.model.shape.num_ranks, p.cfg.history_size, std::move(p.on_event), std::move(p.log)),
         maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log"),
         load(dev, serving, {p.model.shape.layers, p.model.shape.num_physical, p.cfg.window_size, p.cfg.step_interval},
              p.buffers.load, p.cfg.timeout),
@@ -57,7 +58,7 @@ struct eplb_state::impl {
         comms(p, stopping.get_token()),
         since_rebalance(p.cfg.step_interval - p.cfg.step_interval / 4) {
     session = state_detail::make_session(
-        {cfg, model, rank, dev, serving, weights, maps, published, comms, m, p.store, stopping.get_token()},
+        {cfg, model, rank, dev, serving, weights, maps, published, comms, m, records, p.store, stopping.get_token()},
         std::move(p.commit_agreement));
     for (int l = 0; l < model.shape.layers; ++l) published.publish(maps, l);
     // The first rebalance comes when since_rebalance reaches the interval (at step 1 at the earliest).
@@ -92,11 +93,7 @@ struct eplb_state::impl {
     const double b = balancedness_of_slots(per_slot, model.shape.num_ranks);
     const auto line = fmt::format("eplb rank {} step {}: balancedness {:.4f} (this rank's load since the last line)",
                                   rank, since->first, b);
-    if (log) {
-      log(line);
-    } else if (rank == 0) {
-      std::cerr << line << '\n';
-    }
+    records.emit(event_level::info, event_kind::balancedness, m.steps, line);
   }
 
   // The trigger: the window's end is read back now. Sync mode plans from it in this step; async
@@ -104,6 +101,8 @@ struct eplb_state::impl {
   void trigger_rebalance(step_report& report) {
     report.rebalance_started = true;
     ++m.rebalances;
+    report.started_id = m.rebalances;
+    records.begin(m.rebalances, m.steps);
     load.begin_window(m.steps);
     load.expect_rebalance_at(m.steps + cfg.step_interval, m.steps);
     if (!cfg.use_async) {
@@ -116,9 +115,46 @@ struct eplb_state::impl {
 
   void start_session(step_report& report) {
     start_at = 0;
-    m.rebalance_in_flight = false;              // the session says so from here on (async)
+    m.rebalance_in_flight = false;  // the session says so from here on (async)
+    records.started(m.steps);
     const auto& window = load.finish_window();  // waits only if the copy is not done yet
     session->start(logical_load(window), report);
+    end_rebalance_if_idle(report);  // sync: it ended in start()
+  }
+
+  // Before a trigger in the same step, so that the record that ends here keeps its own id.
+  void end_rebalance_if_idle(step_report& report) {
+    // A remake happens inside a rebalance (sync: in its load sum; async: on the background), so its
+    // event comes before the end of the rebalance that made it.
+    records.communicator(comms.generation(), m.steps);
+    if (!records.open()) return;
+    // Called at most twice a step (after advance and after a sync start), each commit once.
+    if (report.layers_committed > layers_announced && records.wants_debug()) {
+      records.emit(event_level::debug, event_kind::layers_committed, m.steps,
+                   fmt::format("eplb rank {} step {}: {} layers committed", rank, m.steps,
+                               report.layers_committed - layers_announced));
+    }
+    layers_announced = report.layers_committed;
+    if (session->ended_this_step_by_failure()) records.failed("the rebalance ended by a failure", false);
+    const bool idle = !session->in_flight() && start_at == 0;
+    report.finished = records.end_if_idle(idle, report.rebalance_skipped, m.steps, comms.generation(), maps);
+    if (report.finished && (report.finished->outcome == rebalance_outcome::failed ||
+                            report.finished->outcome == rebalance_outcome::stopped)) {
+      ++m.rebalances_failed;
+    }
+  }
+
+  // step() threw: a rebalance that was planning or committing failed with it (one triggered but
+  // not started yet, async, starts as planned: the throw was not its).
+  void on_step_failure(const char* what) noexcept {
+    session->on_step_failure();
+    if (!records.open() || start_at != 0) return;
+    try {
+      records.failed(what, false);
+      step_report unused;
+      end_rebalance_if_idle(unused);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; the step's own error is reported
+    }
   }
 
   [[nodiscard]] matrix<double> logical_load(const matrix<std::int64_t>& per_slot) const {
@@ -143,11 +179,13 @@ struct eplb_state::impl {
   }
 
   void step(bool is_dummy, step_report& report) {
+    layers_announced = 0;
     ++m.steps;
     load.end_step(m.steps, is_dummy);
     ++since_rebalance;
     if (cfg.log_balancedness) log_balancedness();
     session->advance(report);
+    end_rebalance_if_idle(report);
     if (start_at != 0) {
       if (m.steps >= start_at) start_session(report);
     } else if (!draining && !session->in_flight() && !session->ended_this_step_by_failure() &&
@@ -179,13 +217,19 @@ void eplb_state::record_load(int layer, std::span<const std::int64_t> counts) {
 step_report eplb_state::step(bool is_dummy) {
   auto& s = *impl_;
   if (s.stopped) fail(errc::cancelled, "eplb_state::step: the state was stopped");
+  const auto begin = clock_type::now();  // the overhead histogram: two clock reads, no allocation
   step_report report;
   try {
     s.step(is_dummy, report);
+  } catch (const std::exception& e) {
+    s.on_step_failure(e.what());
+    s.records.step_time(std::chrono::duration<double>(clock_type::now() - begin).count());
+    throw;
   } catch (...) {
-    s.session->on_step_failure();
+    s.on_step_failure("an unknown exception");
     throw;
   }
+  s.records.step_time(std::chrono::duration<double>(clock_type::now() - begin).count());
   return report;
 }
 
@@ -207,6 +251,14 @@ void eplb_state::stop() noexcept {
   impl_->stopping.request_stop();
   impl_->session->stop();
   impl_->m.reserve_overflows = impl_->session->reserve_overflows();  // the background's last ones too
+  if (impl_->records.open()) {
+    try {
+      impl_->records.failed("stopped by eplb_state::stop()", true);
+      (void)impl_->records.end_if_idle(true, false, impl_->m.steps, impl_->comms.generation(), impl_->maps);
+      ++impl_->m.rebalances_failed;
+    } catch (...) {  // NOLINT(bugprone-empty-catch): stop() must not throw (an allocation failed)
+    }
+  }
   try {
     impl_->serving.synchronize(std::min(impl_->cfg.timeout, state_detail::stop_stream_wait));
   } catch (...) {
@@ -232,8 +284,19 @@ int eplb_state::device_max_replicas() const noexcept {
 const matrix<std::int64_t>& eplb_state::window_load() const noexcept {
   return impl_->load.last_window();
 }
+const matrix<double>& eplb_state::global_window_load() const noexcept {
+  return impl_->records.last_global_load();
+}
 const metrics& eplb_state::stats() const noexcept {
   return impl_->m;
+}
+std::vector<rebalance_record> eplb_state::history() const {
+  const auto& h = impl_->records.history();
+  return {h.begin(), h.end()};
+}
+std::string eplb_state::prometheus_text(std::string_view prefix) const {
+  return state_detail::prometheus_text(prefix, impl_->rank, impl_->m, impl_->records.totals(),
+                                       impl_->comms.generation());
 }
 comm::backend eplb_state::communicator_kind() const noexcept {
   return impl_->comms.kind();

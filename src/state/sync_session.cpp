@@ -47,7 +47,9 @@ void sync_session::start(const matrix<double>& local_load, step_report& report) 
     ctx_.comms.mark_suspect();  // every rank fails this rebalance, so every rank re-makes it next time
     vote_->abort(e.what());
     vote_->settle(ctx_.m.rebalances);
-    ctx_.m.layers_committed += ctx_.published.publish_changed(ctx_.maps, old);
+    const int committed = ctx_.published.publish_changed(ctx_.maps, old);
+    ctx_.m.layers_committed += committed;
+    ctx_.records.layers_without_stats(committed, ctx_.m.steps);  // their batches' stats went with the failure
     throw;
   }
 }
@@ -60,6 +62,8 @@ void sync_session::run(const matrix<double>& local, const matrix<expert_id>& old
                                                            model.num_nodes, model.shape.num_ranks, &old});
   m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time_).count();
   m.balancedness_before = balancedness(ctx_.maps, total);
+  const double ideal = balancedness(placement(next, model.shape.num_logical, model.shape.num_ranks, "planned"), total);
+  ctx_.records.planned(total, m.balancedness_before, ideal, m.plan_seconds);
   if (!improves_enough(ctx_.maps, next, total, ctx_.cfg.min_improvement)) {
     // Every rank plans from the same global load, so every rank skips alike: no batch is voted.
     m.balancedness_after = m.balancedness_before;
@@ -73,6 +77,7 @@ void sync_session::run(const matrix<double>& local, const matrix<expert_id>& old
   // leaves the layers before it committed on every rank and the rest untouched.
   for (const auto& st : mover_->rearrange(ctx_.weights, ctx_.maps, next)) {
     m.bytes_moved += st.bytes_received;
+    ctx_.records.layer(st, m.steps);
     ctx_.published.publish(ctx_.maps, st.layer);
     ++m.layers_committed;
     ++report.layers_committed;

@@ -76,7 +76,8 @@ def check_exported(names, include_dir):
     if shutil.which("ctags") is None:  # universal-ctags: ./dev installs it; GPU machines lack it
         print("note: no ctags here, the check that every declared function is exported is skipped")
         return []
-    exported = {n.split("(", 1)[0] for n in names if n.startswith("eplb::")}
+    # A function returning std::string demangles with an ABI tag: name[abi:cxx11](...).
+    exported = {re.sub(r"\[abi:\w+\]$", "", n.split("(", 1)[0]) for n in names if n.startswith("eplb::")}
     missing = [f"{scope}::{name}" for scope, name in declared_functions(include_dir)
                if f"{scope}::{name}" not in exported]
     if not missing:

@@ -125,6 +125,14 @@ def test_two_ranks_rebalance_in_place(kind, use_async, store_kind):
                 assert given["phy2log"].tolist() == after.tolist() and given["log2phy"].dtype == np.int64
             m = state.metrics
             assert m["rebalances"] >= 1
+            # The records (issue 21): one per rebalance that ended, ids from 1, bytes as the metrics.
+            history = state.history()
+            assert [h["id"] for h in history] == list(range(1, len(history) + 1))
+            assert {h["outcome"] for h in history} <= {"committed", "skipped"}
+            assert sum(h["bytes_received"] for h in history) == m["bytes_moved"]
+            text = state.prometheus_text("vllm:eplb")
+            assert f'vllm:eplb_rebalances_started_total{{rank="{rank}"}} {m["rebalances"]}' in text
+            assert "# TYPE vllm:eplb_step_overhead_seconds histogram" in text
             return after.tolist(), m["bytes_moved"]
 
     results = run_threads(RANKS, rank_main, timeout=120)

@@ -80,6 +80,7 @@ struct layer_stats {
   std::uint64_t bytes_copied_locally = 0;  ///< through the staging buffer, and duplicates
   std::uint64_t bytes_same_node = 0;       ///< sent + received with peers on this rank's node
   std::uint64_t bytes_cross_node = 0;
+  std::vector<std::uint64_t> bytes_per_peer;  ///< sent + received, indexed by peer; empty: none moved
   double seconds = 0.0;
 };
 
