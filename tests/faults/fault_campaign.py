@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from simulate_run import run_simulate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rank_procs import rank_pids  # noqa: E402
+from rank_procs import rank_pids, signal_rank  # noqa: E402
 
 eplb = sys.argv[1]
 cases = int(sys.argv[2]) if len(sys.argv) > 2 else 12
@@ -87,20 +87,12 @@ def signal_case(i):
         failures.append(f"{label}: rank processes did not start")
         return
     time.sleep(delay)
-    os.kill(pids[victim], sig)
     hit = time.monotonic()
-    try:
-        out, err = parent.communicate(timeout=4 * TIMEOUT_MS / 1000 + 30)
-    except subprocess.TimeoutExpired:
-        parent.kill()
+    ended = signal_rank(parent, pids[victim], sig, 4 * TIMEOUT_MS / 1000 + 30)
+    if ended is None:
         failures.append(f"{label}: the run hung")
         return
-    finally:
-        if sig == signal.SIGSTOP:
-            try:
-                os.kill(pids[victim], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    out, err = ended
     took = time.monotonic() - hit
     try:
         report = json.loads(out)

@@ -19,3 +19,24 @@ def rank_pids(parent):
         if ppid == parent and b"--rank" in args:
             out[int(args[args.index(b"--rank") + 1])] = int(entry)
     return out
+
+
+def signal_rank(parent, pid, sig, timeout):
+    """Sends `sig` to one rank and waits up to `timeout` s for the run to end: (stdout, stderr), or
+    None when it hung (the parent is then killed). A stopped rank is killed afterwards either way,
+    so that it never outlives the test."""
+    import signal
+    import subprocess
+
+    os.kill(pid, sig)
+    try:
+        return parent.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        parent.kill()
+        return None
+    finally:
+        if sig == signal.SIGSTOP:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rank_procs import rank_pids  # noqa: E402
+from rank_procs import rank_pids, signal_rank  # noqa: E402
 
 eplb = sys.argv[1]
 runs = int(sys.argv[2]) if len(sys.argv) > 2 else 28
@@ -83,20 +83,11 @@ def signal_run(i, sig):
         failures.append(f"{label}: rank processes did not start")
         return
     time.sleep(0.5 + rng.random())  # a few rebalances in: one is often in flight
-    os.kill(pids[victim], sig)
-    try:
-        out, err = parent.communicate(timeout=2 * TIMEOUT_MS / 1000 + 30)
-    except subprocess.TimeoutExpired:
-        parent.kill()
+    ended = signal_rank(parent, pids[victim], sig, 2 * TIMEOUT_MS / 1000 + 30)
+    if ended is None:
         failures.append(f"{label}: the run hung")
         return
-    finally:
-        if sig == signal.SIGSTOP:
-            try:
-                os.kill(pids[victim], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    collect(label, out, err, victim, told=False)
+    collect(label, *ended, victim, told=False)
 
 
 for i in range(runs):
