@@ -12,7 +12,7 @@ printf "#pragma once\n#define EPLB_HAVE_CUDA 0\n#define EPLB_HAVE_NCCL 0\n#defin
 flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude -Isrc -I"$out/config")
 sources=(src/core/error.cpp src/core/load.cpp src/core/placement.cpp src/core/policy.cpp src/core/min_move.cpp
          src/core/block_matching.cpp src/core/in_place_search.cpp
-         src/exec/plan_layer.cpp src/exec/plan_chunks.cpp src/exec/plan_serial.cpp src/exec/serial_stop.cpp src/exec/elastic.cpp src/exec/model.cpp src/state/config.cpp src/comm/communicator.cpp src/device/event.cpp src/registry.cpp
+         src/exec/plan_layer.cpp src/exec/plan_chunks.cpp src/exec/plan_serial.cpp src/exec/serial_stop.cpp src/exec/elastic.cpp src/exec/model.cpp src/state/config.cpp src/comm/communicator.cpp src/device/event.cpp src/device/allocator.cpp src/registry.cpp
          src/comm/loopback.cpp src/device/host_device.cpp src/tools/plan_json.cpp)
 objects=()
 for src in "${sources[@]}"; do
