@@ -45,17 +45,18 @@ boost=boost_headers-1.81.0
 python3 - "$inc" boost/asio.hpp boost/asio boost/system boost/config boost/mpl/aux_/preprocessed/gcc \
   >"$work/boost.list" <<'EOF'
 import os, re, sys
-root, todo = sys.argv[1], []
+# The include closure: `unread` holds the headers found but not yet scanned for #include lines.
+root, unread = sys.argv[1], []
 for seed in sys.argv[2:]:
     tree = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, seed)) for f in fs]
-    todo += [os.path.relpath(p, root) for p in tree] or [seed]
+    unread += [os.path.relpath(p, root) for p in tree] or [seed]
 name = re.compile(r'[<"](boost/[\w./-]+\.(?:hpp|h|ipp))[>"]')
 seen = set()
-while todo:
-    f = os.path.normpath(todo.pop())
+while unread:
+    f = os.path.normpath(unread.pop())
     if f not in seen and os.path.isfile(os.path.join(root, f)):
         seen.add(f)
-        todo += name.findall(open(os.path.join(root, f), encoding='latin-1').read())
+        unread += name.findall(open(os.path.join(root, f), encoding='latin-1').read())
 print('\n'.join(sorted(seen)))
 EOF
 mkdir -p "$work/$boost/include"
