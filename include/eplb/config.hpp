@@ -61,8 +61,8 @@ struct EPLB_API config {
 
   /// Throws error(errc::invalid_config) naming the first bad field, its value and what is allowed.
   void validate() const;
-  /// The communicator to use: the named one, or for "auto": elastic -> stateless_nccl, async ->
-  /// gloo, else nccl. Async mode with an NCCL backend is an error: NCCL kernels launched from a
+  /// The communicator to use: the named one, or for "auto": async -> gloo, elastic ->
+  /// stateless_nccl, else nccl. Async mode with an NCCL backend is an error: NCCL kernels launched from a
   /// second thread collide with the serving loop's own NCCL and all-to-all kernels and hang.
   [[nodiscard]] comm::backend resolved_communicator() const;
   [[nodiscard]] policy_kind resolved_policy() const;

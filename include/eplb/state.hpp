@@ -109,6 +109,8 @@ enum class event_kind {
   rebalance_failed,     ///< error (warning when it failed on a peer or was stopped)
   communicator_remade,  ///< warning: after a failure, under a new generation
   balancedness,         ///< info: config::log_balancedness's line (this rank's load only)
+  rank_set_changed,     ///< info: rescale() (or a join) made a new rank set, or this rank left
+  rescale_fill_failed,  ///< error: filling the joining ranks failed (rescale_report::fill_error)
 };
 [[nodiscard]] EPLB_API std::string_view to_string(event_kind k) noexcept;
 [[nodiscard]] EPLB_API std::string_view to_string(event_level l) noexcept;
@@ -159,6 +161,46 @@ struct state_params {
   std::function<void(const event&)> on_event;
   /// Optional: the engine's own load and map buffers (see engine_buffers); eplb allocates the others.
   engine_buffers buffers;
+  /// Elastic EP: > 0 makes this a rank that joins a running rank set as the peers' rescale() makes
+  /// it, at their stats().rank_set_epoch + 1. `model` describes the new set, `rank` is this rank's
+  /// place in it (one the rank mapping leaves free), `weights` are its empty slots, and
+  /// initial_phy2log stays empty: the constructor waits (up to cfg.timeout) for the peers' maps,
+  /// step count and rebalance count, then takes part in the rearrangement that fills its slots.
+  std::int64_t join_epoch = 0;
+};
+
+/// A change of the rank set (elastic EP), as vLLM's scale-up and scale-down: see eplb_state::rescale.
+struct rescale_params {
+  int new_size = 0;  ///< ranks in the new set
+  /// One entry per rank of the current set: its rank in the new set, or -1 for a rank that leaves.
+  /// Ranks that stay keep their slots (and every rank keeps its slot count); new ranks that no
+  /// entry names join with empty slots (they construct their state with state_params::join_epoch).
+  std::vector<int> rank_mapping;
+  /// The new set's communicator setup (rank and size are filled in): needed where the current one
+  /// cannot span the new set (loopback: a world of the new size). Default: the current setup, under
+  /// a fresh store prefix.
+  std::optional<comm::setup> comm_setup;
+  /// Makes the new set's communicator (generation 0, 1, ...) where the state's came from the engine
+  /// (state_params::comm or comm_factory); required then.
+  std::function<std::unique_ptr<comm::communicator>(int generation)> comm_factory;
+  /// The engine's buffers for the new slot count; required for every buffer the engine gave before
+  /// (their sizes change with the number of slots), and only those.
+  engine_buffers buffers;
+};
+
+/// What rescale() did on this rank.
+struct rescale_report {
+  std::int64_t epoch = 0;  ///< the rank set's epoch now (stats().rank_set_epoch)
+  bool left = false;       ///< this rank left: its state is stopped, its slots hold nothing served
+  int rank = 0;            ///< this rank's place in the new set (-1 when it left)
+  int num_ranks = 0;       ///< the new set's size
+  int layers_moved = 0;    ///< layers the rearrangements committed with a changed placement
+  std::uint64_t bytes_received = 0;
+  double seconds = 0;
+  /// The move that fills the joining ranks failed (here or on a peer, alike on every rank): the new
+  /// set is in place with the layers committed before the failure; the joining ranks' slots of the
+  /// other layers stay empty (no token is routed to them) until the next rebalance fills them.
+  std::string fill_error;
 };
 
 struct metrics {
@@ -180,6 +222,7 @@ struct metrics {
   std::uint64_t reserved_device_bytes = 0;  ///< device memory (the host device's: host memory)
   std::uint64_t reserved_pinned_bytes = 0;  ///< pinned host memory
   std::int64_t reserve_overflows = 0;       ///< a layer needed more packing than reserved: grown
+  std::int64_t rank_set_epoch = 0;          ///< rank-set changes (rescale) so far: 0 for the first set
 };
 
 struct step_report {
@@ -247,6 +290,24 @@ class EPLB_API eplb_state {
   /// peers do not join gets errc::peer_failure once they stop. Idempotent, never throws.
   void drain() noexcept;
 
+  /// Elastic EP: changes the rank set. Called on every rank of the current set in the same step
+  /// (between two step() calls), while the joining ranks construct theirs with join_epoch. A
+  /// rebalance in flight ends (as `stopped`; layers committed stay committed). Where ranks leave, a
+  /// rearrangement over the current set first moves every expert off them onto a placement planned
+  /// for the survivors; where ranks join, one over the new set fills their empty slots. Both plan
+  /// from the load all-reduce of the latest windows, commit batch by batch under the commit vote
+  /// (as a sync rebalance), and end with identical maps on every rank. Then the maps, the load
+  /// buffer and the device maps have the new slot count: read load_buffer() and the device maps'
+  /// pointers again. The next rebalance comes step_interval steps later.
+  /// Errors: errc::invalid_argument naming the field (rescale_params.rank_mapping[2]...) before
+  /// anything changes; when the move off leaving ranks fails (here or on a peer) it throws on every
+  /// rank, which stay in the current set with identical maps (layers committed stay committed):
+  /// retry the rescale. Once the new set is in place nothing throws: a failed fill of the joining
+  /// ranks is the report's fill_error. A communicator that cannot be made leaves the state stopped.
+  rescale_report rescale(rescale_params params);
+  /// The latest rescale() on this rank, or for a joining rank its join (empty before either).
+  [[nodiscard]] const rescale_report& last_rescale() const noexcept;
+
   /// Cancels a rebalance in flight, waits for in-flight transfers and device work (bounded by the
   /// timeout) and frees buffers. Idempotent, never throws; step() must not be called afterwards.
   void stop() noexcept;
@@ -279,6 +340,9 @@ class EPLB_API eplb_state {
   /// that is not a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*).
   [[nodiscard]] std::string prometheus_text(std::string_view prefix = "eplb") const;
   [[nodiscard]] comm::backend communicator_kind() const noexcept;
+  /// This rank's place in the current rank set, and the set's size (they change with rescale()).
+  [[nodiscard]] int rank() const noexcept;
+  [[nodiscard]] int num_ranks() const noexcept;
 
  private:
   struct impl;

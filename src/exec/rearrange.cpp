@@ -213,6 +213,7 @@ void check_layer_inputs(const model_shape& shape, int layer, const rank_weights&
 layer_stats rearranger::rearrange_layer(int layer, const rank_weights& w, placement& maps,
                                         std::span<const expert_id> new_row) {
   check_layer_inputs(shape_, layer, w, maps, new_row);
+  comm_->set_stream(&stream_);  // as in rearrange()
   const std::vector<expert_id> old_row(maps.phy2log(layer).begin(), maps.phy2log(layer).end());
   layer_stats stats;
   layer_stop stop;
@@ -243,6 +244,9 @@ std::vector<layer_stats> rearranger::rearrange(const rank_weights& w, placement&
   for (int l = 0; l < shape_.layers; ++l) {
     check_layer_inputs(shape_, l, w, maps, new_map.row(static_cast<std::size_t>(l)));
   }
+  // A communicator can be shared by rearrangers on different streams (an async state's side
+  // stream and a rescale's move on the serving stream): each posts in its own stream's order.
+  comm_->set_stream(&stream_);
   if (pipelines()) return rearrange_pipelined(w, maps, new_map);
   std::vector<layer_stats> out;
   for (int l = 0; l < shape_.layers; ++l)
@@ -385,6 +389,7 @@ staged_layer rearranger::queue_layer(int layer, const rank_weights& w, std::span
   layer_transfer m(layout(), layer, w, plan_layer(old_row, new_row, shape_.num_ranks, rank_),
                    static_cast<std::size_t>(shape_.slots_per_rank()),
                    packing(old_row, new_row, pack_cap(), false, pairs));
+  comm_->set_stream(&stream_);  // as in rearrange(): the stream this rearranger orders its work on
   if (queue_pack_.size() < m.pack_bytes()) {
     if (reserved_) overflows_.fetch_add(1, std::memory_order_relaxed);
     retire(std::move(queue_pack_), true);

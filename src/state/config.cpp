@@ -48,7 +48,9 @@ void config::validate() const {
 comm::backend config::resolved_communicator() const {
   comm::backend b;
   if (communicator == "auto") {
-    b = elastic ? comm::backend::stateless_nccl : use_async ? comm::backend::gloo : comm::backend::nccl;
+    // Elastic sync mode takes vLLM's choice (a stateless NCCL communicator per rank set); async mode
+    // cannot use NCCL from the background thread, and gloo is made again for a new set as easily.
+    b = use_async ? comm::backend::gloo : elastic ? comm::backend::stateless_nccl : comm::backend::nccl;
   } else {
     try {
       b = comm::parse_backend(communicator);

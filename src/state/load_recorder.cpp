@@ -46,7 +46,7 @@ load_recorder::load_recorder(device::device& dev, device::stream& serving, const
   }
   host_step_.assign(count_, 0);
   host_total_.assign(count_, 0);
-  take(snapshots_[0], 0);  // windows that reach back before the first step start here
+  take(snapshots_[0], shape.first_step);  // windows that reach back before the first step start here
   take(log_[0], 0);
 }
 

@@ -29,6 +29,7 @@ struct load_shape {
   int num_physical = 0;
   int window_size = 1;
   int step_interval = 1;
+  std::int64_t first_step = 0;  // the step it starts at (a state rebuilt by rescale() goes on counting)
 };
 
 class load_recorder {

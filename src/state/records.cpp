@@ -38,6 +38,10 @@ std::string_view to_string(event_kind k) noexcept {
       return "communicator_remade";
     case event_kind::balancedness:
       return "balancedness";
+    case event_kind::rank_set_changed:
+      return "rank_set_changed";
+    case event_kind::rescale_fill_failed:
+      return "rescale_fill_failed";
   }
   return "?";
 }

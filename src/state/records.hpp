@@ -49,6 +49,13 @@ class rebalance_records {
   rebalance_records(int rank, int num_ranks, int history_size, emit_fn on_event,
                     std::function<void(std::string_view)> log);
 
+  /// The rank set changed (rescale): this rank's place and the set's size from now on.
+  void set_rank_set(int rank, int num_ranks) noexcept {
+    rank_ = rank;
+    num_ranks_ = num_ranks;
+    generation_ = 0;  // the new set's communicator is its first
+  }
+
   // The serving loop's side (state.cpp).
   void begin(std::int64_t id, std::int64_t step);  ///< a rebalance was triggered
   void started(std::int64_t step);                 ///< it plans in this step

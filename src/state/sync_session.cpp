@@ -13,12 +13,14 @@
 
 namespace eplb::state_detail {
 
-sync_session::sync_session(const session_context& ctx) : ctx_(ctx) {
+sync_session::sync_session(const session_context& ctx) : sync_session(ctx, "eplb-cpu") {}
+
+sync_session::sync_session(const session_context& ctx, const std::string& prefix) : ctx_(ctx) {
   const auto& shape = ctx.model.shape;
-  group_ = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(ctx.store, "eplb-cpu"), ctx.rank,
-                                                shape.num_ranks, ctx.cfg.timeout, ctx.stop);
-  vote_ = std::make_unique<runtime::commit_vote>(comm::make_prefix_store(ctx.store, "eplb-cpu"), ctx.rank,
-                                                 shape.num_ranks, ctx.cfg.timeout);
+  group_ = std::make_unique<runtime::cpu_group>(comm::make_prefix_store(ctx.store, prefix), ctx.rank, shape.num_ranks,
+                                                ctx.cfg.timeout, ctx.stop);
+  vote_ = std::make_unique<runtime::commit_vote>(comm::make_prefix_store(ctx.store, prefix), ctx.rank, shape.num_ranks,
+                                                 ctx.cfg.timeout);
   exec::rearrange_options opts{
       .staging_bytes = ctx.cfg.staging_bytes, .timeout = ctx.cfg.timeout, .register_buffers = ctx.cfg.register_buffers};
   opts.pack_within_staging = ctx.cfg.reserve_memory;  // alike on every rank: rebalances stay within the reserve
@@ -39,14 +41,34 @@ void sync_session::stop() noexcept {
 
 void sync_session::start(const matrix<double>& local_load, step_report& report) {
   trigger_time_ = clock_type::now();
-  vote_->begin(ctx_.m.rebalances);
+  voted(ctx_.m.rebalances, [&](const matrix<expert_id>& old) { run(local_load, old, report); });
+}
+
+void sync_session::move_to(const matrix<double>& local_load, const target_fn& target, rearrangement_stats& stats) {
+  trigger_time_ = clock_type::now();
+  voted(1, [&](const matrix<expert_id>& /*old*/) {
+    const auto next = target(global_load(local_load));
+    for (const auto& st : mover_->rearrange(ctx_.weights, ctx_.maps, next)) {
+      ctx_.published.publish(ctx_.maps, st.layer);
+      ++stats.layers;
+      stats.bytes_received += st.bytes_received;
+      ++ctx_.m.layers_committed;
+      ctx_.m.bytes_moved += st.bytes_received;
+    }
+  });
+}
+
+// Runs `body` as rebalance `id` under the commit vote. On a failure (here or on a peer: the vote
+// tells every rank at the same batch) every rank keeps the same committed layers and publishes them.
+void sync_session::voted(std::int64_t id, const std::function<void(const matrix<expert_id>&)>& body) {
+  vote_->begin(id);
   const auto old = ctx_.maps.phy2log();
   try {
-    run(local_load, old, report);
+    body(old);
   } catch (const std::exception& e) {
     ctx_.comms.mark_suspect();  // every rank fails this rebalance, so every rank re-makes it next time
     vote_->abort(e.what());
-    vote_->settle(ctx_.m.rebalances);
+    vote_->settle(id);
     const int committed = ctx_.published.publish_changed(ctx_.maps, old);
     ctx_.m.layers_committed += committed;
     ctx_.records.layers_without_stats(committed, ctx_.m.steps);  // their batches' stats went with the failure

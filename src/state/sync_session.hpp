@@ -1,7 +1,9 @@
 // The synchronous strategy of a rebalance session (see session.hpp and sync_session.cpp).
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <string>
 
 #include "eplb/exec/rearrange.hpp"
 #include "state/session.hpp"
@@ -16,7 +18,19 @@ namespace eplb::state_detail {
 class sync_session final : public rebalance_session {
  public:
   explicit sync_session(const session_context& ctx);
+  /// Its CPU collectives under `prefix` of ctx.store (a rescale's own rearrangement).
+  sync_session(const session_context& ctx, const std::string& prefix);
   ~sync_session() override;
+
+  /// The placement a rescale moves to, from the global load (layers x experts), alike on every rank.
+  using target_fn = std::function<matrix<expert_id>(const matrix<double>& total)>;
+  struct rearrangement_stats {
+    int layers = 0;  ///< committed with a changed placement
+    std::uint64_t bytes_received = 0;
+  };
+  /// One rearrangement to target(the load all-reduce of `local_load`), voted batch by batch as a
+  /// rebalance's (eplb_state::rescale). Throws as start() does.
+  void move_to(const matrix<double>& local_load, const target_fn& target, rearrangement_stats& stats);
 
   void start(const matrix<double>& local_load, step_report& report) override;
   void advance(step_report& /*report*/) override {}
@@ -28,6 +42,7 @@ class sync_session final : public rebalance_session {
   [[nodiscard]] std::int64_t reserve_overflows() const noexcept override { return mover_->overflows(); }
 
  private:
+  void voted(std::int64_t id, const std::function<void(const matrix<expert_id>&)>& body);
   void run(const matrix<double>& local, const matrix<expert_id>& old, step_report& report);
   [[nodiscard]] matrix<double> global_load(const matrix<double>& local);
 

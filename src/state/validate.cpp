@@ -83,9 +83,21 @@ void check_policy_params(const state_params& p) {
   }
 }
 
+// Elastic EP: a joining rank (state_params::join_epoch) takes its maps from the set it joins.
+void check_join(const state_params& p) {
+  if (p.join_epoch < 0) fail(errc::invalid_argument, "eplb_state: join_epoch: {} is not allowed (>= 0)", p.join_epoch);
+  if (p.join_epoch > 0 && p.initial_phy2log) {
+    fail(errc::invalid_argument,
+         "eplb_state: initial_phy2log: a joining rank (join_epoch {}) takes the maps of the set it joins; leave it "
+         "empty",
+         p.join_epoch);
+  }
+}
+
 }  // namespace
 
 void validate(const state_params& p) {
+  check_join(p);
   p.cfg.validate();
   p.model.shape.validate();
   check_handles(p);

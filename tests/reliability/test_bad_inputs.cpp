@@ -296,9 +296,11 @@ std::vector<bad_input> table() {
       {"communicator: nccl with use_async",
        [](f_t) { (void)config::from_json(R"({"use_async": true, "communicator": "nccl"})"); }, errc::invalid_config,
        R"(communicator: "nccl" is not allowed with use_async = true)"},
-      {"communicator: auto with use_async and elastic",
-       [](f_t) { (void)config::from_json(R"({"use_async": true, "elastic": true})"); }, errc::invalid_config,
-       R"("stateless_nccl" is not allowed with use_async = true)"},
+      {"communicator: stateless_nccl with use_async and elastic",
+       [](f_t) {
+         (void)config::from_json(R"({"use_async": true, "elastic": true, "communicator": "stateless_nccl"})");
+       },
+       errc::invalid_config, R"(communicator: "stateless_nccl" is not allowed with use_async = true)"},
       {"staging_bytes: -1", [](f_t) { (void)config::from_json(R"({"staging_bytes": -1})"); }, errc::invalid_config,
        "staging_bytes: -1 is not allowed (must be >= 0)"},
       {"staging_bytes: beyond range", [](f_t) { (void)config::from_json(R"({"staging_bytes": 1000000000000001})"); },

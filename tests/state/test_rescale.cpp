@@ -1,0 +1,334 @@
+// Elastic EP at the state level (issue 20): eplb_state::rescale and joining ranks, on loopback
+// ranks (threads), sync and async. A run goes 4 -> 3 -> 5 ranks; every rank of every set must end
+// each rescale with the same maps as its peers and every live slot holding its mapped expert's
+// bytes; the leaving rank's slots end empty, the joining ranks' filled. Transfer faults at random
+// batches of both moves; bad rescale parameters get one clear error and change nothing.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <atomic>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "check_error.hpp"
+#include "on_ranks.hpp"
+#include "state/loopback_ranks.hpp"
+#include "tools/faulty_comm.hpp"
+
+using namespace eplb;
+using eplb::testing::on_ranks;
+using namespace eplb::testing::loopback_ranks;
+
+namespace {
+
+// Workers 0..3 start as ranks 0..3 of 4; at leave_step rank 1 leaves (4 -> 3: {0, -1, 1, 2}); at
+// join_step workers 4 and 5 join as ranks 3 and 4 (3 -> 5). 4 slots per rank throughout.
+constexpr int workers = 6;
+constexpr int leave_step = 50;
+constexpr int join_step = 100;
+constexpr int last_step = 160;
+
+struct scenario {
+  bool use_async = false;
+  std::shared_ptr<comm::store> store = comm::make_memory_store();
+  std::shared_ptr<comm::loopback_world> world4 = comm::make_loopback_world(4);
+  std::shared_ptr<comm::loopback_world> world3 = comm::make_loopback_world(3);
+  std::shared_ptr<comm::loopback_world> world5 = comm::make_loopback_world(5);
+  // Fault injection: one worker's communicators fail their n-th batch from the armed step.
+  int fault_worker = -1;
+  int fault_step = 0;  // leave_step or join_step
+  int fault_batch = 0;
+  // The epoch the joining ranks join at: the survivors' next (a failed rescale takes an epoch too,
+  // as a set made under its own prefix), told by worker 0 as an engine's coordinator would.
+  mutable std::atomic<std::int64_t> join_epoch{0};
+};
+
+struct worker_result {
+  std::vector<std::string> failures;  // byte mismatches and unexpected errors
+  bool left = false;
+  int rank = -1;
+  std::int64_t epoch = 0;
+  std::int64_t rebalances = 0;
+  matrix<expert_id> maps;
+  std::vector<std::string> rescale_errors;  // what rescale() threw or reported (fill_error)
+  std::vector<std::string> step_errors;     // a fault that fired in a later rebalance fails its step
+};
+
+config scenario_config(bool use_async, int slots) {
+  auto cfg = loopback_config(use_async, 10, 20, 10s);
+  cfg.num_redundant_experts = slots - 12;
+  return cfg;
+}
+
+comm::setup loopback_setup(const std::shared_ptr<comm::loopback_world>& world) {
+  comm::setup s;
+  s.world = world;
+  return s;
+}
+
+// Every live slot of every layer against the maps; a line per mismatch.
+void verify_all(rank_setup& r, worker_result& out, const char* when) {
+  for (int l = 0; l < 4; ++l) {
+    const auto bad = r.model->mismatch(l, r.state->maps().phy2log(l), r.state->rank());
+    if (!bad.empty()) out.failures.push_back(fmt::format("{}: {}", when, bad));
+  }
+}
+
+void arm_fault(const scenario& sc, int worker, int step, const std::shared_ptr<tools::fault_switch>& sw) {
+  if (worker == sc.fault_worker && step == sc.fault_step) sw->countdown = sc.fault_batch;
+}
+
+// One step of serving load on the current set, and the step itself; a failure is recorded.
+void serve_step(rank_setup& r, int step, worker_result& out) {
+  const int slots = r.state->num_ranks() * 4;
+  for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(slots, step, l + step / 7, r.state->rank()));
+  try {
+    const auto rep = r.state->step();
+    // A commit is checked in the step it lands in, so a wrong byte names its rebalance.
+    if (rep.layers_committed > 0 && out.failures.empty()) verify_all(r, out, fmt::format("step {}", step).c_str());
+  } catch (const std::exception& e) {
+    out.step_errors.push_back(fmt::format("step {}: {}", step, e.what()));
+  }
+}
+
+// rescale() at `step`: records what it threw or reported; a failed move off the leaving rank is
+// retried once (the peers failed it too).
+void rescale_at(rank_setup& r, int step, const rescale_params& p, worker_result& out) {
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    try {
+      const auto rep = r.state->rescale(p);
+      if (!rep.fill_error.empty()) out.rescale_errors.push_back(rep.fill_error);
+      out.left = rep.left;
+      verify_all(r, out, step == leave_step ? "after leaving" : "after joining");
+      return;
+    } catch (const error& e) {
+      out.rescale_errors.push_back(e.what());
+      verify_all(r, out, "after a failed rescale");
+      if (r.state->num_ranks() != 4) out.failures.push_back("a failed rescale changed the rank set");
+    }
+  }
+  out.failures.push_back("the rescale failed twice");
+}
+
+std::shared_ptr<tools::fault_switch> wrap_faults(state_params& p) {
+  auto sw = std::make_shared<tools::fault_switch>();
+  sw->scribble = true;
+  p.comm_wrap = [sw](std::unique_ptr<comm::communicator> inner, int) -> std::unique_ptr<comm::communicator> {
+    return std::make_unique<tools::faulty_communicator>(std::move(inner), sw);
+  };
+  return sw;
+}
+
+void finish(rank_setup& r, worker_result& out) {
+  verify_all(r, out, "at the end");
+  out.rank = r.state->rank();
+  out.epoch = r.state->stats().rank_set_epoch;
+  out.rebalances = r.state->stats().rebalances;
+  out.maps = r.state->maps().phy2log();
+  // A rebalance in flight ends in the same step on every rank: step on until it has, then stop.
+  r.state->drain();
+  for (int extra = 0; extra < 2000 && r.state->stats().rebalance_in_flight; ++extra) serve_step(r, last_step + 1, out);
+  r.state->stop();
+}
+
+worker_result run_original(const scenario& sc, int w) {
+  worker_result out;
+  auto r = make_model(w, 4);
+  auto p = params_for(r, w, scenario_config(sc.use_async, 16), sc.world4, sc.store);
+  const auto sw = wrap_faults(p);
+  r.state = std::make_unique<eplb_state>(std::move(p));
+  for (int step = 1; step <= last_step; ++step) {
+    arm_fault(sc, w, step, sw);
+    if (step == leave_step) {
+      rescale_at(r, step, {.new_size = 3, .rank_mapping = {0, -1, 1, 2}, .comm_setup = loopback_setup(sc.world3)}, out);
+      if (out.left) {
+        CHECK_EPLB_ERROR(r.state->step(), errc::cancelled, "stopped");
+        out.maps = r.state->maps().phy2log();
+        return out;
+      }
+    }
+    if (step == join_step) {
+      if (w == 0) sc.join_epoch = r.state->stats().rank_set_epoch + 1;
+      rescale_at(r, step, {.new_size = 5, .rank_mapping = {0, 1, 2}, .comm_setup = loopback_setup(sc.world5)}, out);
+    }
+    serve_step(r, step, out);
+  }
+  finish(r, out);
+  return out;
+}
+
+worker_result run_joiner(const scenario& sc, int w) {
+  worker_result out;
+  const int rank = w - 1;  // workers 4 and 5 are ranks 3 and 4 of the new set
+  auto r = make_model(rank, 5, {}, 20, true);
+  auto p = params_for(r, rank, scenario_config(sc.use_async, 20), sc.world5, sc.store);
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (sc.join_epoch == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  p.join_epoch = sc.join_epoch;
+  const auto sw = wrap_faults(p);
+  arm_fault(sc, w, join_step, sw);
+  r.state = std::make_unique<eplb_state>(std::move(p));
+  if (!r.state->last_rescale().fill_error.empty()) out.rescale_errors.push_back(r.state->last_rescale().fill_error);
+  verify_all(r, out, "after joining");
+  for (int step = join_step; step <= last_step; ++step) serve_step(r, step, out);
+  finish(r, out);
+  return out;
+}
+
+std::vector<worker_result> run_scenario(const scenario& sc) {
+  return on_ranks(workers, [&](int w) {
+    try {
+      return w < 4 ? run_original(sc, w) : run_joiner(sc, w);
+    } catch (const std::exception& e) {
+      worker_result out;
+      out.failures.push_back(fmt::format("worker {}: {}", w, e.what()));
+      return out;
+    }
+  });
+}
+
+// What every run must show: no byte mismatch, rank 1 gone with its slots empty, five ranks with the
+// same maps, epoch and rebalance count, every slot of the final maps filled.
+void check_outcome(const std::vector<worker_result>& results) {
+  for (int w = 0; w < workers; ++w) {
+    CAPTURE(w);
+    for (const auto& f : results[w].failures) FAIL_CHECK(f);
+  }
+  CHECK(results[1].left);
+  for (std::size_t l = 0; l < results[1].maps.rows(); ++l) {
+    for (int s = 4; s < 8; ++s) CHECK(results[1].maps(l, s) == empty_slot);  // old rank 1's slots
+  }
+  std::set<int> ranks;
+  for (int w : {0, 2, 3, 4, 5}) {
+    CAPTURE(w);
+    const auto& r = results[w];
+    ranks.insert(r.rank);
+    CHECK(r.epoch == results[0].epoch);
+    CHECK(r.epoch >= 2);
+    CHECK(r.rebalances == results[0].rebalances);
+    CHECK(r.maps == results[0].maps);
+  }
+  CHECK(ranks == std::set<int>{0, 1, 2, 3, 4});
+  CHECK(results[0].maps.cols() == 20);
+  CHECK(results[0].rebalances >= 3);
+}
+
+}  // namespace
+
+TEST_CASE("rescale: 4 -> 3 -> 5 ranks, the leaving rank emptied, the joining ranks filled, every byte verified") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    scenario sc;
+    sc.use_async = use_async;
+    const auto results = run_scenario(sc);
+    check_outcome(results);
+    for (const auto& r : results) {
+      CHECK(r.rescale_errors.empty());
+      CHECK(r.step_errors.empty());
+    }
+  }
+}
+
+TEST_CASE("rescale under transfer faults: random batches of both moves, sync and async") {
+  std::mt19937 rng(20);
+  int moves_failed = 0;
+  for (int trial = 0; trial < 12; ++trial) {
+    scenario sc;
+    sc.use_async = trial % 2 == 1;
+    const bool in_join = trial % 4 >= 2;
+    sc.fault_step = in_join ? join_step : leave_step;
+    sc.fault_worker = in_join ? std::vector<int>{0, 2, 3, 4, 5}[rng() % 5] : static_cast<int>(rng() % 4);
+    sc.fault_batch = 1 + static_cast<int>(rng() % 3);
+    CAPTURE(trial);
+    CAPTURE(sc.use_async);
+    CAPTURE(sc.fault_worker);
+    CAPTURE(sc.fault_batch);
+    const auto results = run_scenario(sc);
+    check_outcome(results);
+    // The fault failed the move it was armed in on every rank of that move, or fired later in a
+    // rebalance (a batch count past the move's): either way the ranks agree.
+    std::set<std::size_t> error_counts;
+    for (int w : {0, 2, 3}) error_counts.insert(results[w].rescale_errors.size());
+    CHECK(error_counts.size() == 1);
+    moves_failed += *error_counts.begin() > 0 ? 1 : 0;
+  }
+  MESSAGE(fmt::format("{} of 12 trials failed the move the fault was armed in", moves_failed));
+  CHECK(moves_failed >= 6);
+}
+
+TEST_CASE("rescale: bad parameters get one clear error naming the field and change nothing") {
+  const int ranks = 4;
+  auto world = comm::make_loopback_world(ranks);
+  auto store = comm::make_memory_store();
+  const auto cfg = scenario_config(false, 16);
+  struct bad_case {
+    rescale_params params;
+    errc code;
+    const char* text;
+  };
+  const auto cases = [] {
+    std::vector<bad_case> c;
+    c.push_back({{.new_size = 3, .rank_mapping = {0, 1, 2}},
+                 errc::invalid_argument,
+                 "rescale_params.rank_mapping: 3 entries, the current set has 4 ranks"});
+    c.push_back({{.new_size = 3, .rank_mapping = {0, 1, 2, 3}},
+                 errc::invalid_argument,
+                 "rescale_params.rank_mapping[3]: 3 is out of range -1..2"});
+    c.push_back({{.new_size = 4, .rank_mapping = {0, 1, 1, 3}},
+                 errc::invalid_argument,
+                 "rescale_params.rank_mapping[2]: new rank 1 is already rank_mapping[1]'s"});
+    c.push_back({{.new_size = 4, .rank_mapping = {-1, -1, -1, -1}},
+                 errc::invalid_argument,
+                 "rescale_params.rank_mapping: every rank leaves"});
+    c.push_back({{.new_size = 0, .rank_mapping = {0, 1, 2, 3}},
+                 errc::invalid_argument,
+                 "rescale_params.new_size: 0 is out of range 1..4096"});
+    c.push_back({{.new_size = 2, .rank_mapping = {0, 1, -1, -1}},
+                 errc::invalid_argument,
+                 "rescale_params.new_size: the surviving set has 2 ranks x 4 slots for 12 experts"});
+    c.push_back({{.new_size = 5, .rank_mapping = {-1, -1, 0, -1}},
+                 errc::invalid_argument,
+                 "rescale_params.new_size: the surviving set has 1 ranks x 4 slots for 12 experts"});
+    return c;
+  }();
+  const auto results = on_ranks(ranks, [&](int rank) {
+    auto r = make_rank(rank, ranks, cfg, world, store);
+    const auto before = r.state->maps().phy2log();
+    for (const auto& c : cases) {
+      CAPTURE(c.text);
+      CHECK_EPLB_ERROR(r.state->rescale(c.params), c.code, c.text);
+      CHECK(r.state->maps().phy2log() == before);
+      CHECK(r.state->num_ranks() == ranks);
+      CHECK(r.state->stats().rank_set_epoch == 0);
+    }
+    // The state serves on: rebalances run and every slot holds its expert.
+    worker_result out;
+    for (int step = 1; step <= 60; ++step) serve_step(r, step, out);
+    for (const auto& f : out.step_errors) FAIL_CHECK(f);
+    verify_all(r, out, "after the bad calls");
+    const auto m = r.state->stats().rebalances;
+    r.state->stop();
+    return m;
+  });
+  CHECK(results[0] >= 2);
+}
+
+TEST_CASE("join: a joining rank's bad parameters and a join no rescale answers") {
+  auto store = comm::make_memory_store();
+  auto world = comm::make_loopback_world(5);
+  auto r = make_model(3, 5, {}, 20, true);
+  auto cfg = scenario_config(false, 20);
+  cfg.timeout = 300ms;
+  const auto joining = [&](std::int64_t epoch, bool with_map) {
+    auto p = params_for(r, 3, cfg, world, store);
+    p.join_epoch = epoch;
+    if (with_map) p.initial_phy2log = matrix<expert_id>(4, 20, 0);
+    return eplb_state(std::move(p));
+  };
+  CHECK_EPLB_ERROR(joining(1, true), errc::invalid_argument, "initial_phy2log: a joining rank (join_epoch 1)");
+  CHECK_EPLB_ERROR(joining(-2, false), errc::invalid_argument, "join_epoch: -2 is not allowed");
+  const auto begin = std::chrono::steady_clock::now();
+  CHECK_EPLB_ERROR(joining(1, false), errc::timeout, "join_epoch 1: the current ranks did not rescale to that epoch");
+  CHECK(std::chrono::steady_clock::now() - begin < 3s);
+}
