@@ -161,6 +161,11 @@ struct state_params {
   std::function<void(const event&)> on_event;
   /// Optional: the engine's own load and map buffers (see engine_buffers); eplb allocates the others.
   engine_buffers buffers;
+  /// Optional, for recover(): loads logical expert `expert` of `layer` from the engine's checkpoint
+  /// into this rank's local slot `local_slot` (every tensor of the bundle, at weights' slot), done
+  /// or queued on the serving stream before it returns; throws on failure. Called on the serving
+  /// thread, for experts whose only replicas were on lost ranks.
+  std::function<void(int layer, int expert, int local_slot)> reload_expert;
   /// Elastic EP: > 0 makes this a rank that joins a running rank set as the peers' rescale() makes
   /// it, at their stats().rank_set_epoch + 1. `model` describes the new set, `rank` is this rank's
   /// place in it (one the rank mapping leaves free), `weights` are its empty slots, and
@@ -188,6 +193,16 @@ struct rescale_params {
   engine_buffers buffers;
 };
 
+/// What recover() needs from the engine for the survivors' set, whose size it learns only once
+/// the survivors agreed: the communicator setup and the engine's buffers for `size` ranks.
+struct recover_params {
+  /// Default: the current setup (rank and size filled in) under a fresh store prefix; needed where
+  /// that cannot span the survivors (loopback: a world of `size`, the same object on every rank).
+  std::function<comm::setup(int size)> comm_setup;
+  /// Required for every buffer the engine gave before (their sizes change with the slots).
+  std::function<engine_buffers(int size)> buffers;
+};
+
 /// What rescale() did on this rank.
 struct rescale_report {
   std::int64_t epoch = 0;  ///< the rank set's epoch now (stats().rank_set_epoch)
@@ -197,10 +212,13 @@ struct rescale_report {
   int layers_moved = 0;    ///< layers the rearrangements committed with a changed placement
   std::uint64_t bytes_received = 0;
   double seconds = 0;
-  /// The move that fills the joining ranks failed (here or on a peer, alike on every rank): the new
-  /// set is in place with the layers committed before the failure; the joining ranks' slots of the
-  /// other layers stay empty (no token is routed to them) until the next rebalance fills them.
+  /// The move that fills the joining ranks (recover(): re-plans over the survivors) failed, here
+  /// or on a peer, alike on every rank: the new set is in place with the layers committed before
+  /// the failure; joining ranks' slots of the other layers stay empty (no token is routed to them)
+  /// until the next rebalance fills them.
   std::string fill_error;
+  std::vector<int> lost_ranks;  ///< recover(): the previous set's ranks that did not answer
+  int experts_reloaded = 0;     ///< recover(): (layer, expert) pairs loaded back by reload_expert
 };
 
 struct metrics {
@@ -305,6 +323,20 @@ class EPLB_API eplb_state {
   /// retry the rescale. Once the new set is in place nothing throws: a failed fill of the joining
   /// ranks is the report's fill_error. A communicator that cannot be made leaves the state stopped.
   rescale_report rescale(rescale_params params);
+  /// Serving on after lost ranks: call it on every rank still alive once step() threw because a
+  /// peer died or went silent (errc::peer_failure, errc::timeout). The ranks that call it within
+  /// config::timeout of each other agree on who they are (a rank answering later is left out and
+  /// gets errc::peer_failure); they become a new set of their own (ranks renumbered in order, maps
+  /// without the lost ranks' slots, identical on every rank). Experts whose only replicas were on
+  /// lost ranks are loaded back by state_params::reload_expert into slots of surplus replicas
+  /// (every rank picks the same); then a rearrangement re-plans over the survivors (its failure is
+  /// the report's fill_error). Nothing changed where every rank answered but this one's set is
+  /// made again. Errors, after which the state is stopped: errc::peer_failure naming the experts
+  /// lost without a reload_expert hook or without a surplus slot to load them into, or a reload
+  /// that failed on any survivor. Not yet: serving on with such experts masked (no token routed).
+  /// errc::invalid_argument before anything when the communicator came from the engine
+  /// (state_params::comm or comm_factory), or recover_params::buffers is missing for engine buffers.
+  rescale_report recover(recover_params params = {});
   /// The latest rescale() on this rank, or for a joining rank its join (empty before either).
   [[nodiscard]] const rescale_report& last_rescale() const noexcept;
 

@@ -122,6 +122,44 @@ matrix<expert_id> scale_up_target(const config& cfg, const model_desc& new_model
   return plan_over(cfg, new_model, carried, total);
 }
 
+std::vector<lost_expert> place_lost_experts(matrix<expert_id>& carried, int num_logical) {
+  std::vector<lost_expert> out;
+  std::vector<int> count(static_cast<std::size_t>(num_logical));
+  for (std::size_t l = 0; l < carried.rows(); ++l) {
+    std::fill(count.begin(), count.end(), 0);
+    const auto row = carried.row(l);
+    for (expert_id e : row) {
+      if (e >= 0) ++count[static_cast<std::size_t>(e)];
+    }
+    for (expert_id e = 0; e < num_logical; ++e) {
+      if (count[static_cast<std::size_t>(e)] > 0) continue;
+      lost_expert lost{static_cast<int>(l), e, -1};
+      for (std::size_t s = 0; s < row.size(); ++s) {
+        // An empty slot, or one whose expert is served elsewhere too.
+        if (row[s] >= 0 && count[static_cast<std::size_t>(row[s])] < 2) continue;
+        if (row[s] >= 0) --count[static_cast<std::size_t>(row[s])];
+        carried(l, s) = e;
+        count[static_cast<std::size_t>(e)] = 1;
+        lost.slot = static_cast<int>(s);
+        break;
+      }
+      out.push_back(lost);
+    }
+  }
+  return out;
+}
+
+std::string describe(const std::vector<lost_expert>& lost) {
+  std::string out;
+  int layer = -1;
+  for (const auto& x : lost) {
+    out += x.layer == layer ? fmt::format(", {}", x.expert)
+                            : fmt::format("{}layer {}: {}", out.empty() ? "" : "; ", x.layer, x.expert);
+    layer = x.layer;
+  }
+  return out;
+}
+
 std::string rank_set_prefix(std::int64_t epoch) {
   return fmt::format("eplb-set-{}", epoch);
 }

@@ -50,6 +50,19 @@ struct rescale_plan {
 [[nodiscard]] matrix<expert_id> scale_up_target(const config& cfg, const model_desc& new_model,
                                                 const matrix<expert_id>& carried, const matrix<double>& total);
 
+/// recover(): an expert whose only replicas were on lost ranks, loaded back into `slot` (of the
+/// new set's layer) in place of a surplus replica.
+struct lost_expert {
+  int layer = 0;
+  expert_id expert = 0;
+  int slot = -1;  // -1: no surplus replica in the layer to give up
+};
+/// Finds the experts `carried` (the survivors' maps) no longer holds and puts each into the lowest
+/// slot that is empty or whose expert has another replica, alike on every rank; returns them all.
+[[nodiscard]] std::vector<lost_expert> place_lost_experts(matrix<expert_id>& carried, int num_logical);
+/// "layer 0: 3, 7; layer 2: 5" for an error message.
+[[nodiscard]] std::string describe(const std::vector<lost_expert>& lost);
+
 /// What a joining rank learns from the set it joins: written by one surviving rank once the
 /// leaving ranks are gone, read by every joining rank.
 struct rescale_handoff {

@@ -209,7 +209,8 @@ void eplb_state::impl::stop_set(const char* why) noexcept {
 }
 
 state_detail::state_recipe state_detail::recipe_of(const state_params& p) {
-  return {p.store, p.comm_setup, p.comm_factory, p.comm_wrap, p.commit_agreement, p.comm != nullptr, p.buffers};
+  return {p.store,         p.comm_setup,      p.comm_factory, p.comm_wrap, p.commit_agreement,
+          p.reload_expert, p.comm != nullptr, p.buffers};
 }
 
 eplb_state::eplb_state(state_params params) {

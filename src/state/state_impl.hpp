@@ -28,6 +28,7 @@ struct state_recipe {
   std::function<std::unique_ptr<comm::communicator>(int)> comm_factory;
   std::function<std::unique_ptr<comm::communicator>(std::unique_ptr<comm::communicator>, int)> comm_wrap;
   std::function<std::int64_t(std::int64_t)> commit_agreement;
+  std::function<void(int, int, int)> reload_expert;
   bool comm_handed_in = false;  // state_params::comm: the engine's, for this set only
   engine_buffers buffers;       // which buffers are the engine's
 };
@@ -107,6 +108,10 @@ struct eplb_state::impl {
                            rescale_report& out);
   void fill_joiners(std::int64_t epoch, const matrix<double>& local, const matrix<expert_id>& carried,
                     rescale_report& out) noexcept;
+  /// recover()'s part before the new set is made: the survivors' maps with the lost experts
+  /// loaded back (on this rank by reload_expert), agreed by every survivor.
+  [[nodiscard]] matrix<expert_id> survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
+                                                 rescale_report& out);
   /// A joining rank's set (state_params::join_epoch), once its slots are filled.
   [[nodiscard]] static std::unique_ptr<impl> join(state_params& p);
 

@@ -5,9 +5,11 @@
 // from the maps (identical on every rank) and a load all-reduce, and each rearrangement is voted
 // batch by batch, so a failure ends it at the same batch everywhere.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 
+#include "state/live_set.hpp"
 #include "state/rescale.hpp"
 #include "state/state_impl.hpp"
 #include "state/sync_session.hpp"
@@ -230,6 +232,106 @@ std::unique_ptr<eplb_state::impl> eplb_state::impl::join(state_params& p) {
   self->fill_joiners(h.epoch, none, h.phy2log, out);
   out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
   return self;
+}
+
+}  // namespace eplb
+
+namespace eplb {
+
+namespace {
+
+void check_recover_inputs(const state_detail::state_recipe& r, const recover_params& p) {
+  if (r.comm_handed_in || r.comm_factory) {
+    fail(errc::invalid_argument,
+         "eplb_state::recover: the communicator comes from the engine (state_params::comm or comm_factory), which "
+         "cannot be made for the survivors here; make the survivors' states anew (or use rescale)");
+  }
+  const bool engine = r.buffers.load || r.buffers.phy2log || r.buffers.log2phy || r.buffers.replica_count;
+  if (engine && !p.buffers) {
+    fail(errc::invalid_argument,
+         "recover_params.buffers: the state uses the engine's buffers; give them for the survivors' size");
+  }
+}
+
+// Every survivor says whether its reloads worked; all fail alike when one did not (a slot the maps
+// would name holds other bytes).
+void agree_reloads(comm::store& store, std::int64_t epoch, int rank, int size, const std::string& mine,
+                   std::chrono::milliseconds timeout) {
+  store.set(fmt::format("eplb-live-{}/reloaded-{}", epoch, rank), mine.empty() ? "ok" : mine);
+  for (int r = 0; r < size; ++r) {
+    const auto theirs = store.get(fmt::format("eplb-live-{}/reloaded-{}", epoch, r), timeout);
+    if (theirs != "ok") {
+      fail(errc::peer_failure, "recover: reloading the lost experts failed on rank {} of the survivors: {}", r, theirs);
+    }
+  }
+}
+
+}  // namespace
+
+matrix<expert_id> eplb_state::impl::survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
+                                                   rescale_report& out) {
+  auto carried = state_detail::carry_to_new_set(plan, maps.phy2log());
+  const auto lost = state_detail::place_lost_experts(carried, model.shape.num_logical);
+  if (lost.empty()) return carried;
+  const auto unplaced = std::count_if(lost.begin(), lost.end(), [](const auto& x) { return x.slot < 0; });
+  if (!recipe.reload_expert || unplaced > 0) {
+    fail(
+        errc::peer_failure, "recover: ranks {} held the only replicas of experts ({}){}",
+        fmt::join(out.lost_ranks, ", "), state_detail::describe(lost),
+        unplaced > 0 ? "; the survivors have no spare slot for them" : "; state_params::reload_expert loads them back");
+  }
+  std::string failure;
+  const int spr = plan.slots_per_rank;
+  for (const auto& x : lost) {
+    if (x.slot / spr != out.rank) continue;
+    try {
+      recipe.reload_expert(x.layer, x.expert, x.slot % spr);
+    } catch (const std::exception& e) {
+      failure = fmt::format("layer {} expert {}: {}", x.layer, x.expert, e.what());
+      break;
+    }
+  }
+  agree_reloads(*recipe.store, epoch, out.rank, plan.new_size, failure, cfg.timeout);
+  out.experts_reloaded = static_cast<int>(lost.size());
+  return carried;
+}
+
+rescale_report eplb_state::recover(recover_params params) {
+  if (impl_->stopped) fail(errc::cancelled, "eplb_state::recover: the state was stopped");
+  const auto begin = clock_type::now();
+  auto& s = *impl_;
+  check_recover_inputs(s.recipe, params);
+  const std::int64_t epoch = s.m.rank_set_epoch + 1;
+  const auto local = s.logical_load(s.load.last_window());
+  s.stop_set("ended by eplb_state::recover()");
+  const auto live = state_detail::agree_live_set(*s.recipe.store, epoch, s.rank, s.model.shape.num_ranks, s.cfg.timeout,
+                                                 std::stop_token{});
+  rescale_params p{.new_size = static_cast<int>(live.size()),
+                   .rank_mapping = std::vector<int>(static_cast<std::size_t>(s.model.shape.num_ranks), -1)};
+  rescale_report out{.epoch = epoch, .num_ranks = p.new_size};
+  for (int r = 0; r < s.model.shape.num_ranks; ++r) {
+    const auto at = std::find(live.begin(), live.end(), r);
+    if (at == live.end()) out.lost_ranks.push_back(r);
+    p.rank_mapping[static_cast<std::size_t>(r)] = at == live.end() ? -1 : static_cast<int>(at - live.begin());
+  }
+  out.rank = p.rank_mapping[static_cast<std::size_t>(s.rank)];
+  const auto plan = state_detail::plan_rescale(s.model, p);
+  const auto carried = s.survivors_maps(plan, epoch, out);
+  const auto next_model = state_detail::resized_model(s.model, plan.new_size);
+  auto recipe = s.recipe;
+  if (params.comm_setup) recipe.comm_setup = params.comm_setup(plan.new_size);
+  if (params.buffers) recipe.buffers = params.buffers(plan.new_size);
+  impl_ = s.next_set(std::move(recipe), next_model, out.rank, carried, state_detail::rank_set_prefix(epoch));
+  impl_->m.rank_set_epoch = epoch;
+  impl_->fill_joiners(epoch, local, carried, out);  // the re-plan over the survivors
+  out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
+  impl_->last_rescale = out;
+  impl_->records.emit(
+      event_level::warning, event_kind::rank_set_changed, impl_->m.steps,
+      fmt::format("eplb rank {}: serving on as rank set {} of {} ranks without ranks {} ({} experts "
+                  "reloaded)",
+                  out.rank, epoch, out.num_ranks, fmt::join(out.lost_ranks, ", "), out.experts_reloaded));
+  return out;
 }
 
 }  // namespace eplb

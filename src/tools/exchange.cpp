@@ -194,6 +194,15 @@ std::string pattern_model::mismatch(int layer, std::span<const expert_id> row, i
   return {};
 }
 
+void pattern_model::load_expert(int layer, expert_id expert, int local_slot) {
+  for (int t = 0; t < static_cast<int>(shape_.bundle.size()); ++t) {
+    std::vector<std::byte> bytes(shape_.bundle[static_cast<std::size_t>(t)].bytes_per_expert);
+    for (std::size_t k = 0; k < bytes.size(); ++k) bytes[k] = weight_byte(layer, expert, t, k);
+    stream_.copy(weights_.slot(shape_, layer, t, local_slot), bytes.data(), bytes.size());
+    stream_.synchronize(timeout_);  // `bytes` goes at the end of this iteration
+  }
+}
+
 std::vector<std::byte> pattern_model::snapshot(int layer) {
   // The stream copies into device memory, not into `out`: a timed-out wait must not leave it
   // writing into a vector that the exception frees. Kept between calls (an engine's allocator hook

@@ -67,6 +67,9 @@ class pattern_model {
   /// layer's phy2log over all ranks) puts there, as a line naming it; "" when every slot holds its
   /// expert's bytes (empty slots are skipped).
   [[nodiscard]] std::string mismatch(int layer, std::span<const expert_id> row, int rank);
+  /// Writes `expert`'s bytes of `layer` into local slot `local_slot`, as an engine loads an expert
+  /// from its checkpoint (eplb_state::recover's reload_expert); done when it returns.
+  void load_expert(int layer, expert_id expert, int local_slot);
 
  private:
   void fill(int rank, const matrix<expert_id>& placement_map, std::span<std::byte> host);

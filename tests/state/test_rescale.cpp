@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <thread>
@@ -29,6 +31,17 @@ constexpr int leave_step = 50;
 constexpr int join_step = 100;
 constexpr int last_step = 160;
 
+// Counts the ranks through their last step, so that none stops while a peer may still need it (a
+// rebalance that ends skipped ends when each rank's background says so, not in one agreed step).
+struct finish_line {
+  std::atomic<int> arrived{0};
+  void arrive_and_wait(int ranks) {
+    ++arrived;
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (arrived < ranks && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  }
+};
+
 struct scenario {
   bool use_async = false;
   std::shared_ptr<comm::store> store = comm::make_memory_store();
@@ -42,6 +55,7 @@ struct scenario {
   // The epoch the joining ranks join at: the survivors' next (a failed rescale takes an epoch too,
   // as a set made under its own prefix), told by worker 0 as an engine's coordinator would.
   mutable std::atomic<std::int64_t> join_epoch{0};
+  mutable finish_line line;  // the five ranks of the last set
 };
 
 struct worker_result {
@@ -120,7 +134,7 @@ std::shared_ptr<tools::fault_switch> wrap_faults(state_params& p) {
   return sw;
 }
 
-void finish(rank_setup& r, worker_result& out) {
+void finish(rank_setup& r, worker_result& out, finish_line& line, int ranks) {
   verify_all(r, out, "at the end");
   out.rank = r.state->rank();
   out.epoch = r.state->stats().rank_set_epoch;
@@ -129,6 +143,7 @@ void finish(rank_setup& r, worker_result& out) {
   // A rebalance in flight ends in the same step on every rank: step on until it has, then stop.
   r.state->drain();
   for (int extra = 0; extra < 2000 && r.state->stats().rebalance_in_flight; ++extra) serve_step(r, last_step + 1, out);
+  line.arrive_and_wait(ranks);
   r.state->stop();
 }
 
@@ -154,7 +169,7 @@ worker_result run_original(const scenario& sc, int w) {
     }
     serve_step(r, step, out);
   }
-  finish(r, out);
+  finish(r, out, sc.line, 5);
   return out;
 }
 
@@ -172,7 +187,7 @@ worker_result run_joiner(const scenario& sc, int w) {
   if (!r.state->last_rescale().fill_error.empty()) out.rescale_errors.push_back(r.state->last_rescale().fill_error);
   verify_all(r, out, "after joining");
   for (int step = join_step; step <= last_step; ++step) serve_step(r, step, out);
-  finish(r, out);
+  finish(r, out, sc.line, 5);
   return out;
 }
 
@@ -224,8 +239,8 @@ TEST_CASE("rescale: 4 -> 3 -> 5 ranks, the leaving rank emptied, the joining ran
     const auto results = run_scenario(sc);
     check_outcome(results);
     for (const auto& r : results) {
-      CHECK(r.rescale_errors.empty());
-      CHECK(r.step_errors.empty());
+      for (const auto& e : r.rescale_errors) FAIL_CHECK(e);
+      for (const auto& e : r.step_errors) FAIL_CHECK(e);
     }
   }
 }
@@ -331,4 +346,158 @@ TEST_CASE("join: a joining rank's bad parameters and a join no rescale answers")
   const auto begin = std::chrono::steady_clock::now();
   CHECK_EPLB_ERROR(joining(1, false), errc::timeout, "join_epoch 1: the current ranks did not rescale to that epoch");
   CHECK(std::chrono::steady_clock::now() - begin < 3s);
+}
+
+namespace {
+
+// A rank dies at die_step, before the first rebalance moved anything (round-robin maps: rank 3's
+// slots hold replicas of experts 0..3, which rank 0 holds too; rank 1 holds the only replicas of
+// experts 4..7). The survivors' step fails at the first collective; they recover() and serve on.
+struct loss_case {
+  bool use_async = false;
+  int dead = 3;
+  bool killed = true;  // killed (its transfers fail at once) or silent (only the timeout tells)
+  bool with_hook = true;
+};
+
+constexpr int die_step = 8;
+constexpr int loss_last_step = 90;
+
+struct loss_result {
+  worker_result w;
+  std::optional<rescale_report> recovered;
+  int recovered_at = -1;
+  std::string recover_error;
+  int expected_reloads = -1;  // experts the maps before recover() held on the dead rank only
+  std::int64_t rebalances_at_recover = 0;
+};
+
+// (layer, expert) pairs of `maps` whose every replica is on rank `dead` (4 slots a rank).
+int held_only_by(const matrix<expert_id>& maps, int dead) {
+  int n = 0;
+  for (std::size_t l = 0; l < maps.rows(); ++l) {
+    std::map<expert_id, std::pair<int, int>> where;  // expert -> (replicas on dead, elsewhere)
+    for (std::size_t s = 0; s < maps.cols(); ++s) {
+      auto& w = where[maps(l, s)];
+      (static_cast<int>(s) / 4 == dead ? w.first : w.second)++;
+    }
+    for (const auto& [e, w] : where) n += e >= 0 && w.second == 0 ? 1 : 0;
+  }
+  return n;
+}
+
+// The survivors' loopback world of each size: one object for every rank (a process's engine would
+// give its new rendezvous instead).
+struct shared_worlds {
+  std::mutex mutex;
+  std::map<int, std::shared_ptr<comm::loopback_world>> by_size;
+  comm::setup operator()(int size) {
+    std::lock_guard lock(mutex);
+    auto& w = by_size[size];
+    if (!w) w = comm::make_loopback_world(size);
+    return loopback_setup(w);
+  }
+};
+
+loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<comm::loopback_world>& world,
+                         const std::shared_ptr<comm::store>& store, shared_worlds& worlds, finish_line& line) {
+  loss_result out;
+  auto cfg = scenario_config(c.use_async, 16);
+  cfg.timeout = 1s;
+  auto r = make_model(rank, 4);
+  auto p = params_for(r, rank, cfg, world, store);
+  auto* model = r.model.get();
+  if (c.with_hook) p.reload_expert = [model](int l, int e, int slot) { model->load_expert(l, e, slot); };
+  r.state = std::make_unique<eplb_state>(std::move(p));
+  for (int step = 1; step <= loss_last_step; ++step) {
+    const auto errors = out.w.step_errors.size();
+    serve_step(r, step, out.w);
+    if (out.w.step_errors.size() == errors || out.recovered) continue;
+    out.expected_reloads = held_only_by(r.state->maps().phy2log(), c.dead);
+    try {
+      out.recovered = r.state->recover({.comm_setup = [&](int size) { return worlds(size); }});
+      out.recovered_at = step;
+      out.rebalances_at_recover = r.state->stats().rebalances;
+      verify_all(r, out.w, "after recover");
+    } catch (const error& e) {
+      out.recover_error = e.what();
+      return out;
+    }
+  }
+  finish(r, out.w, line, 3);
+  return out;
+}
+
+std::vector<loss_result> run_loss(const loss_case& c) {
+  auto world = comm::make_loopback_world(4);
+  auto store = comm::make_memory_store();
+  shared_worlds worlds;
+  finish_line line;
+  std::atomic<int> done{0};
+  return on_ranks(4, [&](int rank) {
+    if (rank != c.dead) {
+      auto out = run_survivor(rank, c, world, store, worlds, line);
+      ++done;
+      return out;
+    }
+    loss_result out;
+    auto r = make_rank(rank, 4, scenario_config(c.use_async, 16), world, store);
+    for (int step = 1; step < die_step; ++step) serve_step(r, step, out.w);
+    if (c.killed) comm::mark_dead(*world, rank);
+    // Dead: no step, no stop, until the survivors are through (then the destructor runs).
+    while (done < 3) std::this_thread::sleep_for(5ms);
+    return out;
+  });
+}
+
+}  // namespace
+
+TEST_CASE("recover: a rank killed or silent, the survivors agree and serve on, every byte verified") {
+  int reloads = 0;
+  for (const bool use_async : {false, true}) {
+    for (const bool killed : {true, false}) {
+      for (const int dead : {3, 1}) {
+        const loss_case c{.use_async = use_async, .dead = dead, .killed = killed, .with_hook = true};
+        CAPTURE(use_async);
+        CAPTURE(killed);
+        CAPTURE(dead);
+        const auto results = run_loss(c);
+        std::optional<matrix<expert_id>> maps;
+        std::optional<int> at;
+        for (int rank = 0; rank < 4; ++rank) {
+          if (rank == dead) continue;
+          CAPTURE(rank);
+          const auto& r = results[static_cast<std::size_t>(rank)];
+          for (const auto& f : r.w.failures) FAIL_CHECK(f);
+          CHECK(r.recover_error == "");
+          REQUIRE(r.recovered);
+          CHECK(r.recovered->lost_ranks == std::vector<int>{dead});
+          CHECK(r.recovered->num_ranks == 3);
+          CHECK(r.recovered->rank == (rank < dead ? rank : rank - 1));
+          CHECK(r.recovered->experts_reloaded == r.expected_reloads);
+          reloads += r.recovered->experts_reloaded;
+          CHECK(r.recovered->fill_error == "");
+          CHECK(r.w.rank == r.recovered->rank);
+          CHECK(r.w.maps.cols() == 12);
+          if (!maps) maps = r.w.maps;
+          CHECK(r.w.maps == *maps);
+          if (!at) at = r.recovered_at;
+          CHECK(r.recovered_at == *at);                     // the failure came in the same step everywhere
+          CHECK(r.w.rebalances > r.rebalances_at_recover);  // rebalances went on over the survivors
+        }
+      }
+    }
+  }
+  CHECK(reloads > 0);  // some runs lost experts held by the dead rank only, and loaded them back
+}
+
+TEST_CASE("recover: experts lost with the only rank that held them, and no reload hook: named, state stopped") {
+  const loss_case c{.use_async = false, .dead = 1, .killed = true, .with_hook = false};
+  const auto results = run_loss(c);
+  for (int rank : {0, 2, 3}) {
+    CAPTURE(rank);
+    const auto& r = results[static_cast<std::size_t>(rank)];
+    CHECK(r.recover_error.find("recover: ranks 1 held the only replicas of experts (layer 0: ") != std::string::npos);
+    CHECK(r.recover_error.find("state_params::reload_expert loads them back") != std::string::npos);
+  }
 }
