@@ -327,7 +327,8 @@ class EPLB_API eplb_state {
   /// peer died or went silent (errc::peer_failure, errc::timeout). The ranks that call it within
   /// config::timeout of each other agree on who they are (a rank answering later is left out and
   /// gets errc::peer_failure); they become a new set of their own (ranks renumbered in order, maps
-  /// without the lost ranks' slots, identical on every rank). Experts whose only replicas were on
+  /// without the lost ranks' slots, identical on every rank) and go on from the same step count
+  /// (the most any of them served: stats().steps may jump). Experts whose only replicas were on
   /// lost ranks are loaded back by state_params::reload_expert into slots of surplus replicas
   /// (every rank picks the same); then a rearrangement re-plans over the survivors (its failure is
   /// the report's fill_error). Nothing changed where every rank answered but this one's set is

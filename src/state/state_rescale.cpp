@@ -270,7 +270,7 @@ void agree_reloads(comm::store& store, std::int64_t epoch, int rank, int size, c
 
 matrix<expert_id> eplb_state::impl::survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
                                                    rescale_report& out) {
-  auto carried = state_detail::carry_to_new_set(plan, maps.phy2log());
+  auto carried = state_detail::owners_view(*recipe.store, epoch, plan, rank, maps.phy2log(), cfg.timeout);
   const auto lost = state_detail::place_lost_experts(carried, model.shape.num_logical);
   if (lost.empty()) return carried;
   const auto unplaced = std::count_if(lost.begin(), lost.end(), [](const auto& x) { return x.slot < 0; });
@@ -304,8 +304,11 @@ rescale_report eplb_state::recover(recover_params params) {
   const std::int64_t epoch = s.m.rank_set_epoch + 1;
   const auto local = s.logical_load(s.load.last_window());
   s.stop_set("ended by eplb_state::recover()");
-  const auto live = state_detail::agree_live_set(*s.recipe.store, epoch, s.rank, s.model.shape.num_ranks, s.cfg.timeout,
-                                                 std::stop_token{});
+  const auto agreed = state_detail::agree_live_set(*s.recipe.store, epoch, s.rank, s.model.shape.num_ranks, s.m.steps,
+                                                   s.m.rebalances, s.cfg.timeout, std::stop_token{});
+  const auto& live = agreed.ranks;
+  s.m.steps = agreed.last_step;  // every survivor goes on from the same step (async ones learn of a death apart)
+  s.m.rebalances = agreed.last_rebalance;  // and numbers the next rebalance alike
   rescale_params p{.new_size = static_cast<int>(live.size()),
                    .rank_mapping = std::vector<int>(static_cast<std::size_t>(s.model.shape.num_ranks), -1)};
   rescale_report out{.epoch = epoch, .num_ranks = p.new_size};
@@ -315,6 +318,11 @@ rescale_report eplb_state::recover(recover_params params) {
     p.rank_mapping[static_cast<std::size_t>(r)] = at == live.end() ? -1 : static_cast<int>(at - live.begin());
   }
   out.rank = p.rank_mapping[static_cast<std::size_t>(s.rank)];
+  const int spr = s.model.shape.slots_per_rank();
+  if (p.new_size * spr < s.model.shape.num_logical) {
+    fail(errc::peer_failure, "recover: the {} surviving ranks have {} slots for {} experts (ranks {} were lost)",
+         p.new_size, p.new_size * spr, s.model.shape.num_logical, fmt::join(out.lost_ranks, ", "));
+  }
   const auto plan = state_detail::plan_rescale(s.model, p);
   const auto carried = s.survivors_maps(plan, epoch, out);
   const auto next_model = state_detail::resized_model(s.model, plan.new_size);

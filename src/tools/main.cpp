@@ -390,6 +390,8 @@ void add_simulate_fault_and_rank_flags(CLI::App& simulate, simulate_flags& sim) 
   simulate.add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
   simulate.add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
   simulate.add_option("--fail-step", sim.cfg.fail_step, "the step at which --fail-rank dies");
+  simulate.add_flag("--survive", sim.cfg.survive,
+                    "with --fail-rank: the others agree on the live set, reload the experts lost with it and serve on");
   simulate.add_option("--stop-rank", sim.cfg.stop_rank, "this rank calls stop() at --stop-step and leaves");
   simulate.add_option("--stop-step", sim.cfg.stop_step, "the step at which --stop-rank stops");
   simulate.add_option("--transfer-fault-rank", sim.cfg.transfer_fault_rank,

@@ -37,7 +37,7 @@ pid_t spawn(const std::string& self_exe, std::vector<std::string> args, int rank
 // Waits for every child; those still running at `deadline`, or `grace` after one failed, are
 // killed. Returns each one's exit status, or that it was killed.
 std::vector<rank_process> wait_all(const std::vector<pid_t>& children, std::chrono::steady_clock::time_point deadline,
-                                   std::chrono::milliseconds grace) {
+                                   std::chrono::milliseconds grace, int expected_death) {
   const auto ranks = children.size();
   std::vector<rank_process> out(ranks);
   std::vector<bool> done(ranks, false);
@@ -48,7 +48,9 @@ std::vector<rank_process> wait_all(const std::vector<pid_t>& children, std::chro
       out[r].exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
       done[r] = true;
       --left;
-      if (out[r].exit_status != 0) deadline = std::min(deadline, deadline_after(grace));
+      if (out[r].exit_status != 0 && static_cast<int>(r) != expected_death) {
+        deadline = std::min(deadline, deadline_after(grace));
+      }
     }
     if (left > 0 && std::chrono::steady_clock::now() > deadline) {
       for (std::size_t r = 0; r < ranks; ++r) {
@@ -76,7 +78,7 @@ std::string read_file(const std::string& path) {
 
 std::vector<rank_process> run_rank_processes(const std::string& self_exe, const std::vector<std::string>& child_args,
                                              int ranks, std::chrono::steady_clock::time_point deadline,
-                                             std::chrono::milliseconds grace) {
+                                             std::chrono::milliseconds grace, int expected_death) {
   static int runs = 0;
   const auto dir = std::filesystem::temp_directory_path() / fmt::format("eplb-ranks-{}-{}", ::getpid(), runs++);
   std::filesystem::remove_all(dir);
@@ -93,7 +95,7 @@ std::vector<rank_process> run_rank_processes(const std::string& self_exe, const 
     }
     children.push_back(spawn(self_exe, std::move(args), r));
   }
-  auto out = wait_all(children, deadline, grace);
+  auto out = wait_all(children, deadline, grace, expected_death);
   for (std::size_t r = 0; r < out.size(); ++r) out[r].result = read_file(result_files[r]);
   std::filesystem::remove_all(dir);
   return out;

@@ -19,11 +19,13 @@ struct rank_process {
 
 /// Starts `ranks` copies of `self_exe` with `child_args` plus `--rank R --store DIR --result FILE`,
 /// waits for all and returns what each reported. Children still running at `deadline`, or `grace`
-/// after the first child failed (a stopped or wedged rank), are killed.
+/// after the first child failed (a stopped or wedged rank), are killed; `expected_death`'s failure
+/// is part of the run (its peers serve on without it) and starts no grace period.
 [[nodiscard]] std::vector<rank_process> run_rank_processes(const std::string& self_exe,
                                                            const std::vector<std::string>& child_args, int ranks,
                                                            std::chrono::steady_clock::time_point deadline,
-                                                           std::chrono::milliseconds grace = std::chrono::hours(1));
+                                                           std::chrono::milliseconds grace = std::chrono::hours(1),
+                                                           int expected_death = -1);
 
 /// The rendezvous of one rank started on its own (`--rank R --store SPEC`, e.g. one per host).
 /// SPEC: DIR or file:DIR (a file store the ranks share), tcp:HOST:PORT (connect to a TCP store),

@@ -61,6 +61,13 @@ void check_numbers(const simulate_config& c, const preset_shape& p) {
   check_range("--inject-delay-ms", c.inject_delay.count(), 0, 60'000);
   check_timeout("--timeout-ms", c.timeout, errc::invalid_argument);
   check_fault(c, "--fail-rank", c.fail_rank, "--fail-step", c.fail_step);
+  if (c.survive && c.fail_rank < 0) fail(errc::invalid_argument, "--survive needs --fail-rank and --fail-step");
+  if (c.survive && c.ranks < 2) fail(errc::invalid_argument, "--survive needs --ranks >= 2 (a survivor)");
+  if (c.survive && (!c.report_path.empty() || !c.jsonl_path.empty())) {
+    fail(errc::invalid_argument,
+         "--survive does not go with --report or --jsonl yet (their load samples assume "
+         "a fixed rank count)");
+  }
   check_fault(c, "--stop-rank", c.stop_rank, "--stop-step", c.stop_step);
   check_fault(c, "--transfer-fault-rank", c.transfer_fault_rank, "--transfer-fault-step", c.transfer_fault_step);
 }
@@ -138,7 +145,7 @@ std::string resolved_backend(const simulate_config& c) {
 }
 
 json simulate_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store, bool print_progress) {
-  return run_rank(cfg, rank, std::move(store), nullptr, print_progress);
+  return run_rank(cfg, rank, std::move(store), nullptr, print_progress);  // its own process: no loopback
 }
 
 namespace {
@@ -146,11 +153,11 @@ namespace {
 // Ranks as threads of this process, meeting on one memory store and one loopback world.
 std::vector<json> run_rank_threads(const simulate_config& cfg, bool print_progress) {
   auto store = comm::make_memory_store();
-  auto world = comm::make_loopback_world(cfg.ranks);
+  auto worlds = std::make_shared<loopback_worlds>(cfg.ranks);
   std::vector<std::future<json>> futures;
   for (int r = 0; r < cfg.ranks; ++r) {
     futures.push_back(
-        std::async(std::launch::async, [&, r] { return run_rank(cfg, r, store, world, print_progress); }));
+        std::async(std::launch::async, [&, r] { return run_rank(cfg, r, store, worlds, print_progress); }));
   }
   std::vector<json> ranks;
   for (auto& f : futures) ranks.push_back(f.get());
@@ -181,8 +188,16 @@ std::vector<json> run_rank_procs(const simulate_config& cfg, const std::string& 
   // twice the timeout, then it is killed.
   std::vector<json> ranks;
   for (const auto& p :
-       run_rank_processes(self_exe, child_args, cfg.ranks, deadline, 2 * cfg.timeout + std::chrono::seconds(2))) {
-    ranks.push_back(process_report(p, static_cast<int>(ranks.size())));
+       run_rank_processes(self_exe, child_args, cfg.ranks, deadline, 2 * cfg.timeout + std::chrono::seconds(2),
+                          cfg.survive ? cfg.fail_rank : -1)) {
+    const int r = static_cast<int>(ranks.size());
+    ranks.push_back(process_report(p, r));
+    if (cfg.survive && r == cfg.fail_rank &&
+        ranks.back().value("failure", std::string()).find("without a report") != std::string::npos) {
+      // It killed itself on purpose (--survive): a death, as a thread's.
+      ranks.back()["failure"] = fmt::format("rank {}: died at step {} (injected)", r, cfg.fail_step);
+      ranks.back()["died"] = true;
+    }
   }
   return ranks;
 }

@@ -37,6 +37,9 @@ struct simulate_config {
   std::chrono::milliseconds inject_delay{0};
   int fail_rank = -1;
   int fail_step = -1;
+  /// With fail_rank: the others recover() without it (eplb_state::recover) and serve on; experts
+  /// only the dead rank held are loaded back from the simulator's checkpoint (reload_expert).
+  bool survive = false;
   /// This rank calls eplb_state::stop() at the step (whatever is in flight) and leaves the run; its
   /// peers are told. Every rank's report carries how long its stop() took (stop_ms).
   int stop_rank = -1;

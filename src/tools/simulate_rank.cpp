@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <csignal>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -142,13 +144,14 @@ pattern_model start_model(const simulate_config& cfg, const preset_shape& p, int
 // bytes, and the eplb_state that rebalances it (declared last, so destroyed first: it uses the rest).
 struct rank_context {
   rank_context(const simulate_config& cfg, preset_shape preset, int rank, std::shared_ptr<comm::store> store,
-               std::shared_ptr<comm::loopback_world> world);
+               std::shared_ptr<loopback_worlds> worlds);
   [[nodiscard]] bool transfer_fault() const { return cfg.transfer_fault_rank >= 0; }
 
   const simulate_config& cfg;
   const preset_shape preset;
   const int rank;
   const std::shared_ptr<comm::store> store;
+  const std::shared_ptr<loopback_worlds> worlds;  // threads only
   const std::shared_ptr<comm::loopback_world> world;
   const std::unique_ptr<device::device> dev;
   // Every allocation on the device, counted (the engine's allocator, as it would see eplb's).
@@ -172,7 +175,7 @@ void wrap_communicators(state_params& sp, const rank_context& c) {
 }
 
 // The state's parameters: the preset's model and intervals unless the flags override them.
-state_params state_params_for(const rank_context& c) {
+state_params state_params_for(rank_context& c) {
   const auto& cfg = c.cfg;
   const auto& p = c.preset;
   state_params sp;
@@ -195,17 +198,22 @@ state_params state_params_for(const rank_context& c) {
   sp.comm_setup.world = c.world;
   sp.comm_setup.opts.hostname = cfg.hostname;
   sp.log = [](std::string_view) {};
+  if (cfg.survive) {
+    // The simulator's checkpoint: every expert's bytes are known (pattern_model).
+    sp.reload_expert = [model = &c.model](int layer, int expert, int slot) { model->load_expert(layer, expert, slot); };
+  }
   wrap_communicators(sp, c);
   return sp;
 }
 
 rank_context::rank_context(const simulate_config& cfg, preset_shape preset, int rank,
-                           std::shared_ptr<comm::store> store, std::shared_ptr<comm::loopback_world> world)
+                           std::shared_ptr<comm::store> store, std::shared_ptr<loopback_worlds> worlds)
     : cfg(cfg),
       preset(std::move(preset)),
       rank(rank),
       store(std::move(store)),
-      world(std::move(world)),
+      worlds(std::move(worlds)),
+      world(this->worlds ? this->worlds->first() : nullptr),
       dev(make_rank_device(cfg, rank)),
       allocations(alloc_counter::install(*dev)),
       stream(dev->create_stream()),
@@ -218,6 +226,7 @@ rank_context::rank_context(const simulate_config& cfg, preset_shape preset, int 
 struct rank_log {
   std::vector<double> busy_us, idle_us;
   json commits = json::array(), rebalances = json::array(), errors = json::array();
+  json recoveries = json::array();                  // --survive: the rank sets this rank served on in
   int rebalance = -1, layer = 0, trigger_step = 0;  // the rebalance whose layers commit next
   std::uint64_t bytes_seen = 0;                     // bytes_moved when the last rebalance finished
   // --report and --jsonl only: load samples, and the lines appended to the --jsonl file.
@@ -245,6 +254,7 @@ struct rank_log {
     out["idle_us"] = idle_us;
     out["commits"] = commits;
     out["rebalances"] = rebalances;
+    out["recoveries"] = recoveries;
     if (sampler) out["samples"] = sampler->to_json();
   }
 };
@@ -257,12 +267,40 @@ struct step_change {
   matrix<expert_id> maps_before;
 };
 
+// --survive: after the dead rank failed a step, the survivors agree on who they are, reload what
+// only it held, and serve on as a smaller set; recorded with every live slot verified.
+void recover(rank_context& c, rank_log& log) {
+  recover_params p;
+  if (c.worlds) p.comm_setup = [w = c.worlds](int size) { return comm::setup{.world = w->of_size(size)}; };
+  const auto rep = c.state.recover(std::move(p));
+  log.rebalance = static_cast<int>(c.state.stats().rebalances) - 1;  // ids go on from the survivors' agreed count
+  for (int l = 0; l < c.preset.layers; ++l) {
+    if (auto bad = verify_layer(c.state, c.model, l, c.state.rank()); !bad.empty())
+      fail(errc::verification_failed, "after recover(): {}", bad);
+  }
+  // The step count every survivor goes on from (async ranks may learn of the death steps apart).
+  log.recoveries.push_back({{"step", c.state.stats().steps},
+                            {"rank", rep.rank},
+                            {"num_ranks", rep.num_ranks},
+                            {"lost_ranks", rep.lost_ranks},
+                            {"experts_reloaded", rep.experts_reloaded},
+                            {"replan_error", rep.fill_error},
+                            {"seconds", rep.seconds},
+                            {"maps_digest", maps_digest(c.state)}});
+}
+
 // state.step(). With an injected transfer fault every rank reports an error (its own, or a peer's)
-// and serves on; the layers it committed in this step are still checked by the caller.
+// and serves on; the layers it committed in this step are still checked by the caller. With
+// --survive, the first error a peer's death causes makes the survivors recover().
 step_report checked_step(rank_context& c, rank_log& log, int step) {
   try {
     return c.state.step();
   } catch (const error& e) {
+    if (c.cfg.survive && e.code() != errc::verification_failed && log.recoveries.empty()) {
+      log.errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
+      recover(c, log);
+      return {};
+    }
     if (!c.transfer_fault() || e.code() == errc::verification_failed) throw;
     log.errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
     log.record({{"type", "error"}, {"rank", c.rank}, {"step", step}, {"error", log.errors.back()["error"]}});
@@ -279,7 +317,7 @@ void log_commits(rank_context& c, rank_log& log, const step_report& rep, const s
   if (change.started && !c.cfg.use_async) log.begin_rebalance(step);
   const auto verify = [&](int layer) {
     log.commits.push_back({log.rebalance, layer, step});
-    if (auto bad = verify_layer(c.state, c.model, layer, c.rank); !bad.empty())
+    if (auto bad = verify_layer(c.state, c.model, layer, c.state.rank()); !bad.empty())
       fail(errc::verification_failed, "{}", bad);
   };
   if (c.cfg.use_async) {
@@ -327,11 +365,13 @@ void serve_step(rank_context& c, router& route, rank_log& log, int step) {
   const auto rebalances_before = m.rebalances;
   step_change change;
   if (!c.cfg.use_async) change.maps_before = c.state.maps().phy2log();
+  const auto recoveries = log.recoveries.size();
   const auto t0 = clock_type::now();
   const step_report rep = checked_step(c, log, step);
   const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
   change.started = m.rebalances != rebalances_before;
   change.committed = static_cast<int>(m.layers_committed - committed_before);
+  if (log.recoveries.size() != recoveries) change = {};  // recover() moved and verified every layer itself
   (busy || change.started ? log.busy_us : log.idle_us).push_back(us);
   log_commits(c, log, rep, change, step);
   if (log.sampler) log.sampler->end_step(step);
@@ -350,15 +390,20 @@ bool serve(rank_context& c, rank_log& log, bool print_progress) {
   progress bar(print_progress && c.rank == 0, c.cfg.steps);
   for (int step = 1; step <= c.cfg.steps; ++step) {
     if (c.rank == c.cfg.fail_rank && step == c.cfg.fail_step) {
+      // --survive with processes: a real death, nothing said to the peers (threads cannot be killed
+      // alone: the loopback world marks the rank dead, so its transfers fail at once).
+      if (c.cfg.survive && c.cfg.procs) ::raise(SIGKILL);
       if (c.world) comm::mark_dead(*c.world, c.rank);
       return false;
     }
     if (c.rank == c.cfg.stop_rank && step == c.cfg.stop_step) return false;
     serve_step(c, route, log, step);
+    // After recover() every survivor goes on from the same step count (the most any had served).
+    step = std::max<int>(step, static_cast<int>(c.state.stats().steps));
     bar.update(step, c.state.stats(), step == c.cfg.steps);
   }
   // A rank that died outside a rebalance is noticed here: every live rank must reach the end.
-  comm::store_barrier(*c.store, "simulate-end", c.cfg.ranks, c.cfg.timeout);
+  comm::store_barrier(*c.store, "simulate-end", c.cfg.ranks - (c.cfg.survive ? 1 : 0), c.cfg.timeout);
   return true;
 }
 
@@ -379,7 +424,8 @@ void report_failure(rank_context& c, const rank_log& log, const error& e, json& 
   out["failure"] = rank_failure(c.rank, e, e.what());
   timed_stop(c, out);
   bool intact = true;
-  for (int l = 0; l < c.preset.layers && intact; ++l) intact = verify_layer(c.state, c.model, l, c.rank).empty();
+  for (int l = 0; l < c.preset.layers && intact; ++l)
+    intact = verify_layer(c.state, c.model, l, c.state.rank()).empty();
   out["weights_intact"] = intact;
   out["maps_digest"] = maps_digest(c.state);
   out["errors"] = log.errors;
@@ -389,7 +435,8 @@ void report_failure(rank_context& c, const rank_log& log, const error& e, json& 
 // Every step served: every layer is verified once more before the rank reports success.
 void report_success(rank_context& c, const rank_log& log, json& out) {
   for (int l = 0; l < c.preset.layers; ++l) {
-    if (auto bad = verify_layer(c.state, c.model, l, c.rank); !bad.empty()) fail(errc::verification_failed, "{}", bad);
+    if (auto bad = verify_layer(c.state, c.model, l, c.state.rank()); !bad.empty())
+      fail(errc::verification_failed, "{}", bad);
   }
   out["bytes_moved"] = c.state.stats().bytes_moved;
   out["maps_digest"] = maps_digest(c.state);
@@ -406,7 +453,8 @@ void report_stop(rank_context& c, const rank_log& log, json& out) {
   out["stopped"] = true;
   timed_stop(c, out);
   bool intact = true;
-  for (int l = 0; l < c.preset.layers && intact; ++l) intact = verify_layer(c.state, c.model, l, c.rank).empty();
+  for (int l = 0; l < c.preset.layers && intact; ++l)
+    intact = verify_layer(c.state, c.model, l, c.state.rank()).empty();
   out["weights_intact"] = intact;
   out["maps_digest"] = maps_digest(c.state);
   out["errors"] = log.errors;
@@ -430,13 +478,13 @@ void report_memory(const rank_context& c, std::int64_t baseline, json& out) {
 }  // namespace
 
 json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
-              std::shared_ptr<comm::loopback_world> world, bool print_progress) {
+              std::shared_ptr<loopback_worlds> worlds, bool print_progress) {
   auto preset = preset_for(cfg);
   json out = {{"rank", rank}, {"verified", false}, {"failure", ""}};
   rank_log log;
   try {
     log.open_trace(cfg, preset);
-    rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(world));
+    rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(worlds));
     (void)c.model.snapshot(0);  // verification's scratch, made before the count starts
     const auto baseline = c.allocations->count();
     try {

@@ -2,7 +2,9 @@
 // bytes, every committed layer verified; its report says how the rank's run ended.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "eplb/comm/communicator.hpp"
@@ -11,11 +13,30 @@
 
 namespace eplb::tools {
 
-/// One rank's run, as a thread sharing `world` (loopback) with the other ranks, or on its own
-/// (world nullptr: the state makes its communicators from the config and the store). The report
+/// The loopback worlds of a run's ranks (threads): the first set's, and the survivors' of each
+/// size (--survive), one object for every rank.
+class loopback_worlds {
+ public:
+  explicit loopback_worlds(int ranks) : first_(comm::make_loopback_world(ranks)) {}
+  [[nodiscard]] const std::shared_ptr<comm::loopback_world>& first() const noexcept { return first_; }
+  [[nodiscard]] std::shared_ptr<comm::loopback_world> of_size(int size) {
+    std::lock_guard lock(mutex_);
+    auto& w = by_size_[size];
+    if (!w) w = comm::make_loopback_world(size);
+    return w;
+  }
+
+ private:
+  std::shared_ptr<comm::loopback_world> first_;
+  std::mutex mutex_;
+  std::map<int, std::shared_ptr<comm::loopback_world>> by_size_;
+};
+
+/// One rank's run, as a thread sharing `worlds` (loopback) with the other ranks, or on its own
+/// (worlds nullptr: the state makes its communicators from the config and the store). The report
 /// holds "verified", "failure" (empty when none) and, unless the rank died on purpose, its step
 /// times, commits and rebalances; error(...) is caught and reported, never thrown.
 [[nodiscard]] nlohmann::json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
-                                      std::shared_ptr<comm::loopback_world> world, bool print_progress);
+                                      std::shared_ptr<loopback_worlds> worlds, bool print_progress);
 
 }  // namespace eplb::tools

@@ -147,6 +147,65 @@ void merge_memory(const std::vector<json>& ranks, json& out) {
   out["reserve_overflows"] = overflows;
 }
 
+// --survive: the rank sets the run served in (the first, then the survivors' from the step they
+// recovered), and a failure when survivors did not recover alike (step, size, lost ranks, reloaded
+// experts and the maps they went on with must match).
+void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks, json& out) {
+  if (!cfg.survive) return;
+  std::optional<json> agreed;
+  std::string differs;
+  for (const auto& r : ranks) {
+    if (r.value("died", false)) continue;
+    json mine = json::array();
+    for (auto x : r.value("recoveries", json::array())) {
+      x.erase("rank");
+      x.erase("seconds");
+      mine.push_back(std::move(x));
+    }
+    if (!agreed) agreed = mine;
+    if (mine != *agreed && differs.empty()) {
+      differs = fmt::format("rank {} recovered differently from the first survivor", r.value("rank", -1));
+    }
+  }
+  json sets = json::array({{{"step", 0}, {"num_ranks", cfg.ranks}}});
+  for (const auto& x : agreed.value_or(json::array())) sets.push_back(x);
+  out["rank_sets"] = sets;
+  if (sets.size() >= 2 && !out.value("commit_steps_consistent", true)) {
+    // An async rebalance that a death ends may commit a layer on one rank a step before another
+    // gives it up; recover() then takes each rank's own slots as they are (every slot verified).
+    // Outside that window every rank must have committed alike.
+    const auto outside = [&](const json& commit) {
+      const auto step = commit.at(2).get<std::int64_t>();
+      return step < cfg.fail_step || step > sets[1].value("step", std::int64_t{0});
+    };
+    std::vector<json> filtered;
+    std::vector<bool> alive;
+    for (const auto& r : ranks) {
+      json commits = json::array();
+      for (const auto& c : r.value("commits", json::array())) {
+        if (outside(c)) commits.push_back(c);
+      }
+      filtered.push_back({{"commits", commits}});
+      alive.push_back(!r.value("died", false));
+    }
+    out["commit_steps_consistent"] = first_inconsistent(filtered, alive) < 0;
+    if (out["commit_steps_consistent"].get<bool>() &&
+        out.value("failure", std::string()).find("committed layers in other steps") != std::string::npos) {
+      out.erase("failure");
+    }
+  }
+  if (!differs.empty()) {
+    out["failure"] = differs;
+  } else if (out.value("failure", std::string()) ==
+             fmt::format("rank {}: died at step {} (injected)", cfg.fail_rank, cfg.fail_step)) {
+    out.erase("failure");  // the death was asked for, and the survivors served on
+  }
+  if (!out.value("commit_steps_consistent", true) && !out.contains("failure")) {
+    out["failure"] = "survivors committed layers in different steps outside the recovery";
+  }
+  if (sets.size() < 2 && !out.contains("failure")) out["failure"] = "the survivors never recovered";
+}
+
 // How each rank's run ended, without its step times and commits.
 json rank_details(const std::vector<json>& ranks) {
   json details = json::array();
@@ -196,6 +255,12 @@ std::string injected_text(const simulate_config& cfg, const json& r) {
                        cfg.fail_step, cfg.ranks - 1,
                        intact ? "verified intact (every live slot holds its mapped expert)" : "NOT all verified");
   }
+  for (const auto& set : r.value("rank_sets", json::array())) {
+    if (set.value("step", 0) == 0) continue;
+    out += fmt::format("survived: from step {} on {} ranks without ranks {}, {} experts reloaded from the checkpoint\n",
+                       set.value("step", 0), set.value("num_ranks", 0), set.value("lost_ranks", json::array()).dump(),
+                       set.value("experts_reloaded", 0));
+  }
   if (cfg.transfer_fault_rank >= 0) {
     int named = 0;
     for (const auto& f : r.value("failures", json::array())) named += f.value("recovered", false) ? 1 : 0;
@@ -229,6 +294,7 @@ json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
   if (const auto note = adjustment(cfg); !note.empty()) out["preset_adjusted"] = note;
   merge_memory(ranks, out);
   merge_outcome(ranks, out);
+  merge_recoveries(cfg, ranks, out);
   out["rank_reports"] = rank_details(ranks);
   return out;
 }
