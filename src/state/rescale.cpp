@@ -88,33 +88,35 @@ model_desc resized_model(const model_desc& model, int ranks) {
   return out;
 }
 
-matrix<expert_id> scale_down_target(const rescale_plan& plan, const config& cfg, const model_desc& model,
-                                    const matrix<expert_id>& current, const matrix<double>& total) {
-  const int spr = plan.slots_per_rank;
-  // The survivors' slots in survivor order: the old placement the policy keeps what it can of.
-  matrix<expert_id> kept(current.rows(), static_cast<std::size_t>(plan.survivors * spr), empty_slot);
-  for (int r = 0; r < plan.old_size; ++r) {
-    const int sr = plan.survivor_rank[static_cast<std::size_t>(r)];
-    if (sr < 0) continue;
-    for (std::size_t l = 0; l < current.rows(); ++l) {
-      for (int s = 0; s < spr; ++s) kept(l, sr * spr + s) = current(l, r * spr + s);
-    }
-  }
-  const auto planned = plan_over(cfg, resized_model(model, plan.survivors), kept, total);
-  return exec::expand_for_scale_down(planned, plan.survivor_rank, spr);
-}
+namespace {
 
-matrix<expert_id> carry_to_new_set(const rescale_plan& plan, const matrix<expert_id>& current) {
-  const int spr = plan.slots_per_rank;
-  matrix<expert_id> out(current.rows(), static_cast<std::size_t>(plan.new_size * spr), empty_slot);
-  for (int r = 0; r < plan.old_size; ++r) {
-    const int nr = plan.mapping[static_cast<std::size_t>(r)];
-    if (nr < 0) continue;
+// Rank r's slots of `current` at rank to[r] (-1: dropped) of a placement of `ranks` ranks, empty
+// where no rank lands.
+matrix<expert_id> relabel_ranks(const matrix<expert_id>& current, std::span<const int> to, int ranks, int spr) {
+  matrix<expert_id> out(current.rows(), static_cast<std::size_t>(ranks * spr), empty_slot);
+  for (std::size_t r = 0; r < to.size(); ++r) {
+    if (to[r] < 0) continue;
     for (std::size_t l = 0; l < current.rows(); ++l) {
-      for (int s = 0; s < spr; ++s) out(l, nr * spr + s) = current(l, r * spr + s);
+      for (int s = 0; s < spr; ++s) {
+        out(l, static_cast<std::size_t>(to[r] * spr + s)) = current(l, r * static_cast<std::size_t>(spr) + s);
+      }
     }
   }
   return out;
+}
+
+}  // namespace
+
+matrix<expert_id> scale_down_target(const rescale_plan& plan, const config& cfg, const model_desc& model,
+                                    const matrix<expert_id>& current, const matrix<double>& total) {
+  // The survivors' slots in survivor order: the old placement the policy keeps what it can of.
+  const auto kept = relabel_ranks(current, plan.survivor_rank, plan.survivors, plan.slots_per_rank);
+  const auto planned = plan_over(cfg, resized_model(model, plan.survivors), kept, total);
+  return exec::expand_for_scale_down(planned, plan.survivor_rank, plan.slots_per_rank);
+}
+
+matrix<expert_id> carry_to_new_set(const rescale_plan& plan, const matrix<expert_id>& current) {
+  return relabel_ranks(current, plan.mapping, plan.new_size, plan.slots_per_rank);
 }
 
 matrix<expert_id> scale_up_target(const config& cfg, const model_desc& new_model, const matrix<expert_id>& carried,
