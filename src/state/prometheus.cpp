@@ -90,6 +90,8 @@ std::string prometheus_text(std::string_view prefix, int rank, const metrics& m,
            m.balancedness_after);
   w.scalar("rebalance_in_flight", "gauge", "1 while a rebalance is in flight.", m.rebalance_in_flight ? 1 : 0);
   w.scalar("communicator_generation", "gauge", "Times the communicator was made again.", generation);
+  w.scalar("rank_set_epoch", "gauge", "Rank-set changes so far (rescale, recover).",
+           static_cast<double>(m.rank_set_epoch));
   w.scalar("reserved_device_bytes", "gauge", "Device memory reserved for rebalances.",
            static_cast<double>(m.reserved_device_bytes));
   w.scalar("reserved_pinned_bytes", "gauge", "Pinned host memory reserved for rebalances.",

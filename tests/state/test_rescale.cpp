@@ -140,6 +140,9 @@ void finish(rank_setup& r, worker_result& out, finish_line& line, int ranks) {
   out.epoch = r.state->stats().rank_set_epoch;
   out.rebalances = r.state->stats().rebalances;
   out.maps = r.state->maps().phy2log();
+  const auto text = r.state->prometheus_text();
+  const auto gauge = fmt::format("eplb_rank_set_epoch{{rank=\"{}\"}} {}", out.rank, out.epoch);
+  if (text.find(gauge) == std::string::npos) out.failures.push_back("no '" + gauge + "' in the Prometheus text");
   // A rebalance in flight ends in the same step on every rank: step on until it has, then stop.
   r.state->drain();
   for (int extra = 0; extra < 2000 && r.state->stats().rebalance_in_flight; ++extra) serve_step(r, last_step + 1, out);
