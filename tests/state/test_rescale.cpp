@@ -15,6 +15,7 @@
 
 #include "check_error.hpp"
 #include "on_ranks.hpp"
+#include "state/live_set.hpp"
 #include "state/loopback_ranks.hpp"
 #include "tools/faulty_comm.hpp"
 
@@ -503,4 +504,34 @@ TEST_CASE("recover: experts lost with the only rank that held them, and no reloa
     CHECK(r.recover_error.find("recover: ranks 1 held the only replicas of experts (layer 0: ") != std::string::npos);
     CHECK(r.recover_error.find("state_params::reload_expert loads them back") != std::string::npos);
   }
+}
+
+TEST_CASE("live-set agreement: a rank that answers after its peers' timeout is left out, and told so") {
+  auto store = comm::make_memory_store();
+  const auto begin = std::chrono::steady_clock::now();
+  struct outcome {
+    state_detail::live_set live;
+    std::string error;
+  };
+  const auto results = on_ranks(3, [&](int rank) {
+    outcome out;
+    if (rank == 2) std::this_thread::sleep_for(700ms);  // silent past the others' 300 ms
+    try {
+      out.live = state_detail::agree_live_set(*store, 5, rank, 3, 100 + rank, 7 - rank, 300ms, std::stop_token{});
+    } catch (const error& e) {
+      CHECK(e.code() == errc::peer_failure);
+      out.error = e.what();
+    }
+    return out;
+  });
+  for (int rank : {0, 1}) {
+    CHECK(results[rank].error == "");
+    CHECK(results[rank].live.ranks == std::vector<int>{0, 1});
+    CHECK(results[rank].live.last_step == 101);     // the most steps either served
+    CHECK(results[rank].live.last_rebalance == 7);  // the most rebalances either triggered
+  }
+  CHECK(results[2].error ==
+        "rank 2 was left out of the live set of epoch 5 (it answered after its peers' timeout of "
+        "300 ms)");
+  CHECK(std::chrono::steady_clock::now() - begin < 3s);
 }
