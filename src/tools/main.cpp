@@ -242,7 +242,7 @@ int run_exchange(exchange_flags& f, const std::vector<std::string>& child_args) 
 
 struct simulate_flags {
   eplb::tools::simulate_config cfg;
-  std::string device = "host", store, result;
+  std::string device = "host", store, result, scale;
   bool sync = false, async = false, json = false;
   int rank = -1;
   long timeout_ms = 10000, delay_ms = 0, forward_us = 200;
@@ -257,13 +257,15 @@ int run_simulate(simulate_flags& f, const std::vector<std::string>& child_args) 
   cfg.timeout = std::chrono::milliseconds(f.timeout_ms);
   cfg.inject_delay = std::chrono::milliseconds(f.delay_ms);
   cfg.forward = std::chrono::microseconds(f.forward_us);
+  if (!f.scale.empty()) cfg.scale = tools::parse_scale(f.scale);
   tools::validate(cfg);
-  if (f.rank < -1 || f.rank >= cfg.ranks) {
-    throw error(errc::invalid_argument, fmt::format("--rank: {} is not a rank (0..{})", f.rank, cfg.ranks - 1));
+  const int workers = tools::worker_count(cfg);  // --scale: joining ranks are more workers
+  if (f.rank < -1 || f.rank >= workers) {
+    throw error(errc::invalid_argument, fmt::format("--rank: {} is not a rank (0..{})", f.rank, workers - 1));
   }
   if (f.rank >= 0) {  // one rank of a --procs run, or started by hand (one per host)
     const auto result_file = open_result(f.result);
-    tools::rank_store store(f.store, cfg.ranks, f.rank, cfg.timeout);
+    tools::rank_store store(f.store, workers, f.rank, cfg.timeout);
     const auto report = tools::simulate_rank(cfg, f.rank, store.get(), !f.json);
     if (result_file) {
       *result_file << report.dump();
@@ -390,6 +392,8 @@ void add_simulate_fault_and_rank_flags(CLI::App& simulate, simulate_flags& sim) 
   simulate.add_option("--inject-delay-ms", sim.delay_ms, "random delays up to this on host streams");
   simulate.add_option("--fail-rank", sim.cfg.fail_rank, "this rank dies at --fail-step");
   simulate.add_option("--fail-step", sim.cfg.fail_step, "the step at which --fail-rank dies");
+  simulate.add_option("--scale", sim.scale,
+                      "STEP:SIZE,...: the rank set shrinks (highest ranks leave) or grows (ranks join) at those steps");
   simulate.add_flag("--survive", sim.cfg.survive,
                     "with --fail-rank: the others agree on the live set, reload the experts lost with it and serve on");
   simulate.add_option("--stop-rank", sim.cfg.stop_rank, "this rank calls stop() at --stop-step and leaves");

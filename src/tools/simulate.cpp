@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include <sstream>
+
 #include <future>
 #include <limits>
 
@@ -42,6 +44,34 @@ void check_fault(const simulate_config& c, const char* rank_flag, int rank, cons
   if ((rank >= 0) != (step >= 0)) fail(errc::invalid_argument, "{} and {} go together", rank_flag, step_flag);
 }
 
+// --scale: steps in order inside the run, sizes that change and hold every expert, and no other
+// fault or trace flag (their checks assume one rank set).
+void check_scale(const simulate_config& c, const preset_shape& p) {
+  if (c.scale.empty()) return;
+  if (c.fail_rank >= 0 || c.stop_rank >= 0 || c.transfer_fault_rank >= 0 || !c.report_path.empty() ||
+      !c.jsonl_path.empty()) {
+    fail(errc::invalid_argument,
+         "--scale does not go with --fail-rank, --stop-rank, --transfer-fault-rank, --report or --jsonl yet");
+  }
+  const int spr = (p.experts + p.redundant) / c.ranks;
+  int last_step = 1, size = c.ranks;
+  for (const auto& [step, next] : c.scale) {
+    if (step <= last_step || step > c.steps) {
+      fail(errc::invalid_argument, "--scale: step {} must be after {} and at most --steps {}", step, last_step,
+           c.steps);
+    }
+    if (next < 1 || next > 64 || next == size) {
+      fail(errc::invalid_argument, "--scale: size {} at step {} must be 1..64 and differ from {}", next, step, size);
+    }
+    if (next * spr < p.experts) {
+      fail(errc::invalid_argument, "--scale: {} ranks x {} slots at step {} cannot hold {} experts", next, spr, step,
+           p.experts);
+    }
+    last_step = step;
+    size = next;
+  }
+}
+
 // Bounds that keep a run's time and memory finite whatever the flags say.
 void check_numbers(const simulate_config& c, const preset_shape& p) {
   check_range("--steps", c.steps, 1, 10'000'000);  // each step keeps a few numbers for the report
@@ -61,6 +91,7 @@ void check_numbers(const simulate_config& c, const preset_shape& p) {
   check_range("--inject-delay-ms", c.inject_delay.count(), 0, 60'000);
   check_timeout("--timeout-ms", c.timeout, errc::invalid_argument);
   check_fault(c, "--fail-rank", c.fail_rank, "--fail-step", c.fail_step);
+  check_scale(c, p);
   if (c.survive && c.fail_rank < 0) fail(errc::invalid_argument, "--survive needs --fail-rank and --fail-step");
   if (c.survive && c.ranks < 2) fail(errc::invalid_argument, "--survive needs --ranks >= 2 (a survivor)");
   if (c.survive && (!c.report_path.empty() || !c.jsonl_path.empty())) {
@@ -73,6 +104,48 @@ void check_numbers(const simulate_config& c, const preset_shape& p) {
 }
 
 }  // namespace
+
+int worker_count(const simulate_config& c) {
+  int workers = c.ranks, size = c.ranks;
+  for (const auto& [step, next] : c.scale) {
+    workers += std::max(0, next - size);
+    size = next;
+  }
+  return workers;
+}
+
+scale_role role_of(const simulate_config& c, int worker) {
+  if (worker < c.ranks) return {.rank = worker, .set_size = c.ranks};
+  int next_worker = c.ranks, size = c.ranks;
+  for (std::size_t k = 0; k < c.scale.size(); ++k) {
+    const auto [step, next] = c.scale[k];
+    for (int r = size; r < next; ++r, ++next_worker) {
+      if (next_worker == worker) {
+        return {.join_event = static_cast<int>(k), .rank = r, .start_step = step - 1, .set_size = next};
+      }
+    }
+    size = next;
+  }
+  fail(errc::invalid_argument, "--rank: {} is not a worker of this run (0..{})", worker, worker_count(c) - 1);
+}
+
+std::vector<std::pair<int, int>> parse_scale(const std::string& text) {
+  std::vector<std::pair<int, int>> out;
+  std::size_t at = 0;
+  while (at < text.size()) {
+    const auto end = std::min(text.find(',', at), text.size());
+    const auto item = text.substr(at, end - at);
+    int step = 0, size = 0;
+    char colon = 0;
+    std::istringstream in(item);
+    if (!(in >> step >> colon >> size) || colon != ':' || !in.eof()) {
+      fail(errc::invalid_argument, "--scale: '{}' is not STEP:SIZE", excerpt(item));
+    }
+    out.emplace_back(step, size);
+    at = end + 1;
+  }
+  return out;
+}
 
 preset_shape preset_for(const simulate_config& c) {
   auto p = find_preset(c.preset);
@@ -155,7 +228,7 @@ std::vector<json> run_rank_threads(const simulate_config& cfg, bool print_progre
   auto store = comm::make_memory_store();
   auto worlds = std::make_shared<loopback_worlds>(cfg.ranks);
   std::vector<std::future<json>> futures;
-  for (int r = 0; r < cfg.ranks; ++r) {
+  for (int r = 0; r < worker_count(cfg); ++r) {
     futures.push_back(
         std::async(std::launch::async, [&, r] { return run_rank(cfg, r, store, worlds, print_progress); }));
   }
@@ -188,7 +261,7 @@ std::vector<json> run_rank_procs(const simulate_config& cfg, const std::string& 
   // twice the timeout, then it is killed.
   std::vector<json> ranks;
   for (const auto& p :
-       run_rank_processes(self_exe, child_args, cfg.ranks, deadline, 2 * cfg.timeout + std::chrono::seconds(2),
+       run_rank_processes(self_exe, child_args, worker_count(cfg), deadline, 2 * cfg.timeout + std::chrono::seconds(2),
                           cfg.survive ? cfg.fail_rank : -1)) {
     const int r = static_cast<int>(ranks.size());
     ranks.push_back(process_report(p, r));

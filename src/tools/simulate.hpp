@@ -40,6 +40,10 @@ struct simulate_config {
   /// With fail_rank: the others recover() without it (eplb_state::recover) and serve on; experts
   /// only the dead rank held are loaded back from the simulator's checkpoint (reload_expert).
   bool survive = false;
+  /// --scale STEP:SIZE,...: the rank set changes before those steps (eplb_state::rescale). When it
+  /// shrinks the highest ranks leave; when it grows new ranks join (more workers: threads or
+  /// processes that wait for their step, then construct their state with join_epoch).
+  std::vector<std::pair<int, int>> scale;
   /// This rank calls eplb_state::stop() at the step (whatever is in flight) and leaves the run; its
   /// peers are told. Every rank's report carries how long its stop() took (stop_ms).
   int stop_rank = -1;
@@ -54,6 +58,19 @@ struct simulate_config {
   std::string report_path;             ///< --report: a self-contained HTML page of the run
   std::string jsonl_path;              ///< --jsonl: per-step and per-rebalance records, one per line
 };
+
+/// A worker's part in a --scale run: workers 0..ranks-1 start as those ranks; each growth adds
+/// workers for its new ranks, in order.
+struct scale_role {
+  int join_event = -1;  ///< the --scale event it joins at; -1: in the first set
+  int rank = 0;         ///< its rank (ranks keep their number: leaving ranks are the highest)
+  int start_step = 0;   ///< steps served before it starts (a joiner: its event's step - 1)
+  int set_size = 0;     ///< ranks in the set it starts in
+};
+[[nodiscard]] int worker_count(const simulate_config& cfg);
+[[nodiscard]] scale_role role_of(const simulate_config& cfg, int worker);
+/// Parses --scale's "STEP:SIZE,..." (errc::invalid_argument naming --scale).
+[[nodiscard]] std::vector<std::pair<int, int>> parse_scale(const std::string& text);
 
 struct preset_shape {
   int layers, experts, redundant, groups, nodes;

@@ -114,11 +114,16 @@ class progress {
 
 // The preset's model with its bundle sizes divided by bytes_scale (by default 1024 for the big
 // presets on the host device, whose memory is the host's).
-exchange_config rank_shape(const simulate_config& cfg, const preset_shape& p) {
+// `ranks`: the set the rank starts in (--scale: a joining rank's), with as many slots per rank.
+exchange_config rank_shape(const simulate_config& cfg, const preset_shape& p, int ranks) {
   const bool cuda = cfg.device == device::backend_kind::cuda;
   const std::size_t scale = cfg.bytes_scale != 0 ? cfg.bytes_scale : (cuda || cfg.preset == "tiny" ? 1 : 1024);
-  exchange_config shape{
-      .ranks = cfg.ranks, .layers = p.layers, .experts = p.experts, .redundant = p.redundant, .device = cfg.device};
+  const int per_rank = (p.experts + p.redundant) / cfg.ranks;
+  exchange_config shape{.ranks = ranks,
+                        .layers = p.layers,
+                        .experts = p.experts,
+                        .redundant = ranks * per_rank - p.experts,
+                        .device = cfg.device};
   shape.tensor_bytes.clear();
   for (auto b : p.tensor_bytes) shape.tensor_bytes.push_back(std::max<std::size_t>(1, b / scale));
   return shape;
@@ -132,27 +137,34 @@ std::unique_ptr<device::device> make_rank_device(const simulate_config& cfg, int
   return device::make_host_device({.max_delay = cfg.inject_delay, .seed = cfg.seed + static_cast<unsigned>(rank)});
 }
 
-// Slots filled with recognisable bytes for the run's starting placement.
-pattern_model start_model(const simulate_config& cfg, const preset_shape& p, int rank, device::device& dev,
-                          device::stream& stream) {
-  const auto shape = rank_shape(cfg, p);
-  const auto start_map = round_placement(shape, 0, {});
+// Slots filled with recognisable bytes for the run's starting placement; a joining rank's hold no
+// expert's bytes until the rearrangement that fills them.
+pattern_model start_model(const simulate_config& cfg, const preset_shape& p, const scale_role& role,
+                          device::device& dev, device::stream& stream) {
+  const auto shape = rank_shape(cfg, p, role.set_size);
+  const int rank = role.rank;
+  const auto start_map = role.join_event >= 0
+                             ? matrix<expert_id>(static_cast<std::size_t>(shape.layers),
+                                                 static_cast<std::size_t>(shape.experts + shape.redundant), empty_slot)
+                             : round_placement(shape, 0, {});
   return pattern_model(pattern_shape(shape), rank, dev, stream, start_map, cfg.timeout);
 }
 
 // One rank's serving setup: its device and serving stream, a model whose slots hold recognisable
 // bytes, and the eplb_state that rebalances it (declared last, so destroyed first: it uses the rest).
 struct rank_context {
-  rank_context(const simulate_config& cfg, preset_shape preset, int rank, std::shared_ptr<comm::store> store,
-               std::shared_ptr<loopback_worlds> worlds);
+  rank_context(const simulate_config& cfg, preset_shape preset, const scale_role& role, std::int64_t join_epoch,
+               std::shared_ptr<comm::store> store, std::shared_ptr<loopback_worlds> worlds);
   [[nodiscard]] bool transfer_fault() const { return cfg.transfer_fault_rank >= 0; }
 
   const simulate_config& cfg;
   const preset_shape preset;
-  const int rank;
+  const scale_role role;
+  const int rank;                 // the rank it started as (state.rank() is the current one)
+  const std::int64_t join_epoch;  // --scale, a joining rank: the set it joins
   const std::shared_ptr<comm::store> store;
-  const std::shared_ptr<loopback_worlds> worlds;  // threads only
-  const std::shared_ptr<comm::loopback_world> world;
+  const std::shared_ptr<loopback_worlds> worlds;      // threads only
+  const std::shared_ptr<comm::loopback_world> world;  // of the set it starts in
   const std::unique_ptr<device::device> dev;
   // Every allocation on the device, counted (the engine's allocator, as it would see eplb's).
   const std::shared_ptr<alloc_counter> allocations;
@@ -182,14 +194,17 @@ state_params state_params_for(rank_context& c) {
   sp.cfg.window_size = cfg.window != 0 ? cfg.window : p.window;
   sp.cfg.step_interval = cfg.step_interval != 0 ? cfg.step_interval : p.step_interval;
   if (cfg.commit_lag >= 0) sp.cfg.commit_lag_steps = cfg.commit_lag;
-  sp.cfg.num_redundant_experts = p.redundant;
+  sp.cfg.num_redundant_experts = c.model.shape().num_physical - p.experts;
   sp.cfg.use_async = cfg.use_async;
   sp.cfg.communicator = resolved_backend(cfg);
   sp.cfg.policy = cfg.policy;
   sp.cfg.timeout = cfg.timeout;
   sp.cfg.reserve_memory = true;  // as an engine's profile run would: rebalances then allocate nothing
   sp.model = {c.model.shape(), p.groups, p.nodes};
-  sp.model.shape.ranks_per_node = cfg.ranks / std::max(1, p.nodes);
+  const int ranks = c.role.set_size;
+  if (ranks % std::max(1, p.nodes) != 0) sp.model.num_nodes = 1;
+  sp.model.shape.ranks_per_node = ranks / std::max(1, sp.model.num_nodes);
+  sp.join_epoch = c.join_epoch;
   sp.rank = c.rank;
   sp.dev = c.dev.get();
   sp.serving_stream = c.stream.get();
@@ -206,18 +221,23 @@ state_params state_params_for(rank_context& c) {
   return sp;
 }
 
-rank_context::rank_context(const simulate_config& cfg, preset_shape preset, int rank,
-                           std::shared_ptr<comm::store> store, std::shared_ptr<loopback_worlds> worlds)
+rank_context::rank_context(const simulate_config& cfg, preset_shape preset, const scale_role& role,
+                           std::int64_t join_epoch, std::shared_ptr<comm::store> store,
+                           std::shared_ptr<loopback_worlds> worlds)
     : cfg(cfg),
       preset(std::move(preset)),
-      rank(rank),
+      role(role),
+      rank(role.rank),
+      join_epoch(join_epoch),
       store(std::move(store)),
       worlds(std::move(worlds)),
-      world(this->worlds ? this->worlds->first() : nullptr),
+      world(!this->worlds    ? nullptr
+            : join_epoch > 0 ? this->worlds->of_set(join_epoch, role.set_size)
+                             : this->worlds->first()),
       dev(make_rank_device(cfg, rank)),
       allocations(alloc_counter::install(*dev)),
       stream(dev->create_stream()),
-      model(start_model(cfg, this->preset, rank, *dev, *stream)),
+      model(start_model(cfg, this->preset, role, *dev, *stream)),
       state(state_params_for(*this)) {}
 
 // What a rank records while it serves, written into its report however its run ends: host time
@@ -227,6 +247,8 @@ struct rank_log {
   std::vector<double> busy_us, idle_us;
   json commits = json::array(), rebalances = json::array(), errors = json::array();
   json recoveries = json::array();                  // --survive: the rank sets this rank served on in
+  json rank_sets = json::array();                   // --scale: the rank sets this rank rescaled into
+  int left_step = -1;                               // --scale: the step before which this rank left
   int rebalance = -1, layer = 0, trigger_step = 0;  // the rebalance whose layers commit next
   std::uint64_t bytes_seen = 0;                     // bytes_moved when the last rebalance finished
   // --report and --jsonl only: load samples, and the lines appended to the --jsonl file.
@@ -255,6 +277,7 @@ struct rank_log {
     out["commits"] = commits;
     out["rebalances"] = rebalances;
     out["recoveries"] = recoveries;
+    out["rank_sets"] = rank_sets;
     if (sampler) out["samples"] = sampler->to_json();
   }
 };
@@ -383,12 +406,54 @@ void serve_step(rank_context& c, router& route, rank_log& log, int step) {
               {"committed", change.committed}});
 }
 
-// Every step, then a meeting of all ranks; false when this rank dies or stops on purpose
-// (--fail-rank, --stop-rank).
+std::string scale_key(std::size_t event) {
+  return fmt::format("simulate-scale/{}", event);
+}
+
+// --scale: every rank of the set rescales before the event's step (rank 0 first tells the joining
+// ranks which epoch to join); the rank set's change is recorded and every layer verified. False
+// when this rank left.
+bool rescale_at(rank_context& c, rank_log& log, std::size_t event, int step) {
+  const int size = c.cfg.scale[event].second;
+  const int old = c.state.num_ranks();
+  rescale_params p{.new_size = size};
+  for (int r = 0; r < old; ++r) p.rank_mapping.push_back(r < size ? r : -1);  // the highest ranks leave
+  const auto epoch = c.state.stats().rank_set_epoch + 1;
+  if (c.state.rank() == 0) c.store->set(scale_key(event), std::to_string(epoch));
+  if (c.worlds) p.comm_setup = comm::setup{.world = c.worlds->of_set(epoch, size)};
+  const auto rep = c.state.rescale(std::move(p));
+  log.rank_sets.push_back({{"step", step},
+                           {"num_ranks", size},
+                           {"epoch", rep.epoch},
+                           {"layers_moved", rep.layers_moved},
+                           {"seconds", rep.seconds},
+                           {"fill_error", rep.fill_error}});
+  if (rep.left) return false;
+  for (int l = 0; l < c.preset.layers; ++l) {
+    if (auto bad = verify_layer(c.state, c.model, l, c.state.rank()); !bad.empty())
+      fail(errc::verification_failed, "after rescale(): {}", bad);
+  }
+  log.rebalance = static_cast<int>(c.state.stats().rebalances) - 1;
+  return true;
+}
+
+// The size of the last set: the ranks that meet at the end.
+int final_size(const simulate_config& cfg) {
+  return cfg.scale.empty() ? cfg.ranks : cfg.scale.back().second;
+}
+
+// Every step, then a meeting of all ranks; false when this rank dies, stops or leaves on purpose
+// (--fail-rank, --stop-rank, --scale).
 bool serve(rank_context& c, rank_log& log, bool print_progress) {
   router route(c.cfg, c.preset.layers, c.preset.experts, c.rank);
   progress bar(print_progress && c.rank == 0, c.cfg.steps);
-  for (int step = 1; step <= c.cfg.steps; ++step) {
+  for (int step = c.role.start_step + 1; step <= c.cfg.steps; ++step) {
+    for (std::size_t k = 0; k < c.cfg.scale.size(); ++k) {
+      if (c.cfg.scale[k].first == step && static_cast<int>(k) != c.role.join_event && !rescale_at(c, log, k, step)) {
+        log.left_step = step;
+        return false;
+      }
+    }
     if (c.rank == c.cfg.fail_rank && step == c.cfg.fail_step) {
       // --survive with processes: a real death, nothing said to the peers (threads cannot be killed
       // alone: the loopback world marks the rank dead, so its transfers fail at once).
@@ -403,7 +468,7 @@ bool serve(rank_context& c, rank_log& log, bool print_progress) {
     bar.update(step, c.state.stats(), step == c.cfg.steps);
   }
   // A rank that died outside a rebalance is noticed here: every live rank must reach the end.
-  comm::store_barrier(*c.store, "simulate-end", c.cfg.ranks - (c.cfg.survive ? 1 : 0), c.cfg.timeout);
+  comm::store_barrier(*c.store, "simulate-end", final_size(c.cfg) - (c.cfg.survive ? 1 : 0), c.cfg.timeout);
   return true;
 }
 
@@ -477,18 +542,47 @@ void report_memory(const rank_context& c, std::int64_t baseline, json& out) {
 
 }  // namespace
 
-json run_rank(const simulate_config& cfg, int rank, std::shared_ptr<comm::store> store,
+// --scale, a joining worker: the epoch rank 0 of the set announces before it rescales; waited for
+// as long as the run may take to reach that step.
+std::int64_t join_epoch_of(const scale_role& role, comm::store& store) {
+  if (role.join_event < 0) return 0;
+  return std::stoll(store.get(scale_key(static_cast<std::size_t>(role.join_event)), std::chrono::hours(1)));
+}
+
+// A joining rank's slots, once the rearrangement that fills them ended: verified.
+void verify_joined(rank_context& c, rank_log& log) {
+  if (c.role.join_event < 0) return;
+  for (int l = 0; l < c.preset.layers; ++l) {
+    if (auto bad = verify_layer(c.state, c.model, l, c.state.rank()); !bad.empty())
+      fail(errc::verification_failed, "after joining: {}", bad);
+  }
+  log.rebalance = static_cast<int>(c.state.stats().rebalances) - 1;
+}
+
+json run_rank(const simulate_config& cfg, int worker, std::shared_ptr<comm::store> store,
               std::shared_ptr<loopback_worlds> worlds, bool print_progress) {
   auto preset = preset_for(cfg);
-  json out = {{"rank", rank}, {"verified", false}, {"failure", ""}};
+  const auto role = role_of(cfg, worker);
+  const int rank = role.rank;
+  json out = {
+      {"rank", rank}, {"worker", worker}, {"verified", false}, {"failure", ""}, {"present_from", role.start_step + 1}};
   rank_log log;
   try {
     log.open_trace(cfg, preset);
-    rank_context c(cfg, std::move(preset), rank, std::move(store), std::move(worlds));
+    const auto epoch = join_epoch_of(role, *store);
+    rank_context c(cfg, std::move(preset), role, epoch, std::move(store), std::move(worlds));
+    verify_joined(c, log);
     (void)c.model.snapshot(0);  // verification's scratch, made before the count starts
     const auto baseline = c.allocations->count();
     try {
       if (!serve(c, log, print_progress)) {
+        if (log.left_step > 0) {
+          out["left"] = true;
+          out["present_to"] = log.left_step - 1;
+          out["verified"] = true;  // its slots serve nothing any more; every layer verified before it left
+          log.write_timings(out);
+          return out;
+        }
         if (rank == cfg.stop_rank) {
           report_stop(c, log, out);
           return out;

@@ -19,9 +19,11 @@ class loopback_worlds {
  public:
   explicit loopback_worlds(int ranks) : first_(comm::make_loopback_world(ranks)) {}
   [[nodiscard]] const std::shared_ptr<comm::loopback_world>& first() const noexcept { return first_; }
-  [[nodiscard]] std::shared_ptr<comm::loopback_world> of_size(int size) {
+  /// The survivors' (--survive) or the rescaled set's (--scale, by its epoch) world.
+  [[nodiscard]] std::shared_ptr<comm::loopback_world> of_size(int size) { return of_set(-1, size); }
+  [[nodiscard]] std::shared_ptr<comm::loopback_world> of_set(std::int64_t epoch, int size) {
     std::lock_guard lock(mutex_);
-    auto& w = by_size_[size];
+    auto& w = sets_[{epoch, size}];
     if (!w) w = comm::make_loopback_world(size);
     return w;
   }
@@ -29,7 +31,7 @@ class loopback_worlds {
  private:
   std::shared_ptr<comm::loopback_world> first_;
   std::mutex mutex_;
-  std::map<int, std::shared_ptr<comm::loopback_world>> by_size_;
+  std::map<std::pair<std::int64_t, int>, std::shared_ptr<comm::loopback_world>> sets_;
 };
 
 /// One rank's run, as a thread sharing `worlds` (loopback) with the other ranks, or on its own

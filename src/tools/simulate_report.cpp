@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 
 #include "tools/report/series.hpp"
@@ -49,15 +50,23 @@ json collect_failures(const std::vector<json>& ranks, int& errors, int& last_err
 
 // The first rank whose commits (rebalance, layer, step) differ from the first surviving rank's, or -1.
 int first_inconsistent(const std::vector<json>& ranks, const std::vector<bool>& alive) {
-  std::optional<json> reference;
+  std::optional<json> reference;  // the first live rank's: it served every step (rank 0)
   for (std::size_t i = 0; i < ranks.size(); ++i) {
     if (!alive[i]) continue;
     auto commits = ranks[i].value("commits", json::array());
     if (!reference) {
       reference = std::move(commits);
-    } else if (commits != *reference) {
-      return static_cast<int>(i);
+      continue;
     }
+    // --scale: a rank that joined late or left early is compared over the steps it served.
+    const auto from = ranks[i].value("present_from", std::int64_t{1});
+    const auto to = ranks[i].value("present_to", std::numeric_limits<std::int64_t>::max());
+    json expected = json::array();
+    for (const auto& c : *reference) {
+      const auto step = c.at(2).get<std::int64_t>();
+      if (step >= from && step <= to) expected.push_back(c);
+    }
+    if (commits != expected) return static_cast<int>(i);
   }
   return -1;
 }
@@ -211,9 +220,9 @@ json rank_details(const std::vector<json>& ranks) {
   json details = json::array();
   for (const auto& r : ranks) {
     json d = {{"rank", r.value("rank", -1)}, {"failure", r.value("failure", std::string())}};
-    for (const char* key :
-         {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest", "stop_ms", "stopped",
-          "reserved_device_bytes", "reserved_pinned_bytes", "reserve_overflows", "allocations_after_reserve"}) {
+    for (const char* key : {"errors", "weights_intact", "communicators_made", "died", "exit_status", "maps_digest",
+                            "stop_ms", "stopped", "reserved_device_bytes", "reserved_pinned_bytes", "reserve_overflows",
+                            "allocations_after_reserve", "worker", "left", "present_from", "present_to"}) {
       if (r.contains(key)) d[key] = r[key];
     }
     details.push_back(d);
@@ -256,6 +265,13 @@ std::string injected_text(const simulate_config& cfg, const json& r) {
                        intact ? "verified intact (every live slot holds its mapped expert)" : "NOT all verified");
   }
   for (const auto& set : r.value("rank_sets", json::array())) {
+    if (set.contains("layers_moved")) {  // --scale
+      out += fmt::format("rescaled: before step {} to {} ranks (epoch {}), {} layers moved in {:.3f} s{}\n",
+                         set.value("step", 0), set.value("num_ranks", 0), set.value("epoch", 0),
+                         set.value("layers_moved", 0), set.value("seconds", 0.0),
+                         set.value("fill_error", std::string()).empty() ? "" : "; the fill failed");
+      continue;
+    }
     if (set.value("step", 0) == 0) continue;
     out += fmt::format("survived: from step {} on {} ranks without ranks {}, {} experts reloaded from the checkpoint\n",
                        set.value("step", 0), set.value("num_ranks", 0), set.value("lost_ranks", json::array()).dump(),
@@ -295,6 +311,7 @@ json merge_reports(const simulate_config& cfg, const std::vector<json>& ranks) {
   merge_memory(ranks, out);
   merge_outcome(ranks, out);
   merge_recoveries(cfg, ranks, out);
+  if (!cfg.scale.empty()) out["rank_sets"] = ranks.front().value("rank_sets", json::array());
   out["rank_reports"] = rank_details(ranks);
   return out;
 }

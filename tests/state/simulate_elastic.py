@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Serving on after a lost rank (issue 20): `eplb simulate --fail-rank R --fail-step S --survive`.
+"""Elastic EP and serving on after a lost rank (issue 20), through `eplb simulate`.
+
+`--scale STEP:SIZE,...`: 8 ranks -> 6 (the highest leave) -> 9 (three join) -> 7, as threads
+(loopback) and as Gloo processes, sync and async: every rank of every set verifies every layer
+after each change and every commit, commits in the same steps as rank 0 over the steps it served,
+and the final set's ranks meet at the end. Bad --scale values are refused with exit 2.
+
+`--fail-rank R --fail-step S --survive`:
 Threads (loopback, the rank marked dead) and, where Gloo is built, processes over Gloo where the
 rank SIGKILLs itself; sync and async. The survivors must agree on the live set in the same step,
 reload the experts only the dead rank held from the simulator's checkpoint, end with identical
 maps, verify every committed layer before and after, and keep rebalancing; a set too small for
 every expert must fail with a line naming the slots; --survive alone is refused (exit 2).
 
-usage: simulate_survive.py EPLB gloo|none"""
+usage: simulate_elastic.py EPLB gloo|none"""
 import json
 import os
 import subprocess
@@ -44,6 +51,37 @@ for mode in ([], ["--sync"]):
         check_survived(f"gloo processes {label} (SIGKILL)",
                        ["--procs", "--backend", "gloo", "--ranks", "6", "--fail-rank", "2", "--fail-step", "150",
                         "--survive", "--timeout-ms", "2000", *common, *mode], 6, 2)
+
+def check_scaled(name, args):
+    out, fails = run_simulate(eplb, args, 300)
+    failures.extend(f"{name}: {f}" for f in fails)
+    if out.get("failure"):
+        failures.append(f"{name}: failure {out['failure']}")
+    sizes = [s.get("num_ranks") for s in out.get("rank_sets", [])]
+    if sizes != [6, 9, 7]:
+        failures.append(f"{name}: rank sets {out.get('rank_sets')}")
+    left = sorted(r["rank"] for r in out.get("rank_reports", []) if r.get("left"))
+    if left != [6, 7, 7, 8]:  # 6, 7 leave at 150; 7 and 8 (joined at 300) at 450
+        failures.append(f"{name}: ranks that left {left}")
+    print(f"{name}: rank sets {sizes}, {out.get('rebalances')} rebalances, "
+          f"{[round(s.get('seconds', 0), 3) for s in out.get('rank_sets', [])]} s per rescale")
+
+
+scale = ["--ranks", "8", "--scale", "150:6,300:9,450:7", "--steps", "600", "--step-interval", "40",
+         "--window", "20", "--forward-us", "300", "--timeout-ms", "3000"]
+for mode in ([], ["--sync"]):
+    label = "sync" if mode else "async"
+    check_scaled(f"scale threads {label}", [*scale, *mode])
+    if gloo:
+        check_scaled(f"scale gloo processes {label}", ["--procs", "--backend", "gloo", *scale, *mode])
+
+for bad, want in ((["--ranks", "4", "--scale", "150:3"], "--scale: 3 ranks x 5 slots at step 150 cannot hold 16"),
+                  (["--scale", "abc"], "--scale: 'abc' is not STEP:SIZE"),
+                  (["--scale", "300:6,200:5"], "--scale: step 200 must be after 300"),
+                  (["--scale", "100:4"], "--scale: size 4 at step 100 must be 1..64 and differ from 4")):
+    r = subprocess.run([eplb, "simulate", *bad], capture_output=True, text=True, timeout=30)
+    if r.returncode != 2 or want not in r.stderr:
+        failures.append(f"{bad}: exit {r.returncode}, {r.stderr.strip()}")
 
 # Four ranks of the tiny preset hold 20 slots for 16 experts: three cannot hold them all.
 r = subprocess.run([eplb, "simulate", "--json", "--ranks", "4", "--fail-rank", "1", "--fail-step", "100",
