@@ -535,3 +535,32 @@ TEST_CASE("live-set agreement: a rank that answers after its peers' timeout is l
         "300 ms)");
   CHECK(std::chrono::steady_clock::now() - begin < 3s);
 }
+
+TEST_CASE("rescale while an async rebalance is in flight: it ends as stopped, the move still verifies") {
+  auto world4 = comm::make_loopback_world(4);
+  auto world3 = comm::make_loopback_world(3);
+  auto store = comm::make_memory_store();
+  const auto results = on_ranks(4, [&](int rank) {
+    worker_result out;
+    // Slow streams keep the first rebalance (triggered at step 5) in flight for many steps.
+    auto r = make_model(rank, 4, {.max_delay = 3ms, .seed = 7U + static_cast<unsigned>(rank)});
+    r.state = std::make_unique<eplb_state>(params_for(r, rank, scenario_config(true, 16), world4, store));
+    for (int step = 1; step <= 9; ++step) serve_step(r, step, out);
+    const bool in_flight = r.state->stats().rebalance_in_flight;
+    const auto rep =
+        r.state->rescale({.new_size = 3, .rank_mapping = {0, 1, -1, 2}, .comm_setup = loopback_setup(world3)});
+    const auto history = r.state->history();
+    CHECK(in_flight);
+    REQUIRE(!history.empty());
+    CHECK(history.back().outcome == rebalance_outcome::stopped);
+    CHECK(history.back().error == "ended by eplb_state::rescale()");
+    CHECK(rep.left == (rank == 2));
+    if (!rep.left) verify_all(r, out, "after the rescale");
+    for (const auto& f : out.failures) FAIL_CHECK(f);
+    for (const auto& f : out.step_errors) FAIL_CHECK(f);
+    return rep.left ? matrix<expert_id>() : r.state->maps().phy2log();
+  });
+  CHECK(results[0].cols() == 12);
+  CHECK(results[1] == results[0]);
+  CHECK(results[3] == results[0]);
+}
