@@ -564,3 +564,41 @@ TEST_CASE("rescale while an async rebalance is in flight: it ends as stopped, th
   CHECK(results[1] == results[0]);
   CHECK(results[3] == results[0]);
 }
+
+TEST_CASE("rescale with the engine's buffers: required again for the new slot count, then written there") {
+  auto world4 = comm::make_loopback_world(4);
+  auto world3 = comm::make_loopback_world(3);
+  auto store = comm::make_memory_store();
+  const auto results = on_ranks(4, [&](int rank) {
+    auto r = make_model(rank, 4);
+    // The engine's int64 phy2log, for 16 slots now and for 12 after the rescale.
+    auto before = r.dev->allocate(4 * 16 * 8, device::memory_kind::host);
+    auto after = r.dev->allocate(4 * 12 * 8, device::memory_kind::host);
+    auto p = params_for(r, rank, scenario_config(false, 16), world4, store);
+    p.buffers.phy2log = engine_buffer{before.data(), element_type::int64};
+    r.state = std::make_unique<eplb_state>(std::move(p));
+    rescale_params rp{.new_size = 3, .rank_mapping = {0, 1, -1, 2}, .comm_setup = loopback_setup(world3)};
+    CHECK_EPLB_ERROR(r.state->rescale(rp), errc::invalid_argument,
+                     "rescale_params.buffers.phy2log: the state uses the engine's phy2log buffer; give one sized for "
+                     "the new set");
+    CHECK(r.state->num_ranks() == 4);
+    rp.buffers.phy2log = engine_buffer{after.data(), element_type::int64};
+    const auto rep = r.state->rescale(rp);
+    std::string bad;
+    if (!rep.left) {
+      r.stream->synchronize(5s);
+      const auto* written = reinterpret_cast<const std::int64_t*>(after.data());
+      const auto& maps = r.state->maps().phy2log();
+      for (std::size_t i = 0; i < maps.flat().size() && bad.empty(); ++i) {
+        if (written[i] != maps.flat()[i])
+          bad = fmt::format("engine phy2log[{}] = {}, maps {}", i, written[i], maps.flat()[i]);
+      }
+      worker_result out;
+      verify_all(r, out, "after the rescale");
+      for (const auto& f : out.failures) bad += f;
+    }
+    r.state->stop();  // before the engine's buffers go
+    return bad;
+  });
+  for (const auto& bad : results) CHECK(bad == "");
+}
