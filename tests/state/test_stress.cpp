@@ -375,8 +375,11 @@ TEST_CASE("stress: async rebalances on 4 loopback ranks with injected timing, fa
   std::map<ending, int> per_ending;
   int cycles = 0, faults_fired = 0, recovered = 0;
   double stop_max = 0;
+  // EPLB_STRESS_ONLY=N runs epoch N's plan every time (its timing still varies): a reproduction aid.
+  const char* only = std::getenv("EPLB_STRESS_ONLY");
   for (int e = 0; e < epochs; ++e) {
-    const auto plan = make_plan(e, 1000 + static_cast<std::uint64_t>(e));
+    const int index = only != nullptr ? std::atoi(only) : e;
+    const auto plan = make_plan(index, 1000 + static_cast<std::uint64_t>(index));
     CAPTURE(plan.index);
     CAPTURE(plan.seed);
     CAPTURE(name(plan.how));
