@@ -143,6 +143,7 @@ void cpu_group::completed(const std::string& family) {
       }
       stale.insert(stale.end(), f.stale.begin(), f.stale.end());
       stale.insert(stale.end(), f.current.begin(), f.current.end());
+      stale.insert(stale.end(), f.ahead.begin(), f.ahead.end());
       it = families_.erase(it);
     }
   }
@@ -206,10 +207,16 @@ std::vector<double> cpu_group::allreduce_sum(std::span<const double> values,
   return out;
 }
 
+// Not through posted(): a queued round of the same family that completes afterwards would count
+// these keys as read by every rank and delete them before the peers have (seen: a peer read a
+// stopping rank's code, another found it gone and ended the rebalance a round earlier).
 void cpu_group::post_min(std::int64_t value, std::int64_t rebalance, std::int64_t round) {
   const auto own = fmt::format("min/{}/{}/{}", rebalance, round, rank_);
   set_own(own, std::to_string(value));
-  posted(fmt::format("min/{}", rebalance), static_cast<std::uint64_t>(rebalance), own);
+  std::lock_guard lock(mutex_);
+  auto& f = families_[fmt::format("min/{}", rebalance)];
+  f.order = static_cast<std::uint64_t>(rebalance);
+  f.ahead.push_back(own);
 }
 
 std::int64_t cpu_group::allreduce_min(std::int64_t value, std::int64_t rebalance, std::int64_t round) {

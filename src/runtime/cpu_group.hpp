@@ -83,6 +83,10 @@ class cpu_group {
   struct own_keys {
     std::vector<std::string> current;
     std::vector<std::string> stale;
+    // post_min()'s keys: posted ahead of the rounds still queued on this rank, so a round of the
+    // same family that completes later proves nothing about who read them. Deleted only with the
+    // whole family, once a later rebalance's round completes (every rank has moved on).
+    std::vector<std::string> ahead;
     std::uint64_t order = 0;  // within a namespace, older families have smaller orders
   };
   std::mutex mutex_;
