@@ -141,6 +141,9 @@ void eplb_state::impl::leave_ranks(std::unique_ptr<impl>& self, const state_deta
   if (out.rank >= 0) return;
   out.left = true;
   self->stop_set("this rank left the rank set (eplb_state::rescale)");
+  // The engine may free this rank's weights and buffers once rescale() returns: nothing queued on
+  // the serving stream may touch them after that.
+  self->serving.synchronize(self->cfg.timeout);
 }
 
 namespace {

@@ -597,7 +597,8 @@ TEST_CASE("rescale with the engine's buffers: required again for the new slot co
       verify_all(r, out, "after the rescale");
       for (const auto& f : out.failures) bad += f;
     }
-    r.state->stop();  // before the engine's buffers go
+    r.state->stop();
+    r.stream->synchronize(5s);  // nothing queued may touch the engine's buffers once they go
     return bad;
   });
   for (const auto& bad : results) CHECK(bad == "");
