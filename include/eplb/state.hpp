@@ -310,7 +310,9 @@ class EPLB_API eplb_state {
 
   /// Elastic EP: changes the rank set. Called on every rank of the current set in the same step
   /// (between two step() calls), while the joining ranks construct theirs with join_epoch. A
-  /// rebalance in flight ends (as `stopped`; layers committed stay committed). Where ranks leave, a
+  /// rebalance in flight ends (as `stopped`; layers committed stay committed); async, a rank still
+  /// in its step when a peer reaches rescale() first may see that step fail (peer_failure, as when
+  /// a peer stops). Where ranks leave, a
   /// rearrangement over the current set first moves every expert off them onto a placement planned
   /// for the survivors; where ranks join, one over the new set fills their empty slots. Both plan
   /// from the load all-reduce of the latest windows, commit batch by batch under the commit vote

@@ -244,7 +244,13 @@ TEST_CASE("rescale: 4 -> 3 -> 5 ranks, the leaving rank emptied, the joining ran
     check_outcome(results);
     for (const auto& r : results) {
       for (const auto& e : r.rescale_errors) FAIL_CHECK(e);
-      for (const auto& e : r.step_errors) FAIL_CHECK(e);
+      for (const auto& e : r.step_errors) {
+        // Async: a peer that reached rescale() first aborts the rebalance in flight, so a rank still
+        // in the step before may see that step fail (as when a peer stops). Nothing else may fail.
+        const bool before_rescale = e.rfind(fmt::format("step {}:", leave_step - 1), 0) == 0 ||
+                                    e.rfind(fmt::format("step {}:", join_step - 1), 0) == 0;
+        if (!use_async || !before_rescale || e.find("is stopping") == std::string::npos) FAIL_CHECK(e);
+      }
     }
   }
 }
