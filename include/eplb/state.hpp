@@ -309,10 +309,11 @@ class EPLB_API eplb_state {
   void drain() noexcept;
 
   /// Elastic EP: changes the rank set. Called on every rank of the current set in the same step
-  /// (between two step() calls), while the joining ranks construct theirs with join_epoch. A
-  /// rebalance in flight ends (as `stopped`; layers committed stay committed); async, a rank still
-  /// in its step when a peer reaches rescale() first may see that step fail (peer_failure, as when
-  /// a peer stops). Where ranks leave, a
+  /// (between two step() calls), while the joining ranks construct theirs with join_epoch. The
+  /// ranks first agree that all of them arrived (each waits up to config::timeout for the others,
+  /// posting what its own slots hold); only then does a rebalance in flight end (as `stopped`;
+  /// layers committed stay committed), so no rank still in its step sees a peer's transfers end.
+  /// Where ranks leave, a
   /// rearrangement over the current set first moves every expert off them onto a placement planned
   /// for the survivors; where ranks join, one over the new set fills their empty slots. Both plan
   /// from the load all-reduce of the latest windows, commit batch by batch under the commit vote
@@ -320,10 +321,12 @@ class EPLB_API eplb_state {
   /// buffer and the device maps have the new slot count: read load_buffer() and the device maps'
   /// pointers again. The next rebalance comes step_interval steps later.
   /// Errors: errc::invalid_argument naming the field (rescale_params.rank_mapping[2]...) before
-  /// anything changes; when the move off leaving ranks fails (here or on a peer) it throws on every
-  /// rank, which stay in the current set with identical maps (layers committed stay committed):
-  /// retry the rescale. Once the new set is in place nothing throws: a failed fill of the joining
-  /// ranks is the report's fill_error. A communicator that cannot be made leaves the state stopped.
+  /// anything changes; with nothing changed on every rank (serve on, or retry on every rank):
+  /// errc::timeout naming the ranks that did not arrive in time, errc::invalid_argument naming two
+  /// ranks that called it after different steps; when the move off leaving ranks fails (here or on a peer) it throws on
+  /// every rank, which stay in the current set with identical maps (layers committed stay committed): retry the
+  /// rescale. Once the new set is in place nothing throws: a failed fill of the joining ranks is the report's
+  /// fill_error. A communicator that cannot be made leaves the state stopped.
   rescale_report rescale(rescale_params params);
   /// Serving on after lost ranks: call it on every rank still alive once step() threw because a
   /// peer died or went silent (errc::peer_failure, errc::timeout). The ranks that call it within

@@ -11,90 +11,142 @@ namespace eplb::state_detail {
 
 namespace {
 
-std::string alive_key(std::int64_t epoch, int rank) {
-  return fmt::format("eplb-live-{}/alive-{}", epoch, rank);
+using std::chrono::milliseconds;
+
+std::string post_key(const std::string& space, int rank) {
+  return fmt::format("{}/alive-{}", space, rank);
 }
 
-std::string decision_key(std::int64_t epoch) {
-  return fmt::format("eplb-live-{}/decision", epoch);
+std::string decision_key(const std::string& space) {
+  return space + "/decision";
 }
 
 // Short slices, so that a stop request or a decision already made ends the wait early.
-constexpr std::chrono::milliseconds slice{20};
+constexpr milliseconds slice{20};
 
-// Waits for `rank`'s post until `deadline`; false when it did not come.
-bool heard_from(comm::store& store, std::int64_t epoch, int rank, std::chrono::steady_clock::time_point deadline,
-                const std::stop_token& stop) {
+std::optional<std::string> get_within(comm::store& store, const std::string& key, milliseconds wait) {
+  try {
+    return store.get(key, wait);
+  } catch (const error& e) {
+    if (e.code() != errc::timeout) throw;
+    return std::nullopt;
+  }
+}
+
+// Waits for `rank`'s post until `deadline`; false when it did not come or a decision was made
+// (`decided`: then no other post needs waiting for).
+bool heard_from(comm::store& store, const std::string& space, int rank, std::chrono::steady_clock::time_point deadline,
+                const std::stop_token& stop, bool& decided) {
   for (;;) {
-    if (stop.stop_requested()) fail(errc::cancelled, "live-set agreement: stopped");
-    const auto left =
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    try {
-      (void)store.get(alive_key(epoch, rank), std::clamp(left, std::chrono::milliseconds(1), slice));
-      return true;
-    } catch (const error& e) {
-      if (e.code() != errc::timeout) throw;
+    if (stop.stop_requested()) fail(errc::cancelled, "agreement {}: stopped", space);
+    const auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (get_within(store, post_key(space, rank), std::clamp(left, milliseconds(1), slice))) return true;
+    if (get_within(store, decision_key(space), milliseconds(1))) {
+      decided = true;
+      return false;
     }
     if (left <= slice) return false;
   }
 }
 
+std::string to_text(const arrival& a) {
+  std::string out = fmt::format("{} {} {} {}", a.steps, a.rebalances, a.own_slots.rows(), a.own_slots.cols());
+  for (std::size_t l = 0; l < a.own_slots.rows(); ++l) {
+    for (std::size_t s = 0; s < a.own_slots.cols(); ++s) out += fmt::format(" {}", a.own_slots(l, s));
+  }
+  return out;
+}
+
+arrival from_text(const std::string& text, const std::string& space, int rank) {
+  std::istringstream in(text);
+  arrival a;
+  std::size_t rows = 0, cols = 0;
+  in >> a.steps >> a.rebalances >> rows >> cols;
+  a.own_slots = matrix<expert_id>(rows, cols, empty_slot);
+  for (std::size_t l = 0; l < rows; ++l) {
+    for (std::size_t s = 0; s < cols; ++s) in >> a.own_slots(l, s);
+  }
+  if (!in) fail(errc::transport, "agreement {}: rank {}'s post in the store is malformed", space, rank);
+  return a;
+}
+
 }  // namespace
 
-live_set agree_live_set(comm::store& store, std::int64_t epoch, int rank, int size, std::int64_t steps,
-                        std::int64_t rebalances, std::chrono::milliseconds timeout, const std::stop_token& stop) {
-  store.set(alive_key(epoch, rank), fmt::format("{} {}", steps, rebalances));
+arrival arrival_of(std::int64_t steps, std::int64_t rebalances, const matrix<expert_id>& phy2log, int rank,
+                   int slots_per_rank) {
+  arrival a{steps, rebalances, matrix<expert_id>(phy2log.rows(), static_cast<std::size_t>(slots_per_rank))};
+  for (std::size_t l = 0; l < phy2log.rows(); ++l) {
+    for (int s = 0; s < slots_per_rank; ++s) {
+      a.own_slots(l, static_cast<std::size_t>(s)) = phy2log(l, static_cast<std::size_t>(rank * slots_per_rank + s));
+    }
+  }
+  return a;
+}
+
+arrivals agree_arrivals(comm::store& store, const std::string& space, int rank, int size, const arrival& mine,
+                        milliseconds timeout, const std::stop_token& stop, bool only_all) {
+  store.set(post_key(space, rank), to_text(mine));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::string proposal(static_cast<std::size_t>(size), '0');
+  bool decided = false;
   for (int r = 0; r < size; ++r) {
-    if (r == rank || heard_from(store, epoch, r, deadline, stop)) proposal[static_cast<std::size_t>(r)] = '1';
+    if (r == rank || (!decided && heard_from(store, space, r, deadline, stop, decided))) {
+      proposal[static_cast<std::size_t>(r)] = '1';
+    }
   }
-  const auto decided = store.set_if_absent(decision_key(epoch), proposal);
-  if (decided.size() != static_cast<std::size_t>(size)) {
-    fail(errc::internal, "live-set agreement of epoch {}: the decision '{}' is not for {} ranks", epoch, decided, size);
+  const auto decision = store.set_if_absent(decision_key(space), proposal);
+  if (decision.size() != static_cast<std::size_t>(size)) {
+    fail(errc::internal, "agreement {}: the decision '{}' is not for {} ranks", space, decision, size);
   }
-  if (decided[static_cast<std::size_t>(rank)] != '1') {
+  arrivals out{.post = std::vector<std::optional<arrival>>(static_cast<std::size_t>(size))};
+  for (int r = 0; r < size; ++r) {
+    if (decision[static_cast<std::size_t>(r)] == '1') out.ranks.push_back(r);
+  }
+  if (!out.named(rank) || (only_all && out.ranks.size() != out.post.size())) return out;
+  for (int r : out.ranks) {
+    // Posted before the decision named it, and kept until every rank named has read it.
+    out.post[static_cast<std::size_t>(r)] =
+        r == rank ? mine : from_text(store.get(post_key(space, r), timeout), space, r);
+  }
+  return out;
+}
+
+void leave_arrivals(comm::store& store, const std::string& space, int rank) noexcept {
+  try {
+    store.erase(post_key(space, rank));
+  } catch (...) {  // NOLINT(bugprone-empty-catch): a key left behind is a few bytes; the store may be gone
+  }
+}
+
+matrix<expert_id> owners_view(const arrivals& posted, int slots_per_rank) {
+  const auto spr = static_cast<std::size_t>(slots_per_rank);
+  const std::size_t layers = posted.post[static_cast<std::size_t>(posted.ranks.front())]->own_slots.rows();
+  matrix<expert_id> out(layers, posted.post.size() * spr, empty_slot);
+  for (int r : posted.ranks) {
+    const auto& theirs = *posted.post[static_cast<std::size_t>(r)];
+    if (theirs.own_slots.rows() != layers || theirs.own_slots.cols() != spr) {
+      fail(errc::internal, "rank {} posted {} x {} slots, not {} x {}", r, theirs.own_slots.rows(),
+           theirs.own_slots.cols(), layers, spr);
+    }
+    for (std::size_t l = 0; l < layers; ++l) {
+      for (std::size_t s = 0; s < spr; ++s) out(l, static_cast<std::size_t>(r) * spr + s) = theirs.own_slots(l, s);
+    }
+  }
+  return out;
+}
+
+live_set live_set_of(const arrivals& posted, std::int64_t epoch, int rank, milliseconds timeout) {
+  if (!posted.named(rank)) {
     fail(errc::peer_failure,
          "rank {} was left out of the live set of epoch {} (it answered after its peers' timeout of {} ms)", rank,
          epoch, timeout.count());
   }
-  live_set live;
-  for (int r = 0; r < size; ++r) {
-    if (decided[static_cast<std::size_t>(r)] != '1') continue;
-    live.ranks.push_back(r);
-    // Posted before the decision named it: there already.
-    std::istringstream posted(store.get(alive_key(epoch, r), timeout));
-    std::int64_t their_steps = 0, their_rebalances = 0;
-    posted >> their_steps >> their_rebalances;
-    live.last_step = std::max(live.last_step, their_steps);
-    live.last_rebalance = std::max(live.last_rebalance, their_rebalances);
+  live_set live{.ranks = posted.ranks};
+  for (int r : posted.ranks) {
+    live.last_step = std::max(live.last_step, posted.post[static_cast<std::size_t>(r)]->steps);
+    live.last_rebalance = std::max(live.last_rebalance, posted.post[static_cast<std::size_t>(r)]->rebalances);
   }
   return live;
-}
-
-matrix<expert_id> owners_view(comm::store& store, std::int64_t epoch, const rescale_plan& plan, int rank,
-                              const matrix<expert_id>& mine, std::chrono::milliseconds timeout) {
-  const int spr = plan.slots_per_rank;
-  const auto key = [epoch](int r) { return fmt::format("eplb-live-{}/slots-{}", epoch, r); };
-  std::string own;
-  for (std::size_t l = 0; l < mine.rows(); ++l) {
-    for (int s = 0; s < spr; ++s) own += fmt::format("{} ", mine(l, static_cast<std::size_t>(rank * spr + s)));
-  }
-  store.set(key(rank), own);
-  matrix<expert_id> out(mine.rows(), static_cast<std::size_t>(plan.new_size * spr), empty_slot);
-  for (int r = 0; r < plan.old_size; ++r) {
-    const int nr = plan.mapping[static_cast<std::size_t>(r)];
-    if (nr < 0) continue;
-    std::istringstream theirs(store.get(key(r), timeout));
-    for (std::size_t l = 0; l < mine.rows(); ++l) {
-      for (int s = 0; s < spr; ++s) {
-        if (!(theirs >> out(l, static_cast<std::size_t>(nr * spr + s)))) {
-          fail(errc::transport, "recover: rank {}'s slots in the store are malformed", r);
-        }
-      }
-    }
-  }
-  return out;
 }
 
 }  // namespace eplb::state_detail

@@ -67,6 +67,7 @@ struct eplb_state::impl {
   bool draining = false;        // drain(): no trigger from now on
   int layers_announced = 0;     // of this step's report: in a layers_committed event already
   rescale_report last_rescale;  // of the rescale (or join) that made this set
+  int rescale_attempts = 0;     // rescale() calls in this set: each agrees on arrival under its own keys
 
   /// A first rank set (carry empty) or the next one after a rescale, which goes on from the
   /// carried counters and records: the next rebalance step_interval steps later.
@@ -101,17 +102,21 @@ struct eplb_state::impl {
   moved rearrange_to(const std::string& prefix, const matrix<double>& local,
                      const std::function<matrix<expert_id>(const matrix<double>&)>& target);
   /// rescale()'s two halves; each replaces `self` with the set it makes.
+  /// Before either: every rank of the current set posts under `space` and reads the others'
+  /// posts; the owners' view of every slot (identical on every rank). Throws with nothing changed.
+  [[nodiscard]] matrix<expert_id> arrive_for_rescale(const std::string& space);
+  /// `current`: the set's slots as their owners hold them.
   static void leave_ranks(std::unique_ptr<impl>& self, const state_detail::rescale_plan& plan, std::int64_t epoch,
-                          const matrix<double>& local, rescale_report& out);
+                          const matrix<double>& local, const matrix<expert_id>& current, rescale_report& out);
   static void fill_new_set(std::unique_ptr<impl>& self, const state_detail::rescale_plan& plan,
                            state_detail::state_recipe recipe, std::int64_t epoch, const matrix<double>& local,
-                           rescale_report& out);
+                           const matrix<expert_id>& current, rescale_report& out);
   void fill_joiners(std::int64_t epoch, const matrix<double>& local, const matrix<expert_id>& carried,
                     rescale_report& out) noexcept;
   /// recover()'s part before the new set is made: the survivors' maps with the lost experts
   /// loaded back (on this rank by reload_expert), agreed by every survivor.
   [[nodiscard]] matrix<expert_id> survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
-                                                 rescale_report& out);
+                                                 const matrix<expert_id>& owners, rescale_report& out);
   /// A joining rank's set (state_params::join_epoch), once its slots are filled.
   [[nodiscard]] static std::unique_ptr<impl> join(state_params& p);
 

@@ -104,6 +104,38 @@ eplb_state::impl::moved eplb_state::impl::rearrange_to(
   return {st.layers, st.bytes_received};
 }
 
+// Every rank of the current set arrives before any ends what it runs: an async rank still in the
+// step before (its background staging from a peer already here) must not see that peer's
+// transfers aborted. Nothing changes when a rank does not come in time or came after other steps.
+matrix<expert_id> eplb_state::impl::arrive_for_rescale(const std::string& space) {
+  const int spr = model.shape.slots_per_rank();
+  const auto posted =
+      state_detail::agree_arrivals(*recipe.store, space, rank, model.shape.num_ranks,
+                                   state_detail::arrival_of(m.steps, m.rebalances, maps.phy2log(), rank, spr),
+                                   cfg.timeout, stopping.get_token(), true);
+  if (!posted.all()) {
+    state_detail::leave_arrivals(*recipe.store, space, rank);  // no rank reads the posts of a partial decision
+    std::vector<int> missing;
+    for (int r = 0; r < model.shape.num_ranks; ++r) {
+      if (!posted.named(r)) missing.push_back(r);
+    }
+    fail(errc::timeout,
+         "eplb_state::rescale: ranks {} did not call rescale() within {} ms of their peers; nothing changed, the "
+         "current set serves on (retry on every rank)",
+         fmt::join(missing, ", "), cfg.timeout.count());
+  }
+  for (int r : posted.ranks) {
+    const auto steps = posted.post[static_cast<std::size_t>(r)]->steps;
+    if (steps == m.steps) continue;
+    // The posts stay (a few bytes): a peer may still be reading them.
+    fail(errc::invalid_argument,
+         "eplb_state::rescale: rank {} called it after {} steps, rank {} after {}: call it on every rank between the "
+         "same two steps (nothing changed)",
+         r, steps, rank, m.steps);
+  }
+  return state_detail::owners_view(posted, spr);
+}
+
 rescale_report eplb_state::rescale(rescale_params params) {
   if (impl_->stopped) fail(errc::cancelled, "eplb_state::rescale: the state was stopped");
   const auto begin = clock_type::now();
@@ -112,10 +144,19 @@ rescale_report eplb_state::rescale(rescale_params params) {
   const std::int64_t epoch = impl_->m.rank_set_epoch + 1;
   rescale_report out{
       .epoch = epoch, .rank = plan.mapping[static_cast<std::size_t>(impl_->rank)], .num_ranks = plan.new_size};
+  const auto space = fmt::format("{}-arrive-{}", state_detail::rank_set_prefix(epoch), impl_->rescale_attempts++);
+  const int old_rank = impl_->rank;
+  const auto owners = impl_->arrive_for_rescale(space);
   const auto local = impl_->logical_load(impl_->load.last_window());
   impl_->stop_set("ended by eplb_state::rescale()");
-  if (plan.leaving()) impl::leave_ranks(impl_, plan, epoch, local, out);
-  if (!out.left) impl::fill_new_set(impl_, plan, new_set_recipe(impl_->recipe, params), epoch, local, out);
+  if (plan.leaving()) impl::leave_ranks(impl_, plan, epoch, local, owners, out);
+  if (!out.left) {
+    impl::fill_new_set(impl_, plan, new_set_recipe(impl_->recipe, params), epoch, local,
+                       plan.leaving() ? impl_->maps.phy2log() : owners, out);
+  }
+  // Every rank read the posts before the moves' first collective. A failed rescale leaves its
+  // post (a few bytes), which a slower peer may still be reading.
+  state_detail::leave_arrivals(*impl_->recipe.store, space, old_rank);
   out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
   impl_->last_rescale = out;
   impl_->records.emit(event_level::info, event_kind::rank_set_changed, impl_->m.steps,
@@ -128,11 +169,11 @@ rescale_report eplb_state::rescale(rescale_params params) {
 // The current set made again under its own prefix moves every expert off the leaving ranks; they
 // end there (stopped), the survivors go on to the new set.
 void eplb_state::impl::leave_ranks(std::unique_ptr<impl>& self, const state_detail::rescale_plan& plan,
-                                   std::int64_t epoch, const matrix<double>& local, rescale_report& out) {
+                                   std::int64_t epoch, const matrix<double>& local, const matrix<expert_id>& current,
+                                   rescale_report& out) {
   const auto prefix = state_detail::rank_set_prefix(epoch) + "-leaving";
-  self = self->next_set(self->recipe, self->model, self->rank, self->maps.phy2log(), prefix);
+  self = self->next_set(self->recipe, self->model, self->rank, current, prefix);
   self->m.rank_set_epoch = epoch;  // a failure below leaves this set, the current ranks, in place
-  const auto current = self->maps.phy2log();
   const auto moved = self->rearrange_to(prefix, local, [&](const matrix<double>& total) {
     return state_detail::scale_down_target(plan, self->cfg, self->model, current, total);
   });
@@ -173,9 +214,9 @@ struct handoff_cleanup {
 // slots are filled by a rearrangement over the new set.
 void eplb_state::impl::fill_new_set(std::unique_ptr<impl>& self, const state_detail::rescale_plan& plan,
                                     state_detail::state_recipe recipe, std::int64_t epoch, const matrix<double>& local,
-                                    rescale_report& out) {
+                                    const matrix<expert_id>& current, rescale_report& out) {
   if (!self->stopped) self->stop_set("ended by eplb_state::rescale()");
-  const auto carried = state_detail::carry_to_new_set(plan, self->maps.phy2log());
+  const auto carried = state_detail::carry_to_new_set(plan, current);
   const auto next_model = state_detail::resized_model(self->model, plan.new_size);
   const bool writer = plan.joining() && out.rank == handoff_writer(plan);
   if (writer) {
@@ -258,11 +299,15 @@ void check_recover_inputs(const state_detail::state_recipe& r, const recover_par
 
 // Every survivor says whether its reloads worked; all fail alike when one did not (a slot the maps
 // would name holds other bytes).
+std::string reloaded_key(std::int64_t epoch, int rank) {
+  return fmt::format("eplb-live-{}/reloaded-{}", epoch, rank);
+}
+
 void agree_reloads(comm::store& store, std::int64_t epoch, int rank, int size, const std::string& mine,
                    std::chrono::milliseconds timeout) {
-  store.set(fmt::format("eplb-live-{}/reloaded-{}", epoch, rank), mine.empty() ? "ok" : mine);
+  store.set(reloaded_key(epoch, rank), mine.empty() ? "ok" : mine);
   for (int r = 0; r < size; ++r) {
-    const auto theirs = store.get(fmt::format("eplb-live-{}/reloaded-{}", epoch, r), timeout);
+    const auto theirs = store.get(reloaded_key(epoch, r), timeout);
     if (theirs != "ok") {
       fail(errc::peer_failure, "recover: reloading the lost experts failed on rank {} of the survivors: {}", r, theirs);
     }
@@ -272,8 +317,8 @@ void agree_reloads(comm::store& store, std::int64_t epoch, int rank, int size, c
 }  // namespace
 
 matrix<expert_id> eplb_state::impl::survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
-                                                   rescale_report& out) {
-  auto carried = state_detail::owners_view(*recipe.store, epoch, plan, rank, maps.phy2log(), cfg.timeout);
+                                                   const matrix<expert_id>& owners, rescale_report& out) {
+  auto carried = state_detail::carry_to_new_set(plan, owners);
   const auto lost = state_detail::place_lost_experts(carried, model.shape.num_logical);
   if (lost.empty()) return carried;
   const auto unplaced = std::count_if(lost.begin(), lost.end(), [](const auto& x) { return x.slot < 0; });
@@ -306,9 +351,15 @@ rescale_report eplb_state::recover(recover_params params) {
   check_recover_inputs(s.recipe, params);
   const std::int64_t epoch = s.m.rank_set_epoch + 1;
   const auto local = s.logical_load(s.load.last_window());
+  const int old_rank = s.rank;
   s.stop_set("ended by eplb_state::recover()");
-  const auto agreed = state_detail::agree_live_set(*s.recipe.store, epoch, s.rank, s.model.shape.num_ranks, s.m.steps,
-                                                   s.m.rebalances, s.cfg.timeout, std::stop_token{});
+  const int spr = s.model.shape.slots_per_rank();
+  const auto space = fmt::format("eplb-live-{}", epoch);
+  const auto posted =
+      state_detail::agree_arrivals(*s.recipe.store, space, s.rank, s.model.shape.num_ranks,
+                                   state_detail::arrival_of(s.m.steps, s.m.rebalances, s.maps.phy2log(), s.rank, spr),
+                                   s.cfg.timeout, std::stop_token{});
+  const auto agreed = state_detail::live_set_of(posted, epoch, s.rank, s.cfg.timeout);
   const auto& live = agreed.ranks;
   s.m.steps = agreed.last_step;  // every survivor goes on from the same step (async ones learn of a death apart)
   s.m.rebalances = agreed.last_rebalance;  // and numbers the next rebalance alike
@@ -321,13 +372,12 @@ rescale_report eplb_state::recover(recover_params params) {
     p.rank_mapping[static_cast<std::size_t>(r)] = at == live.end() ? -1 : static_cast<int>(at - live.begin());
   }
   out.rank = p.rank_mapping[static_cast<std::size_t>(s.rank)];
-  const int spr = s.model.shape.slots_per_rank();
   if (p.new_size * spr < s.model.shape.num_logical) {
     fail(errc::peer_failure, "recover: the {} surviving ranks have {} slots for {} experts (ranks {} were lost)",
          p.new_size, p.new_size * spr, s.model.shape.num_logical, fmt::join(out.lost_ranks, ", "));
   }
   const auto plan = state_detail::plan_rescale(s.model, p);
-  const auto carried = s.survivors_maps(plan, epoch, out);
+  const auto carried = s.survivors_maps(plan, epoch, state_detail::owners_view(posted, spr), out);
   const auto next_model = state_detail::resized_model(s.model, plan.new_size);
   auto recipe = s.recipe;
   if (params.comm_setup) recipe.comm_setup = params.comm_setup(plan.new_size);
@@ -335,6 +385,12 @@ rescale_report eplb_state::recover(recover_params params) {
   impl_ = s.next_set(std::move(recipe), next_model, out.rank, carried, state_detail::rank_set_prefix(epoch));
   impl_->m.rank_set_epoch = epoch;
   impl_->fill_joiners(epoch, local, carried, out);  // the re-plan over the survivors
+  // Every survivor read the posts and the reload outcomes before the re-plan's first collective.
+  state_detail::leave_arrivals(*impl_->recipe.store, space, old_rank);
+  try {
+    impl_->recipe.store->erase(reloaded_key(epoch, out.rank));
+  } catch (...) {  // NOLINT(bugprone-empty-catch): a key left behind is a few bytes; recover() succeeded
+  }
   out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
   impl_->last_rescale = out;
   impl_->records.emit(

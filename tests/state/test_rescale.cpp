@@ -15,7 +15,6 @@
 
 #include "check_error.hpp"
 #include "on_ranks.hpp"
-#include "state/live_set.hpp"
 #include "state/loopback_ranks.hpp"
 #include "tools/faulty_comm.hpp"
 
@@ -244,13 +243,9 @@ TEST_CASE("rescale: 4 -> 3 -> 5 ranks, the leaving rank emptied, the joining ran
     check_outcome(results);
     for (const auto& r : results) {
       for (const auto& e : r.rescale_errors) FAIL_CHECK(e);
-      for (const auto& e : r.step_errors) {
-        // Async: a peer that reached rescale() first aborts the rebalance in flight, so a rank still
-        // in the step before may see that step fail (as when a peer stops). Nothing else may fail.
-        const bool before_rescale = e.rfind(fmt::format("step {}:", leave_step - 1), 0) == 0 ||
-                                    e.rfind(fmt::format("step {}:", join_step - 1), 0) == 0;
-        if (!use_async || !before_rescale || e.find("is stopping") == std::string::npos) FAIL_CHECK(e);
-      }
+      // Async too: no rank ends its rebalance before every rank arrived at rescale(), so a rank
+      // still in the step before sees no failure.
+      for (const auto& e : r.step_errors) FAIL_CHECK(e);
     }
   }
 }
@@ -512,36 +507,6 @@ TEST_CASE("recover: experts lost with the only rank that held them, and no reloa
   }
 }
 
-TEST_CASE("live-set agreement: a rank that answers after its peers' timeout is left out, and told so") {
-  auto store = comm::make_memory_store();
-  const auto begin = std::chrono::steady_clock::now();
-  struct outcome {
-    state_detail::live_set live;
-    std::string error;
-  };
-  const auto results = on_ranks(3, [&](int rank) {
-    outcome out;
-    if (rank == 2) std::this_thread::sleep_for(700ms);  // silent past the others' 300 ms
-    try {
-      out.live = state_detail::agree_live_set(*store, 5, rank, 3, 100 + rank, 7 - rank, 300ms, std::stop_token{});
-    } catch (const error& e) {
-      CHECK(e.code() == errc::peer_failure);
-      out.error = e.what();
-    }
-    return out;
-  });
-  for (int rank : {0, 1}) {
-    CHECK(results[rank].error == "");
-    CHECK(results[rank].live.ranks == std::vector<int>{0, 1});
-    CHECK(results[rank].live.last_step == 101);     // the most steps either served
-    CHECK(results[rank].live.last_rebalance == 7);  // the most rebalances either triggered
-  }
-  CHECK(results[2].error ==
-        "rank 2 was left out of the live set of epoch 5 (it answered after its peers' timeout of "
-        "300 ms)");
-  CHECK(std::chrono::steady_clock::now() - begin < 3s);
-}
-
 TEST_CASE("rescale while an async rebalance is in flight: it ends as stopped, the move still verifies") {
   auto world4 = comm::make_loopback_world(4);
   auto world3 = comm::make_loopback_world(3);
@@ -551,7 +516,11 @@ TEST_CASE("rescale while an async rebalance is in flight: it ends as stopped, th
     // Slow streams keep the first rebalance (triggered at step 5) in flight for many steps.
     auto r = make_model(rank, 4, {.max_delay = 3ms, .seed = 7U + static_cast<unsigned>(rank)});
     r.state = std::make_unique<eplb_state>(params_for(r, rank, scenario_config(true, 16), world4, store));
-    for (int step = 1; step <= 9; ++step) serve_step(r, step, out);
+    for (int step = 1; step <= 9; ++step) {
+      // Rank 3 comes last: its peers wait in rescale() while its rebalance still stages from them.
+      if (rank == 3 && step == 9) std::this_thread::sleep_for(200ms);
+      serve_step(r, step, out);
+    }
     const bool in_flight = r.state->stats().rebalance_in_flight;
     const auto rep =
         r.state->rescale({.new_size = 3, .rank_mapping = {0, 1, -1, 2}, .comm_setup = loopback_setup(world3)});

@@ -1,0 +1,249 @@
+// rescale()'s arrival agreement (issue 20): every rank of the current set arrives before any ends
+// the rebalance it runs, so an async rank still in the step before sees no failure of its peers';
+// a rank that comes after the timeout, or after a different step, makes every rank throw with
+// nothing changed, and a retry on every rank works; the arrival posts leave the store once read.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "check_error.hpp"
+#include "on_ranks.hpp"
+#include "state/live_set.hpp"
+#include "state/loopback_ranks.hpp"
+
+using namespace eplb;
+using eplb::testing::on_ranks;
+using namespace eplb::testing::loopback_ranks;
+
+namespace {
+
+// The keys a store holds now, by name: what the counts of store_usage cannot tell.
+class key_ledger final : public comm::store {
+ public:
+  explicit key_ledger(std::shared_ptr<comm::store> inner) : inner_(std::move(inner)) {}
+  void set(const std::string& key, const std::string& value) override {
+    inner_->set(key, value);
+    held(key);
+  }
+  std::string get(const std::string& key, std::chrono::milliseconds timeout) override {
+    return inner_->get(key, timeout);
+  }
+  std::int64_t add(const std::string& key, std::int64_t delta) override {
+    const auto v = inner_->add(key, delta);
+    held(key);
+    return v;
+  }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    auto v = inner_->set_if_absent(key, value);
+    held(key);
+    return v;
+  }
+  void erase(const std::string& key) override {
+    inner_->erase(key);
+    std::lock_guard lock(mutex_);
+    keys_.erase(key);
+  }
+  comm::store_usage usage() override { return inner_->usage(); }
+  // The keys held now whose name contains `part`.
+  std::vector<std::string> holding(const std::string& part) {
+    std::lock_guard lock(mutex_);
+    std::vector<std::string> out;
+    for (const auto& k : keys_) {
+      if (k.find(part) != std::string::npos) out.push_back(k);
+    }
+    return out;
+  }
+
+ private:
+  void held(const std::string& key) {
+    std::lock_guard lock(mutex_);
+    keys_.insert(key);
+  }
+  std::shared_ptr<comm::store> inner_;
+  std::mutex mutex_;
+  std::set<std::string> keys_;
+};
+
+comm::setup loopback_setup(const std::shared_ptr<comm::loopback_world>& world) {
+  comm::setup s;
+  s.world = world;
+  return s;
+}
+
+struct rank_outcome {
+  std::vector<std::string> failures;  // byte mismatches and unexpected errors
+  std::vector<std::string> rescale_errors;
+  matrix<expert_id> maps_before, maps_after_failure, maps;
+  int num_ranks_after_failure = 0;
+  bool left = false;
+};
+
+// One step of skewed load; a step error or a wrong byte after a commit is a failure.
+void serve(rank_setup& r, int step, rank_outcome& out) {
+  const int slots = r.state->num_ranks() * 4;
+  for (int l = 0; l < 4; ++l) r.state->record_load(l, skewed_counts(slots, step, l + step / 7, r.state->rank()));
+  try {
+    (void)r.state->step();
+  } catch (const std::exception& e) {
+    out.failures.push_back(fmt::format("step {}: {}", step, e.what()));
+  }
+}
+
+void verify_all(rank_setup& r, rank_outcome& out, const char* when) {
+  for (int l = 0; l < 4; ++l) {
+    if (auto bad = verify(r, l, r.state->rank()); !bad.empty())
+      out.failures.push_back(fmt::format("{}: {}", when, bad));
+  }
+}
+
+// A rescale 4 -> 3 (rank 1 leaves) expected to fail with `code` and a message holding `want`.
+void failed_rescale(rank_setup& r, const rescale_params& p, errc code, const std::string& want, rank_outcome& out) {
+  try {
+    (void)r.state->rescale(p);
+    out.failures.push_back("the rescale succeeded");
+  } catch (const error& e) {
+    out.rescale_errors.push_back(e.what());
+    if (e.code() != code || std::string(e.what()).find(want) == std::string::npos) {
+      out.failures.push_back(fmt::format("rescale threw [{}] {}", to_string(e.code()), e.what()));
+    }
+  }
+  out.maps_after_failure = r.state->maps().phy2log();
+  out.num_ranks_after_failure = r.state->num_ranks();
+  verify_all(r, out, "after the failed rescale");
+}
+
+}  // namespace
+
+TEST_CASE("rescale: a rank later than the timeout makes every rank throw with nothing changed; a retry works") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    auto ledger = std::make_shared<key_ledger>(comm::make_memory_store());
+    auto world4 = comm::make_loopback_world(4);
+    auto world3 = comm::make_loopback_world(3);
+    const auto results = on_ranks(4, [&](int rank) {
+      rank_outcome out;
+      auto r = make_model(rank, 4);
+      r.state =
+          std::make_unique<eplb_state>(params_for(r, rank, loopback_config(use_async, 10, 10, 1s), world4, ledger));
+      for (int step = 1; step <= 25; ++step) serve(r, step, out);
+      out.maps_before = r.state->maps().phy2log();
+      const rescale_params p{.new_size = 3, .rank_mapping = {0, -1, 1, 2}, .comm_setup = loopback_setup(world3)};
+      // Rank 2 comes 1.5 s late: its peers give up after 1 s, it reads their decision at once.
+      if (rank == 2) std::this_thread::sleep_for(1500ms);
+      failed_rescale(r, p, errc::timeout,
+                     "ranks 2 did not call rescale() within 1000 ms of their peers; nothing changed", out);
+      try {
+        out.left = r.state->rescale(p).left;
+        if (!out.left) verify_all(r, out, "after the retried rescale");
+        for (int step = 26; !out.left && step <= 45; ++step) serve(r, step, out);
+      } catch (const std::exception& e) {
+        out.failures.push_back(fmt::format("the retry: {}", e.what()));
+      }
+      out.maps = r.state->maps().phy2log();
+      if (!out.left) {
+        r.state->drain();
+        for (int extra = 0; extra < 2000 && r.state->stats().rebalance_in_flight; ++extra) serve(r, 46, out);
+      }
+      return out;
+    });
+    for (int rank = 0; rank < 4; ++rank) {
+      CAPTURE(rank);
+      const auto& o = results[static_cast<std::size_t>(rank)];
+      for (const auto& f : o.failures) FAIL_CHECK(f);
+      CHECK(o.num_ranks_after_failure == 4);
+      CHECK(o.maps_after_failure == o.maps_before);
+      CHECK(o.maps_before == results[0].maps_before);
+      CHECK(o.left == (rank == 1));
+      if (rank != 1) CHECK(o.maps == results[0].maps);
+    }
+    CHECK(results[0].maps.cols() == 12);
+    // The posts of both attempts were erased (the failed one's at once, the other's after the
+    // moves); the two decisions stay for ranks that come late.
+    CHECK(ledger->holding("/alive-") == std::vector<std::string>{});
+    CHECK(ledger->holding("-arrive-").size() == 2);
+  }
+}
+
+TEST_CASE("rescale: ranks that call it after different steps get invalid_argument naming both, nothing changed") {
+  auto store = comm::make_memory_store();
+  auto world4 = comm::make_loopback_world(4);
+  auto world3 = comm::make_loopback_world(3);
+  const auto results = on_ranks(4, [&](int rank) {
+    rank_outcome out;
+    auto r = make_model(rank, 4);
+    r.state = std::make_unique<eplb_state>(params_for(r, rank, loopback_config(false, 10, 10, 2s), world4, store));
+    // Sync: rebalances in steps 10 and 20 only, so rank 0's extra step 13 needs no peer.
+    for (int step = 1; step <= (rank == 0 ? 13 : 12); ++step) serve(r, step, out);
+    out.maps_before = r.state->maps().phy2log();
+    const rescale_params p{.new_size = 3, .rank_mapping = {0, -1, 1, 2}, .comm_setup = loopback_setup(world3)};
+    failed_rescale(r, p, errc::invalid_argument, "call it on every rank between the same two steps (nothing changed)",
+                   out);
+    if (rank != 0) serve(r, 13, out);
+    try {
+      out.left = r.state->rescale(p).left;  // now after the same step everywhere
+      if (!out.left) verify_all(r, out, "after the retried rescale");
+    } catch (const std::exception& e) {
+      out.failures.push_back(fmt::format("the retry: {}", e.what()));
+    }
+    out.maps = r.state->maps().phy2log();
+    return out;
+  });
+  for (int rank = 0; rank < 4; ++rank) {
+    CAPTURE(rank);
+    const auto& o = results[static_cast<std::size_t>(rank)];
+    for (const auto& f : o.failures) FAIL_CHECK(f);
+    REQUIRE(o.rescale_errors.size() == 1);
+    CHECK(o.rescale_errors[0] == (rank == 0
+                                      ? fmt::format("eplb_state::rescale: rank 1 called it after 12 steps, rank 0 "
+                                                    "after 13: call it on every rank between the same two steps "
+                                                    "(nothing changed)")
+                                      : fmt::format("eplb_state::rescale: rank 0 called it after 13 steps, rank {} "
+                                                    "after 12: call it on every rank between the same two steps "
+                                                    "(nothing changed)",
+                                                    rank)));
+    CHECK(o.maps_after_failure == o.maps_before);
+    CHECK(o.left == (rank == 1));
+    if (rank != 1) CHECK(o.maps == results[0].maps);
+  }
+}
+
+TEST_CASE("arrival agreement: a rank that answers after its peers' timeout is left out, and told so") {
+  auto store = comm::make_memory_store();
+  const auto begin = std::chrono::steady_clock::now();
+  struct outcome {
+    state_detail::live_set live;
+    matrix<expert_id> owners;
+    std::string error;
+  };
+  const auto results = on_ranks(3, [&](int rank) {
+    outcome out;
+    if (rank == 2) std::this_thread::sleep_for(700ms);  // silent past the others' 300 ms
+    try {
+      const auto posted = state_detail::agree_arrivals(
+          *store, "eplb-live-5", rank, 3, {100 + rank, 7 - rank, matrix<expert_id>(2, 1, rank)}, 300ms, {});
+      out.live = state_detail::live_set_of(posted, 5, rank, 300ms);
+      out.owners = state_detail::owners_view(posted, 1);
+    } catch (const error& e) {
+      CHECK(e.code() == errc::peer_failure);
+      out.error = e.what();
+    }
+    return out;
+  });
+  matrix<expert_id> owners(2, 3, empty_slot);  // each survivor's one slot as it posted it; rank 2's empty
+  for (std::size_t l = 0; l < 2; ++l) owners(l, 0) = 0, owners(l, 1) = 1;
+  for (int rank : {0, 1}) {
+    CHECK(results[rank].error == "");
+    CHECK(results[rank].live.ranks == std::vector<int>{0, 1});
+    CHECK(results[rank].live.last_step == 101);     // the most steps either served
+    CHECK(results[rank].live.last_rebalance == 7);  // the most rebalances either triggered
+    CHECK(results[rank].owners == owners);
+  }
+  CHECK(results[2].error ==
+        "rank 2 was left out of the live set of epoch 5 (it answered after its peers' timeout of "
+        "300 ms)");
+  // The late rank read the decision at once: it did not wait its own 300 ms for posts.
+  CHECK(std::chrono::steady_clock::now() - begin < 900ms);
+}
