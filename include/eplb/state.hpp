@@ -111,6 +111,7 @@ enum class event_kind {
   balancedness,         ///< info: config::log_balancedness's line (this rank's load only)
   rank_set_changed,     ///< info: rescale() (or a join) made a new rank set, or this rank left
   rescale_fill_failed,  ///< error: filling the joining ranks failed (rescale_report::fill_error)
+  experts_masked,       ///< error: recover() serves on without experts lost with a rank (masked)
 };
 [[nodiscard]] EPLB_API std::string_view to_string(event_kind k) noexcept;
 [[nodiscard]] EPLB_API std::string_view to_string(event_level l) noexcept;
@@ -203,6 +204,15 @@ struct recover_params {
   std::function<engine_buffers(int size)> buffers;
 };
 
+/// A logical expert of a layer without a replica: its bytes were lost with a rank and not loaded
+/// back (recover() without reload_expert, or the reload failed). Its replica_count is 0 and its
+/// log2phy row all -1: the engine's router must send it no token (mask its router logit).
+struct masked_expert {
+  int layer = 0;
+  int expert = 0;
+  friend bool operator==(const masked_expert&, const masked_expert&) = default;
+};
+
 /// What rescale() did on this rank.
 struct rescale_report {
   std::int64_t epoch = 0;  ///< the rank set's epoch now (stats().rank_set_epoch)
@@ -219,6 +229,9 @@ struct rescale_report {
   std::string fill_error;
   std::vector<int> lost_ranks;  ///< recover(): the previous set's ranks that did not answer
   int experts_reloaded = 0;     ///< recover(): (layer, expert) pairs loaded back by reload_expert
+  /// recover(): the experts lost with the ranks and not loaded back, served on without (every rank
+  /// names the same); the reload failures, if any, are in the experts_masked event.
+  std::vector<masked_expert> masked;
 };
 
 struct metrics {
@@ -241,6 +254,7 @@ struct metrics {
   std::uint64_t reserved_pinned_bytes = 0;  ///< pinned host memory
   std::int64_t reserve_overflows = 0;       ///< a layer needed more packing than reserved: grown
   std::int64_t rank_set_epoch = 0;          ///< rank-set changes (rescale) so far: 0 for the first set
+  std::int64_t masked_experts = 0;          ///< (layer, expert) pairs served without (masked_experts())
 };
 
 struct step_report {
@@ -249,6 +263,9 @@ struct step_report {
   bool rebalance_skipped = false;  ///< finished without moving: the placement was not better enough
   int layers_committed = 0;        ///< in this step
   std::int64_t started_id = 0;     ///< the id of the rebalance started in this step; 0: none
+  /// (layer, expert) pairs no token may be routed to (masked_expert); 0 unless a recover() lost
+  /// experts it could not load back.
+  std::int64_t masked_experts = 0;
   /// The rebalance that ended in this step (finished, skipped, or failed in a step that did not
   /// throw), else nullptr. Valid until the next step(); history() keeps a copy. A rebalance can
   /// end and the next start in the same step: this is the one that ended (its own id).
@@ -330,19 +347,23 @@ class EPLB_API eplb_state {
   rescale_report rescale(rescale_params params);
   /// Serving on after lost ranks: call it on every rank still alive once step() threw because a
   /// peer died or went silent (errc::peer_failure, errc::timeout). The ranks that call it within
-  /// config::timeout of each other agree on who they are (a rank answering later is left out and
+  /// twice config::timeout of each other agree on who they are (a rank answering later is left out and
   /// gets errc::peer_failure); they become a new set of their own (ranks renumbered in order, maps
   /// without the lost ranks' slots, identical on every rank) and go on from the same step count
   /// (the most any of them served: stats().steps may jump). Experts whose only replicas were on
-  /// lost ranks are loaded back by state_params::reload_expert into slots of surplus replicas
-  /// (every rank picks the same); then a rearrangement re-plans over the survivors (its failure is
-  /// the report's fill_error). Nothing changed where every rank answered but this one's set is
-  /// made again. Errors, after which the state is stopped: errc::peer_failure naming the experts
-  /// lost without a reload_expert hook or without a surplus slot to load them into, or a reload
-  /// that failed on any survivor. Not yet: serving on with such experts masked (no token routed).
+  /// lost ranks are loaded back by state_params::reload_expert into empty slots or slots of surplus
+  /// replicas (every rank picks the same). Those without the hook, or whose reload threw, are
+  /// masked (rescale_report::masked, masked_experts(), step_report::masked_experts, the
+  /// experts_masked event): no replica, replica_count 0, the router must send them no token; their
+  /// slots stay empty and rebalances keep them out. Then a rearrangement re-plans over the
+  /// survivors (its failure is the report's fill_error). Nothing changed where every rank answered
+  /// but this one's set is made again. Errors, after which the state is stopped:
+  /// errc::peer_failure when the survivors have fewer slots than experts, or this rank was left out.
   /// errc::invalid_argument before anything when the communicator came from the engine
   /// (state_params::comm or comm_factory), or recover_params::buffers is missing for engine buffers.
   rescale_report recover(recover_params params = {});
+  /// The experts served without (masked after a lost rank), layer by layer; empty normally.
+  [[nodiscard]] std::vector<masked_expert> masked_experts() const;
   /// The latest rescale() on this rank, or for a joining rank its join (empty before either).
   [[nodiscard]] const rescale_report& last_rescale() const noexcept;
 

@@ -97,7 +97,7 @@ double balancedness(const placement& where, const matrix<double>& logical_load) 
 
 bool improves_enough(const placement& current, const matrix<expert_id>& next, const matrix<double>& logical_load,
                      double min_improvement) {
-  const placement planned(next, current.num_logical(), current.num_ranks(), "next");
+  const placement planned(next, current.num_logical(), current.num_ranks(), "next", current.allows_masked());
   return balancedness(planned, logical_load) > balancedness(current, logical_load) + min_improvement;
 }
 

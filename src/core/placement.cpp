@@ -31,7 +31,8 @@ int widest_row(std::span<const expert_id> row, std::vector<int>& count) {
 
 }  // namespace
 
-void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field) {
+void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field,
+                          bool allow_masked) {
   thread_local std::vector<unsigned char> seen;
   seen.assign(static_cast<std::size_t>(num_logical), 0);
   for (std::size_t p = 0; p < row.size(); ++p) {
@@ -42,6 +43,7 @@ void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int l
     }
     if (e >= 0) seen[static_cast<std::size_t>(e)] = 1;
   }
+  if (allow_masked) return;
   for (int e = 0; e < num_logical; ++e) {
     if (!seen[static_cast<std::size_t>(e)]) {
       fail(errc::invalid_map, "{}[{}]: logical expert {} has no replica (every expert needs at least one slot)", field,
@@ -50,8 +52,9 @@ void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int l
   }
 }
 
-placement::placement(matrix<expert_id> phy2log, int num_logical, int num_ranks, std::string_view field)
-    : phy2log_(std::move(phy2log)), num_logical_(num_logical), num_ranks_(num_ranks) {
+placement::placement(matrix<expert_id> phy2log, int num_logical, int num_ranks, std::string_view field,
+                     bool allow_masked)
+    : phy2log_(std::move(phy2log)), num_logical_(num_logical), num_ranks_(num_ranks), allow_masked_(allow_masked) {
   if (num_logical <= 0)
     fail(errc::invalid_map, "{}: number of logical experts must be > 0, got {}", field, num_logical);
   if (num_ranks <= 0) fail(errc::invalid_map, "{}: number of ranks must be > 0, got {}", field, num_ranks);
@@ -67,7 +70,7 @@ placement::placement(matrix<expert_id> phy2log, int num_logical, int num_ranks, 
   int widest = 0;
   std::vector<int> count(static_cast<std::size_t>(num_logical));
   for (int l = 0; l < layers(); ++l) {
-    validate_phy2log_row(phy2log_.row(l), num_logical, l, field);
+    validate_phy2log_row(phy2log_.row(l), num_logical, l, field, allow_masked);
     widest = std::max(widest, widest_row(phy2log_.row(l), count));
   }
   check_log2phy_size(phy2log_.rows(), num_logical, widest, field);
@@ -145,7 +148,7 @@ void placement::set_layer(int layer, std::span<const expert_id> row) {
   if (row.size() != phy2log_.cols()) {
     fail(errc::invalid_map, "phy2log[{}]: row has {} entries, expected {}", layer, row.size(), phy2log_.cols());
   }
-  validate_phy2log_row(row, num_logical_, layer, "phy2log");
+  validate_phy2log_row(row, num_logical_, layer, "phy2log", allow_masked_);
   std::vector<int> count(static_cast<std::size_t>(num_logical_));
   const int widest = widest_row(row, count);
   if (widest > max_replicas_) check_log2phy_size(phy2log_.rows(), num_logical_, widest, "phy2log");
@@ -155,6 +158,17 @@ void placement::set_layer(int layer, std::span<const expert_id> row) {
   } else {
     derive_layer(layer);
   }
+}
+
+std::vector<std::pair<int, int>> placement::masked() const {
+  std::vector<std::pair<int, int>> out;
+  if (!allow_masked_) return out;
+  for (int l = 0; l < layers(); ++l) {
+    for (int e = 0; e < num_logical_; ++e) {
+      if (replica_count_(l, e) == 0) out.emplace_back(l, e);
+    }
+  }
+  return out;
 }
 
 std::int64_t moved_slots(const matrix<expert_id>& before, const matrix<expert_id>& after) {

@@ -366,7 +366,7 @@ void validate(const rebalance_input& in) {
   if (in.num_replicas % in.num_ranks != 0) {
     fail(errc::invalid_argument, "num_replicas: {} is not divisible by num_ranks {}", in.num_replicas, in.num_ranks);
   }
-  check_limits(in);  // before anything sizes its work by the shape
+  check_limits(in);                         // before anything sizes its work by the shape
   if (in.num_groups % in.num_nodes == 0) {  // hierarchical
     if (experts % in.num_groups != 0) {
       fail(errc::invalid_argument, "num_groups: {} does not divide the {} logical experts", in.num_groups, experts);
@@ -448,12 +448,34 @@ matrix<expert_id> rebalance_default(const rebalance_input& in) {
   return out;
 }
 
+namespace {
+
+// An expert with no replica in the old placement (masked: its bytes were lost with a rank) gets
+// none in the new one either: no slot could receive its bytes. The slots the policy gave it stay
+// empty (where a reload may put it back).
+matrix<expert_id> absent_stay_absent(const rebalance_input& in, matrix<expert_id> out) {
+  if (in.old_phy2log == nullptr) return out;
+  std::vector<char> present(in.load.cols());
+  for (std::size_t l = 0; l < out.rows(); ++l) {
+    std::fill(present.begin(), present.end(), 0);
+    for (const expert_id e : in.old_phy2log->row(l)) {
+      if (e >= 0) present[static_cast<std::size_t>(e)] = 1;
+    }
+    for (expert_id& e : out.row(l)) {
+      if (e >= 0 && !present[static_cast<std::size_t>(e)]) e = empty_slot;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in) {
   switch (kind) {
     case policy_kind::deepseek_default:
-      return every_expert_placed(kind, in, rebalance_default(in));
+      return absent_stay_absent(in, every_expert_placed(kind, in, rebalance_default(in)));
     case policy_kind::min_move:
-      return every_expert_placed(kind, in, rebalance_min_move(in));
+      return absent_stay_absent(in, every_expert_placed(kind, in, rebalance_min_move(in)));
   }
   fail(errc::internal, "rebalance: unhandled policy kind {}", static_cast<int>(kind));
 }

@@ -195,7 +195,7 @@ void check_layer_inputs(const model_shape& shape, int layer, const rank_weights&
   if (new_row.size() != static_cast<std::size_t>(shape.num_physical)) {
     fail(errc::invalid_map, "new phy2log[{}]: has {} slots, expected {}", layer, new_row.size(), shape.num_physical);
   }
-  validate_phy2log_row(new_row, shape.num_logical, layer, "new phy2log");
+  validate_phy2log_row(new_row, shape.num_logical, layer, "new phy2log", maps.allows_masked());
   const auto l = static_cast<std::size_t>(layer);
   if (w.base.size() != static_cast<std::size_t>(shape.layers) || w.base[l].size() != shape.bundle.size()) {
     fail(errc::invalid_argument, "rearrange_layer: weights describe {} layers, the model {} layers of {} tensors",

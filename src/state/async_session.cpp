@@ -118,10 +118,10 @@ void async_session::start(const matrix<double>& local_load, step_report& /*repor
   // Every rank plans from the same global load, so every rank decides alike.
   ideal_.store(0);
   deferred_->accept = [min = ctx_.cfg.min_improvement, experts = model.shape.num_logical, ranks = model.shape.num_ranks,
-                       ideal = &ideal_](const matrix<double>& total, const matrix<expert_id>& old,
-                                        const matrix<expert_id>& next) {
-    ideal->store(balancedness(placement(next, experts, ranks, "planned"), total));
-    return improves_enough(placement(old, experts, ranks, "old"), next, total, min);
+                       masked = ctx_.maps.allows_masked(), ideal = &ideal_](
+                          const matrix<double>& total, const matrix<expert_id>& old, const matrix<expert_id>& next) {
+    ideal->store(balancedness(placement(next, experts, ranks, "planned", masked), total));
+    return improves_enough(placement(old, experts, ranks, "old", masked), next, total, min);
   };
   deferred_since_ = clock_type::now();
   committed_ = 0;

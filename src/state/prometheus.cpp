@@ -92,6 +92,8 @@ std::string prometheus_text(std::string_view prefix, int rank, const metrics& m,
   w.scalar("communicator_generation", "gauge", "Times the communicator was made again.", generation);
   w.scalar("rank_set_epoch", "gauge", "Rank-set changes so far (rescale, recover).",
            static_cast<double>(m.rank_set_epoch));
+  w.scalar("masked_experts", "gauge", "(layer, expert) pairs served without: lost with a rank, not reloaded.",
+           static_cast<double>(m.masked_experts));
   w.scalar("reserved_device_bytes", "gauge", "Device memory reserved for rebalances.",
            static_cast<double>(m.reserved_device_bytes));
   w.scalar("reserved_pinned_bytes", "gauge", "Pinned host memory reserved for rebalances.",

@@ -42,6 +42,8 @@ std::string_view to_string(event_kind k) noexcept {
       return "rank_set_changed";
     case event_kind::rescale_fill_failed:
       return "rescale_fill_failed";
+    case event_kind::experts_masked:
+      return "experts_masked";
   }
   return "?";
 }

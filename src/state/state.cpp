@@ -30,7 +30,9 @@ eplb_state::impl::impl(state_params& p, std::optional<state_detail::carried_stat
       records(carry ? std::move(carry->records)
                     : state_detail::rebalance_records(p.rank, p.model.shape.num_ranks, p.cfg.history_size,
                                                       std::move(p.on_event), std::move(p.log))),
-      maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log"),
+      // A set after a recover() may serve without experts lost with a rank (masked); the engine's
+      // first map may not.
+      maps(initial_map(p), p.model.shape.num_logical, p.model.shape.num_ranks, "initial_phy2log", carry.has_value()),
       load(dev, serving,
            {p.model.shape.layers, p.model.shape.num_physical, p.cfg.window_size, p.cfg.step_interval, m.steps},
            p.buffers.load, p.cfg.timeout),
@@ -39,6 +41,7 @@ eplb_state::impl::impl(state_params& p, std::optional<state_detail::carried_stat
       since_rebalance(carry ? 0 : p.cfg.step_interval - p.cfg.step_interval / 4) {
   records.set_rank_set(rank, model.shape.num_ranks);
   m.rebalance_in_flight = false;
+  m.masked_experts = static_cast<std::int64_t>(maps.masked().size());  // rebalances keep them out
   session = state_detail::make_session(context(p.store), std::move(p.commit_agreement));
   for (int l = 0; l < model.shape.layers; ++l) published.publish(maps, l);
   // The first rebalance comes when since_rebalance reaches the interval (at step 1 at the earliest).
@@ -189,6 +192,7 @@ void eplb_state::impl::step(bool is_dummy, step_report& report) {
     trigger_rebalance(report);
   }
   m.reserve_overflows = session->reserve_overflows();
+  report.masked_experts = m.masked_experts;
 }
 
 void eplb_state::impl::stop_set(const char* why) noexcept {
@@ -273,6 +277,12 @@ void eplb_state::stop() noexcept {
   } catch (...) {
     // stop() must not throw; a failed or busy serving stream is the engine's to report.
   }
+}
+
+std::vector<masked_expert> eplb_state::masked_experts() const {
+  std::vector<masked_expert> out;
+  for (const auto& [layer, expert] : impl_->maps.masked()) out.push_back({layer, expert});
+  return out;
 }
 
 const placement& eplb_state::maps() const noexcept {

@@ -84,7 +84,8 @@ void sync_session::run(const matrix<double>& local, const matrix<expert_id>& old
                                                            model.num_nodes, model.shape.num_ranks, &old});
   m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time_).count();
   m.balancedness_before = balancedness(ctx_.maps, total);
-  const double ideal = balancedness(placement(next, model.shape.num_logical, model.shape.num_ranks, "planned"), total);
+  const double ideal = balancedness(
+      placement(next, model.shape.num_logical, model.shape.num_ranks, "planned", ctx_.maps.allows_masked()), total);
   ctx_.records.planned(total, m.balancedness_before, ideal, m.plan_seconds);
   if (!improves_enough(ctx_.maps, next, total, ctx_.cfg.min_improvement)) {
     // Every rank plans from the same global load, so every rank skips alike: no batch is voted.

@@ -396,6 +396,8 @@ void add_simulate_fault_and_rank_flags(CLI::App& simulate, simulate_flags& sim) 
                       "STEP:SIZE,...: the rank set shrinks (highest ranks leave) or grows (ranks join) at those steps");
   simulate.add_flag("--survive", sim.cfg.survive,
                     "with --fail-rank: the others agree on the live set, reload the experts lost with it and serve on");
+  simulate.add_flag("--no-reload", sim.cfg.no_reload,
+                    "with --survive: no checkpoint to reload from; the experts lost with the rank are masked");
   simulate.add_option("--stop-rank", sim.cfg.stop_rank, "this rank calls stop() at --stop-step and leaves");
   simulate.add_option("--stop-step", sim.cfg.stop_step, "the step at which --stop-rank stops");
   simulate.add_option("--transfer-fault-rank", sim.cfg.transfer_fault_rank,

@@ -93,6 +93,7 @@ void check_numbers(const simulate_config& c, const preset_shape& p) {
   check_fault(c, "--fail-rank", c.fail_rank, "--fail-step", c.fail_step);
   check_scale(c, p);
   if (c.survive && c.fail_rank < 0) fail(errc::invalid_argument, "--survive needs --fail-rank and --fail-step");
+  if (c.no_reload && !c.survive) fail(errc::invalid_argument, "--no-reload needs --survive");
   if (c.survive && c.ranks < 2) fail(errc::invalid_argument, "--survive needs --ranks >= 2 (a survivor)");
   if (c.survive && (!c.report_path.empty() || !c.jsonl_path.empty())) {
     fail(errc::invalid_argument,

@@ -40,6 +40,9 @@ struct simulate_config {
   /// With fail_rank: the others recover() without it (eplb_state::recover) and serve on; experts
   /// only the dead rank held are loaded back from the simulator's checkpoint (reload_expert).
   bool survive = false;
+  /// With survive: no reload_expert hook, so the experts lost with the rank are masked (the router
+  /// sends no token to them, as an engine masks their logits).
+  bool no_reload = false;
   /// --scale STEP:SIZE,...: the rank set changes before those steps (eplb_state::rescale). When it
   /// shrinks the highest ranks leave; when it grows new ranks join (more workers: threads or
   /// processes that wait for their step, then construct their state with join_epoch).

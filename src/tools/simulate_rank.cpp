@@ -171,7 +171,7 @@ state_params state_params_for(rank_context& c) {
   sp.comm_setup.world = c.world;
   sp.comm_setup.opts.hostname = cfg.hostname;
   sp.log = [](std::string_view) {};
-  if (cfg.survive) {
+  if (cfg.survive && !cfg.no_reload) {
     // The simulator's checkpoint: every expert's bytes are known (pattern_model).
     sp.reload_expert = [model = &c.model](int layer, int expert, int slot) { model->load_expert(layer, expert, slot); };
   }
@@ -248,6 +248,13 @@ struct step_change {
   matrix<expert_id> maps_before;
 };
 
+// [[LAYER, EXPERT], ...] of the experts served without.
+json masked_json(const std::vector<masked_expert>& masked) {
+  json out = json::array();
+  for (const auto& x : masked) out.push_back({x.layer, x.expert});
+  return out;
+}
+
 // --survive: after the dead rank failed a step, the survivors agree on who they are, reload what
 // only it held, and serve on as a smaller set; recorded with every live slot verified.
 void recover(rank_context& c, rank_log& log) {
@@ -265,6 +272,7 @@ void recover(rank_context& c, rank_log& log) {
                             {"num_ranks", rep.num_ranks},
                             {"lost_ranks", rep.lost_ranks},
                             {"experts_reloaded", rep.experts_reloaded},
+                            {"masked", masked_json(rep.masked)},
                             {"replan_error", rep.fill_error},
                             {"seconds", rep.seconds},
                             {"maps_digest", maps_digest(c.state)}});
@@ -277,7 +285,9 @@ step_report checked_step(rank_context& c, rank_log& log, int step) {
   try {
     return c.state.step();
   } catch (const error& e) {
-    if (c.cfg.survive && e.code() != errc::verification_failed && log.recoveries.empty()) {
+    // A stall past the timeout under load is recovered from too (every rank answers: the set is
+    // made again); a bounded number, so that a rank failing every step still ends.
+    if (c.cfg.survive && e.code() != errc::verification_failed && log.recoveries.size() < 4) {
       log.errors.push_back({{"step", step}, {"error", fmt::format("[{}] {}", to_string(e.code()), e.what())}});
       recover(c, log);
       return {};

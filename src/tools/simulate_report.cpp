@@ -185,7 +185,7 @@ void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks
     // Outside that window every rank must have committed alike.
     const auto outside = [&](const json& commit) {
       const auto step = commit.at(2).get<std::int64_t>();
-      return step < cfg.fail_step || step > sets[1].value("step", std::int64_t{0});
+      return step < cfg.fail_step || step > sets.back().value("step", std::int64_t{0});
     };
     std::vector<json> filtered;
     std::vector<bool> alive;
@@ -273,9 +273,10 @@ std::string injected_text(const simulate_config& cfg, const json& r) {
       continue;
     }
     if (set.value("step", 0) == 0) continue;
-    out += fmt::format("survived: from step {} on {} ranks without ranks {}, {} experts reloaded from the checkpoint\n",
-                       set.value("step", 0), set.value("num_ranks", 0), set.value("lost_ranks", json::array()).dump(),
-                       set.value("experts_reloaded", 0));
+    out += fmt::format(
+        "survived: from step {} on {} ranks without ranks {}, {} experts reloaded from the checkpoint, {} masked\n",
+        set.value("step", 0), set.value("num_ranks", 0), set.value("lost_ranks", json::array()).dump(),
+        set.value("experts_reloaded", 0), set.value("masked", json::array()).size());
   }
   if (cfg.transfer_fault_rank >= 0) {
     int named = 0;

@@ -28,7 +28,10 @@ class router {
     auto& dist = distribution(layer, phase);
     std::vector<std::int64_t> counts(static_cast<std::size_t>(maps.num_physical()), 0);
     for (int t = 0; t < cfg_.tokens_per_step; ++t) {
-      const int e = dist(rng_);
+      int e = dist(rng_);
+      // A masked expert (lost with a rank, not reloaded) gets no token: the engine masks its logit,
+      // so the token goes to another expert (here the next one with a replica).
+      while (maps.replica_count(layer, e) == 0) e = (e + 1) % experts_;
       const int replicas = maps.replica_count(layer, e);
       const int slot = maps.log2phy(layer, e)[static_cast<std::size_t>(t % replicas)];  // vLLM: index % count
       ++counts[static_cast<std::size_t>(slot)];

@@ -8,7 +8,8 @@ and the final set's ranks meet at the end. Bad --scale values are refused with e
 
 `--fail-rank R --fail-step S --survive`:
 Threads (loopback, the rank marked dead) and, where Gloo is built, processes over Gloo where the
-rank SIGKILLs itself; sync and async. The survivors must agree on the live set in the same step,
+rank SIGKILLs itself; sync and async; with --no-reload (no checkpoint) the experts lost with the
+rank are masked. The survivors must agree on the live set in the same step,
 reload the experts only the dead rank held from the simulator's checkpoint, end with identical
 maps, verify every committed layer before and after, and keep rebalancing; a set too small for
 every expert must fail with a line naming the slots; --survive alone is refused (exit 2).
@@ -32,9 +33,20 @@ def check_survived(name, args, ranks, dead):
     if out.get("failure"):
         failures.append(f"{name}: failure {out['failure']}")
     sets = out.get("rank_sets", [])
+    # A stall past the timeout under load (CI) may make every rank recover once with nobody lost.
+    stalls = [s for s in sets[1:] if s.get("lost_ranks") == [] and s.get("num_ranks") == ranks]
+    sets = sets[:1] + [s for s in sets[1:] if s not in stalls]
     if len(sets) != 2 or sets[1].get("num_ranks") != ranks - 1 or sets[1].get("lost_ranks") != [dead]:
-        failures.append(f"{name}: rank sets {sets}")
+        failures.append(f"{name}: rank sets {out.get('rank_sets')}")
         return
+    if stalls:
+        print(f"{name}: {len(stalls)} recoveries with nobody lost (a stall past the timeout)")
+    if "--no-reload" in args:
+        # Nothing loaded back: every expert lost with the rank is masked, the re-plan keeps them out.
+        if sets[1].get("experts_reloaded") != 0 or not sets[1].get("masked") or sets[1].get("replan_error"):
+            failures.append(f"{name}: masked {sets[1]}")
+    elif sets[1].get("masked"):
+        failures.append(f"{name}: masked with a checkpoint to reload from: {sets[1]}")
     after = [r for r in out.get("rebalance_log", []) if r.get("trigger_step", 0) > sets[1]["step"]]
     if len(after) < 3:
         failures.append(f"{name}: {len(after)} rebalances after the recovery at step {sets[1]['step']}")
@@ -50,7 +62,16 @@ for mode in ([], ["--sync"]):
     if gloo:
         check_survived(f"gloo processes {label} (SIGKILL)",
                        ["--procs", "--backend", "gloo", "--ranks", "6", "--fail-rank", "2", "--fail-step", "150",
-                        "--survive", "--timeout-ms", "2000", *common, *mode], 6, 2)
+                        "--survive", "--timeout-ms", "3000", *common, *mode], 6, 2)
+    # No checkpoint: the tiny preset's 8 ranks hold 24 slots for 16 experts, so some experts live on
+    # rank 1 only and are masked (the router sends them no token) while the survivors serve on.
+    check_survived(f"threads {label} (no reload: masked)",
+                   ["--ranks", "8", "--fail-rank", "1", "--fail-step", "150", "--survive", "--no-reload",
+                    "--timeout-ms", "1000", *common, *mode], 8, 1)
+    if gloo and mode:
+        check_survived("gloo processes sync (SIGKILL, no reload: masked)",
+                       ["--procs", "--backend", "gloo", "--ranks", "6", "--fail-rank", "2", "--fail-step", "150",
+                        "--survive", "--no-reload", "--timeout-ms", "3000", *common, *mode], 6, 2)
 
 def check_scaled(name, args):
     out, fails = run_simulate(eplb, args, 300)
@@ -90,6 +111,10 @@ r = subprocess.run([eplb, "simulate", "--json", "--ranks", "4", "--fail-rank", "
 want = "recover: the 3 surviving ranks have 15 slots for 16 experts (ranks 1 were lost)"
 if r.returncode == 0 or want not in json.loads(r.stdout).get("failure", ""):
     failures.append(f"too few slots: exit {r.returncode}, {r.stdout[-400:]}")
+
+r = subprocess.run([eplb, "simulate", "--no-reload"], capture_output=True, text=True, timeout=30)
+if r.returncode != 2 or "--no-reload needs --survive" not in r.stderr:
+    failures.append(f"--no-reload alone: exit {r.returncode}, {r.stderr}")
 
 r = subprocess.run([eplb, "simulate", "--survive"], capture_output=True, text=True, timeout=30)
 if r.returncode != 2 or "--survive needs --fail-rank and --fail-step" not in r.stderr:

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "eplb/core/matrix.hpp"
@@ -28,8 +29,12 @@ class EPLB_API placement {
  public:
   /// Validates phy2log (layers x R) against num_logical and num_ranks and derives the other maps.
   /// Throws error(errc::invalid_map) naming `field`, the layer/slot and the broken rule: ids out of
-  /// range, a logical expert without a replica, R not divisible by num_ranks, an empty shape.
-  placement(matrix<expert_id> phy2log, int num_logical, int num_ranks, std::string_view field = "phy2log");
+  /// range, a logical expert without a replica (unless `allow_masked`), R not divisible by
+  /// num_ranks, an empty shape. `allow_masked`: an expert may have no replica (masked: its bytes
+  /// were lost with a rank; replica_count 0, log2phy all -1, no token may be routed to it); the
+  /// rule holds for set_layer() too.
+  placement(matrix<expert_id> phy2log, int num_logical, int num_ranks, std::string_view field = "phy2log",
+            bool allow_masked = false);
 
   /// Builds from possibly ragged rows (parsed input); a row of the wrong length is an error.
   static placement from_rows(const std::vector<std::vector<std::int64_t>>& rows, int num_logical, int num_ranks,
@@ -53,6 +58,9 @@ class EPLB_API placement {
   [[nodiscard]] const matrix<std::int32_t>& replica_counts() const noexcept { return replica_count_; }
   /// Width of the log2phy table: the largest replica count over all layers.
   [[nodiscard]] int max_replicas() const noexcept { return max_replicas_; }
+  [[nodiscard]] bool allows_masked() const noexcept { return allow_masked_; }
+  /// (layer, expert) pairs without a replica, layer by layer in expert order: masked experts.
+  [[nodiscard]] std::vector<std::pair<int, int>> masked() const;
 
   /// Replaces one layer's row (validated like the constructor) and re-derives its maps.
   void set_layer(int layer, std::span<const expert_id> row);
@@ -67,12 +75,15 @@ class EPLB_API placement {
   int num_logical_ = 0;
   int num_ranks_ = 0;
   int max_replicas_ = 0;
+  bool allow_masked_ = false;
   matrix<std::int32_t> replica_count_;
   std::vector<std::int32_t> log2phy_;  // layers x num_logical x max_replicas
 };
 
-/// Checks one layer's row; throws error(errc::invalid_map) naming field[layer][slot].
-EPLB_API void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field);
+/// Checks one layer's row; throws error(errc::invalid_map) naming field[layer][slot]. `allow_masked`:
+/// an expert without a replica is no error.
+EPLB_API void validate_phy2log_row(std::span<const expert_id> row, int num_logical, int layer, std::string_view field,
+                                   bool allow_masked = false);
 
 /// Slots whose expert differs between two placements of the same shape.
 [[nodiscard]] EPLB_API std::int64_t moved_slots(const matrix<expert_id>& before, const matrix<expert_id>& after);

@@ -71,7 +71,9 @@ EPLB_API void check_limits(const rebalance_input& in);
 /// per layer plus a constant (under 0.1 s for 4,096 slots on 4,096 ranks; it was 100 s).
 [[nodiscard]] EPLB_API matrix<expert_id> rebalance_min_move(const rebalance_input& in);
 
-/// Dispatches on the policy kind.
+/// Dispatches on the policy kind. With an old placement, an expert that has no replica there
+/// (masked after a lost rank: its bytes exist nowhere) gets none in the result either; the slots
+/// the policy gave it are left empty.
 [[nodiscard]] EPLB_API matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in);
 
 }  // namespace eplb
