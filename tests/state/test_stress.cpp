@@ -242,8 +242,10 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<wor
 
   const int last_step = plan.steps + (plan.how == ending::device_fault ? 400 : 0);
   int step = 0;
+  bool finishing = false;  // a healthy rank after a device fault elsewhere: until the rebalance ends
   for (; step < last_step; ++step) {
     prog.step = step;
+    if (finishing && !r.state->stats().rebalance_in_flight) break;
     if (plan.how == ending::stop && step == plan.stop_step) break;
     if (plan.how != ending::device_fault && step == plan.steps) break;
     for (int l = 0; l < layers; ++l) r.state->record_load(l, counts(step, l, rank, plan.seed));
@@ -294,7 +296,12 @@ rank_result run_rank(const epoch_plan& plan, int rank, const std::shared_ptr<wor
       if (e.code() == errc::internal) out.broken.push_back(fmt::format("internal error: {}", e.what()));
       if (plan.how == ending::device_fault) {
         failed = true;
-        break;
+        // The broken device's rank stops at once. A healthy rank serves on, as an engine does after
+        // a peer's failure, until the failure protocol has ended the rebalance (in the same step on
+        // every healthy rank): the rounds posted before the failure commit here as on its peers.
+        if (faulty || !r.state->stats().rebalance_in_flight) break;
+        finishing = true;
+        continue;
       }
       check_untouched("after a transfer fault");
       // The engine serves on; the next interval comes after the timeout (as in production, where
@@ -481,5 +488,5 @@ TEST_CASE("stress: async rebalances on 4 loopback ranks with injected timing, fa
                   "fired, {} recovered), {} rebalance cycles on {} ranks in {:.1f} s, slowest stop() {:.3f} s",
                   epochs, per_ending[ending::run_out], per_ending[ending::stop], per_ending[ending::device_fault],
                   per_ending[ending::transfer_fault], faults_fired, recovered, cycles, ranks, seconds, stop_max));
-  CHECK(cycles >= 12 * epochs);
+  if (only == nullptr) CHECK(cycles >= 12 * epochs);  // one epoch's plan repeated may be all faults
 }
