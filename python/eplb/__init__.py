@@ -35,6 +35,10 @@ def _plain(tensor):
     return tensor
 
 
+def _plain_dict(tensors):
+    return {k: _plain(v) for k, v in (tensors or {}).items()}
+
+
 def rebalance(weight, num_replicas, num_groups, num_nodes, num_ranks, old=None, policy="default"):
     """A new placement for ``weight`` [layers, experts] (loads, host memory).
 
@@ -119,18 +123,48 @@ class State:
     [layers, experts]), each int32 or int64, contiguous, on the state's device; eplb writes the maps
     and reads the load in the serving stream's order, and never clears the load (a counter the
     router only adds to: windows are differences of two readings). The properties then return them.
+
+    Elastic EP: ``rescale()`` changes the rank set; a rank that joins constructs its State with
+    ``join_epoch`` (the others' ``metrics["rank_set_epoch"] + 1``), its empty slots as ``weights``,
+    ``num_ranks`` and ``rank`` of the new set. ``recover()`` serves on after a peer died;
+    ``reload_expert(layer, expert, local_slot)`` loads an expert lost with it back from the engine's
+    checkpoint (called on eplb's thread with the GIL); without it such experts are masked.
     """
 
     def __init__(self, config, weights, *, num_experts, rank, num_ranks, store, device="cpu",
                  num_groups=1, num_nodes=1, ranks_per_node=0, world=None, serving_stream=None,
-                 comm_options=None, buffers=None):
+                 comm_options=None, buffers=None, join_epoch=0, reload_expert=None):
         text = config if isinstance(config, str) else _json.dumps(config)
         kind, ordinal = device_of(device)
         weights = [[_plain(t) for t in layer] for layer in weights]
         self._kind = "torch" if weights and weights[0] and is_torch(weights[0][0]) else "numpy"
         self._s = _eplb._State(text, weights, num_experts, rank, num_ranks, as_store(store), kind, ordinal,
                                num_groups, num_nodes, ranks_per_node, world, comm_options or {},
-                               stream_handle(serving_stream), {k: _plain(v) for k, v in (buffers or {}).items()})
+                               stream_handle(serving_stream), _plain_dict(buffers), join_epoch, reload_expert)
+
+    def rescale(self, new_size, rank_mapping, world=None, buffers=None):
+        """Changes the rank set (every rank of it, between the same two steps): ``rank_mapping[r]``
+        is old rank r's place in the new set or -1 when it leaves. ``world``: the new set's
+        LoopbackWorld (threads); ``buffers``: the engine's tensors sized for the new set, where it
+        gave them before. Returns the report (epoch, left, rank, num_ranks, layers_moved,
+        bytes_received, seconds, fill_error). The load buffer and maps change size: read them again."""
+        return self._s.rescale(new_size, list(rank_mapping), world,
+                               None if buffers is None else _plain_dict(buffers))
+
+    def recover(self, world_factory=None, buffers_factory=None):
+        """Serving on after lost ranks (call it on every survivor once ``step()`` raised): returns the
+        report with ``lost_ranks``, ``experts_reloaded`` and ``masked`` [(layer, expert)].
+        ``world_factory(size)``: the survivors' LoopbackWorld; ``buffers_factory(size)``: the
+        engine's tensors for that size."""
+        factory = None if buffers_factory is None else (lambda size: _plain_dict(buffers_factory(size)))
+        return self._s.recover(world_factory, factory)
+
+    def masked_experts(self):
+        """(layer, expert) pairs served without (lost with a rank, not loaded back): route them no token."""
+        return self._s.masked_experts()
+
+    rank = property(lambda self: self._s.rank)
+    num_ranks = property(lambda self: self._s.num_ranks)
 
     def step(self, is_dummy=False):
         """One forward step (without the GIL); returns what happened (rebalance_started...)."""

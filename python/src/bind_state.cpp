@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -59,7 +60,45 @@ struct state_args {
   int num_nodes = 1;
   int ranks_per_node = 0;
   py::dict buffers;  // the engine's own load / map tensors, by name (optional)
+  std::int64_t join_epoch = 0;
+  py::object reload_expert;  // None or callable(layer, expert, local_slot)
 };
+
+// A Python callable eplb may call from a thread without the GIL, and may drop without it: the
+// call and the last reference take the GIL; a Python exception becomes a C++ one with its text.
+std::function<void(int, int, int)> gil_callable(const py::object& f) {
+  if (f.is_none()) return {};
+  std::shared_ptr<py::object> held(new py::object(f), [](py::object* o) {
+    py::gil_scoped_acquire gil;
+    delete o;
+  });
+  return [held](int a, int b, int c) {
+    py::gil_scoped_acquire gil;
+    try {
+      (*held)(a, b, c);
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(e.what());
+    }
+  };
+}
+
+py::dict report_dict(const rescale_report& r) {
+  py::dict d;
+  d["epoch"] = r.epoch;
+  d["left"] = r.left;
+  d["rank"] = r.rank;
+  d["num_ranks"] = r.num_ranks;
+  d["layers_moved"] = r.layers_moved;
+  d["bytes_received"] = r.bytes_received;
+  d["seconds"] = r.seconds;
+  d["fill_error"] = r.fill_error;
+  d["lost_ranks"] = r.lost_ranks;
+  d["experts_reloaded"] = r.experts_reloaded;
+  py::list masked;
+  for (const auto& x : r.masked) masked.append(py::make_tuple(x.layer, x.expert));
+  d["masked"] = masked;
+  return d;
+}
 
 class state_handle {
  public:
@@ -78,6 +117,10 @@ class state_handle {
     p.model = {.shape = shape_of(a, p.weights), .num_groups = a.num_groups, .num_nodes = a.num_nodes};
     if (p.cfg.num_redundant_experts == 0) p.cfg.num_redundant_experts = p.model.shape.num_physical - a.num_experts;
     p.buffers = engine_buffers_of(a.buffers, p.model.shape);
+    p.join_epoch = a.join_epoch;
+    p.reload_expert = gil_callable(a.reload_expert);
+    shape_ = p.model.shape;
+    opts_ = p.comm_setup.opts;
     store_ = store;
     py::gil_scoped_release nogil;  // creating the communicator meets the peers
     state_ = std::make_unique<eplb_state>(std::move(p));
@@ -98,6 +141,7 @@ class state_handle {
     d["rebalance_skipped"] = r.rebalance_skipped;
     d["layers_committed"] = r.layers_committed;
     d["started_id"] = r.started_id;
+    d["masked_experts"] = r.masked_experts;
     d["finished"] = r.finished ? py::object(record_dict(*r.finished)) : py::object(py::none());
     return d;
   }
@@ -184,8 +228,59 @@ class state_handle {
     d["rebalance_in_flight"] = x.rebalance_in_flight;
     d["rebalances_skipped"] = x.rebalances_skipped;
     d["rebalances_failed"] = x.rebalances_failed;
+    d["rank_set_epoch"] = x.rank_set_epoch;
+    d["masked_experts"] = x.masked_experts;
     return d;
   }
+
+  // Elastic EP: the new set's loopback world (threads) and the engine's buffers for its size.
+  py::dict rescale(int new_size, std::vector<int> mapping, const py::object& world, const py::object& buffers) {
+    auto& s = live();
+    rescale_params p{.new_size = new_size, .rank_mapping = std::move(mapping)};
+    if (!world.is_none()) p.comm_setup = comm::setup{.world = world.cast<world_handle&>().world, .opts = opts_};
+    if (!buffers.is_none()) p.buffers = engine_buffers_of(buffers.cast<py::dict>(), resized(new_size));
+    rescale_report r;
+    {
+      py::gil_scoped_release nogil;
+      r = s.rescale(std::move(p));
+    }
+    return report_dict(r);  // a rank that left keeps its stopped state: its maps stay readable
+  }
+
+  // Serving on after lost ranks. The factories are called (with the GIL) for the survivors' size;
+  // the caller's references keep them alive through the call.
+  py::dict recover(const py::object& world_factory, const py::object& buffers_factory) {
+    auto& s = live();
+    recover_params p;
+    const py::handle worlds = world_factory, buffers = buffers_factory;
+    if (!worlds.is_none()) {
+      p.comm_setup = [this, worlds](int size) {
+        py::gil_scoped_acquire gil;
+        return comm::setup{.world = worlds(size).cast<world_handle&>().world, .opts = opts_};
+      };
+    }
+    if (!buffers.is_none()) {
+      p.buffers = [this, buffers](int size) {
+        py::gil_scoped_acquire gil;
+        return engine_buffers_of(buffers(size).cast<py::dict>(), resized(size));
+      };
+    }
+    rescale_report r;
+    {
+      py::gil_scoped_release nogil;
+      r = s.recover(std::move(p));
+    }
+    return report_dict(r);
+  }
+
+  py::list masked_experts() {
+    py::list out;
+    for (const auto& x : live().masked_experts()) out.append(py::make_tuple(x.layer, x.expert));
+    return out;
+  }
+
+  [[nodiscard]] int rank() { return live().rank(); }
+  [[nodiscard]] int num_ranks() { return live().num_ranks(); }
 
   [[nodiscard]] bool has_engine(const std::string& which) const { return engine_.contains(which); }
 
@@ -274,9 +369,19 @@ class state_handle {
     return b;
   }
 
+  // The model's shape with `size` ranks (the slots per rank stay).
+  [[nodiscard]] exec::model_shape resized(int size) const {
+    auto s = shape_;
+    s.num_physical = s.num_physical / s.num_ranks * size;
+    s.num_ranks = size;
+    return s;
+  }
+
   static std::string where(int ordinal) { return ordinal < 0 ? "the host" : fmt::format("cuda:{}", ordinal); }
 
   store_handle store_;
+  exec::model_shape shape_;  // of the first set
+  comm::options opts_;
   py::dict engine_;                 // the engine's tensors by name, handed back by table()
   std::vector<tensor_view> views_;  // the weights stay borrowed while the state lives
   std::unique_ptr<device::device> dev_;
@@ -291,9 +396,19 @@ void bind_state(py::module_& m) {
       .def(py::init([](const std::string& cfg, py::list weights, int num_experts, int rank, int num_ranks,
                        const store_handle& store, const std::string& dev_kind, int ordinal, int num_groups,
                        int num_nodes, int ranks_per_node, const py::object& world, const py::dict& comm_options,
-                       std::uintptr_t serving_stream, py::dict buffers) {
-        const state_args a{cfg,       std::move(weights), num_experts,       rank, num_ranks, num_groups,
-                           num_nodes, ranks_per_node,     std::move(buffers)};
+                       std::uintptr_t serving_stream, py::dict buffers, std::int64_t join_epoch,
+                       py::object reload_expert) {
+        const state_args a{cfg,
+                           std::move(weights),
+                           num_experts,
+                           rank,
+                           num_ranks,
+                           num_groups,
+                           num_nodes,
+                           ranks_per_node,
+                           std::move(buffers),
+                           join_epoch,
+                           std::move(reload_expert)};
         return std::make_unique<state_handle>(a, store, dev_kind, ordinal, world, comm_options, serving_stream);
       }))
       .def("step", &state_handle::step, py::arg("is_dummy") = false)
@@ -309,6 +424,11 @@ void bind_state(py::module_& m) {
       .def("metrics", &state_handle::metrics)
       .def("history", &state_handle::history)
       .def("prometheus_text", &state_handle::prometheus_text, py::arg("prefix") = "eplb")
+      .def("rescale", &state_handle::rescale)
+      .def("recover", &state_handle::recover)
+      .def("masked_experts", &state_handle::masked_experts)
+      .def_property_readonly("rank", &state_handle::rank)
+      .def_property_readonly("num_ranks", &state_handle::num_ranks)
       .def_property_readonly("communicator", &state_handle::communicator);
 }
 
