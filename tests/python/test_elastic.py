@@ -98,6 +98,10 @@ def test_rescale_leave_then_join(use_async):
             joining.set()  # the joining rank may now wait for the handoff (epoch 2)
         joined = state.rescale(4, [0, 1, 2], world=worlds["4b"])
         assert joined["epoch"] == 2 and joined["num_ranks"] == 4 and joined["fill_error"] == ""
+        return serve_last(state, weights)
+
+    def serve_last(state, weights):
+        # Steps 61..90 on the set of 4, drained; every slot checked; the maps and rank returned.
         check_weights(state, weights, 4)
         serve(state, range(61, 91), use_async)
         finish(state, use_async)
@@ -111,13 +115,7 @@ def test_rescale_leave_then_join(use_async):
         weights = make_weights(3, 4, empty=True)
         state = eplb.State(config, weights, num_experts=EXPERTS, rank=3, num_ranks=4, store=store,
                            world=worlds["4b"], join_epoch=2)
-        check_weights(state, weights, 4)
-        serve(state, range(61, 91), use_async)
-        finish(state, use_async)
-        check_weights(state, weights, 4)
-        out = state.maps().tolist(), state.rank
-        state.stop()
-        return out
+        return serve_last(state, weights)
 
     results = run_threads(5, lambda w: original(w) if w < 4 else joiner(), timeout=120)
     finals = [r for r in results if r is not None]
