@@ -568,6 +568,124 @@ TEST_CASE("recover: experts lost with their only rank and not loaded back are ma
   }
 }
 
+namespace {
+
+// A rank that dies inside a batch: once armed, its next batch marks it dead in its loopback world
+// (its peers' transfers with it fail at once, as with a killed process) and never returns until
+// released; it votes nothing, posts nothing, answers nothing.
+class dying_transport final : public comm::transport {
+ public:
+  dying_transport(std::unique_ptr<comm::communicator> inner, std::shared_ptr<comm::loopback_world> world,
+                  std::shared_ptr<std::atomic<int>> armed, std::shared_ptr<std::atomic<bool>> released)
+      : transport(inner->rank(), inner->size()),
+        inner_(std::move(inner)),
+        world_(std::move(world)),
+        armed_(std::move(armed)),
+        released_(std::move(released)) {}
+  comm::backend kind() const noexcept override { return inner_->kind(); }
+  comm::capabilities caps() const noexcept override { return inner_->caps(); }
+  void run(std::span<const comm::op> ops) override {
+    if (armed_->load() > 0 && --*armed_ == 0) {
+      comm::mark_dead(*world_, rank());
+      for (int i = 0; i < 30000 && !released_->load(); ++i) std::this_thread::sleep_for(1ms);
+      throw error(errc::transport, "dead");
+    }
+    inner_->set_stream(stream());
+    for (const auto& o : ops)
+      o.is_send ? inner_->add_send({o.data, o.bytes}, o.peer) : inner_->add_recv({o.data, o.bytes}, o.peer);
+    inner_->execute();
+  }
+
+ private:
+  void on_abort(const std::string& why) noexcept override { inner_->abort(why); }
+  std::unique_ptr<comm::communicator> inner_;
+  std::shared_ptr<comm::loopback_world> world_;
+  std::shared_ptr<std::atomic<int>> armed_;
+  std::shared_ptr<std::atomic<bool>> released_;
+};
+
+class dying_communicator final : public comm::communicator {
+ public:
+  dying_communicator(std::unique_ptr<comm::communicator> inner, std::shared_ptr<comm::loopback_world> world,
+                     std::shared_ptr<std::atomic<int>> armed, std::shared_ptr<std::atomic<bool>> released)
+      : communicator(std::make_unique<dying_transport>(std::move(inner), std::move(world), std::move(armed),
+                                                       std::move(released))) {}
+};
+
+struct death_in_rescale {
+  std::string rescale_error;
+  std::optional<rescale_report> recovered;
+  worker_result w;
+};
+
+}  // namespace
+
+TEST_CASE("a rank dies inside rescale()'s move: the rescale fails on every survivor, recover() serves on") {
+  for (const bool use_async : {false, true}) {
+    CAPTURE(use_async);
+    auto world4 = comm::make_loopback_world(4);
+    auto world3 = comm::make_loopback_world(3);
+    auto store = comm::make_memory_store();
+    shared_worlds worlds;
+    finish_line line;
+    auto released = std::make_shared<std::atomic<bool>>(false);
+    std::atomic<int> through{0};
+    const auto results = on_ranks(4, [&](int rank) {
+      death_in_rescale out;
+      auto cfg = scenario_config(use_async, 16);
+      cfg.timeout = 1s;
+      auto r = make_model(rank, 4);
+      auto p = params_for(r, rank, cfg, world4, store);
+      auto* model = r.model.get();
+      p.reload_expert = [model](int l, int e, int slot) { model->load_expert(l, e, slot); };
+      auto armed = std::make_shared<std::atomic<int>>(0);
+      if (rank == 3) {
+        p.comm_wrap = [world4, armed, released](std::unique_ptr<comm::communicator> inner, int) {
+          return std::unique_ptr<comm::communicator>(
+              std::make_unique<dying_communicator>(std::move(inner), world4, armed, released));
+        };
+      }
+      r.state = std::make_unique<eplb_state>(std::move(p));
+      for (int step = 1; step <= 20; ++step) serve_step(r, step, out.w);
+      armed->store(1);  // rank 3 dies in its first batch of the move off rank 1
+      try {
+        (void)r.state->rescale({.new_size = 3, .rank_mapping = {0, -1, 1, 2}, .comm_setup = loopback_setup(world3)});
+        out.rescale_error = "(succeeded)";
+      } catch (const error& e) {
+        out.rescale_error = e.what();
+      }
+      if (rank == 3) return out;  // dead since its first batch (its thread returns once released)
+      verify_all(r, out.w, "after the failed rescale");
+      try {
+        out.recovered = r.state->recover({.comm_setup = [&](int size) { return worlds(size); }});
+        verify_all(r, out.w, "after recover");
+        for (int step = 21; step <= 80; ++step) serve_step(r, step, out.w);
+        finish(r, out.w, line, 3);
+      } catch (const std::exception& e) {
+        out.w.failures.push_back(fmt::format("recover: {}", e.what()));
+      }
+      if (++through == 3) released->store(true);
+      return out;
+    });
+    for (int rank : {0, 1, 2}) {
+      CAPTURE(rank);
+      const auto& o = results[static_cast<std::size_t>(rank)];
+      for (const auto& f : o.w.failures) FAIL_CHECK(f);
+      if (rank == 0) MESSAGE("rank 0's failed rescale: " << o.rescale_error);
+      CHECK(o.rescale_error != "(succeeded)");
+      CHECK(o.rescale_error != "");
+      REQUIRE(o.recovered);
+      CHECK(o.recovered->lost_ranks == std::vector<int>{3});
+      CHECK(o.recovered->num_ranks == 3);
+      CHECK(o.recovered->rank == rank);  // rank 1 stayed: its leaving failed with the move
+      CHECK(o.recovered->fill_error == "");
+      CHECK(o.recovered->masked.empty());
+      CHECK(o.w.maps == results[0].w.maps);
+      CHECK(o.w.rebalances >= 2);
+    }
+  }
+}
+
 TEST_CASE("rescale while an async rebalance is in flight: it ends as stopped, the move still verifies") {
   auto world4 = comm::make_loopback_world(4);
   auto world3 = comm::make_loopback_world(3);
