@@ -362,6 +362,13 @@ class EPLB_API eplb_state {
   /// errc::invalid_argument before anything when the communicator came from the engine
   /// (state_params::comm or comm_factory), or recover_params::buffers is missing for engine buffers.
   rescale_report recover(recover_params params = {});
+  /// Masked experts back: every rank calls it between the same two steps with no rebalance in
+  /// flight (drain() first). reload_expert loads each into a slot every rank picks alike (an empty
+  /// one, else a surplus replica's); the ranks agree on what failed, which stays masked (report's
+  /// masked; experts_reloaded the others), and the maps change in serving-stream order after what
+  /// the hook queued there. Errors with nothing changed: errc::invalid_argument with a rebalance
+  /// in flight or ranks a step apart, errc::timeout naming ranks that did not call it in time.
+  rescale_report restore_masked();
   /// The experts served without (masked after a lost rank), layer by layer; empty normally.
   [[nodiscard]] std::vector<masked_expert> masked_experts() const;
   /// The latest rescale() on this rank, or for a joining rank its join (empty before either).

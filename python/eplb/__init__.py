@@ -159,6 +159,12 @@ class State:
         factory = None if buffers_factory is None else (lambda size: _plain_dict(buffers_factory(size)))
         return self._s.recover(world_factory, factory)
 
+    def restore_masked(self):
+        """Masked experts back through ``reload_expert`` (every rank, between the same two steps, with
+        no rebalance in flight: ``drain()`` first). Returns the report: ``experts_reloaded`` and the
+        ``masked`` ones whose reload failed again."""
+        return self._s.restore_masked()
+
     def masked_experts(self):
         """(layer, expert) pairs served without (lost with a rank, not loaded back): route them no token."""
         return self._s.masked_experts()

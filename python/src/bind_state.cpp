@@ -273,6 +273,16 @@ class state_handle {
     return report_dict(r);
   }
 
+  py::dict restore_masked() {
+    auto& s = live();
+    rescale_report r;
+    {
+      py::gil_scoped_release nogil;  // the reload hook takes the GIL for its calls
+      r = s.restore_masked();
+    }
+    return report_dict(r);
+  }
+
   py::list masked_experts() {
     py::list out;
     for (const auto& x : live().masked_experts()) out.append(py::make_tuple(x.layer, x.expert));
@@ -427,6 +437,7 @@ void bind_state(py::module_& m) {
       .def("rescale", &state_handle::rescale)
       .def("recover", &state_handle::recover)
       .def("masked_experts", &state_handle::masked_experts)
+      .def("restore_masked", &state_handle::restore_masked)
       .def_property_readonly("rank", &state_handle::rank)
       .def_property_readonly("num_ranks", &state_handle::num_ranks)
       .def_property_readonly("communicator", &state_handle::communicator);

@@ -68,6 +68,7 @@ struct eplb_state::impl {
   int layers_announced = 0;     // of this step's report: in a layers_committed event already
   rescale_report last_rescale;  // of the rescale (or join) that made this set
   int rescale_attempts = 0;     // rescale() calls in this set: each agrees on arrival under its own keys
+  int restore_calls = 0;        // restore_masked() calls in this set, likewise
 
   /// A first rank set (carry empty) or the next one after a rescale, which goes on from the
   /// carried counters and records: the next rebalance step_interval steps later.
@@ -102,9 +103,10 @@ struct eplb_state::impl {
   moved rearrange_to(const std::string& prefix, const matrix<double>& local,
                      const std::function<matrix<expert_id>(const matrix<double>&)>& target);
   /// rescale()'s two halves; each replaces `self` with the set it makes.
-  /// Before either: every rank of the current set posts under `space` and reads the others'
-  /// posts; the owners' view of every slot (identical on every rank). Throws with nothing changed.
-  [[nodiscard]] matrix<expert_id> arrive_for_rescale(const std::string& space);
+  /// Before either (and before restore_masked): every rank of the current set posts under `space`
+  /// and reads the others' posts; the owners' view of every slot (identical on every rank). Throws
+  /// with nothing changed, naming `call`.
+  [[nodiscard]] matrix<expert_id> arrive_for(const char* call, const std::string& space);
   /// `current`: the set's slots as their owners hold them.
   static void leave_ranks(std::unique_ptr<impl>& self, const state_detail::rescale_plan& plan, std::int64_t epoch,
                           const matrix<double>& local, const matrix<expert_id>& current, rescale_report& out);
@@ -117,6 +119,11 @@ struct eplb_state::impl {
   /// loaded back (on this rank by reload_expert), agreed by every survivor.
   [[nodiscard]] matrix<expert_id> survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
                                                  const matrix<expert_id>& owners, rescale_report& out);
+  /// Loads the experts `maps` (in this set's order) lacks back through reload_expert into the slots
+  /// place_lost_experts picks, agreed under `space`: what failed anywhere is masked (its slot emptied)
+  /// and listed in out.masked. The maps with the reloaded experts.
+  [[nodiscard]] matrix<expert_id> reload_lost(matrix<expert_id> maps, const std::string& space, int rank_in_set,
+                                              int set_size, int slots_per_rank, rescale_report& out);
   /// A joining rank's set (state_params::join_epoch), once its slots are filled.
   [[nodiscard]] static std::unique_ptr<impl> join(state_params& p);
 

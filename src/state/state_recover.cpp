@@ -32,8 +32,8 @@ void check_recover_inputs(const state_detail::state_recipe& r, const recover_par
   }
 }
 
-std::string reloaded_key(std::int64_t epoch, int rank) {
-  return fmt::format("eplb-live-{}/reloaded-{}", epoch, rank);
+std::string reloaded_key(const std::string& space, int rank) {
+  return fmt::format("{}/reloaded-{}", space, rank);
 }
 
 // What one survivor could not load back: "LAYER EXPERT" pairs, then a line saying why.
@@ -43,14 +43,14 @@ struct reload_failures {
 };
 
 // Every survivor posts its failed reloads and reads the others': all learn the same failures.
-reload_failures agree_reload_failures(comm::store& store, std::int64_t epoch, int rank, int size,
+reload_failures agree_reload_failures(comm::store& store, const std::string& space, int rank, int size,
                                       const reload_failures& mine, std::chrono::milliseconds timeout) {
   std::string post;
   for (const auto& [l, e] : mine.experts) post += fmt::format("{} {} ", l, e);
-  store.set(reloaded_key(epoch, rank), post + "\n" + mine.why);
+  store.set(reloaded_key(space, rank), post + "\n" + mine.why);
   reload_failures all;
   for (int r = 0; r < size; ++r) {
-    const auto theirs = store.get(reloaded_key(epoch, r), timeout);
+    const auto theirs = store.get(reloaded_key(space, r), timeout);
     const auto cut = theirs.find('\n');
     std::istringstream pairs(theirs.substr(0, cut));
     int l = 0, e = 0;
@@ -89,35 +89,43 @@ std::string describe_masked(const std::vector<masked_expert>& masked) {
 
 }  // namespace
 
-// The survivors' maps in the new set's order, with the lost experts loaded back into the slots
-// place_lost_experts picks (alike on every rank). One whose reload failed on its rank (or that rank
-// has no hook) is masked: its slot ends empty (the bytes there may be half written).
-matrix<expert_id> eplb_state::impl::survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
-                                                   const matrix<expert_id>& owners, rescale_report& out) {
-  auto carried = state_detail::carry_to_new_set(plan, owners);
-  const auto lost = state_detail::place_lost_experts(carried, model.shape.num_logical);
-  if (lost.empty()) return carried;
+// Every expert `maps` lacks, loaded back into the slot place_lost_experts picks (alike on every
+// rank) by the rank that holds it. One whose reload failed there (or that rank has no hook) is
+// masked: its slot ends empty (the bytes there may be half written).
+matrix<expert_id> eplb_state::impl::reload_lost(matrix<expert_id> maps, const std::string& space, int rank_in_set,
+                                                int set_size, int slots_per_rank, rescale_report& out) {
+  const auto lost = state_detail::place_lost_experts(maps, model.shape.num_logical);
+  if (lost.empty()) return maps;
   if (std::any_of(lost.begin(), lost.end(), [](const auto& x) { return x.slot < 0; })) {
-    fail(errc::internal, "recover: no slot for the lost experts ({}) on {} slots", state_detail::describe(lost),
-         carried.cols());
+    fail(errc::internal, "no slot for the lost experts ({}) on {} slots", state_detail::describe(lost), maps.cols());
   }
   const auto failed =
-      agree_reload_failures(*recipe.store, epoch, out.rank, plan.new_size,
-                            reload_own(recipe.reload_expert, lost, out.rank, plan.slots_per_rank), cfg.timeout);
+      agree_reload_failures(*recipe.store, space, rank_in_set, set_size,
+                            reload_own(recipe.reload_expert, lost, rank_in_set, slots_per_rank), cfg.timeout);
   for (const auto& x : lost) {
     if (!std::binary_search(failed.experts.begin(), failed.experts.end(), std::pair{x.layer, int{x.expert}})) continue;
-    carried(static_cast<std::size_t>(x.layer), static_cast<std::size_t>(x.slot)) = empty_slot;
+    maps(static_cast<std::size_t>(x.layer), static_cast<std::size_t>(x.slot)) = empty_slot;
     out.masked.push_back({x.layer, x.expert});
   }
   out.experts_reloaded = static_cast<int>(lost.size() - out.masked.size());
   if (!out.masked.empty()) {
-    records.emit(event_level::error, event_kind::experts_masked, m.steps,
-                 fmt::format("eplb rank {}: serving on without {} experts lost with ranks {} and not loaded back "
-                             "({}); no token may be routed to them ({})",
-                             out.rank, out.masked.size(), fmt::join(out.lost_ranks, ", "), describe_masked(out.masked),
-                             failed.why));
+    records.emit(
+        event_level::error, event_kind::experts_masked, m.steps,
+        fmt::format("eplb rank {}: serving on without {} experts{} not loaded back ({}); no token may be "
+                    "routed to them ({})",
+                    rank_in_set, out.masked.size(),
+                    out.lost_ranks.empty() ? std::string()
+                                           : fmt::format(" lost with ranks {} and", fmt::join(out.lost_ranks, ", ")),
+                    describe_masked(out.masked), failed.why));
   }
-  return carried;
+  return maps;
+}
+
+// The survivors' maps in the new set's order, with the lost experts loaded back where they can be.
+matrix<expert_id> eplb_state::impl::survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
+                                                   const matrix<expert_id>& owners, rescale_report& out) {
+  return reload_lost(state_detail::carry_to_new_set(plan, owners), fmt::format("eplb-live-{}", epoch), out.rank,
+                     plan.new_size, plan.slots_per_rank, out);
 }
 
 rescale_report eplb_state::recover(recover_params params) {
@@ -166,7 +174,7 @@ rescale_report eplb_state::recover(recover_params params) {
   // Every survivor read the posts and the reload outcomes before the re-plan's first collective.
   state_detail::leave_arrivals(*impl_->recipe.store, space, old_rank);
   try {
-    impl_->recipe.store->erase(reloaded_key(epoch, out.rank));
+    impl_->recipe.store->erase(reloaded_key(space, out.rank));
   } catch (...) {  // NOLINT(bugprone-empty-catch): a key left behind is a few bytes; recover() succeeded
   }
   out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
@@ -176,6 +184,39 @@ rescale_report eplb_state::recover(recover_params params) {
       fmt::format("eplb rank {}: serving on as rank set {} of {} ranks without ranks {} ({} experts "
                   "reloaded)",
                   out.rank, epoch, out.num_ranks, fmt::join(out.lost_ranks, ", "), out.experts_reloaded));
+  return out;
+}
+
+// The masked experts back, on the same set: every rank arrives (as for rescale), reloads those
+// placed in its slots, and all agree on what failed; the changed layers are published in serving-
+// stream order, after the reloads the hook queued there.
+rescale_report eplb_state::restore_masked() {
+  auto& s = *impl_;
+  if (s.stopped) fail(errc::cancelled, "eplb_state::restore_masked: the state was stopped");
+  if (s.m.rebalance_in_flight) {
+    fail(errc::invalid_argument,
+         "eplb_state::restore_masked: a rebalance is in flight; drain() and step until metrics::rebalance_in_flight is "
+         "false on every rank first");
+  }
+  const auto begin = clock_type::now();
+  rescale_report out{.epoch = s.m.rank_set_epoch, .rank = s.rank, .num_ranks = s.model.shape.num_ranks};
+  // The maps are alike on every rank here: each returns at once, with no store round.
+  if (s.maps.masked().empty()) return out;
+  const auto space = fmt::format("{}-restore-{}", state_detail::rank_set_prefix(s.m.rank_set_epoch), s.restore_calls++);
+  const auto owners = s.arrive_for("restore_masked", space);
+  const auto before = s.maps.phy2log();
+  const auto restored =
+      s.reload_lost(owners, space, s.rank, s.model.shape.num_ranks, s.model.shape.slots_per_rank(), out);
+  for (int l = 0; l < s.model.shape.layers; ++l) {
+    const auto row = restored.row(static_cast<std::size_t>(l));
+    if (std::equal(row.begin(), row.end(), before.row(static_cast<std::size_t>(l)).begin())) continue;
+    s.maps.set_layer(l, row);
+    s.published.publish(s.maps, l);
+  }
+  s.m.masked_experts = static_cast<std::int64_t>(s.maps.masked().size());
+  // Every rank read the posts before it posted its reloads, which this rank has read.
+  state_detail::leave_arrivals(*s.recipe.store, space, s.rank);
+  out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
   return out;
 }
 

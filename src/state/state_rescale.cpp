@@ -107,7 +107,7 @@ eplb_state::impl::moved eplb_state::impl::rearrange_to(
 // Every rank of the current set arrives before any ends what it runs: an async rank still in the
 // step before (its background staging from a peer already here) must not see that peer's
 // transfers aborted. Nothing changes when a rank does not come in time or came after other steps.
-matrix<expert_id> eplb_state::impl::arrive_for_rescale(const std::string& space) {
+matrix<expert_id> eplb_state::impl::arrive_for(const char* call, const std::string& space) {
   const int spr = model.shape.slots_per_rank();
   const auto posted =
       state_detail::agree_arrivals(*recipe.store, space, rank, model.shape.num_ranks,
@@ -120,18 +120,18 @@ matrix<expert_id> eplb_state::impl::arrive_for_rescale(const std::string& space)
       if (!posted.named(r)) missing.push_back(r);
     }
     fail(errc::timeout,
-         "eplb_state::rescale: ranks {} did not call rescale() within {} ms of their peers; nothing changed, the "
-         "current set serves on (retry on every rank)",
-         fmt::join(missing, ", "), cfg.timeout.count());
+         "eplb_state::{}: ranks {} did not call {}() within {} ms of their peers; nothing changed, the current set "
+         "serves on (retry on every rank)",
+         call, fmt::join(missing, ", "), call, cfg.timeout.count());
   }
   for (int r : posted.ranks) {
     const auto steps = posted.post[static_cast<std::size_t>(r)]->steps;
     if (steps == m.steps) continue;
     // The posts stay (a few bytes): a peer may still be reading them.
     fail(errc::invalid_argument,
-         "eplb_state::rescale: rank {} called it after {} steps, rank {} after {}: call it on every rank between the "
-         "same two steps (nothing changed)",
-         r, steps, rank, m.steps);
+         "eplb_state::{}: rank {} called it after {} steps, rank {} after {}: call it on every rank between the same "
+         "two steps (nothing changed)",
+         call, r, steps, rank, m.steps);
   }
   return state_detail::owners_view(posted, spr);
 }
@@ -146,7 +146,7 @@ rescale_report eplb_state::rescale(rescale_params params) {
       .epoch = epoch, .rank = plan.mapping[static_cast<std::size_t>(impl_->rank)], .num_ranks = plan.new_size};
   const auto space = fmt::format("{}-arrive-{}", state_detail::rank_set_prefix(epoch), impl_->rescale_attempts++);
   const int old_rank = impl_->rank;
-  const auto owners = impl_->arrive_for_rescale(space);
+  const auto owners = impl_->arrive_for("rescale", space);
   const auto local = impl_->logical_load(impl_->load.last_window());
   impl_->stop_set("ended by eplb_state::rescale()");
   if (plan.leaving()) impl::leave_ranks(impl_, plan, epoch, local, owners, out);

@@ -366,6 +366,7 @@ struct loss_case {
   bool killed = true;  // killed (its transfers fail at once) or silent (only the timeout tells)
   bool with_hook = true;
   bool hook_fails_even = false;  // the hook throws for experts whose layer + id is even
+  bool restore = false;          // at the end the hook works again: restore_masked() on every survivor
 };
 
 constexpr int die_step = 8;
@@ -381,7 +382,41 @@ struct loss_result {
   std::vector<masked_expert> masked_at_end;  // masked_experts() after the last step
   std::int64_t masked_in_reports = -1;       // the least step_report::masked_experts after recover()
   std::int64_t masked_metric = -1;           // metrics::masked_experts at the end
+  matrix<expert_id> maps_before_restore;     // after the rebalances that followed recover()
+  std::optional<rescale_report> restored;    // restore_masked()'s report
+  std::vector<masked_expert> masked_after_restore;
 };
+
+// The survivors meet at the most steps any of them served (a drained async rebalance ends a step
+// apart on some ranks), as an engine's ranks step in lockstep, before restore_masked().
+struct step_meet {
+  std::atomic<int> arrived{0};
+  std::atomic<int> most{0};
+  int meet(int mine, int ranks) {
+    for (int seen = most.load(); seen < mine && !most.compare_exchange_weak(seen, mine);) {
+    }
+    ++arrived;
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (arrived < ranks && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+    return most.load();
+  }
+};
+
+// Drains, steps to the meeting step, and restores the masked experts (the hook works again).
+void restore_at_end(rank_setup& r, loss_result& out, step_meet& meet, std::atomic<bool>& hook_fixed) {
+  hook_fixed = true;
+  r.state->drain();
+  int step = loss_last_step;
+  while (r.state->stats().rebalance_in_flight && step < loss_last_step + 2000) serve_step(r, ++step, out.w);
+  for (const int until = meet.meet(step, 3); step < until;) serve_step(r, ++step, out.w);
+  try {
+    out.restored = r.state->restore_masked();
+    out.masked_after_restore = r.state->masked_experts();
+    verify_all(r, out.w, "after restore_masked");
+  } catch (const std::exception& e) {
+    out.w.failures.push_back(fmt::format("restore_masked: {}", e.what()));
+  }
+}
 
 // (layer, expert) pairs of `maps` whose every replica is on rank `dead` (4 slots a rank).
 std::vector<masked_expert> held_only_by(const matrix<expert_id>& maps, int dead) {
@@ -413,17 +448,19 @@ struct shared_worlds {
 };
 
 loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<comm::loopback_world>& world,
-                         const std::shared_ptr<comm::store>& store, shared_worlds& worlds, finish_line& line) {
+                         const std::shared_ptr<comm::store>& store, shared_worlds& worlds, finish_line& line,
+                         step_meet& meet) {
   loss_result out;
   auto cfg = scenario_config(c.use_async, 16);
   cfg.timeout = 1s;
   auto r = make_model(rank, 4);
   auto p = params_for(r, rank, cfg, world, store);
   auto* model = r.model.get();
+  auto hook_fixed = std::make_shared<std::atomic<bool>>(false);
   if (c.with_hook) {
-    p.reload_expert = [model, c](int l, int e, int slot) {
+    p.reload_expert = [model, c, hook_fixed](int l, int e, int slot) {
       // A failed reload may leave half-written bytes: the slot must end empty.
-      if (c.hook_fails_even && (l + e) % 2 == 0) {
+      if (c.hook_fails_even && !*hook_fixed && (l + e) % 2 == 0) {
         model->load_expert(l, (e + 1) % 12, slot);  // another expert's bytes, as if half read
         throw std::runtime_error("checkpoint shard missing");
       }
@@ -452,6 +489,8 @@ loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<com
   }
   out.masked_at_end = r.state->masked_experts();
   out.masked_metric = r.state->stats().masked_experts;
+  out.maps_before_restore = r.state->maps().phy2log();
+  if (c.restore) restore_at_end(r, out, meet, *hook_fixed);
   finish(r, out.w, line, 3);
   return out;
 }
@@ -461,10 +500,11 @@ std::vector<loss_result> run_loss(const loss_case& c) {
   auto store = comm::make_memory_store();
   shared_worlds worlds;
   finish_line line;
+  step_meet meet;
   std::atomic<int> done{0};
   return on_ranks(4, [&](int rank) {
     if (rank != c.dead) {
-      auto out = run_survivor(rank, c, world, store, worlds, line);
+      auto out = run_survivor(rank, c, world, store, worlds, line, meet);
       ++done;
       return out;
     }
@@ -534,8 +574,13 @@ TEST_CASE("recover: experts lost with their only rank and not loaded back are ma
     for (const bool use_async : {false, true}) {
       CAPTURE(failing_hook);
       CAPTURE(use_async);
-      const loss_case c{
-          .use_async = use_async, .dead = 1, .killed = true, .with_hook = failing_hook, .hook_fails_even = true};
+      // The failing hook works again at the end: restore_masked() brings the masked experts back.
+      const loss_case c{.use_async = use_async,
+                        .dead = 1,
+                        .killed = true,
+                        .with_hook = failing_hook,
+                        .hook_fails_even = true,
+                        .restore = true};
       const auto results = run_loss(c);
       const auto& first = results[0];
       REQUIRE(first.recovered);
@@ -556,11 +601,20 @@ TEST_CASE("recover: experts lost with their only rank and not loaded back are ma
         CHECK(r.masked_metric == static_cast<std::int64_t>(want.size()));
         CHECK(r.masked_in_reports == static_cast<std::int64_t>(want.size()));
         for (const auto& x : want) {
-          const auto row = r.w.maps.row(static_cast<std::size_t>(x.layer));
+          const auto row = r.maps_before_restore.row(static_cast<std::size_t>(x.layer));
           CHECK(std::find(row.begin(), row.end(), x.expert) == row.end());
         }
         CHECK(r.w.rebalances > r.rebalances_at_recover);  // rebalances went on over the survivors
         CHECK(r.w.maps == first.w.maps);
+        REQUIRE(r.restored);
+        // With a working hook every masked expert comes back; without one they stay masked.
+        CHECK(r.restored->experts_reloaded == (failing_hook ? static_cast<int>(want.size()) : 0));
+        CHECK(r.restored->masked == (failing_hook ? std::vector<masked_expert>{} : want));
+        CHECK(r.masked_after_restore == r.restored->masked);
+        for (const auto& x : want) {
+          const auto row = r.w.maps.row(static_cast<std::size_t>(x.layer));
+          CHECK((std::find(row.begin(), row.end(), x.expert) != row.end()) == failing_hook);
+        }
       }
       CHECK(!first.only_on_dead.empty());  // the case has experts lost with the rank
       if (failing_hook) CHECK(first.recovered->masked.size() < first.only_on_dead.size());
