@@ -193,6 +193,7 @@ rescale_report eplb_state::recover(recover_params params) {
 rescale_report eplb_state::restore_masked() {
   auto& s = *impl_;
   if (s.stopped) fail(errc::cancelled, "eplb_state::restore_masked: the state was stopped");
+  const int call = s.restore_calls++;  // before anything can throw (see rescale())
   if (s.m.rebalance_in_flight) {
     fail(errc::invalid_argument,
          "eplb_state::restore_masked: a rebalance is in flight; drain() and step until metrics::rebalance_in_flight is "
@@ -202,7 +203,7 @@ rescale_report eplb_state::restore_masked() {
   rescale_report out{.epoch = s.m.rank_set_epoch, .rank = s.rank, .num_ranks = s.model.shape.num_ranks};
   // The maps are alike on every rank here: each returns at once, with no store round.
   if (s.maps.masked().empty()) return out;
-  const auto space = fmt::format("{}-restore-{}", state_detail::rank_set_prefix(s.m.rank_set_epoch), s.restore_calls++);
+  const auto space = fmt::format("{}-restore-{}", state_detail::rank_set_prefix(s.m.rank_set_epoch), call);
   const auto owners = s.arrive_for("restore_masked", space);
   const auto before = s.maps.phy2log();
   const auto restored =

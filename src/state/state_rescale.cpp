@@ -138,13 +138,16 @@ matrix<expert_id> eplb_state::impl::arrive_for(const char* call, const std::stri
 
 rescale_report eplb_state::rescale(rescale_params params) {
   if (impl_->stopped) fail(errc::cancelled, "eplb_state::rescale: the state was stopped");
+  // Counted before anything can throw: every call takes one number on every rank, whatever fails
+  // where, so that a retry's arrival keys match on every rank.
+  const int attempt = impl_->rescale_attempts++;
   const auto begin = clock_type::now();
   const auto plan = state_detail::plan_rescale(impl_->model, params);
   check_engine_parts(impl_->recipe, plan, params);
   const std::int64_t epoch = impl_->m.rank_set_epoch + 1;
   rescale_report out{
       .epoch = epoch, .rank = plan.mapping[static_cast<std::size_t>(impl_->rank)], .num_ranks = plan.new_size};
-  const auto space = fmt::format("{}-arrive-{}", state_detail::rank_set_prefix(epoch), impl_->rescale_attempts++);
+  const auto space = fmt::format("{}-arrive-{}", state_detail::rank_set_prefix(epoch), attempt);
   const int old_rank = impl_->rank;
   const auto owners = impl_->arrive_for("rescale", space);
   const auto local = impl_->logical_load(impl_->load.last_window());

@@ -210,6 +210,43 @@ TEST_CASE("rescale: ranks that call it after different steps get invalid_argumen
   }
 }
 
+TEST_CASE("rescale: one rank's bad parameters, its peers time out; the retry on every rank works") {
+  // The bad rank throws before it arrives; its peers' arrival times out. Every call takes one
+  // attempt number on every rank, so the retry's keys match.
+  auto store = comm::make_memory_store();
+  auto world4 = comm::make_loopback_world(4);
+  auto world3 = comm::make_loopback_world(3);
+  const auto results = on_ranks(4, [&](int rank) {
+    rank_outcome out;
+    auto r = make_model(rank, 4);
+    r.state = std::make_unique<eplb_state>(params_for(r, rank, loopback_config(false, 10, 10, 500ms), world4, store));
+    for (int step = 1; step <= 12; ++step) serve(r, step, out);
+    const rescale_params good{.new_size = 3, .rank_mapping = {0, -1, 1, 2}, .comm_setup = loopback_setup(world3)};
+    auto bad = good;
+    bad.rank_mapping = {0, 0, 1, 2};
+    if (rank == 2) {
+      failed_rescale(r, bad, errc::invalid_argument, "rescale_params.rank_mapping", out);
+    } else {
+      failed_rescale(r, good, errc::timeout, "ranks 2 did not call rescale()", out);
+    }
+    try {
+      out.left = r.state->rescale(good).left;
+      if (!out.left) verify_all(r, out, "after the retried rescale");
+    } catch (const std::exception& e) {
+      out.failures.push_back(fmt::format("the retry: {}", e.what()));
+    }
+    out.maps = r.state->maps().phy2log();
+    return out;
+  });
+  for (int rank = 0; rank < 4; ++rank) {
+    CAPTURE(rank);
+    const auto& o = results[static_cast<std::size_t>(rank)];
+    for (const auto& f : o.failures) FAIL_CHECK(f);
+    CHECK(o.left == (rank == 1));
+    if (rank != 1) CHECK(o.maps == results[0].maps);
+  }
+}
+
 TEST_CASE("arrival agreement: a rank that answers after its peers' timeout is left out, and told so") {
   auto store = comm::make_memory_store();
   const auto begin = std::chrono::steady_clock::now();
