@@ -448,34 +448,29 @@ matrix<expert_id> rebalance_default(const rebalance_input& in) {
   return out;
 }
 
-namespace {
-
-// An expert with no replica in the old placement (masked: its bytes were lost with a rank) gets
-// none in the new one either: no slot could receive its bytes. The slots the policy gave it stay
-// empty (where a reload may put it back).
-matrix<expert_id> absent_stay_absent(const rebalance_input& in, matrix<expert_id> out) {
-  if (in.old_phy2log == nullptr) return out;
-  std::vector<char> present(in.load.cols());
-  for (std::size_t l = 0; l < out.rows(); ++l) {
+// The slots of experts no slot of `holders` holds are emptied: no slot could receive their bytes.
+void keep_masked_out(matrix<expert_id>& next, const matrix<expert_id>& holders, int num_logical) {
+  if (holders.rows() != next.rows()) {
+    fail(errc::invalid_argument, "keep_masked_out: {} layers planned, {} held", next.rows(), holders.rows());
+  }
+  std::vector<char> present(static_cast<std::size_t>(num_logical));
+  for (std::size_t l = 0; l < next.rows(); ++l) {
     std::fill(present.begin(), present.end(), 0);
-    for (const expert_id e : in.old_phy2log->row(l)) {
-      if (e >= 0) present[static_cast<std::size_t>(e)] = 1;
+    for (const expert_id e : holders.row(l)) {
+      if (e >= 0 && e < num_logical) present[static_cast<std::size_t>(e)] = 1;
     }
-    for (expert_id& e : out.row(l)) {
-      if (e >= 0 && !present[static_cast<std::size_t>(e)]) e = empty_slot;
+    for (expert_id& e : next.row(l)) {
+      if (e >= 0 && e < num_logical && !present[static_cast<std::size_t>(e)]) e = empty_slot;
     }
   }
-  return out;
 }
-
-}  // namespace
 
 matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in) {
   switch (kind) {
     case policy_kind::deepseek_default:
-      return absent_stay_absent(in, every_expert_placed(kind, in, rebalance_default(in)));
+      return every_expert_placed(kind, in, rebalance_default(in));
     case policy_kind::min_move:
-      return absent_stay_absent(in, every_expert_placed(kind, in, rebalance_min_move(in)));
+      return every_expert_placed(kind, in, rebalance_min_move(in));
   }
   fail(errc::internal, "rebalance: unhandled policy kind {}", static_cast<int>(kind));
 }

@@ -119,6 +119,7 @@ struct async_runtime::impl {
     std::copy(summed.begin(), summed.end(), total.flat().begin());
     auto next = eplb::rebalance(in.policy, {total, static_cast<int>(in.old_map.cols()), in.num_groups, in.num_nodes,
                                             group.size(), &in.old_map});
+    keep_masked_out(next, in.old_map, static_cast<int>(experts));
     if (in.accept && !in.accept(total, in.old_map, next)) {
       next = in.old_map;
       self.skipped_.store(true, std::memory_order_release);

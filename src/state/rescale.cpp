@@ -52,10 +52,13 @@ void check_room(const model_desc& model, int ranks, int slots_per_rank, const ch
   }
 }
 
+// `holders`: every slot that holds bytes now (with the leaving ranks' where they leave).
 matrix<expert_id> plan_over(const config& cfg, const model_desc& model, const matrix<expert_id>& old,
-                            const matrix<double>& total) {
-  return rebalance(cfg.resolved_policy(),
-                   {total, model.shape.num_physical, model.num_groups, model.num_nodes, model.shape.num_ranks, &old});
+                            const matrix<double>& total, const matrix<expert_id>& holders) {
+  auto next = rebalance(cfg.resolved_policy(), {total, model.shape.num_physical, model.num_groups, model.num_nodes,
+                                                model.shape.num_ranks, &old});
+  keep_masked_out(next, holders, model.shape.num_logical);
+  return next;
 }
 
 }  // namespace
@@ -111,7 +114,7 @@ matrix<expert_id> scale_down_target(const rescale_plan& plan, const config& cfg,
                                     const matrix<expert_id>& current, const matrix<double>& total) {
   // The survivors' slots in survivor order: the old placement the policy keeps what it can of.
   const auto kept = relabel_ranks(current, plan.survivor_rank, plan.survivors, plan.slots_per_rank);
-  const auto planned = plan_over(cfg, resized_model(model, plan.survivors), kept, total);
+  const auto planned = plan_over(cfg, resized_model(model, plan.survivors), kept, total, current);
   return exec::expand_for_scale_down(planned, plan.survivor_rank, plan.slots_per_rank);
 }
 
@@ -121,7 +124,7 @@ matrix<expert_id> carry_to_new_set(const rescale_plan& plan, const matrix<expert
 
 matrix<expert_id> scale_up_target(const config& cfg, const model_desc& new_model, const matrix<expert_id>& carried,
                                   const matrix<double>& total) {
-  return plan_over(cfg, new_model, carried, total);
+  return plan_over(cfg, new_model, carried, total, carried);
 }
 
 std::vector<lost_expert> place_lost_experts(matrix<expert_id>& carried, int num_logical) {

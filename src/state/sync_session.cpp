@@ -80,8 +80,9 @@ void sync_session::run(const matrix<double>& local, const matrix<expert_id>& old
   auto& m = ctx_.m;
   const auto& model = ctx_.model;
   const auto total = global_load(local);
-  const auto next = rebalance(ctx_.cfg.resolved_policy(), {total, model.shape.num_physical, model.num_groups,
-                                                           model.num_nodes, model.shape.num_ranks, &old});
+  auto next = rebalance(ctx_.cfg.resolved_policy(), {total, model.shape.num_physical, model.num_groups, model.num_nodes,
+                                                     model.shape.num_ranks, &old});
+  keep_masked_out(next, old, model.shape.num_logical);
   m.plan_seconds = std::chrono::duration<double>(clock_type::now() - trigger_time_).count();
   m.balancedness_before = balancedness(ctx_.maps, total);
   const double ideal = balancedness(

@@ -767,3 +767,25 @@ TEST_CASE("shapes that once took seconds to minutes finish in bounded time") {
     CHECK(seconds_of([&] { (void)rebalance_min_move({load2, 4096, 1, 1, ranks, &old}); }) < time_bound_s);
   }
 }
+
+TEST_CASE("keep_masked_out: an expert no slot holds gets no slot in the plan; the rest stay") {
+  // 2 layers; the holders (6 slots: leaving ranks' included) lack expert 3 in layer 0 only.
+  matrix<expert_id> holders(2, 6, 0);
+  const expert_id held[2][6] = {{0, 1, 2, 0, 1, 2}, {0, 1, 2, 3, -1, -1}};
+  for (std::size_t l = 0; l < 2; ++l) {
+    for (std::size_t s = 0; s < 6; ++s) holders(l, s) = held[l][s];
+  }
+  matrix<expert_id> next(2, 4, 0);  // the plan over fewer slots (the survivors')
+  const expert_id planned[2][4] = {{3, 1, 2, 0}, {3, 1, 2, 0}};
+  for (std::size_t l = 0; l < 2; ++l) {
+    for (std::size_t s = 0; s < 4; ++s) next(l, s) = planned[l][s];
+  }
+  keep_masked_out(next, holders, 4);
+  CHECK(next(0, 0) == empty_slot);  // expert 3 is held nowhere in layer 0
+  CHECK(next(1, 0) == 3);           // but is in layer 1
+  for (std::size_t l = 0; l < 2; ++l) {
+    for (std::size_t s = 1; s < 4; ++s) CHECK(next(l, s) == planned[l][s]);
+  }
+  matrix<expert_id> one_layer(1, 4, 0);
+  CHECK_THROWS_AS(keep_masked_out(one_layer, holders, 4), error);
+}

@@ -116,6 +116,11 @@ void rescale_at(rank_setup& r, int step, const rescale_params& p, worker_result&
       const auto rep = r.state->rescale(p);
       if (!rep.fill_error.empty()) out.rescale_errors.push_back(rep.fill_error);
       out.left = rep.left;
+      // No expert is lost on the way: those only leaving ranks held move to the survivors.
+      if (!rep.left && !r.state->masked_experts().empty()) {
+        out.failures.push_back(fmt::format("{} experts without a replica after the rescale at step {}",
+                                           r.state->masked_experts().size(), step));
+      }
       verify_all(r, out, step == leave_step ? "after leaving" : "after joining");
       return;
     } catch (const error& e) {

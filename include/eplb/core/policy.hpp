@@ -71,9 +71,13 @@ EPLB_API void check_limits(const rebalance_input& in);
 /// per layer plus a constant (under 0.1 s for 4,096 slots on 4,096 ranks; it was 100 s).
 [[nodiscard]] EPLB_API matrix<expert_id> rebalance_min_move(const rebalance_input& in);
 
-/// Dispatches on the policy kind. With an old placement, an expert that has no replica there
-/// (masked after a lost rank: its bytes exist nowhere) gets none in the result either; the slots
-/// the policy gave it are left empty.
+/// Dispatches on the policy kind.
 [[nodiscard]] EPLB_API matrix<expert_id> rebalance(policy_kind kind, const rebalance_input& in);
+
+/// The rule for masked experts (lost with a rank, not loaded back: their bytes exist nowhere):
+/// an expert that no slot of `holders` (layers x any number of slots: every slot that holds bytes
+/// now) holds gets none in `next` either; the slots a policy gave it are emptied. eplb_state
+/// applies it to every plan (rebalances and rescales), with every current slot as `holders`.
+EPLB_API void keep_masked_out(matrix<expert_id>& next, const matrix<expert_id>& holders, int num_logical);
 
 }  // namespace eplb
