@@ -401,6 +401,11 @@ bool rescale_at(rank_context& c, rank_log& log, std::size_t event, int step) {
     if (auto bad = verify_layer(c.state, c.model, l, c.state.rank()); !bad.empty())
       fail(errc::verification_failed, "after rescale(): {}", bad);
   }
+  // Every expert still has a replica: a rescale moves what leaving ranks held, it loses nothing.
+  if (const auto masked = c.state.masked_experts(); !masked.empty()) {
+    fail(errc::verification_failed, "after rescale(): layer {} expert {} has no replica ({} such experts)",
+         masked.front().layer, masked.front().expert, masked.size());
+  }
   log.rebalance = static_cast<int>(c.state.stats().rebalances) - 1;
   return true;
 }
