@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <atomic>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -216,10 +217,11 @@ TEST_CASE("rescale: one rank's bad parameters, its peers time out; the retry on 
   auto store = comm::make_memory_store();
   auto world4 = comm::make_loopback_world(4);
   auto world3 = comm::make_loopback_world(3);
+  std::atomic<int> failed{0};
   const auto results = on_ranks(4, [&](int rank) {
     rank_outcome out;
     auto r = make_model(rank, 4);
-    r.state = std::make_unique<eplb_state>(params_for(r, rank, loopback_config(false, 10, 10, 500ms), world4, store));
+    r.state = std::make_unique<eplb_state>(params_for(r, rank, loopback_config(false, 10, 10, 1s), world4, store));
     for (int step = 1; step <= 12; ++step) serve(r, step, out);
     const rescale_params good{.new_size = 3, .rank_mapping = {0, -1, 1, 2}, .comm_setup = loopback_setup(world3)};
     auto bad = good;
@@ -229,6 +231,11 @@ TEST_CASE("rescale: one rank's bad parameters, its peers time out; the retry on 
     } else {
       failed_rescale(r, good, errc::timeout, "ranks 2 did not call rescale()", out);
     }
+    // The engine retries once every rank knows the first call failed (ranks step in lockstep):
+    // the bad rank's own failure came at once, its peers' after their timeout.
+    ++failed;
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (failed < 4 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
     try {
       out.left = r.state->rescale(good).left;
       if (!out.left) verify_all(r, out, "after the retried rescale");
