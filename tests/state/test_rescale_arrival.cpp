@@ -116,6 +116,17 @@ void failed_rescale(rank_setup& r, const rescale_params& p, errc code, const std
   verify_all(r, out, "after the failed rescale");
 }
 
+// The retry, expected to work on every rank: what it did, a byte check, the maps after it.
+void retried_rescale(rank_setup& r, const rescale_params& p, rank_outcome& out) {
+  try {
+    out.left = r.state->rescale(p).left;
+    if (!out.left) verify_all(r, out, "after the retried rescale");
+  } catch (const std::exception& e) {
+    out.failures.push_back(fmt::format("the retry: {}", e.what()));
+  }
+  out.maps = r.state->maps().phy2log();
+}
+
 }  // namespace
 
 TEST_CASE("rescale: a rank later than the timeout makes every rank throw with nothing changed; a retry works") {
@@ -183,13 +194,7 @@ TEST_CASE("rescale: ranks that call it after different steps get invalid_argumen
     failed_rescale(r, p, errc::invalid_argument, "call it on every rank between the same two steps (nothing changed)",
                    out);
     if (rank != 0) serve(r, 13, out);
-    try {
-      out.left = r.state->rescale(p).left;  // now after the same step everywhere
-      if (!out.left) verify_all(r, out, "after the retried rescale");
-    } catch (const std::exception& e) {
-      out.failures.push_back(fmt::format("the retry: {}", e.what()));
-    }
-    out.maps = r.state->maps().phy2log();
+    retried_rescale(r, p, out);  // now after the same step everywhere
     return out;
   });
   for (int rank = 0; rank < 4; ++rank) {
@@ -236,13 +241,7 @@ TEST_CASE("rescale: one rank's bad parameters, its peers time out; the retry on 
     ++failed;
     const auto deadline = std::chrono::steady_clock::now() + 30s;
     while (failed < 4 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
-    try {
-      out.left = r.state->rescale(good).left;
-      if (!out.left) verify_all(r, out, "after the retried rescale");
-    } catch (const std::exception& e) {
-      out.failures.push_back(fmt::format("the retry: {}", e.what()));
-    }
-    out.maps = r.state->maps().phy2log();
+    retried_rescale(r, good, out);
     return out;
   });
   for (int rank = 0; rank < 4; ++rank) {
