@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <thread>
 
 #include "check_error.hpp"
 #include "device/event_state.hpp"
