@@ -119,6 +119,8 @@ struct eplb_state::impl {
   /// loaded back (on this rank by reload_expert), agreed by every survivor.
   [[nodiscard]] matrix<expert_id> survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
                                                  const matrix<expert_id>& owners, rescale_report& out);
+  /// Sets the layers of `rows` that differ from the maps and publishes them (serving-stream order).
+  void commit_rows(const matrix<expert_id>& rows);
   /// Loads the experts `maps` (in this set's order) lacks back through reload_expert into the slots
   /// place_lost_experts picks, agreed under `space`: what failed anywhere is masked (its slot emptied)
   /// and listed in out.masked. The maps with the reloaded experts.

@@ -187,6 +187,15 @@ rescale_report eplb_state::recover(recover_params params) {
   return out;
 }
 
+void eplb_state::impl::commit_rows(const matrix<expert_id>& rows) {
+  const auto before = maps.phy2log();
+  for (int l = 0; l < model.shape.layers; ++l) {
+    const auto row = rows.row(static_cast<std::size_t>(l));
+    if (!std::equal(row.begin(), row.end(), before.row(static_cast<std::size_t>(l)).begin())) maps.set_layer(l, row);
+  }
+  (void)published.publish_changed(maps, before);
+}
+
 // The masked experts back, on the same set: every rank arrives (as for rescale), reloads those
 // placed in its slots, and all agree on what failed; the changed layers are published in serving-
 // stream order, after the reloads the hook queued there.
@@ -205,15 +214,15 @@ rescale_report eplb_state::restore_masked() {
   if (s.maps.masked().empty()) return out;
   const auto space = fmt::format("{}-restore-{}", state_detail::rank_set_prefix(s.m.rank_set_epoch), call);
   const auto owners = s.arrive_for("restore_masked", space);
-  const auto before = s.maps.phy2log();
-  const auto restored =
-      s.reload_lost(owners, space, s.rank, s.model.shape.num_ranks, s.model.shape.slots_per_rank(), out);
-  for (int l = 0; l < s.model.shape.layers; ++l) {
-    const auto row = restored.row(static_cast<std::size_t>(l));
-    if (std::equal(row.begin(), row.end(), before.row(static_cast<std::size_t>(l)).begin())) continue;
-    s.maps.set_layer(l, row);
-    s.published.publish(s.maps, l);
+  // The slots the reloads go to route nothing while the hook writes them, on every rank alike
+  // (all pick them from the same owners' view): a reload that fails, or a peer lost before the
+  // ranks agree, leaves no token routed to a half-written slot.
+  auto cleared = owners;
+  for (const auto& x : state_detail::place_lost_experts(cleared, s.model.shape.num_logical)) {
+    cleared(static_cast<std::size_t>(x.layer), static_cast<std::size_t>(x.slot)) = empty_slot;
   }
+  s.commit_rows(cleared);
+  s.commit_rows(s.reload_lost(owners, space, s.rank, s.model.shape.num_ranks, s.model.shape.slots_per_rank(), out));
   s.m.masked_experts = static_cast<std::int64_t>(s.maps.masked().size());
   // Every rank read the posts before it posted its reloads, which this rank has read.
   state_detail::leave_arrivals(*s.recipe.store, space, s.rank);
