@@ -78,6 +78,9 @@ def apt_cache(state, args):
 
 def apt_get(state, args):
     if args[0] == "update":
+        if state.get("offline"):
+            print("E: Failed to fetch http://archive.ubuntu.com/ubuntu/dists/noble/InRelease", file=sys.stderr)
+            return 100
         state["lists"] = True
         log(state, "apt-get update")
         return 0
@@ -134,13 +137,13 @@ def fake_command(name, args):
 class Machine:
     """A scratch directory with the fake commands first on PATH and one distribution's state."""
 
-    def __init__(self, root, distro, installed=(), uid=0, lists=False, pip_meson=None):
+    def __init__(self, root, distro, installed=(), uid=0, lists=False, pip_meson=None, offline=False):
         self.root = root
         self.dir = tempfile.mkdtemp(prefix=f"dev-{distro}-")
         self.state_path = os.path.join(self.dir, "state.json")
         with open(self.state_path, "w") as f:
             json.dump({"distro": distro, "installed": list(installed), "uid": uid, "lists": lists,
-                       "pip_meson": pip_meson, "log": []}, f)
+                       "pip_meson": pip_meson, "offline": offline, "log": []}, f)
         bin_dir = os.path.join(self.dir, "bin")
         os.mkdir(bin_dir)
         me = os.path.abspath(__file__)
@@ -236,11 +239,22 @@ def not_root_prints_the_line(root):
            out + err)
 
 
+def offline_with_what_it_needs(root):
+    # The GPU machines: Ubuntu 24.04, no network, lists never fetched, the tools already there.
+    m = Machine(root, "ubuntu2404", installed=COMMON + ["libboost1.83-dev"], offline=True)
+    rc, out, err = m.dev("build")
+    expect(rc == 0, "offline: ./dev build goes on with what is installed", err)
+    expect("apt-get update failed" in err, "offline: says the lists could not be fetched", err)
+    expect(m.state()["log"] == ["meson setup CXX=", "meson compile CXX="], "offline: configures and builds",
+           m.state()["log"])
+
+
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--as":
         sys.exit(fake_command(sys.argv[2], sys.argv[3:]))
     root = os.path.abspath(sys.argv[1])
-    for case in [debian12_fresh_root, ubuntu2204_fresh_root, ubuntu2404_fresh_root, not_root_prints_the_line]:
+    for case in [debian12_fresh_root, ubuntu2204_fresh_root, ubuntu2404_fresh_root, not_root_prints_the_line,
+                 offline_with_what_it_needs]:
         case(root)
         print(f"ok {case.__name__}")
 
