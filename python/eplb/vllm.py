@@ -8,7 +8,9 @@ Imports without vLLM. When vLLM is importable, the classes derive from vLLM's ow
 - PR #33176: ``add_send(tensor, dst_rank)``, ``add_recv(tensor, src_rank)``, ``execute()``,
   ``set_stream(stream)``;
 - later (NIXL, #36276): ``add_send(tensors, dst_rank, expert_id)``, ``add_recv(tensors, src_rank,
-  expert_id)``, ``execute(old_indices=None)`` and ``needs_profile_buffer_reservation``.
+  expert_id)``, ``execute(old_indices=None)`` and ``needs_profile_buffer_reservation``;
+- newest: ``set_transfer_context(old_indices, layer_idx)`` before the adds (and before every batch
+  when vLLM cuts a layer into migration batches), then ``execute()``.
 
 Ranks are EP-group ranks, as in vLLM. See the README's "From Python and vLLM" for how a deployment
 switches to it.
@@ -45,6 +47,7 @@ class EplbCommunicator(_CommunicatorBase):
             store = _default_store()
         self._comm = _eplb.Communicator(backend, rank, size, store, device, world=world, **options)
         self._cuda_stream = None
+        self._layer = None  # set_transfer_context's, named in a failure's note
         if cuda_stream is not None:
             self.set_stream(cuda_stream)
 
@@ -66,7 +69,17 @@ class EplbCommunicator(_CommunicatorBase):
     def execute(self, old_indices=None):
         """Runs the queued layer exchange. ``old_indices`` (later vLLM) is not needed: eplb matches
         sends and receives by order, as torch's batch_isend_irecv does."""
-        self._comm.execute()
+        try:
+            self._comm.execute()
+        except Exception as e:
+            if self._layer is not None and hasattr(e, "add_note"):
+                e.add_note(f"eplb.vllm: while exchanging MoE layer {self._layer}")
+            raise
+
+    def set_transfer_context(self, old_indices, layer_idx):
+        """Newest vLLM: the layer's old map before its transfers. eplb needs neither (it pairs sends
+        and receives by order, like batch_isend_irecv); kept so that a failure can name the layer."""
+        self._layer = layer_idx
 
     def set_stream(self, cuda_stream):
         self._cuda_stream = cuda_stream

@@ -112,7 +112,7 @@ def rearrange_rank(rank, size, rdv, transport):
                                           gloo_transport=transport, timeout=60)
         stream = torch.cuda.Stream()
         ours.set_stream(stream)
-        for comm, interface in ((TorchGlooStaged(), "pr33176"), (ours, "pr33176"), (ours, "list")):
+        for comm, interface in ((TorchGlooStaged(), "pr33176"), (ours, "pr33176"), (ours, "list"), (ours, "batched")):
             weights = [[torch.from_numpy(w).cuda() for w in layer] for layer in vllm_shaped.make_weights(old, rank, size)]
             torch.cuda.synchronize()
             vllm_shaped.rearrange(old, new, weights, rank, size, comm, interface)
@@ -128,9 +128,8 @@ def rearrange_rank(rank, size, rdv, transport):
 
 @_cases(("tcp",), ("shared_memory",))
 def test_vllm_shaped_rearrangement_matches_torch_gloo(transport, tmp_path):
-    for reference, pr33176, listed in run_processes(2, rearrange_rank, str(tmp_path / "rdv"), transport):
-        assert pr33176 == reference
-        assert listed == reference
+    for reference, *ours in run_processes(2, rearrange_rank, str(tmp_path / "rdv"), transport):
+        assert ours == [reference] * 3  # PR #33176's interface, the list one, the newest with batches
 
 
 def state_rank(rank, size, rdv, engine):

@@ -20,7 +20,7 @@ def test_imports_without_vllm():
     assert "object" in out.stdout
 
 
-@pytest.mark.parametrize("interface", ["pr33176", "list"])
+@pytest.mark.parametrize("interface", ["pr33176", "list", "context", "batched"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rearrangement_over_loopback_threads(interface, seed):
     ranks = 4
@@ -81,7 +81,8 @@ def compare_rank(rank, size, rdv):
     try:
         store = eplb.PrefixStore(eplb.as_store(dist.distributed_c10d._get_default_store()), "eplb")
         ours = eplb.vllm.EplbCommunicator("gloo", rank=rank, size=size, store=store, timeout=30, gloo_transport="tcp")
-        for comm, interface in ((TorchGlooCommunicator(), "pr33176"), (ours, "pr33176"), (ours, "list")):
+        for comm, interface in ((TorchGlooCommunicator(), "pr33176"), (ours, "pr33176"), (ours, "list"),
+                                (ours, "batched")):
             weights = [[torch.from_numpy(w) for w in layer] for layer in vllm_shaped.make_weights(old, rank, size)]
             vllm_shaped.rearrange(old, new, weights, rank, size, comm, interface)
             vllm_shaped.check_weights(new, weights, rank, size)
@@ -98,9 +99,8 @@ def test_same_bytes_as_torch_distributed_gloo(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed without gloo")
     results = run_processes(3, compare_rank, str(tmp_path / "rdv"))
-    for torch_bytes, eplb_pr33176, eplb_list in results:
-        assert eplb_pr33176 == torch_bytes
-        assert eplb_list == torch_bytes
+    for torch_bytes, *eplb_bytes in results:
+        assert eplb_bytes == [torch_bytes] * 3
 
 
 def test_policy_classes_are_rebalance():
@@ -170,3 +170,14 @@ def test_factory_on_a_group_coordinator(tmp_path):
     assert run_processes(2, factory_rank, str(tmp_path / "rdv")) == [[("ep:0", 2)]] * 2
     with pytest.raises(eplb.InvalidArgument, match="unknown"):
         eplb.vllm.create_eplb_communicator(Group(0, 1), "carrier_pigeon", store=eplb.MemoryStore())
+
+
+def test_migration_batches_pair_each_rank_with_one_peer():
+    """The "batched" interface above really cuts layers into several rank-pair-disjoint batches."""
+    old, new = vllm_shaped.maps(ranks=4, seed=0)
+    for layer in range(old.shape[0]):
+        batches = vllm_shaped._pair_batches(old[layer], new[layer], old.shape[1] // 4)
+        assert len(batches) > 1
+        for batch in batches:
+            ends = [r for pair in batch for r in pair]
+            assert len(ends) == len(set(ends))  # no rank twice in one batch

@@ -2,8 +2,11 @@
 move_from_buffer per layer, one execute() per layer), written for these tests from vLLM's documented
 behaviour so that eplb.vllm.EplbCommunicator can be checked against it without vLLM installed.
 
-`interface` picks how the communicator is driven: "pr33176" (one tensor per call, execute()) or
-"list" (all tensors of an expert per call with its id, execute(old_indices)).
+`interface` picks how the communicator is driven: "pr33176" (one tensor per call, execute()),
+"list" (all tensors of an expert per call with its id, execute(old_indices)), "context" (the newest:
+set_transfer_context(old_indices, layer) first, lists with expert_id=, execute()) or "batched" (the
+newest with migration batching: the remote transfers cut into batches in which every rank talks to
+at most one peer, set_transfer_context and execute() once per batch, every rank through every batch).
 Works on numpy arrays and torch tensors alike."""
 
 import numpy as np
@@ -34,7 +37,7 @@ def _senders_and_receivers(old, new, expert, num_local):
     return senders, receivers
 
 
-def move_to_buffer(num_local, old, new, weights, buffers, ep_rank, comm, interface):
+def move_to_buffer(num_local, old, new, weights, buffers, ep_rank, comm, interface, layer=0):
     base = ep_rank * num_local
     old_local, new_local = old[base:base + num_local], new[base:base + num_local]
     unchanged = old_local == new_local
@@ -55,38 +58,101 @@ def move_to_buffer(num_local, old, new, weights, buffers, ep_rank, comm, interfa
         src = send_rows[int(new_local[row])]
         for w, b in zip(weights, buffers):
             _copy(b[row], w[src])
+    flows = _flows(old, new, num_local, ep_rank, send_rows, primary_rows)
+    if interface == "batched":
+        _run_batches(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, old, new, layer)
+    else:
+        _run_at_once(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, old, layer, interface)
+    return unchanged, received_locally, primary_rows, primary_mask
+
+
+def _destinations(senders, receivers, i):
+    """The receivers the i-th holder sends to: a block of them, plus one of the remainder."""
+    n = len(receivers) // len(senders)
+    dsts = receivers[i * n:(i + 1) * n]
+    if len(senders) * n + i < len(receivers):
+        dsts.append(receivers[len(senders) * n + i])
+    return dsts
+
+
+def _flows(old, new, num_local, ep_rank, send_rows, primary_rows):
+    """(src, dst, expert) of every remote transfer this rank takes part in, by vLLM's rule: the
+    receivers of an expert split over its holders in blocks, the remainder one each."""
+    flows = []
     for e in sorted(send_rows):
         senders, receivers = _senders_and_receivers(old, new, e, num_local)
         if not receivers:
             continue
-        n = len(receivers) // len(senders)
-        i = senders.index(ep_rank)
-        dsts = receivers[i * n:(i + 1) * n]
-        if len(senders) * n + i < len(receivers):
-            dsts.append(receivers[len(senders) * n + i])
-        for dst in dsts:
-            tensors = [w[send_rows[e]] for w in weights]
-            if interface == "list":
-                comm.add_send(tensors, dst, e)
-            else:
-                for t in tensors:
-                    comm.add_send(t, dst)
+        flows += [(ep_rank, dst, e) for dst in _destinations(senders, receivers, senders.index(ep_rank))]
     for e in sorted(primary_rows):
         senders, receivers = _senders_and_receivers(old, new, e, num_local)
         n = len(receivers) // len(senders)
         j = receivers.index(ep_rank)
         src = senders[j // n] if j < len(senders) * n else senders[j - len(senders) * n]
-        tensors = [b[primary_rows[e]] for b in buffers]
-        if interface == "list":
-            comm.add_recv(tensors, src, e)
+        flows.append((src, ep_rank, e))
+    return flows
+
+
+def _post(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, interface):
+    for src, dst, e in flows:
+        if src == ep_rank:
+            tensors = [w[send_rows[e]] for w in weights]
+            if interface == "pr33176":
+                for t in tensors:
+                    comm.add_send(t, dst)
+            else:
+                comm.add_send(tensors, dst, expert_id=e)
         else:
-            for t in tensors:
-                comm.add_recv(t, src)
+            tensors = [b[primary_rows[e]] for b in buffers]
+            if interface == "pr33176":
+                for t in tensors:
+                    comm.add_recv(t, src)
+            else:
+                comm.add_recv(tensors, src, expert_id=e)
+
+
+def _run_at_once(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, old, layer, interface):
+    if interface == "context":
+        comm.set_transfer_context(old, layer)
+    _post(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, interface)
     if interface == "list":
         comm.execute(old)
     else:
         comm.execute()
-    return unchanged, received_locally, primary_rows, primary_mask
+
+
+def _pair_batches(old, new, num_local):
+    """The remote transfers of the whole layer (every rank's), cut into batches in which every rank
+    talks to at most one peer; every rank computes the same batches from the maps alone."""
+    ranks = len(old) // num_local
+    pairs = {}
+    for e in sorted(set(new.tolist()) - {-1}):
+        senders, receivers = _senders_and_receivers(old, new, e, num_local)
+        if not senders:
+            continue
+        for i, src in enumerate(senders):
+            for dst in _destinations(senders, receivers, i):
+                pairs.setdefault((src, dst), []).append(e)
+    batches = []
+    for pair in sorted(pairs):
+        for batch in batches:
+            busy = {r for p in batch for r in p}
+            if pair[0] not in busy and pair[1] not in busy:
+                batch.append(pair)
+                break
+        else:
+            batches.append([pair])
+    assert all(0 <= r < ranks for b in batches for p in b for r in p)
+    return [{pair: pairs[pair] for pair in batch} for batch in batches]
+
+
+def _run_batches(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, old, new, layer):
+    mine = set(flows)
+    for batch in _pair_batches(old, new, len(weights[0])):
+        comm.set_transfer_context(old, layer)  # vLLM restores it before every batch
+        todo = [(src, dst, e) for (src, dst), experts in batch.items() for e in experts if (src, dst, e) in mine]
+        _post(todo, weights, buffers, send_rows, primary_rows, ep_rank, comm, "batched")
+        comm.execute()
 
 
 def move_from_buffer(weights, buffers, unchanged, received_locally, primary_rows, primary_mask, new_local):
@@ -105,7 +171,7 @@ def rearrange(old_map, new_map, expert_weights, ep_rank, ep_size, comm, interfac
     buffers = [_empty_like(w) for w in expert_weights[0]]
     for layer, weights in enumerate(expert_weights):
         old, new = old_map[layer], new_map[layer]
-        state = move_to_buffer(num_local, old, new, weights, buffers, ep_rank, comm, interface)
+        state = move_to_buffer(num_local, old, new, weights, buffers, ep_rank, comm, interface, layer)
         base = ep_rank * num_local
         move_from_buffer(weights, buffers, *state, new[base:base + num_local])
 
