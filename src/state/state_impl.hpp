@@ -64,11 +64,12 @@ struct eplb_state::impl {
   std::int64_t since_rebalance;
   std::int64_t start_at = 0;  // async: the step a triggered rebalance starts in (0: none waiting)
   bool stopped = false;
-  bool draining = false;        // drain(): no trigger from now on
-  int layers_announced = 0;     // of this step's report: in a layers_committed event already
-  rescale_report last_rescale;  // of the rescale (or join) that made this set
-  int rescale_attempts = 0;     // rescale() calls in this set: each agrees on arrival under its own keys
-  int restore_calls = 0;        // restore_masked() calls in this set, likewise
+  bool draining = false;           // drain(): no trigger from now on
+  int layers_announced = 0;        // of this step's report: in a layers_committed event already
+  rescale_report last_rescale;     // of the rescale (or join) that made this set
+  int rescale_attempts = 0;        // rescale() calls in this set: each agrees on arrival under its own keys
+  int restore_calls = 0;           // restore_masked() calls in this set, likewise
+  std::string last_restore_space;  // the last restore_masked() that every rank arrived at; the next erases its post
 
   /// A first rank set (carry empty) or the next one after a rescale, which goes on from the
   /// carried counters and records: the next rebalance step_interval steps later.

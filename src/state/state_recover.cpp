@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <utility>
 
 #include "state/live_set.hpp"
 #include "state/rescale.hpp"
@@ -42,6 +43,19 @@ struct reload_failures {
   std::string why;  // the first failure's reason
 };
 
+// Rank r's reload outcome; a rank lost after it arrived posts none, and the error names it.
+std::string reload_post_of(comm::store& store, const std::string& space, int r, std::chrono::milliseconds timeout) {
+  try {
+    return store.get(reloaded_key(space, r), timeout);
+  } catch (const error& e) {
+    if (e.code() != errc::timeout) throw;
+    fail(errc::timeout,
+         "rank {} posted no reload outcome within {} ms (lost after it arrived?): the slots chosen for the reloads "
+         "stay empty on every rank and the maps route nothing there ({})",
+         r, timeout.count(), space);
+  }
+}
+
 // Every survivor posts its failed reloads and reads the others': all learn the same failures.
 reload_failures agree_reload_failures(comm::store& store, const std::string& space, int rank, int size,
                                       const reload_failures& mine, std::chrono::milliseconds timeout) {
@@ -50,7 +64,7 @@ reload_failures agree_reload_failures(comm::store& store, const std::string& spa
   store.set(reloaded_key(space, rank), post + "\n" + mine.why);
   reload_failures all;
   for (int r = 0; r < size; ++r) {
-    const auto theirs = store.get(reloaded_key(space, r), timeout);
+    const auto theirs = reload_post_of(store, space, r, timeout);
     const auto cut = theirs.find('\n');
     std::istringstream pairs(theirs.substr(0, cut));
     int l = 0, e = 0;
@@ -79,6 +93,15 @@ reload_failures reload_own(const std::function<void(int, int, int)>& hook,
     }
   }
   return out;
+}
+
+// After every rank has read it: a key left behind is a few bytes, so a failed erase is ignored.
+void forget_reload_post(comm::store& store, const std::string& space, int rank) {
+  if (space.empty()) return;
+  try {
+    store.erase(reloaded_key(space, rank));
+  } catch (...) {  // NOLINT(bugprone-empty-catch)
+  }
 }
 
 std::string describe_masked(const std::vector<masked_expert>& masked) {
@@ -173,10 +196,7 @@ rescale_report eplb_state::recover(recover_params params) {
   impl_->fill_joiners(epoch, local, carried, out);  // the re-plan over the survivors
   // Every survivor read the posts and the reload outcomes before the re-plan's first collective.
   state_detail::leave_arrivals(*impl_->recipe.store, space, old_rank);
-  try {
-    impl_->recipe.store->erase(reloaded_key(space, out.rank));
-  } catch (...) {  // NOLINT(bugprone-empty-catch): a key left behind is a few bytes; recover() succeeded
-  }
+  forget_reload_post(*impl_->recipe.store, space, out.rank);
   out.seconds = std::chrono::duration<double>(clock_type::now() - begin).count();
   impl_->last_rescale = out;
   impl_->records.emit(
@@ -214,6 +234,9 @@ rescale_report eplb_state::restore_masked() {
   if (s.maps.masked().empty()) return out;
   const auto space = fmt::format("{}-restore-{}", state_detail::rank_set_prefix(s.m.rank_set_epoch), call);
   const auto owners = s.arrive_for("restore_masked", space);
+  // Every rank arrived here after the previous call ended, and so after it had read every reload
+  // outcome of that call: this rank's can go (one key a rank stays, the last call's).
+  forget_reload_post(*s.recipe.store, std::exchange(s.last_restore_space, space), s.rank);
   // The slots the reloads go to route nothing while the hook writes them, on every rank alike
   // (all pick them from the same owners' view): a reload that fails, or a peer lost before the
   // ranks agree, leaves no token routed to a half-written slot.

@@ -372,6 +372,8 @@ struct loss_case {
   bool with_hook = true;
   bool hook_fails_even = false;  // the hook throws for experts whose layer + id is even
   bool restore = false;          // at the end the hook works again: restore_masked() on every survivor
+  int restore_victim = -1;       // this survivor is lost inside restore_masked() ...
+  bool victim_arrives = false;   // ... after it arrived (before posting its reloads), or never calls it
 };
 
 constexpr int die_step = 8;
@@ -390,6 +392,35 @@ struct loss_result {
   matrix<expert_id> maps_before_restore;     // after the rebalances that followed recover()
   std::optional<rescale_report> restored;    // restore_masked()'s report
   std::vector<masked_expert> masked_after_restore;
+  std::optional<errc> restore_errc;  // what restore_masked() threw (a peer lost inside it)
+  std::string restore_error;
+  std::string recover_after_restore;  // what recover() threw after that
+};
+
+// The victim's store: once armed, the rank dies where it would post its reload outcome (after it
+// arrived and emptied the reload slots): marked dead in its loopback world, silent until released.
+class dying_store final : public comm::store {
+ public:
+  dying_store(std::shared_ptr<comm::store> inner, std::function<void()> die)
+      : inner_(std::move(inner)), die_(std::move(die)) {}
+  std::atomic<bool> armed{false};
+  void set(const std::string& key, const std::string& value) override {
+    if (armed && key.find("/reloaded-") != std::string::npos) die_();
+    inner_->set(key, value);
+  }
+  std::string get(const std::string& key, std::chrono::milliseconds timeout) override {
+    return inner_->get(key, timeout);
+  }
+  std::int64_t add(const std::string& key, std::int64_t delta) override { return inner_->add(key, delta); }
+  std::string set_if_absent(const std::string& key, const std::string& value) override {
+    return inner_->set_if_absent(key, value);
+  }
+  void erase(const std::string& key) override { inner_->erase(key); }
+  comm::store_usage usage() override { return inner_->usage(); }
+
+ private:
+  std::shared_ptr<comm::store> inner_;
+  std::function<void()> die_;
 };
 
 // The survivors meet at the most steps any of them served (a drained async rebalance ends a step
@@ -397,6 +428,7 @@ struct loss_result {
 struct step_meet {
   std::atomic<int> arrived{0};
   std::atomic<int> most{0};
+  std::atomic<int> through{0};  // survivors through restore_masked() and what follows it
   int meet(int mine, int ranks) {
     for (int seen = most.load(); seen < mine && !most.compare_exchange_weak(seen, mine);) {
     }
@@ -452,6 +484,45 @@ struct shared_worlds {
   }
 };
 
+// restore_masked() with one survivor lost inside it (loss_case::restore_victim): the others' call
+// fails with a timeout naming it; what they record is checked by the test. Two ranks are then too few
+// to recover (8 slots for 12 experts), which recover() must say.
+void restore_with_a_loss(rank_setup& r, loss_result& out, step_meet& meet, std::atomic<bool>& hook_fixed,
+                         const loss_case& c, int worker, dying_store* victim_store, shared_worlds& worlds) {
+  hook_fixed = true;
+  r.state->drain();
+  int step = loss_last_step;
+  while (r.state->stats().rebalance_in_flight && step < loss_last_step + 2000) serve_step(r, ++step, out.w);
+  for (const int until = meet.meet(step, 3); step < until;) serve_step(r, ++step, out.w);
+  if (worker == c.restore_victim) {
+    if (c.victim_arrives) {
+      victim_store->armed = true;
+      try {
+        (void)r.state->restore_masked();
+      } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): it was lost; what it saw is moot
+      }
+    }
+    while (meet.through < 2) std::this_thread::sleep_for(5ms);
+    return;
+  }
+  out.maps_before_restore = r.state->maps().phy2log();
+  try {
+    out.restored = r.state->restore_masked();
+  } catch (const error& e) {
+    out.restore_errc = e.code();
+    out.restore_error = e.what();
+  }
+  verify_all(r, out.w, "after a restore that lost a peer");
+  out.w.maps = r.state->maps().phy2log();
+  out.masked_after_restore = r.state->masked_experts();
+  try {
+    (void)r.state->recover({.comm_setup = [&](int size) { return worlds(size); }});
+  } catch (const error& e) {
+    out.recover_after_restore = e.what();
+  }
+  ++meet.through;
+}
+
 loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<comm::loopback_world>& world,
                          const std::shared_ptr<comm::store>& store, shared_worlds& worlds, finish_line& line,
                          step_meet& meet) {
@@ -459,7 +530,15 @@ loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<com
   auto cfg = scenario_config(c.use_async, 16);
   cfg.timeout = 1s;
   auto r = make_model(rank, 4);
-  auto p = params_for(r, rank, cfg, world, store);
+  std::shared_ptr<dying_store> victim_store;
+  if (rank == c.restore_victim) {
+    victim_store = std::make_shared<dying_store>(store, [&worlds, &meet] {
+      comm::mark_dead(*worlds(3).world, 2);  // workers 0, 2, 3 are ranks 0, 1, 2 after recover()
+      while (meet.through < 2) std::this_thread::sleep_for(5ms);
+      throw error(errc::cancelled, "lost");
+    });
+  }
+  auto p = params_for(r, rank, cfg, world, victim_store ? std::shared_ptr<comm::store>(victim_store) : store);
   auto* model = r.model.get();
   auto hook_fixed = std::make_shared<std::atomic<bool>>(false);
   if (c.with_hook) {
@@ -495,6 +574,10 @@ loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<com
   out.masked_at_end = r.state->masked_experts();
   out.masked_metric = r.state->stats().masked_experts;
   out.maps_before_restore = r.state->maps().phy2log();
+  if (c.restore_victim >= 0) {
+    restore_with_a_loss(r, out, meet, *hook_fixed, c, rank, victim_store.get(), worlds);
+    return out;
+  }
   if (c.restore) restore_at_end(r, out, meet, *hook_fixed);
   finish(r, out.w, line, 3);
   return out;
@@ -623,6 +706,61 @@ TEST_CASE("recover: experts lost with their only rank and not loaded back are ma
       }
       CHECK(!first.only_on_dead.empty());  // the case has experts lost with the rank
       if (failing_hook) CHECK(first.recovered->masked.size() < first.only_on_dead.size());
+    }
+  }
+}
+
+namespace {
+// Every slot of `after` holds what it held in `before`, or nothing.
+bool only_emptied(const matrix<expert_id>& before, const matrix<expert_id>& after) {
+  if (before.rows() != after.rows() || before.cols() != after.cols()) return false;
+  for (std::size_t l = 0; l < before.rows(); ++l) {
+    for (std::size_t s = 0; s < before.cols(); ++s) {
+      if (after(l, s) != before(l, s) && after(l, s) != empty_slot) return false;
+    }
+  }
+  return true;
+}
+}  // namespace
+
+TEST_CASE("restore_masked: a survivor lost before it arrives or after: a timeout naming it, no half-written slot") {
+  for (const bool arrives : {false, true}) {
+    for (const bool use_async : {false, true}) {
+      CAPTURE(arrives);
+      CAPTURE(use_async);
+      // Worker 1 dies (its experts masked by the failing hook); worker 3 (rank 2 of the survivors)
+      // is lost inside restore_masked().
+      const loss_case c{.use_async = use_async,
+                        .dead = 1,
+                        .with_hook = true,
+                        .hook_fails_even = true,
+                        .restore = true,
+                        .restore_victim = 3,
+                        .victim_arrives = arrives};
+      const auto results = run_loss(c);
+      const auto& first = results[0];
+      for (int rank : {0, 2}) {
+        CAPTURE(rank);
+        const auto& r = results[static_cast<std::size_t>(rank)];
+        for (const auto& f : r.w.failures) FAIL_CHECK(f);  // every slot the maps route to verified
+        REQUIRE(r.recovered);
+        REQUIRE(!r.masked_at_end.empty());
+        CHECK(!r.restored);
+        CHECK(r.restore_errc == errc::timeout);
+        // Before arriving: the arrival agreement names it; after: the missing reload outcome does.
+        CHECK_MESSAGE(r.restore_error.find(arrives ? "rank 2 posted no reload outcome"
+                                                   : "ranks 2 did not call restore_masked()") != std::string::npos,
+                      r.restore_error);
+        CHECK(r.w.maps == first.w.maps);                         // alike on both
+        CHECK(r.masked_after_restore == r.masked_at_end);        // nothing restored, nothing more masked
+        if (!arrives) CHECK(r.w.maps == r.maps_before_restore);  // nothing changed
+        // After arriving, the reload slots were emptied on every rank before any reload: no slot
+        // routes to an expert it did not hold before (the byte check above covers what it holds).
+        CHECK(only_emptied(r.maps_before_restore, r.w.maps));
+        CHECK_MESSAGE(
+            r.recover_after_restore.find("2 surviving ranks have 8 slots for 12 experts") != std::string::npos,
+            r.recover_after_restore);
+      }
     }
   }
 }
