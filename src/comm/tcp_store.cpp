@@ -1,7 +1,11 @@
 // A TCP rendezvous store. The server is a coroutine per connection on one io_context thread, so its
-// map needs no lock; a GET for a missing key parks on a timer that a later SET cancels. Clients talk
-// synchronously with a deadline on every exchange; after a timeout the connection is dropped (its
-// late reply must not be read as the answer to the next request).
+// map needs no lock; a GET for a missing key parks on a timer that a later SET cancels or that
+// expires at the GET's own deadline (the reply then says "not set", and the connection stays).
+// Clients talk synchronously with a deadline on every exchange; after a timeout the connection is
+// dropped (its late reply must not be read as the answer to the next request).
+#include <algorithm>
+#include <atomic>
+#include <charconv>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -21,7 +25,12 @@ namespace {
 using tcp = asio::ip::tcp;
 using clock = std::chrono::steady_clock;
 
-enum : char { op_set = 'S', op_get = 'G', op_add = 'A', op_set_if_absent = 'C', op_erase = 'D', op_usage = 'U' };
+// op_get_by waits at most the milliseconds in its value, and its reply says whether the key came
+// ('1' + value) or not ('0'): a get that times out keeps its connection, so waits that poll in short
+// slices (the state's agreements) reuse one connection instead of opening one per slice.
+enum : char { op_set = 'S', op_get_by = 'T', op_add = 'A', op_set_if_absent = 'C', op_erase = 'D', op_usage = 'U' };
+
+enum class key_wait { present, timed_out, closed };
 
 struct wire_header {
   char op;
@@ -37,6 +46,7 @@ struct tcp_store_server::impl {
   std::map<std::string, std::string> values;
   std::multimap<std::string, asio::steady_timer*> waiters;
   std::thread thread;
+  std::atomic<std::uint64_t> accepted{0};
 
   asio::awaitable<void> serve(tcp::socket socket) {
     try {
@@ -66,9 +76,10 @@ struct tcp_store_server::impl {
           values.erase(key);
         } else if (h.op == op_usage) {
           reply = usage_text();
-        } else if (h.op == op_get) {
-          if (!co_await wait_for_key(socket, key)) co_return;
-          reply = values[key];
+        } else if (h.op == op_get_by) {
+          const auto waited = co_await wait_for_key(socket, key, deadline_in(value));
+          if (waited == key_wait::closed) co_return;
+          reply = waited == key_wait::present ? "1" + values[key] : "0";
         } else {
           co_return;
         }
@@ -81,23 +92,32 @@ struct tcp_store_server::impl {
     }
   }
 
-  // Parks until `key` is set; false when the client closed the connection first (its get timed
-  // out). Waits that poll in short slices (eplb_state's, issue 17) would otherwise leave one parked
-  // connection per slice for a key that is never set. A client sends nothing while it waits, so
-  // the socket turning readable means it closed.
-  asio::awaitable<bool> wait_for_key(tcp::socket& socket, const std::string& key) {
+  // Parks until `key` is set or the deadline passes; `closed` when the client closed the connection
+  // first (its caller gave up on the reply). Waits that poll in short slices would otherwise leave
+  // one parked connection per slice for a key that is never set. A client sends nothing while it
+  // waits, so the socket turning readable means it closed. Resumed on the server's io thread.
+  asio::awaitable<key_wait> wait_for_key(tcp::socket& socket, const std::string& key, clock::time_point deadline) {
     using namespace asio::experimental::awaitable_operators;
     while (values.count(key) == 0) {
-      asio::steady_timer timer(io, clock::time_point::max());
+      if (clock::now() >= deadline) co_return key_wait::timed_out;
+      asio::steady_timer timer(io, deadline);  // wake() cancels it; expiry is the deadline
       auto it = waiters.emplace(key, &timer);
       boost::system::error_code timer_ec, socket_ec;
       const auto woke =
           co_await (timer.async_wait(asio::redirect_error(asio::use_awaitable, timer_ec)) ||
                     socket.async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, socket_ec)));
       waiters.erase(it);
-      if (woke.index() == 1 || !socket.is_open()) co_return false;
+      if (woke.index() == 1 || !socket.is_open()) co_return key_wait::closed;
     }
-    co_return true;
+    co_return key_wait::present;
+  }
+
+  // op_get_by's value: the milliseconds to wait, counted from now.
+  static clock::time_point deadline_in(const std::string& value) {
+    std::int64_t ms = 0;
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), ms);
+    if (ec != std::errc() || ms < 0) ms = 0;  // not a number: answer at once
+    return clock::now() + std::chrono::milliseconds(std::min<std::int64_t>(ms, 24LL * 3600 * 1000));
   }
 
   // "keys bytes", counted on the io thread that owns the map.
@@ -116,6 +136,7 @@ struct tcp_store_server::impl {
     for (;;) {
       auto socket = co_await acceptor.async_accept(asio::use_awaitable);
       socket.set_option(tcp::no_delay(true));
+      accepted.fetch_add(1, std::memory_order_relaxed);
       asio::co_spawn(io, serve(std::move(socket)), [](std::exception_ptr) {});  // serve() catches its own errors
     }
   }
@@ -145,6 +166,10 @@ std::uint16_t tcp_store_server::port() const noexcept {
   return impl_->acceptor.local_endpoint().port();
 }
 
+std::uint64_t tcp_store_server::connections_accepted() const noexcept {
+  return impl_->accepted.load(std::memory_order_relaxed);
+}
+
 namespace {
 
 // Threads share the store: each request borrows an idle connection (or opens one), so a GET that
@@ -159,7 +184,23 @@ class tcp_store final : public store {
   void set(const std::string& key, const std::string& value) override {
     (void)exchange(op_set, key, value, connect_timeout_);
   }
-  std::string get(const std::string& key, milliseconds timeout) override { return exchange(op_get, key, {}, timeout); }
+  // The server answers within `timeout`, so the connection survives a key that does not come; a
+  // reply later than that plus a grace means the server is gone (the connection is then dropped).
+  // Asked in waits of at most an hour, so that no deadline sum overflows (timeouts up to
+  // milliseconds::max() mean "wait").
+  std::string get(const std::string& key, milliseconds timeout) override {
+    const auto deadline = deadline_after(timeout);
+    const auto grace = std::min(connect_timeout_, milliseconds(2000));
+    for (;;) {
+      const auto left = std::chrono::duration_cast<milliseconds>(deadline - clock::now());
+      const auto wait = std::clamp(left, milliseconds(0), milliseconds(std::chrono::hours(1)));
+      auto reply = exchange(op_get_by, key, std::to_string(wait.count()), wait + grace);
+      if (!reply.empty() && reply[0] == '1') return reply.substr(1);
+      if (clock::now() >= deadline) {
+        fail(errc::timeout, "tcp store {}:{}: key \"{}\" not set within {} ms", host_, port_, key, timeout.count());
+      }
+    }
+  }
   std::int64_t add(const std::string& key, std::int64_t delta) override {
     return parse_counter(exchange(op_add, key, std::to_string(delta), connect_timeout_), key);
   }

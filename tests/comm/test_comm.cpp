@@ -312,6 +312,29 @@ TEST_CASE("tcp store: a get that timed out does not confuse the next request") {
   CHECK_EPLB_ERROR(comm::make_tcp_store("127.0.0.1", 1, 100ms), errc::timeout, "cannot connect");
 }
 
+// Issue 17's long-run edge: the state's agreements poll a key in 20 ms slices for up to twice the
+// timeout; each timed-out get once dropped its connection and the next slice opened another.
+TEST_CASE("tcp store: gets that time out keep their connection; any value comes back whole") {
+  comm::tcp_store_server server("127.0.0.1", 0);
+  auto s = comm::make_tcp_store("127.0.0.1", server.port(), 5s);
+  const auto settle = std::chrono::steady_clock::now() + 5s;
+  while (server.connections_accepted() < 1 && std::chrono::steady_clock::now() < settle)
+    std::this_thread::sleep_for(1ms);
+  REQUIRE(server.connections_accepted() == 1);
+  for (int i = 0; i < 100; ++i) CHECK_EPLB_ERROR(s->get("never", 2ms), errc::timeout, "\"never\" not set within 2 ms");
+  for (const auto& v : std::vector<std::string>{"", "0", "0abc", "1", std::string(70000, '0')}) {
+    s->set("k", v);
+    CHECK(s->get("k", 1s) == v);
+  }
+  std::thread setter([&] {
+    std::this_thread::sleep_for(50ms);
+    s->set("late", "here");  // another connection: the get below holds the first
+  });
+  CHECK(s->get("late", 5s) == "here");
+  setter.join();
+  CHECK(server.connections_accepted() == 2);
+}
+
 TEST_CASE("backend report lists every backend with a reason when absent") {
   const auto report = comm::backend_report();
   REQUIRE(report.size() == 5);

@@ -57,6 +57,9 @@ class EPLB_API tcp_store_server {
   tcp_store_server(const tcp_store_server&) = delete;
   tcp_store_server& operator=(const tcp_store_server&) = delete;
   [[nodiscard]] std::uint16_t port() const noexcept;
+  /// Connections accepted so far: a client opens one per thread that waits at once, and another
+  /// only after the server stopped answering one (a long-running server watches this stay flat).
+  [[nodiscard]] std::uint64_t connections_accepted() const noexcept;
 
  private:
   struct impl;
