@@ -3,8 +3,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 #include <sstream>
 
+#include "comm/host_identity.hpp"
+#include "comm/rank_record.hpp"
 #include "util/fail.hpp"
 
 namespace eplb::state_detail {
@@ -36,11 +39,12 @@ std::optional<std::string> get_within(comm::store& store, const std::string& key
 // Waits for `rank`'s post until `deadline`; false when it did not come or a decision was made
 // (`decided`: then no other post needs waiting for).
 bool heard_from(comm::store& store, const std::string& space, int rank, std::chrono::steady_clock::time_point deadline,
-                const std::stop_token& stop, bool& decided) {
+                const std::stop_token& stop, const std::function<bool(int)>& gone, bool& decided) {
   for (;;) {
     if (stop.stop_requested()) fail(errc::cancelled, "agreement {}: stopped", space);
     const auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
     if (get_within(store, post_key(space, rank), std::clamp(left, milliseconds(1), slice))) return true;
+    if (gone && gone(rank)) return false;  // it cannot post any more
     if (get_within(store, decision_key(space), milliseconds(1))) {
       decided = true;
       return false;
@@ -84,13 +88,14 @@ arrival arrival_of(std::int64_t steps, std::int64_t rebalances, const matrix<exp
 }
 
 arrivals agree_arrivals(comm::store& store, const std::string& space, int rank, int size, const arrival& mine,
-                        milliseconds timeout, const std::stop_token& stop, bool only_all) {
+                        milliseconds timeout, const std::stop_token& stop, bool only_all,
+                        const std::function<bool(int)>& gone) {
   store.set(post_key(space, rank), to_text(mine));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::string proposal(static_cast<std::size_t>(size), '0');
   bool decided = false;
   for (int r = 0; r < size; ++r) {
-    if (r == rank || (!decided && heard_from(store, space, r, deadline, stop, decided))) {
+    if (r == rank || (!decided && heard_from(store, space, r, deadline, stop, gone, decided))) {
       proposal[static_cast<std::size_t>(r)] = '1';
     }
   }
@@ -147,6 +152,39 @@ live_set live_set_of(const arrivals& posted, std::int64_t epoch, int rank, milli
     live.last_rebalance = std::max(live.last_rebalance, posted.post[static_cast<std::size_t>(r)]->rebalances);
   }
   return live;
+}
+
+namespace {
+std::string identity_key(std::int64_t epoch, int rank) {
+  return fmt::format("eplb-who-{}/{}", epoch, rank);
+}
+}  // namespace
+
+void post_identity(comm::store& store, std::int64_t epoch, int rank) {
+  store.set(identity_key(epoch, rank), comm::encode(comm::rank_record{comm::this_process(), {}}));
+}
+
+void erase_identity(comm::store& store, std::int64_t epoch, int rank) noexcept {
+  try {
+    store.erase(identity_key(epoch, rank));
+  } catch (...) {  // NOLINT(bugprone-empty-catch): a key left behind is a few bytes; the store may be gone
+  }
+}
+
+std::function<bool(int)> peer_gone(comm::store& store, std::int64_t epoch) {
+  return [&store, epoch, me = comm::this_process(),
+          known = std::map<int, std::optional<comm::host_identity>>()](int rank) mutable {
+    auto it = known.find(rank);
+    if (it == known.end()) {
+      const auto text = get_within(store, identity_key(epoch, rank), milliseconds(1));
+      const auto record = text ? comm::decode_record(*text, 0) : std::nullopt;
+      it = known.emplace(rank, record ? std::optional(record->where) : std::nullopt).first;
+    }
+    const auto& who = it->second;
+    // A pid means the same process only in the same PID namespace of the same boot.
+    return who && comm::same_host(*who, me) && who->pid_ns == me.pid_ns && !comm::same_process(*who, me) &&
+           !comm::process_alive(who->pid);
+  };
 }
 
 }  // namespace eplb::state_detail

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <stop_token>
 #include <string>
@@ -44,9 +45,19 @@ struct arrivals {
 /// every rank is (then a rank may erase its post as soon as it read a partial decision). A decision
 /// made already ends the wait. errc::cancelled when `stop` is requested. The posts stay until each rank erases its own
 /// (leave_arrivals) once every rank has read them; the decision stays for ranks that come late.
+/// `gone(r)`: rank r is known dead (its process gone from this host), so the wait for it ends.
 [[nodiscard]] arrivals agree_arrivals(comm::store& store, const std::string& space, int rank, int size,
                                       const arrival& mine, std::chrono::milliseconds timeout,
-                                      const std::stop_token& stop, bool only_all = false);
+                                      const std::stop_token& stop, bool only_all = false,
+                                      const std::function<bool(int)>& gone = {});
+
+/// Where this rank's process runs, posted for set `epoch`'s numbering, so that a peer's recover()
+/// can tell it is gone (peer_gone) instead of waiting out the timeout; erase_identity drops it.
+void post_identity(comm::store& store, std::int64_t epoch, int rank);
+void erase_identity(comm::store& store, std::int64_t epoch, int rank) noexcept;
+/// True for a rank of set `epoch`'s numbering whose posted process ran on this host and has exited;
+/// false when that cannot be told (no post, another host or PID namespace). Remembers the posts read.
+[[nodiscard]] std::function<bool(int)> peer_gone(comm::store& store, std::int64_t epoch);
 /// Erases this rank's post under `space`; never throws.
 void leave_arrivals(comm::store& store, const std::string& space, int rank) noexcept;
 

@@ -10,6 +10,7 @@
 
 #include "eplb/core/load.hpp"
 #include "eplb/core/policy.hpp"
+#include "state/live_set.hpp"
 #include "state/state_impl.hpp"
 #include "state/validate.hpp"
 #include "util/fail.hpp"
@@ -219,11 +220,16 @@ state_detail::state_recipe state_detail::recipe_of(const state_params& p) {
 
 eplb_state::eplb_state(state_params params) {
   state_detail::validate(params);  // before impl's members take the params apart
-  if (params.join_epoch > 0) {
-    impl_ = impl::join(params);
-    return;
-  }
-  impl_ = std::make_unique<impl>(params, std::nullopt);
+  impl_ = params.join_epoch > 0 ? impl::join(params) : std::make_unique<impl>(params, std::nullopt);
+  impl_->enter_set(impl_->m.rank_set_epoch, std::nullopt);
+}
+
+void eplb_state::impl::enter_set(std::int64_t epoch, std::optional<std::pair<std::int64_t, int>> before) {
+  m.rank_set_epoch = epoch;
+  who_epoch = epoch;
+  state_detail::post_identity(*recipe.store, epoch, rank);
+  if (before && *before != std::pair{epoch, rank})
+    state_detail::erase_identity(*recipe.store, before->first, before->second);
 }
 
 eplb_state::~eplb_state() {

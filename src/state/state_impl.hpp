@@ -68,6 +68,7 @@ struct eplb_state::impl {
   int layers_announced = 0;        // of this step's report: in a layers_committed event already
   rescale_report last_rescale;     // of the rescale (or join) that made this set
   int rescale_attempts = 0;        // rescale() calls in this set: each agrees on arrival under its own keys
+  std::int64_t who_epoch = 0;      // the set whose numbering this one's ranks have: its eplb-who keys
   int restore_calls = 0;           // restore_masked() calls in this set, likewise
   std::string last_restore_space;  // the last restore_masked() that every rank arrived at; the next erases its post
 
@@ -120,6 +121,9 @@ struct eplb_state::impl {
   /// loaded back (on this rank by reload_expert), agreed by every survivor.
   [[nodiscard]] matrix<expert_id> survivors_maps(const state_detail::rescale_plan& plan, std::int64_t epoch,
                                                  const matrix<expert_id>& owners, rescale_report& out);
+  /// This rank now serves in set `epoch` (its own numbering): counted, and its process posted
+  /// (state_detail::post_identity) in place of its post for the set before.
+  void enter_set(std::int64_t epoch, std::optional<std::pair<std::int64_t, int>> before);
   /// Sets the layers of `rows` that differ from the maps and publishes them (serving-stream order).
   void commit_rows(const matrix<expert_id>& rows);
   /// Loads the experts `maps` (in this set's order) lacks back through reload_expert into the slots

@@ -165,9 +165,11 @@ rescale_report eplb_state::recover(recover_params params) {
   // Survivors learn of a death up to about a timeout apart (one in a transfer that times out,
   // another in an agreement round that waits for it): twice the timeout takes them all in.
   const auto window = 2 * s.cfg.timeout;
+  // A peer whose process is gone from this host cannot arrive: no waiting out the window for it.
   const auto posted = state_detail::agree_arrivals(
       *s.recipe.store, space, s.rank, s.model.shape.num_ranks,
-      state_detail::arrival_of(s.m.steps, s.m.rebalances, s.maps.phy2log(), s.rank, spr), window, std::stop_token{});
+      state_detail::arrival_of(s.m.steps, s.m.rebalances, s.maps.phy2log(), s.rank, spr), window, std::stop_token{},
+      false, state_detail::peer_gone(*s.recipe.store, s.who_epoch));
   const auto agreed = state_detail::live_set_of(posted, epoch, s.rank, window);
   const auto& live = agreed.ranks;
   s.m.steps = agreed.last_step;  // every survivor goes on from the same step (async ones learn of a death apart)
@@ -191,8 +193,9 @@ rescale_report eplb_state::recover(recover_params params) {
   auto recipe = s.recipe;
   if (params.comm_setup) recipe.comm_setup = params.comm_setup(plan.new_size);
   if (params.buffers) recipe.buffers = params.buffers(plan.new_size);
+  const std::pair before{s.who_epoch, s.rank};
   impl_ = s.next_set(std::move(recipe), next_model, out.rank, carried, state_detail::rank_set_prefix(epoch));
-  impl_->m.rank_set_epoch = epoch;
+  impl_->enter_set(epoch, before);
   impl_->fill_joiners(epoch, local, carried, out);  // the re-plan over the survivors
   // Every survivor read the posts and the reload outcomes before the re-plan's first collective.
   state_detail::leave_arrivals(*impl_->recipe.store, space, old_rank);

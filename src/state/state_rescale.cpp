@@ -175,8 +175,10 @@ void eplb_state::impl::leave_ranks(std::unique_ptr<impl>& self, const state_deta
                                    std::int64_t epoch, const matrix<double>& local, const matrix<expert_id>& current,
                                    rescale_report& out) {
   const auto prefix = state_detail::rank_set_prefix(epoch) + "-leaving";
+  const auto who = self->who_epoch;  // the leaving set numbers its ranks as the current one does
   self = self->next_set(self->recipe, self->model, self->rank, current, prefix);
   self->m.rank_set_epoch = epoch;  // a failure below leaves this set, the current ranks, in place
+  self->who_epoch = who;
   const auto moved = self->rearrange_to(prefix, local, [&](const matrix<double>& total) {
     return state_detail::scale_down_target(plan, self->cfg, self->model, current, total);
   });
@@ -227,8 +229,9 @@ void eplb_state::impl::fill_new_set(std::unique_ptr<impl>& self, const state_det
                                                 next_model.num_nodes, plan.joiners, carried});
   }
   const handoff_cleanup cleanup{writer, *recipe.store, epoch};
+  const std::pair before{self->who_epoch, self->rank};
   self = self->next_set(std::move(recipe), next_model, out.rank, carried, state_detail::rank_set_prefix(epoch));
-  self->m.rank_set_epoch = epoch;
+  self->enter_set(epoch, before);
   if (plan.joining()) self->fill_joiners(epoch, local, carried, out);
 }
 

@@ -163,10 +163,13 @@ void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks
   if (!cfg.survive) return;
   std::optional<json> agreed;
   std::string differs;
+  std::vector<double> slowest;  // per recovery: the longest any survivor's recover() took
   for (const auto& r : ranks) {
     if (r.value("died", false)) continue;
     json mine = json::array();
     for (auto x : r.value("recoveries", json::array())) {
+      if (slowest.size() <= mine.size()) slowest.push_back(0);
+      slowest[mine.size()] = std::max(slowest[mine.size()], x.value("seconds", 0.0));
       x.erase("rank");
       x.erase("seconds");
       mine.push_back(std::move(x));
@@ -177,7 +180,10 @@ void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks
     }
   }
   json sets = json::array({{{"step", 0}, {"num_ranks", cfg.ranks}}});
-  for (const auto& x : agreed.value_or(json::array())) sets.push_back(x);
+  for (const auto& x : agreed.value_or(json::array())) {
+    sets.push_back(x);
+    sets.back()["seconds"] = slowest[sets.size() - 2];
+  }
   out["rank_sets"] = sets;
   if (sets.size() >= 2 && !out.value("commit_steps_consistent", true)) {
     // An async rebalance that a death ends may commit a layer on one rank a step before another
@@ -274,9 +280,10 @@ std::string injected_text(const simulate_config& cfg, const json& r) {
     }
     if (set.value("step", 0) == 0) continue;
     out += fmt::format(
-        "survived: from step {} on {} ranks without ranks {}, {} experts reloaded from the checkpoint, {} masked\n",
+        "survived: from step {} on {} ranks without ranks {}, {} experts reloaded from the checkpoint, {} masked "
+        "(recover() took {:.3f} s at most)\n",
         set.value("step", 0), set.value("num_ranks", 0), set.value("lost_ranks", json::array()).dump(),
-        set.value("experts_reloaded", 0), set.value("masked", json::array()).size());
+        set.value("experts_reloaded", 0), set.value("masked", json::array()).size(), set.value("seconds", 0.0));
   }
   if (cfg.transfer_fault_rank >= 0) {
     int named = 0;

@@ -10,7 +10,12 @@
 #include <set>
 #include <thread>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "check_error.hpp"
+#include "comm/host_identity.hpp"
+#include "comm/rank_record.hpp"
 #include "on_ranks.hpp"
 #include "state/live_set.hpp"
 #include "state/loopback_ranks.hpp"
@@ -289,4 +294,42 @@ TEST_CASE("arrival agreement: a rank that answers after its peers' timeout is le
         "300 ms)");
   // The late rank read the decision at once: it did not wait its own 300 ms for posts.
   CHECK(std::chrono::steady_clock::now() - begin < 900ms);
+}
+
+// recover()'s fast path: a rank whose posted process has exited on this host is known dead, so the
+// agreement does not wait out its window for it; anything that cannot be told waits as before.
+TEST_CASE("arrival agreement: a peer whose process is gone from this host is not waited for") {
+  auto store = comm::make_memory_store();
+  state_detail::post_identity(*store, 3, 0);  // this process: alive
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  REQUIRE(child > 0);
+  REQUIRE(::waitpid(child, nullptr, 0) == child);
+  auto me = comm::this_process();
+  auto exited = me;
+  exited.pid = child;
+  store->set("eplb-who-3/1", comm::encode(comm::rank_record{exited, {}}));
+  auto elsewhere = exited;
+  elsewhere.boot_id = "another-host";
+  store->set("eplb-who-3/2", comm::encode(comm::rank_record{elsewhere, {}}));
+  store->set("eplb-who-3/3", "not a record");
+  auto alive = exited;
+  alive.pid = ::getppid();
+  store->set("eplb-who-3/4", comm::encode(comm::rank_record{alive, {}}));
+  const auto gone = state_detail::peer_gone(*store, 3);
+  CHECK(!gone(0));                                // this process
+  CHECK(gone(1));                                 // exited here
+  CHECK(!gone(2));                                // another host: cannot tell
+  CHECK(!gone(3));                                // malformed
+  CHECK(!gone(4));                                // alive
+  CHECK(!gone(5));                                // never posted
+  CHECK(!state_detail::peer_gone(*store, 4)(1));  // another set's numbering
+  // Rank 1 of 2 never posts: the agreement ends at once instead of after 5 s.
+  const auto begin = std::chrono::steady_clock::now();
+  const auto posted = state_detail::agree_arrivals(*store, "eplb-live-4", 0, 2, {10, 1, matrix<expert_id>(1, 1, 0)}, 5s,
+                                                   {}, false, gone);
+  CHECK(posted.ranks == std::vector<int>{0});
+  CHECK(std::chrono::steady_clock::now() - begin < 1s);
+  state_detail::erase_identity(*store, 3, 0);
+  CHECK_EPLB_ERROR(store->get("eplb-who-3/0", 1ms), errc::timeout, "eplb-who-3/0");
 }
