@@ -156,14 +156,11 @@ void merge_memory(const std::vector<json>& ranks, json& out) {
   out["reserve_overflows"] = overflows;
 }
 
-// --survive: the rank sets the run served in (the first, then the survivors' from the step they
-// recovered), and a failure when survivors did not recover alike (step, size, lost ranks, reloaded
-// experts and the maps they went on with must match).
-void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks, json& out) {
-  if (!cfg.survive) return;
+// The survivors' recoveries, which must match (without rank and seconds), each with the longest
+// any survivor's recover() took; `differs` names the first survivor that recovered otherwise.
+json agreed_recoveries(const std::vector<json>& ranks, std::string& differs) {
   std::optional<json> agreed;
-  std::string differs;
-  std::vector<double> slowest;  // per recovery: the longest any survivor's recover() took
+  std::vector<double> slowest;
   for (const auto& r : ranks) {
     if (r.value("died", false)) continue;
     json mine = json::array();
@@ -179,11 +176,19 @@ void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks
       differs = fmt::format("rank {} recovered differently from the first survivor", r.value("rank", -1));
     }
   }
+  json out = agreed.value_or(json::array());
+  for (std::size_t i = 0; i < out.size(); ++i) out[i]["seconds"] = slowest[i];
+  return out;
+}
+
+// --survive: the rank sets the run served in (the first, then the survivors' from the step they
+// recovered), and a failure when survivors did not recover alike (step, size, lost ranks, reloaded
+// experts and the maps they went on with must match).
+void merge_recoveries(const simulate_config& cfg, const std::vector<json>& ranks, json& out) {
+  if (!cfg.survive) return;
+  std::string differs;
   json sets = json::array({{{"step", 0}, {"num_ranks", cfg.ranks}}});
-  for (const auto& x : agreed.value_or(json::array())) {
-    sets.push_back(x);
-    sets.back()["seconds"] = slowest[sets.size() - 2];
-  }
+  for (auto& x : agreed_recoveries(ranks, differs)) sets.push_back(std::move(x));
   out["rank_sets"] = sets;
   if (sets.size() >= 2 && !out.value("commit_steps_consistent", true)) {
     // An async rebalance that a death ends may commit a layer on one rank a step before another
