@@ -187,6 +187,7 @@ void eplb_state::impl::leave_ranks(std::unique_ptr<impl>& self, const state_deta
   if (out.rank >= 0) return;
   out.left = true;
   self->stop_set("this rank left the rank set (eplb_state::rescale)");
+  state_detail::erase_identity(*self->recipe.store, who, self->rank);  // no set names this rank any more
   // The engine may free this rank's weights and buffers once rescale() returns: nothing queued on
   // the serving stream may touch them after that.
   self->serving.synchronize(self->cfg.timeout);

@@ -181,6 +181,8 @@ TEST_CASE("rescale: a rank later than the timeout makes every rank throw with no
     // moves); the two decisions stay for ranks that come late.
     CHECK(ledger->holding("/alive-") == std::vector<std::string>{});
     CHECK(ledger->holding("-arrive-").size() == 2);
+    // Where each rank's process runs: one key for each rank of the new set, none of the old set's.
+    CHECK(ledger->holding("eplb-who-") == std::vector<std::string>{"eplb-who-1/0", "eplb-who-1/1", "eplb-who-1/2"});
   }
 }
 
