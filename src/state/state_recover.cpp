@@ -104,6 +104,13 @@ void forget_reload_post(comm::store& store, const std::string& space, int rank) 
   }
 }
 
+// The lost ranks' identity posts (set `who_epoch`'s numbering) name processes of no set now: the
+// new set's rank 0 drops them, so that deaths do not add keys.
+void forget_lost_identities(comm::store& store, std::int64_t who_epoch, const rescale_report& out) {
+  if (out.rank != 0) return;
+  for (int r : out.lost_ranks) state_detail::erase_identity(store, who_epoch, r);
+}
+
 std::string describe_masked(const std::vector<masked_expert>& masked) {
   std::vector<state_detail::lost_expert> as_lost;
   for (const auto& x : masked) as_lost.push_back({x.layer, x.expert, -1});
@@ -196,6 +203,7 @@ rescale_report eplb_state::recover(recover_params params) {
   const std::pair before{s.who_epoch, s.rank};
   impl_ = s.next_set(std::move(recipe), next_model, out.rank, carried, state_detail::rank_set_prefix(epoch));
   impl_->enter_set(epoch, before);
+  forget_lost_identities(*impl_->recipe.store, before.first, out);
   impl_->fill_joiners(epoch, local, carried, out);  // the re-plan over the survivors
   // Every survivor read the posts and the reload outcomes before the re-plan's first collective.
   state_detail::leave_arrivals(*impl_->recipe.store, space, old_rank);

@@ -96,19 +96,14 @@ def _flows(old, new, num_local, ep_rank, send_rows, primary_rows):
 def _post(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, interface):
     for src, dst, e in flows:
         if src == ep_rank:
-            tensors = [w[send_rows[e]] for w in weights]
-            if interface == "pr33176":
-                for t in tensors:
-                    comm.add_send(t, dst)
-            else:
-                comm.add_send(tensors, dst, expert_id=e)
+            add, peer, tensors = comm.add_send, dst, [w[send_rows[e]] for w in weights]
         else:
-            tensors = [b[primary_rows[e]] for b in buffers]
-            if interface == "pr33176":
-                for t in tensors:
-                    comm.add_recv(t, src)
-            else:
-                comm.add_recv(tensors, src, expert_id=e)
+            add, peer, tensors = comm.add_recv, src, [b[primary_rows[e]] for b in buffers]
+        if interface == "pr33176":
+            for t in tensors:
+                add(t, peer)
+        else:
+            add(tensors, peer, expert_id=e)
 
 
 def _run_at_once(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm, old, layer, interface):
@@ -124,7 +119,6 @@ def _run_at_once(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm
 def _pair_batches(old, new, num_local):
     """The remote transfers of the whole layer (every rank's), cut into batches in which every rank
     talks to at most one peer; every rank computes the same batches from the maps alone."""
-    ranks = len(old) // num_local
     pairs = {}
     for e in sorted(set(new.tolist()) - {-1}):
         senders, receivers = _senders_and_receivers(old, new, e, num_local)
@@ -142,7 +136,6 @@ def _pair_batches(old, new, num_local):
                 break
         else:
             batches.append([pair])
-    assert all(0 <= r < ranks for b in batches for p in b for r in p)
     return [{pair: pairs[pair] for pair in batch} for batch in batches]
 
 
@@ -150,8 +143,8 @@ def _run_batches(flows, weights, buffers, send_rows, primary_rows, ep_rank, comm
     mine = set(flows)
     for batch in _pair_batches(old, new, len(weights[0])):
         comm.set_transfer_context(old, layer)  # vLLM restores it before every batch
-        todo = [(src, dst, e) for (src, dst), experts in batch.items() for e in experts if (src, dst, e) in mine]
-        _post(todo, weights, buffers, send_rows, primary_rows, ep_rank, comm, "batched")
+        in_batch = [(src, dst, e) for (src, dst), experts in batch.items() for e in experts if (src, dst, e) in mine]
+        _post(in_batch, weights, buffers, send_rows, primary_rows, ep_rank, comm, "batched")
         comm.execute()
 
 

@@ -386,6 +386,7 @@ struct loss_result {
   std::string recover_error;
   std::vector<masked_expert> only_on_dead;  // experts the maps before recover() held on the dead rank only
   std::int64_t rebalances_at_recover = 0;
+  bool identity_keys_right = false;          // eplb-who keys after recover(): the new set's, not the old set's
   std::vector<masked_expert> masked_at_end;  // masked_experts() after the last step
   std::int64_t masked_in_reports = -1;       // the least step_report::masked_experts after recover()
   std::int64_t masked_metric = -1;           // metrics::masked_experts at the end
@@ -565,6 +566,18 @@ loss_result run_survivor(int rank, const loss_case& c, const std::shared_ptr<com
       out.recovered = r.state->recover({.comm_setup = [&](int size) { return worlds(size); }});
       out.recovered_at = step;
       out.rebalances_at_recover = r.state->stats().rebalances;
+      // Where processes run: the new set's post for this rank, none for the dead rank or the old set's.
+      const auto held = [&](const std::string& key) {
+        try {
+          (void)store->get(key, 1ms);
+          return true;
+        } catch (const error&) {
+          return false;
+        }
+      };
+      out.identity_keys_right = held(fmt::format("eplb-who-1/{}", r.state->rank())) &&
+                                !held(fmt::format("eplb-who-0/{}", c.dead)) &&
+                                !held(fmt::format("eplb-who-0/{}", rank));
       verify_all(r, out.w, "after recover");
     } catch (const error& e) {
       out.recover_error = e.what();
@@ -639,7 +652,8 @@ TEST_CASE("recover: a rank killed or silent, the survivors agree and serve on, e
           if (!maps) maps = r.w.maps;
           CHECK(r.w.maps == *maps);
           if (!at) at = r.recovered_at;
-          CHECK(r.recovered_at == *at);                     // the failure came in the same step everywhere
+          CHECK(r.recovered_at == *at);  // the failure came in the same step everywhere
+          CHECK(r.identity_keys_right);
           CHECK(r.w.rebalances > r.rebalances_at_recover);  // rebalances went on over the survivors
         }
       }
